@@ -1,0 +1,29 @@
+"""vit: the elastic ViT supernet of PRANCE — widths, token reduction, FLOPs, per-sample execution, data."""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, Subnet
+from .data import load_dataset
+from .executor import TokenBatch
+from .flops import block_macs, count_flops
+from .registry import create_supernet, list_supernets, register_supernet
+from .rewire import rewire
+from .supernet import ElasticViT
+
+__all__ = [
+    "TOKEN_MODES",
+    "BlockConfig",
+    "ElasticViT",
+    "InvalidSubnetError",
+    "SearchSpace",
+    "Subnet",
+    "TokenBatch",
+    "block_macs",
+    "count_flops",
+    "create_supernet",
+    "list_supernets",
+    "load_checkpoint",
+    "load_dataset",
+    "register_supernet",
+    "rewire",
+    "save_checkpoint",
+]

@@ -1,0 +1,88 @@
+"""Supernet weights on disk: safetensors files written atomically and read back with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "prance-vit"
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
+
+    A crash or interruption during `write` leaves any previous file at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write the weights of `model` to a safetensors file (atomically), with JSON-able `metadata`."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "metadata": json.dumps(metadata or {})}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file (safetensors, or a torch `.pt`/`.pth` state dict), on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or not a weights file): {e}") from e
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise a `ValueError` listing missing, unexpected and mis-shaped keys of `state` for `model`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                parts.append(f"{len(items)} {what} ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})")
+        raise ValueError(f"{source} does not fit this {type(model).__name__}: " + "; ".join(parts))
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights from `path` into `model` after checking every key and shape; returns `model`."""
+    state = read_state_dict(path)
+    check_state_dict(model, state, source=str(path))
+    model.load_state_dict(state)
+    return model
+
+
+__all__ = ["atomic_write", "check_state_dict", "load_checkpoint", "read_state_dict", "save_checkpoint"]

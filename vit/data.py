@@ -1,0 +1,197 @@
+"""Datasets: Fashion-MNIST read from its IDX files, and ImageNet-style folders with timm's transforms.
+
+Fashion-MNIST is the embedded default. Debian's ``dataset-fashion-mnist`` package installs its four IDX files in
+``/usr/share/datasets/fashion-mnist``; elsewhere, point ``FASHION_MNIST_DIR`` (or ``root=``) at a folder holding
+them. Nothing here downloads anything.
+
+    data = load_dataset("fashion-mnist", split="test")                  # (1, 28, 28) float images, int labels
+    data = load_dataset("imagefolder", split="val", root=DIR, model=m)  # torchvision ImageFolder, timm transforms
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
+IMAGEFOLDER_NAMES = ("imagefolder", "imagenet")
+
+_IDX_IMAGES_MAGIC = 2051  # 0x0803: unsigned bytes, 3 dimensions
+_IDX_LABELS_MAGIC = 2049  # 0x0801: unsigned bytes, 1 dimension
+_HOW_TO_GET = (
+    "On Debian/Ubuntu install it with `sudo apt-get install dataset-fashion-mnist`; elsewhere set FASHION_MNIST_DIR "
+    "or pass root= to a folder holding the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)."
+)
+# timm data-config keys that load_dataset("imagefolder", ...) accepts as keyword overrides.
+_TIMM_DATA_KEYS = ("input_size", "img_size", "in_chans", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    """Return ``folder/stem.gz``, or ``folder/stem`` when only the uncompressed file is there."""
+    for path in (folder / f"{stem}.gz", folder / stem):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"Fashion-MNIST file not found: {folder / stem}.gz. {_HOW_TO_GET}")
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes whose header starts with ``magic``; the low byte of magic is the rank."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt or truncated gzip stream ({e})") from e
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, expected at least {header})")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: bad IDX magic number {found}, expected {magic}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    size = math.prod(shape)
+    if len(raw) - header != size:
+        raise ValueError(f"{path}: header announces shape {shape} ({size} bytes), file holds {len(raw) - header} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(shape).copy()
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST (Xiao et al. 2017): 28x28 grey product photos in 10 classes, 60k train and 10k test.
+
+    The split is read once from its IDX files and held in memory as ``images`` (uint8, (N, 28, 28)) and ``targets``
+    (int64, (N,)). Items are ``(image, label)`` with ``image`` a normalised float32 (1, 28, 28) tensor and ``label``
+    an int. ``__getitems__`` lets a DataLoader fetch a whole batch with one indexing operation, and ``tensors()``
+    gives the whole split at once (e.g. on a GPU).
+
+    Args:
+        root: folder holding the IDX files (``.gz`` or uncompressed). Defaults to ``$FASHION_MNIST_DIR``, then to
+            ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
+        split: ``"train"`` or ``"test"``.
+    """
+
+    MEAN = 0.2860
+    STD = 0.3530
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    _FILES = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+
+    def __init__(self, root: str | os.PathLike | None = None, split: str = "train") -> None:
+        if split not in self._FILES:
+            raise ValueError(f"unknown Fashion-MNIST split {split!r}; expected one of {sorted(self._FILES)}")
+        root = root if root is not None else os.environ.get("FASHION_MNIST_DIR") or FASHION_MNIST_DIR
+        self.root = Path(root)
+        self.split = split
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Fashion-MNIST folder not found: {self.root}. {_HOW_TO_GET}")
+
+        image_path, label_path = (_find_idx(self.root, stem) for stem in self._FILES[split])
+        images = _read_idx(image_path, _IDX_IMAGES_MAGIC)
+        labels = _read_idx(label_path, _IDX_LABELS_MAGIC)
+        if images.shape[1:] != (28, 28):
+            raise ValueError(f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+        if len(images) != len(labels):
+            raise ValueError(f"{label_path}: {len(labels)} labels for {len(images)} images in {image_path}")
+        if len(labels) and labels.max() >= len(self.classes):
+            raise ValueError(f"{label_path}: label {labels.max()} out of range 0..{len(self.classes) - 1}")
+        self.images = torch.from_numpy(images)
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(split={self.split!r}, root={str(self.root)!r}, n={len(self)})"
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map uint8 pixels of any shape to float32 with the dataset's mean and std."""
+        return (images.float() / 255.0 - self.MEAN) / self.STD
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.normalize(self.images[index].unsqueeze(0)), int(self.targets[index])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Fetch a batch of items with one gather instead of ``len(indices)`` separate ones."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.normalize(self.images[index].unsqueeze(1))  # (B, 1, 28, 28)
+        return list(zip(images.unbind(0), self.targets[index].tolist(), strict=True))
+
+    def tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as ``(images, labels)``: normalised float32 (N, 1, 28, 28) and int64 (N,) on ``device``."""
+        images = self.images.to(device)  # move the uint8 pixels (4x smaller), then normalise on the device
+        return self.normalize(images.unsqueeze(1)), self.targets.to(device)
+
+
+def _image_folder(
+    split: str, root: str | os.PathLike | None, model: torch.nn.Module | None, **overrides: object
+) -> Dataset:
+    """torchvision ``ImageFolder(root/split)`` with timm's transforms resolved for ``model``."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown ImageFolder split {split!r}; expected 'train', 'val' or 'test'")
+    if root is None:
+        raise ValueError("load_dataset('imagefolder') needs root=, a folder with train/ and val/ subfolders")
+    unknown = sorted(set(overrides) - set(_TIMM_DATA_KEYS))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword arguments {unknown}; ImageFolder accepts timm data config keys {list(_TIMM_DATA_KEYS)}"
+        )
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"ImageFolder split not found: {folder}. Expected the torchvision ImageFolder layout "
+            f"root/train/<class>/*.jpg and root/val/<class>/*.jpg (optionally root/test/<class>/*.jpg)."
+        )
+
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    args = dict(overrides)
+    if model is None:
+        args.setdefault("img_size", 224)  # timm's defaults (ImageNet mean/std, bicubic, crop 0.875) at 224 px
+    config = resolve_data_config(args, model=model)
+    return ImageFolder(str(folder), transform=create_transform(**config, is_training=(split == "train")))
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    model: torch.nn.Module | None = None,
+    **kwargs: object,
+) -> Dataset:
+    """Build a dataset of ``(image, label)`` pairs by name.
+
+    Args:
+        name: ``"fashion-mnist"`` (aliases ``"fashion_mnist"``, ``"fmnist"``) or ``"imagefolder"`` (alias
+            ``"imagenet"``).
+        split: ``"train"`` or ``"test"`` for Fashion-MNIST; ``"train"``, ``"val"`` (or ``"test"`` when that folder
+            exists) for an ImageFolder.
+        root: the dataset folder. Optional for Fashion-MNIST (see :class:`FashionMNIST`); for an ImageFolder, the
+            folder holding ``train/<class>/*.jpg`` and ``val/<class>/*.jpg``.
+        model: for an ImageFolder, the model whose ``pretrained_cfg`` sets input size, interpolation, crop and
+            normalisation (timm's ``resolve_data_config``); ``None`` uses timm's defaults at 224 px. Fashion-MNIST
+            ignores it (its preprocessing is fixed), so generic code may always pass it.
+        **kwargs: for an ImageFolder, overrides of timm's data config (``input_size``, ``img_size``, ``in_chans``,
+            ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``). Fashion-MNIST takes none.
+
+    Raises:
+        ValueError: unknown name or split, or an ImageFolder without ``root``; a malformed IDX file.
+        FileNotFoundError: the data is not where it was looked for; the message says how to get it.
+    """
+    key = name.lower()
+    if key in FASHION_MNIST_NAMES:
+        return FashionMNIST(root=root, split=split, **kwargs)
+    if key in IMAGEFOLDER_NAMES:
+        return _image_folder(split, root, model, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; known names: {', '.join(FASHION_MNIST_NAMES + IMAGEFOLDER_NAMES)}")

@@ -1,0 +1,113 @@
+"""Per-sample execution by bucketing.
+
+Samples whose configurations differ soon hold different numbers of tokens, so a batch is kept as buckets: each
+bucket is a dense tensor of the samples that share a token count. A block regroups the samples by (configuration,
+token count), runs every group on its sliced weights as one dense batch, and the buckets it returns are the new
+state. Nothing is padded or masked: each sample costs exactly what its configuration costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .config import BlockConfig
+
+if TYPE_CHECKING:
+    from .supernet import ElasticViT
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Samples of a batch that hold the same number of tokens.
+
+    Attributes:
+        index: (b,) positions of the samples in the batch.
+        x: (b, 1 + N, C) tokens, CLS first.
+        size: (b, 1 + N) token sizes after merging, or None while every token has size 1.
+    """
+
+    index: Tensor
+    x: Tensor
+    size: Tensor | None = None
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens alive in each sample of the bucket."""
+        return self.x.shape[1] - 1
+
+
+def _cat_sizes(parts: list[Bucket]) -> Tensor | None:
+    if all(p.size is None for p in parts):
+        return None
+    return torch.cat([p.x.new_ones(p.x.shape[:2]) if p.size is None else p.size for p in parts])
+
+
+class TokenBatch:
+    """A batch of token sequences of per-sample length, held as `Bucket`s of equal length.
+
+    Functional: `apply_block` returns a new `TokenBatch` and leaves this one as it was, so a caller can branch
+    (run the rest of the network from here) without copying.
+    """
+
+    def __init__(self, x: Tensor | None = None, buckets: Sequence[Bucket] | None = None, batch_size: int = 0):
+        """Start from dense tokens x (B, 1 + N, C), or from existing buckets of a batch of `batch_size`."""
+        if x is not None:
+            buckets = [Bucket(torch.arange(x.shape[0], device=x.device), x)] if x.shape[0] else []
+            batch_size = x.shape[0]
+        self.buckets: list[Bucket] = list(buckets or [])
+        self.batch_size = batch_size
+
+    def apply_block(self, model: ElasticViT, i: int, configs: BlockConfig | Sequence[BlockConfig]) -> TokenBatch:
+        """Run block `i` of `model`, at one `BlockConfig` for all samples or one per sample (batch order)."""
+        groups: dict[tuple[BlockConfig, int], list[Bucket]] = {}
+        for bucket in self.buckets:
+            for config, part in self._split(bucket, configs):
+                groups.setdefault((config, bucket.num_patches), []).append(part)
+        out = []
+        for (config, _), parts in groups.items():
+            index = parts[0].index if len(parts) == 1 else torch.cat([p.index for p in parts])
+            x = parts[0].x if len(parts) == 1 else torch.cat([p.x for p in parts])
+            x, size = model.forward_block(i, x, _cat_sizes(parts), config)
+            out.append(Bucket(index, x, size))
+        return TokenBatch(buckets=out, batch_size=self.batch_size)
+
+    @staticmethod
+    def _split(bucket: Bucket, configs: BlockConfig | Sequence[BlockConfig]) -> list[tuple[BlockConfig, Bucket]]:
+        """The parts of `bucket` that share a configuration (the whole bucket when all do)."""
+        if isinstance(configs, BlockConfig):
+            return [(configs, bucket)]
+        members: dict[BlockConfig, list[int]] = {}
+        for row, sample in enumerate(bucket.index.tolist()):
+            members.setdefault(configs[sample], []).append(row)
+        if len(members) == 1:
+            return [(next(iter(members)), bucket)]
+        parts = []
+        for config, rows in members.items():
+            rows_t = torch.tensor(rows, device=bucket.x.device)
+            size = None if bucket.size is None else bucket.size[rows_t]
+            parts.append((config, Bucket(bucket.index[rows_t], bucket.x[rows_t], size)))
+        return parts
+
+    def gather(self, fn) -> Tensor:
+        """Stack `fn(bucket)` (a (b, ...) tensor per bucket) back into batch order: (B, ...)."""
+        values = [fn(b) for b in self.buckets]
+        out = values[0].new_empty((self.batch_size, *values[0].shape[1:]))
+        for bucket, value in zip(self.buckets, values):
+            out[bucket.index] = value
+        return out
+
+    def cls(self) -> Tensor:
+        """The CLS token of every sample, in batch order: (B, C)."""
+        return self.gather(lambda b: b.x[:, 0])
+
+    def num_patches(self) -> Tensor:
+        """Patch tokens alive per sample, in batch order: (B,) int64."""
+        return self.gather(lambda b: torch.full_like(b.index, b.num_patches))
+
+
+__all__ = ["Bucket", "TokenBatch"]

@@ -1,0 +1,320 @@
+"""The elastic Vision Transformer: one set of timm-named weights that runs at any per-block width and token count.
+
+Read top to bottom: elastic attention and MLP (prefix slices of the full weights), the block (attention, token
+reduction, MLP), then the model. Parameter names and shapes are those of timm's `VisionTransformer`, so
+`load_state_dict(timm_model.state_dict())` works and the largest subnet with no token reduction computes exactly
+what timm computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import BlockConfig, SearchSpace, Subnet, check_token_mode
+from .executor import TokenBatch
+from .token_ops import cls_attention, reduce_tokens, size_bias, token_schedule
+
+EXECUTIONS = ("bucketed", "consensus")
+
+
+class ElasticAttention(nn.Module):
+    """Multi-head self-attention whose first `heads` heads run; the head dim stays fixed.
+
+    Slicing keeps the first `heads * head_dim` rows of each of the q, k and v blocks of `qkv` and the same
+    columns of `proj`, so a narrower attention is a real, smaller computation.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: Tensor, heads: int, bias: Tensor | None = None, need_scores: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Attention of x (B, T, C) with `heads` heads; `bias` is the proportional-attention bias.
+
+        Returns the output (B, T, C) and, when `need_scores`, the CLS attention to the patches (B, T - 1) and the
+        patch keys (B, T - 1, heads * head_dim) that token reduction ranks and matches tokens by.
+        """
+        B, T, C = x.shape
+        inner = heads * self.head_dim
+        w, b = self.qkv.weight, self.qkv.bias
+        if heads < self.num_heads:  # prefix of each of the q, k, v row blocks
+            w = w.view(3, C, C)[:, :inner].reshape(3 * inner, C)
+            b = None if b is None else b.view(3, C)[:, :inner].reshape(3 * inner)
+        qkv = F.linear(x, w, b).reshape(B, T, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, h, T, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = F.linear(out.transpose(1, 2).reshape(B, T, inner), self.proj.weight[:, :inner], self.proj.bias)
+        if not need_scores:
+            return out, None, None
+        scores = cls_attention(q, k, self.scale, bias)
+        keys = k[:, :, 1:].transpose(1, 2).reshape(B, T - 1, inner)
+        return out, scores, keys
+
+
+class ElasticMlp(nn.Module):
+    """Two-layer MLP whose first `hidden` neurons run (rows of `fc1`, columns of `fc2`)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, hidden: int) -> Tensor:
+        x = self.act(F.linear(x, self.fc1.weight[:hidden], self.fc1.bias[:hidden]))
+        return F.linear(x, self.fc2.weight[:, :hidden], self.fc2.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (training only)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class ElasticBlock(nn.Module):
+    """Pre-norm transformer block: attention, then token reduction, then MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool = True, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ElasticAttention(dim, num_heads, qkv_bias)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ElasticMlp(dim, mlp_hidden)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(
+        self, x: Tensor, size: Tensor | None, config: BlockConfig, token_mode: str
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, 1 + N, C), size: token sizes (B, 1 + N) or None. Returns both after the block."""
+        schedule = token_schedule(x.shape[1] - 1, config, token_mode)
+        reduce = schedule[1] < x.shape[1] - 1
+        attn, scores, keys = self.attn(self.norm1(x), config.heads, size_bias(size), need_scores=reduce)
+        x = x + self.drop_path1(attn)
+        if reduce:
+            x, size = reduce_tokens(x, size, scores, keys, schedule, token_mode)  # (B, 1 + N', C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x), config.mlp_hidden))
+        return x, size
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with one strided convolution (timm's `patch_embed.proj`)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class ElasticViT(nn.Module):
+    """A weight-sharing ViT supernet (timm `VisionTransformer` names) with per-block widths and token reduction.
+
+    `forward(x)` runs the largest subnet; `forward(x, subnet)` one subnet for the batch; `forward(x, [s_0, ...])`
+    one subnet per sample, executed by bucketing samples of equal configuration and token count (or, with
+    `execution="consensus"`, as one subnet chosen from the per-sample ones).
+
+    Args:
+        img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the
+            shape of the full model, as in timm.
+        token_mode: `prune`, `merge` or `prune_merge`.
+        head_choices, mlp_hidden_choices, keep_ratio_choices, merge_ratio_choices: ascending choices, the same
+            at every block, ending with the full width and 1.0; or pass a whole `search_space`.
+        drop_path_rate: stochastic depth for supernet training (linearly increasing over blocks).
+        pretrained_cfg: timm-style data config (input_size, mean, std, crop_pct, interpolation).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        token_mode: str = "merge",
+        head_choices: Sequence[int] | None = None,
+        mlp_hidden_choices: Sequence[int] | None = None,
+        keep_ratio_choices: Sequence[float] = (1.0,),
+        merge_ratio_choices: Sequence[float] | None = None,
+        search_space: SearchSpace | None = None,
+        drop_path_rate: float = 0.0,
+        pretrained_cfg: dict | None = None,
+    ) -> None:
+        super().__init__()
+        check_token_mode(token_mode)
+        mlp_hidden = int(embed_dim * mlp_ratio)
+        if search_space is None:
+            search_space = SearchSpace.uniform(
+                depth,
+                heads=head_choices or (num_heads,),
+                mlp_hidden=mlp_hidden_choices or (mlp_hidden,),
+                keep_ratio=keep_ratio_choices,
+                merge_ratio=keep_ratio_choices if merge_ratio_choices is None else merge_ratio_choices,
+                token_mode=token_mode,
+            )
+        full = search_space.largest()
+        if search_space.depth != depth or search_space.token_mode != token_mode:
+            raise ValueError("search_space does not match the model's depth or token_mode")
+        if any(b.heads != num_heads or b.mlp_hidden != mlp_hidden for b in full):
+            raise ValueError(f"search space choices must end with the full widths: {num_heads} heads, {mlp_hidden}")
+        self.search_space = search_space
+        self.token_mode = token_mode
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.num_prefix_tokens = 1
+        self.pretrained_cfg = dict(pretrained_cfg or {"input_size": (in_chans, img_size, img_size)})
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(ElasticBlock(embed_dim, num_heads, mlp_hidden, qkv_bias, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.reset_parameters()
+
+    @property
+    def default_cfg(self) -> dict:
+        """Alias of `pretrained_cfg`, for timm's data helpers."""
+        return self.pretrained_cfg
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks."""
+        return len(self.blocks)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of an image (CLS excluded)."""
+        return self.patch_embed.num_patches
+
+    def reset_parameters(self) -> None:
+        """timm's ViT initialisation: truncated normal (std .02) for weights and embeddings, zero biases."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a `TypeError`/`ValueError` naming the problem when x is not a batch of finite images."""
+        pe = self.patch_embed
+        expected = (pe.in_chans, pe.img_size, pe.img_size)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected images as a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point images, got dtype {x.dtype} (convert and normalise first)")
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or Inf values")
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Images (B, C_in, H, W) to tokens (B, 1 + N, C): patch embedding, CLS token, position embedding."""
+        self.check_input(x)
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed
+
+    def forward_block(
+        self, i: int, x: Tensor, size: Tensor | None, config: BlockConfig
+    ) -> tuple[Tensor, Tensor | None]:
+        """Run block `i` at `config` on tokens x (B, 1 + N, C) with sizes (B, 1 + N) or None."""
+        return self.blocks[i](x, size, config, self.token_mode)
+
+    def forward_features(self, x: Tensor, subnet: Subnet | None = None) -> Tensor:
+        """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch (largest when None)."""
+        subnet = self.search_space.largest() if subnet is None else self.search_space.validate(subnet)
+        x, size = self.embed(x), None
+        for i, config in enumerate(subnet):
+            x, size = self.forward_block(i, x, size, config)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Class logits from tokens (B, T, C) or CLS features (B, C)."""
+        if x.dim() == 3:
+            x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward_tokens(
+        self, tokens: TokenBatch, start: int, subnets: Sequence[Subnet] | Subnet | None = None
+    ) -> Tensor:
+        """Logits (B, num_classes) of a `TokenBatch` run from block `start` to the end.
+
+        `subnets` gives the configuration of the remaining blocks: one `Subnet` for all samples, one per sample,
+        or None for the full width with no token reduction. Only blocks `start:` of each subnet are used.
+        """
+        for i in range(start, self.depth):
+            if subnets is None:
+                configs = self.search_space.largest()[i]
+            elif isinstance(subnets, Subnet):
+                configs = subnets[i]
+            else:
+                configs = [s[i] for s in subnets]
+            tokens = tokens.apply_block(self, i, configs)
+        return self.forward_head(self.norm(tokens.cls()))
+
+    def forward(
+        self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, execution: str = "bucketed"
+    ) -> Tensor:
+        """Logits (B, num_classes).
+
+        Args:
+            x: images (B, C_in, H, W).
+            subnet: None (largest subnet), a `Subnet` for the whole batch, or a sequence of B subnets.
+            execution: for per-sample subnets, `bucketed` (exact per-sample result) or `consensus` (one subnet
+                for the batch: per block and field the median choice of the samples).
+        """
+        if subnet is None or isinstance(subnet, Subnet):
+            return self.forward_head(self.forward_features(x, subnet))
+        subnets = list(subnet)
+        if execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
+        if len(subnets) != x.shape[0]:
+            raise ValueError(f"got {len(subnets)} subnets for a batch of {x.shape[0]} images")
+        for s in set(subnets):
+            self.search_space.validate(s)
+        if execution == "consensus":
+            return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
+        return self.forward_tokens(TokenBatch(self.embed(x)), 0, subnets)
+
+
+__all__ = ["EXECUTIONS", "ElasticAttention", "ElasticBlock", "ElasticMlp", "ElasticViT", "PatchEmbed"]
