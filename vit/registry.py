@@ -93,9 +93,9 @@ def prance_deit_base(pretrained: bool = False, **kwargs) -> ElasticViT:
 
 @register_supernet
 def prance_fmnist(pretrained: bool = False, **kwargs) -> ElasticViT:
-    """A small ViT for Fashion-MNIST (28 px grey, 4 px patches, 12 blocks); `pretrained` loads the shipped weights."""
-    defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=4,
-                    head_choices=(1, 2, 3, 4), mlp_hidden_choices=(96, 192, 288, 384),
+    """A small ViT for Fashion-MNIST (28 px grey, 4 px patches, 64 wide, 4 heads, 12 blocks); `pretrained`: shipped."""
+    defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=12, num_heads=4,
+                    head_choices=(1, 2, 3, 4), mlp_hidden_choices=(64, 128, 192, 256),
                     keep_ratio_choices=DEFAULT_KEEP_RATIOS,
                     pretrained_cfg={"input_size": (1, 28, 28), "mean": (0.2860,), "std": (0.3530,)})
     model = _build("prance_fmnist", defaults, kwargs)
