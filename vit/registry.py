@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import check_state_dict, load_checkpoint
+from .checkpoint import check_state_dict, load_checkpoint, read_state_dict
 from .rewire import rewire
 from .supernet import ElasticViT
 
@@ -55,49 +55,87 @@ def _build(name: str, defaults: dict, kwargs: dict) -> ElasticViT:
     return model
 
 
+def load_pretrained(model: ElasticViT, source: str | os.PathLike) -> ElasticViT:
+    """Initialise `model` from `timm:NAME` (timm's hub weights) or a weights file, then rewire it; returns it.
+
+    The weights must have the model's shapes (timm's `VisionTransformer` names); rewiring reorders heads and MLP
+    neurons by importance so that narrow subnets keep the most important ones.
+    """
+    source = str(source)
+    if source.startswith("timm:"):
+        import timm  # only needed for hub weights
+
+        state = timm.create_model(source[len("timm:") :], pretrained=True).state_dict()
+    else:
+        state = read_state_dict(source)
+    check_state_dict(model, state, source=source)
+    model.load_state_dict(state)
+    return rewire(model)
+
+
 def _deit(name: str, timm_name: str, defaults: dict, pretrained: bool, kwargs: dict) -> ElasticViT:
     model = _build(name, {**defaults, "pretrained_cfg": dict(IMAGENET_CFG)}, kwargs)
-    if pretrained:
-        import timm  # only needed for the hub weights
-
-        state = timm.create_model(timm_name, pretrained=True).state_dict()
-        check_state_dict(model, state, source=f"timm {timm_name}")
-        model.load_state_dict(state)
-        rewire(model)
-    return model
+    return load_pretrained(model, f"timm:{timm_name}") if pretrained else model
 
 
 @register_supernet
 def prance_deit_tiny(pretrained: bool = False, **kwargs) -> ElasticViT:
     """DeiT-Tiny shapes (192 wide, 3 heads, 12 blocks, 224 px); `pretrained` loads timm's DeiT-T and rewires."""
-    defaults = dict(embed_dim=192, depth=12, num_heads=3, head_choices=(1, 2, 3),
-                    mlp_hidden_choices=(384, 512, 640, 768), keep_ratio_choices=DEFAULT_KEEP_RATIOS)
+    defaults = dict(
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        head_choices=(1, 2, 3),
+        mlp_hidden_choices=(384, 512, 640, 768),
+        keep_ratio_choices=DEFAULT_KEEP_RATIOS,
+    )
     return _deit("prance_deit_tiny", "deit_tiny_patch16_224", defaults, pretrained, kwargs)
 
 
 @register_supernet
 def prance_deit_small(pretrained: bool = False, **kwargs) -> ElasticViT:
     """DeiT-Small shapes (384 wide, 6 heads, 12 blocks, 224 px); `pretrained` loads timm's DeiT-S and rewires."""
-    defaults = dict(embed_dim=384, depth=12, num_heads=6, head_choices=(3, 4, 5, 6),
-                    mlp_hidden_choices=(768, 1024, 1280, 1536), keep_ratio_choices=DEFAULT_KEEP_RATIOS)
+    defaults = dict(
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        head_choices=(3, 4, 5, 6),
+        mlp_hidden_choices=(768, 1024, 1280, 1536),
+        keep_ratio_choices=DEFAULT_KEEP_RATIOS,
+    )
     return _deit("prance_deit_small", "deit_small_patch16_224", defaults, pretrained, kwargs)
 
 
 @register_supernet
 def prance_deit_base(pretrained: bool = False, **kwargs) -> ElasticViT:
     """DeiT-Base shapes (768 wide, 12 heads, 12 blocks, 224 px); `pretrained` loads timm's DeiT-B and rewires."""
-    defaults = dict(embed_dim=768, depth=12, num_heads=12, head_choices=(6, 8, 10, 12),
-                    mlp_hidden_choices=(1536, 2048, 2560, 3072), keep_ratio_choices=DEFAULT_KEEP_RATIOS)
+    defaults = dict(
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        head_choices=(6, 8, 10, 12),
+        mlp_hidden_choices=(1536, 2048, 2560, 3072),
+        keep_ratio_choices=DEFAULT_KEEP_RATIOS,
+    )
     return _deit("prance_deit_base", "deit_base_patch16_224", defaults, pretrained, kwargs)
 
 
 @register_supernet
 def prance_fmnist(pretrained: bool = False, **kwargs) -> ElasticViT:
     """A small ViT for Fashion-MNIST (28 px grey, 4 px patches, 64 wide, 4 heads, 12 blocks); `pretrained`: shipped."""
-    defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=12, num_heads=4,
-                    head_choices=(1, 2, 3, 4), mlp_hidden_choices=(64, 128, 192, 256),
-                    keep_ratio_choices=DEFAULT_KEEP_RATIOS,
-                    pretrained_cfg={"input_size": (1, 28, 28), "mean": (0.2860,), "std": (0.3530,)})
+    defaults = dict(
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=64,
+        depth=12,
+        num_heads=4,
+        head_choices=(1, 2, 3, 4),
+        mlp_hidden_choices=(64, 128, 192, 256),
+        keep_ratio_choices=DEFAULT_KEEP_RATIOS,
+        pretrained_cfg={"input_size": (1, 28, 28), "mean": (0.2860,), "std": (0.3530,)},
+    )
     model = _build("prance_fmnist", defaults, kwargs)
     if pretrained:
         path = CHECKPOINT_DIR / "prance_fmnist.safetensors"
@@ -110,4 +148,4 @@ def prance_fmnist(pretrained: bool = False, **kwargs) -> ElasticViT:
     return model
 
 
-__all__ = ["CHECKPOINT_DIR", "create_supernet", "list_supernets", "register_supernet"]
+__all__ = ["CHECKPOINT_DIR", "create_supernet", "list_supernets", "load_pretrained", "register_supernet"]

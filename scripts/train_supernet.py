@@ -1,0 +1,13 @@
+"""Train a PRANCE supernet with the sandwich rule (one process, or several under torchrun).
+
+    python scripts/train_supernet.py                                  # prance_fmnist on Fashion-MNIST
+    torchrun --nproc_per_node 2 scripts/train_supernet.py --epochs 1  # DDP (gloo on CPU, nccl on CUDA)
+    python scripts/train_supernet.py --model prance_deit_small --data imagenet --data-path /data/imagenet \\
+        --init timm:deit_small_patch16_224 --batch-size 256 --lr 5e-4 --epochs 30
+"""
+
+from vit.train import TrainConfig, train_supernet
+from vit.utils import parse_dataclass
+
+if __name__ == "__main__":
+    train_supernet(parse_dataclass(TrainConfig))

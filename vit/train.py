@@ -1,0 +1,330 @@
+"""Supernet training: the sandwich rule with in-place distillation, on one process or many (DDP via torchrun).
+
+Every step trains the largest subnet on the labels, then the smallest and `num_random` random subnets (per-block
+choices drawn independently, token reduction included) on the largest's predictions. AdamW with linear warm-up
+and a cosine decay, label smoothing, light augmentation, bf16 autocast on CUDA. A checkpoint is written
+atomically after every epoch; `resume` continues from it and, since every epoch reseeds its random streams from
+(seed, epoch, rank), an interrupted run ends with the same weights as an uninterrupted one.
+
+    torchrun --nproc_per_node 2 scripts/train_supernet.py --epochs 1   # gloo on CPU, nccl on CUDA
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write, save_checkpoint
+from .config import Subnet
+from .data import FashionMNIST, load_dataset
+from .registry import create_supernet, load_pretrained
+from .supernet import ElasticViT
+from .utils import resolve_device
+
+TRAIN_FORMAT = "prance-vit-train"
+
+
+@dataclass
+class TrainConfig:
+    """Supernet training with the sandwich rule and in-place distillation."""
+
+    model: str = field(default="prance_fmnist", metadata={"help": "registered supernet preset"})
+    token_mode: str = field(default="merge", metadata={"help": "prune | merge | prune_merge"})
+    data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagenet (an ImageFolder)"})
+    data_path: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's for FMNIST)"})
+    init: str | None = field(default=None, metadata={"help": "initial weights: timm:NAME or a file; then rewired"})
+    epochs: int = field(default=20, metadata={"help": "training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "images per step and process"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine decay"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms and biases)"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the largest subnet's loss"})
+    num_random: int = field(default=2, metadata={"help": "random subnets per step besides largest and smallest"})
+    distill: bool = field(default=True, metadata={"help": "train the other subnets on the largest's predictions"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth rate"})
+    clip_grad: float = field(default=5.0, metadata={"help": "gradient norm clipping (0: off)"})
+    augment: bool = field(default=True, metadata={"help": "random shifts and flips (FMNIST; timm's for ImageNet)"})
+    steps_per_epoch: int | None = field(default=None, metadata={"help": "cap on steps per epoch (quick runs)"})
+    eval_batches: int | None = field(default=None, metadata={"help": "cap on evaluation batches"})
+    out: str = field(default="runs/supernet", metadata={"help": "output folder (checkpoints, TensorBoard)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt when it exists"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    workers: int = field(default=4, metadata={"help": "data loader workers (ImageFolder)"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sandwich(model: ElasticViT, num_random: int, rng: np.random.Generator) -> list[Subnet]:
+    """The subnets of one step: largest first (the teacher), smallest, then `num_random` random ones."""
+    space = model.search_space
+    return [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(num_random))]
+
+
+def shift_and_flip(x: Tensor, pad: int = 2) -> Tensor:
+    """Random translations of up to `pad` pixels (edge-padded) and horizontal flips, per image. x: (B, C, H, W)."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (pad,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, B, 1), device=x.device)
+    rows = (dy + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (dx + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    out = padded[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(B, 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, out.flip(-1), out)
+
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """Cross-entropy against a distribution (in-place distillation)."""
+    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+    subnets: list[Subnet],
+    device: torch.device,
+    desc: str = "eval",
+) -> list[float]:
+    """Top-1 accuracy of each subnet over the batches of `batches()`."""
+    was_training = model.training
+    model.eval()
+    correct, seen = torch.zeros(len(subnets), device=device), 0
+    for x, y in tqdm(batches(), desc=desc, leave=False, disable=not _is_main()):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for j, subnet in enumerate(subnets):
+            correct[j] += (model(x, subnet).argmax(-1) == y).sum()
+        seen += len(y)
+    model.train(was_training)
+    return (correct / max(seen, 1)).tolist()
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class Batches:
+    """Epoch-seeded batches of a dataset for one process of `world` (whole-split tensors for Fashion-MNIST)."""
+
+    def __init__(self, dataset, batch_size: int, device: torch.device, rank: int, world: int, workers: int, seed: int):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.rank, self.world, self.workers, self.seed = rank, world, workers, seed
+        self.tensors = dataset.tensors(device) if isinstance(dataset, FashionMNIST) else None
+
+    def __len__(self) -> int:
+        return len(self.dataset) // (self.batch_size * self.world)
+
+    def epoch(self, epoch: int, shuffle: bool = True, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of this process in `epoch`: a shuffle seeded by (seed, epoch), sharded by rank."""
+        n = len(self.dataset)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        per_rank = n // self.world if shuffle else math.ceil(n / self.world)
+        order = order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        num = len(order) // self.batch_size if shuffle else math.ceil(len(order) / self.batch_size)
+        num = num if limit is None else min(num, limit)
+        if self.tensors is not None:
+            images, labels = self.tensors
+            for b in range(num):
+                index = order[b * self.batch_size : (b + 1) * self.batch_size].to(self.device)
+                yield images[index], labels[index]
+            return
+        subset = torch.utils.data.Subset(self.dataset, order[: num * self.batch_size].tolist())
+        loader = torch.utils.data.DataLoader(
+            subset, batch_size=self.batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
+        )
+        yield from loader
+
+
+def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; initialises the process group when started by torchrun with several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dev
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name in ("cls_token", "pos_embed") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def read_train_checkpoint(path: Path) -> dict:
+    """A training checkpoint written by `train_supernet`; a clear `ValueError` when it is broken or foreign."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable training checkpoint (truncated or foreign): {e}") from e
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+        raise ValueError(f"{path} is not a training checkpoint of this package (no {TRAIN_FORMAT!r} format tag)")
+    return state
+
+
+def train_supernet(
+    cfg: TrainConfig,
+    model: ElasticViT | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> ElasticViT:
+    """Train a supernet as `cfg` says and return it (unwrapped).
+
+    Args:
+        cfg: the run's settings.
+        model: a supernet to train instead of building `cfg.model` (e.g. a custom size).
+        on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
+    """
+    rank, world, device = _setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = create_supernet(cfg.model, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path)
+    if cfg.init is not None:
+        load_pretrained(model, cfg.init)
+    model.to(device)
+
+    imagefolder = cfg.data.lower() in ("imagenet", "imagefolder")
+    train_set = load_dataset(cfg.data, split="train", root=cfg.data_path, model=model)
+    test_set = load_dataset(cfg.data, split="val" if imagefolder else "test", root=cfg.data_path, model=model)
+    train_batches = Batches(train_set, cfg.batch_size, device, rank, world, cfg.workers, cfg.seed)
+    test_batches = Batches(test_set, cfg.batch_size, device, 0, 1, cfg.workers, cfg.seed)
+    steps_per_epoch = min(len(train_batches), cfg.steps_per_epoch or len(train_batches))
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training split has fewer than {cfg.batch_size * world} images: no full batch")
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    start_epoch = 0
+    last = out / "last.pt"
+    if cfg.resume and last.is_file():
+        state = read_train_checkpoint(last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+        if _is_main():
+            print(f"resumed from {last} at epoch {start_epoch}")
+    elif cfg.resume and _is_main():
+        print(f"no checkpoint at {last}: starting from scratch")
+
+    net = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else contextlib.nullcontext()
+    )
+    writer = None
+    if _is_main():
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
+        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        model.train()
+        started = time.time()
+        bar = tqdm(
+            train_batches.epoch(epoch, limit=steps_per_epoch),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not _is_main(),
+        )
+        for b, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + b
+            lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cfg.augment and not imagefolder:
+                x = shift_and_flip(x)
+            subnets = sandwich(model, cfg.num_random, rng)
+            optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for j, subnet in enumerate(subnets):
+                sync = world == 1 or j == len(subnets) - 1
+                with contextlib.nullcontext() if sync else net.no_sync(), autocast:
+                    logits = net(x, subnet).float()
+                    if j == 0:
+                        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                        teacher = logits.detach().softmax(-1)
+                    elif cfg.distill:
+                        loss = soft_cross_entropy(logits, teacher)
+                    else:
+                        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                loss.backward()
+                losses.append(loss.item())
+            if cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            bar.set_postfix(largest=f"{losses[0]:.3f}", smallest=f"{losses[1]:.3f}", lr=f"{lr:.2e}")
+            if writer is not None and step % 20 == 0:
+                writer.add_scalar("losses/largest", losses[0], step)
+                writer.add_scalar("losses/smallest", losses[1], step)
+                writer.add_scalar("charts/lr", lr, step)
+
+        metrics = {"epoch": epoch + 1, "minutes": (time.time() - started) / 60}
+        if _is_main():
+            space = model.search_space
+            top1 = evaluate(
+                model,
+                lambda: test_batches.epoch(0, shuffle=False, limit=cfg.eval_batches),
+                [space.largest(), space.smallest()],
+                device,
+            )
+            metrics.update(top1_largest=top1[0], top1_smallest=top1[1])
+            for key in ("top1_largest", "top1_smallest"):
+                writer.add_scalar(f"eval/{key}", metrics[key], epoch + 1)
+            print(
+                f"epoch {epoch + 1}: Top-1 largest {top1[0]:.4f} smallest {top1[1]:.4f} ({metrics['minutes']:.1f} min)"
+            )
+            state = {
+                "format": TRAIN_FORMAT,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "config": asdict(cfg),
+            }
+            atomic_write(last, functools.partial(torch.save, state))
+            save_checkpoint(
+                model,
+                out / "supernet.safetensors",
+                {"model": cfg.model, "token_mode": model.token_mode, "epoch": epoch + 1, **metrics},
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, metrics)
+    if writer is not None:
+        writer.close()
+    return model
+
+
+__all__ = ["TrainConfig", "evaluate", "lr_at", "read_train_checkpoint", "sandwich", "shift_and_flip", "train_supernet"]

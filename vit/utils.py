@@ -1,0 +1,58 @@
+"""Small helpers shared by the packages and scripts: device choice and dataclass-driven command lines."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+
+import torch
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when available, else the CPU; anything else is passed to `torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu' or 'auto'")
+    return device
+
+
+def _arg_type(annotation) -> tuple[type, bool]:
+    """The scalar type of a field annotation, and whether the field is a list."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        return _arg_type(args[0])
+    if origin in (list, tuple, Sequence):
+        return args[0], True
+    return annotation, False
+
+
+def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | None = None):
+    """Build an instance of dataclass `cls` from command-line arguments, one `--flag` per field.
+
+    Each field's `metadata["help"]` is its help line; booleans become `--flag/--no-flag`.
+    """
+    parser = argparse.ArgumentParser(
+        description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        kind, many = _arg_type(hints[field.name])
+        help_ = field.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            parser.add_argument(flag, type=kind, nargs="+" if many else None, default=default, help=help_)
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+__all__ = ["parse_dataclass", "resolve_device"]
