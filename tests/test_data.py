@@ -8,35 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx, write_split
 from torch.utils.data import DataLoader
 
 from vit.data import FASHION_MNIST_DIR, FashionMNIST, load_dataset
 
 REAL_ROOT = Path(os.environ.get("FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
-    """Write a uint8 array as an IDX file (magic 0x08nn, big-endian dims, raw bytes)."""
-    data = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data += array.astype(np.uint8).tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-    return path
-
-
-def write_split(root: Path, split: str, n: int = 5, seed: int = 0, compress: bool = True) -> tuple[Path, Path]:
-    """Write a small valid Fashion-MNIST split of ``n`` random images; return the image and label paths."""
-    prefix = "train" if split == "train" else "t10k"
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    return (
-        write_idx(root / f"{prefix}-images-idx3-ubyte", images, compress),
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, compress),
-    )
 
 
 @pytest.fixture(scope="module")

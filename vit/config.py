@@ -8,6 +8,7 @@ see valid `Subnet`s.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -201,6 +202,21 @@ class SearchSpace:
         """A subnet whose per-block choices are drawn independently and uniformly."""
         rng = np.random.default_rng(rng)
         return self.from_indices([[int(rng.integers(n)) for n in self.num_choices(i)] for i in range(self.depth)])
+
+    def static(self, indices: Sequence[int]) -> Subnet:
+        """The subnet that takes the same choice indices (one per field) at every block; -1 is the last choice."""
+        per_block = []
+        for i in range(self.depth):
+            n = self.num_choices(i)
+            per_block.append([idx % n[f] if idx < 0 else idx for f, idx in enumerate(indices)])
+        return self.from_indices(per_block)
+
+    def static_grid(self) -> list[Subnet]:
+        """Every static subnet (same choices at every block) of a space whose blocks share their choice counts."""
+        counts = {self.num_choices(i) for i in range(self.depth)}
+        if len(counts) != 1:
+            raise ValueError("static_grid needs the same number of choices at every block")
+        return [self.static(idx) for idx in itertools.product(*(range(n) for n in counts.pop()))]
 
     def consensus(self, subnets: Sequence[Subnet]) -> Subnet:
         """One subnet for a whole batch: per block and field, the (lower) median choice index of `subnets`."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
+import time
 import types
 import typing
 from collections.abc import Sequence
@@ -19,6 +21,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu' or 'auto'")
     return device
+
+
+def seconds_per_call(fn, repeats: int = 5, warmup: int = 1, device: torch.device | None = None) -> float:
+    """Median wall-clock seconds of `fn()` over `repeats` calls after `warmup` calls (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _arg_type(annotation) -> tuple[type, bool]:
@@ -55,4 +72,4 @@ def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | N
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-__all__ = ["parse_dataclass", "resolve_device"]
+__all__ = ["parse_dataclass", "resolve_device", "seconds_per_call"]

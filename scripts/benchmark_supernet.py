@@ -1,0 +1,76 @@
+"""Wall-clock cost of elastic execution on this machine, as ratios taken in one run.
+
+1. A static subnet with about half the MACs of the full model: throughput ratio against the full model.
+2. Per-sample (bucketed) execution: the batch split over k different subnets, against one subnet for the batch,
+   both as MACs per second (so the ratio is the efficiency of bucketing; 1.0 means free).
+
+    python scripts/benchmark_supernet.py                     # prance_fmnist, batch 256, CPU
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import vit
+from vit.utils import parse_dataclass, resolve_device, seconds_per_call
+
+
+@dataclass
+class Args:
+    """Benchmark of elastic and bucketed execution."""
+
+    model: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
+    token_mode: str = field(default="merge", metadata={"help": "prune | merge | prune_merge"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward"})
+    target: float = field(default=0.5, metadata={"help": "MACs ratio of the static subnet"})
+    repeats: int = field(default=7, metadata={"help": "timed calls per measurement (median)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+
+def main(args: Args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model = vit.create_supernet(args.model, token_mode=args.token_mode).to(device).eval()
+    space = model.search_space
+    x = torch.randn(args.batch_size, *model.pretrained_cfg["input_size"], device=device)
+    full = vit.count_flops(model)
+    grid = space.static_grid()
+    half = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full - args.target))
+
+    def images_per_second(subnet) -> float:
+        with torch.inference_mode():
+            return args.batch_size / seconds_per_call(lambda: model(x, subnet), args.repeats, device=device)
+
+    print(f"{args.model} ({args.token_mode}), batch {args.batch_size}, {device}, {torch.get_num_threads()} threads")
+    print(f"full model: {full / 1e6:.1f} MMACs/image")
+    full_ips = images_per_second(None)
+    half_ips = images_per_second(half)
+    half_ratio = vit.count_flops(model, half) / full
+    print("\n| subnet | MACs ratio | images/s | speed-up |\n|---|---|---|---|")
+    print(f"| full | 1.000 | {full_ips:.0f} | 1.00x |")
+    print(
+        f"| static `{half.blocks[0]}` x{space.depth} | {half_ratio:.3f} | {half_ips:.0f} | {half_ips / full_ips:.2f}x |"
+    )
+    print(
+        f"\nrealised speed-up {half_ips / full_ips:.2f}x for a MACs ratio of {half_ratio:.3f} "
+        f"(limit {1 / half_ratio:.2f}x)"
+    )
+
+    rng = np.random.default_rng(args.seed)
+    print("\n| per-sample subnets | mean MACs ratio | images/s | MACs/s vs one subnet |\n|---|---|---|---|")
+    for k in sorted({1, 4, 16, 64, args.batch_size}):
+        pool = [half] if k == 1 else [space.sample(rng) for _ in range(k)]
+        subnets = [pool[i % k] for i in range(args.batch_size)]
+        mean_macs = float(np.mean(vit.count_flops(model, subnets)))
+        bucketed_ips = images_per_second(subnets)
+        efficiency = (bucketed_ips * mean_macs) / (half_ips * vit.count_flops(model, half))
+        print(f"| {k} distinct | {mean_macs / full:.3f} | {bucketed_ips:.0f} | {efficiency:.2f} |")
+
+
+if __name__ == "__main__":
+    main(parse_dataclass(Args))

@@ -1,0 +1,52 @@
+"""Shared test helpers: small generated datasets and tiny supernets, so tests never download and stay fast."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vit
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    """Write a uint8 array as an IDX file (magic 0x08nn, big-endian dims, raw bytes)."""
+    data = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data += array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_split(root: Path, split: str, n: int = 5, seed: int = 0, compress: bool = True) -> tuple[Path, Path]:
+    """Write a small valid Fashion-MNIST split of ``n`` random images; return the image and label paths."""
+    prefix = "train" if split == "train" else "t10k"
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    return (
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images, compress),
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, compress),
+    )
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> Path:
+    """A tiny Fashion-MNIST folder: 96 train and 48 test images of random pixels."""
+    root = tmp_path_factory.mktemp("fmnist")
+    write_split(root, "train", n=96, seed=0)
+    write_split(root, "test", n=48, seed=1)
+    return root
+
+
+def tiny_supernet(token_mode: str = "merge", seed: int = 0, **kwargs) -> vit.ElasticViT:
+    """A two-block, 16-wide Fashion-MNIST-shaped supernet with two choices per field, initialised from `seed`."""
+    torch.manual_seed(seed)
+    args = dict(depth=2, embed_dim=16, num_heads=2, head_choices=(1, 2), mlp_hidden_choices=(32, 64),
+                keep_ratio_choices=(0.5, 1.0), token_mode=token_mode)
+    return vit.create_supernet("prance_fmnist", **{**args, **kwargs})

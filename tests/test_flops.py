@@ -1,0 +1,118 @@
+"""Analytic MACs (`vit.count_flops`) against torch's FlopCounterMode, and the reference sizes of the DeiT presets."""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vit
+
+LIGHT = ["prance_fmnist", "prance_deit_tiny"]
+
+
+@functools.cache
+def supernet(name: str, token_mode: str = "merge") -> vit.ElasticViT:
+    """One eval-mode model per (preset, token mode), shared by the tests of this file, which only read it."""
+    torch.manual_seed(0)
+    return vit.create_supernet(name, token_mode=token_mode).eval()
+
+
+def images(model: vit.ElasticViT, batch: int) -> torch.Tensor:
+    return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+
+
+def measured_macs(model: vit.ElasticViT, x: torch.Tensor, subnet=None) -> float:
+    """Multiply-accumulates of one forward, as counted by FlopCounterMode (2 FLOPs per MAC)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, subnet)
+    return counter.get_total_flops() / 2
+
+
+def reducing_subnets(space: vit.SearchSpace, count: int) -> list[vit.Subnet]:
+    """`count` sampled subnets, each reducing tokens in some block and narrower than the full width somewhere."""
+    full = space.largest()
+    out = []
+    for seed in range(100):
+        s = space.sample(seed)
+        if any(b.keep_ratio < 1 or b.merge_ratio < 1 for b in s) and any(
+            (b.heads, b.mlp_hidden) != (f.heads, f.mlp_hidden) for b, f in zip(s, full)
+        ):
+            out.append(s)
+        if len(out) == count:
+            return out
+    raise AssertionError("the search space yields no subnets with token reduction")
+
+
+def check_against_flop_counter(model: vit.ElasticViT, subnets: list[vit.Subnet], batch: int) -> None:
+    x = images(model, batch)
+    for subnet in subnets:
+        expected = measured_macs(model, x, subnet) / batch
+        assert abs(vit.count_flops(model, subnet) - expected) / expected < 0.02, str(subnet)
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_count_flops_matches_flop_counter(token_mode):
+    model = supernet("prance_fmnist", token_mode)
+    space = model.search_space
+    check_against_flop_counter(model, [*reducing_subnets(space, 3), space.smallest(), space.largest()], batch=2)
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+@pytest.mark.parametrize("name", [n for n in vit.list_supernets() if n != "prance_fmnist"])
+def test_count_flops_matches_flop_counter_at_224px(name, token_mode):
+    """Every 224 px preset on one sampled subnet (the cheapest of a few, to keep the test fast)."""
+    if name != "prance_deit_tiny" and token_mode != "merge":
+        pytest.skip("token modes are covered on the light presets; the larger ones add widths, not code paths")
+    model = supernet(name, token_mode)
+    subnet = min(reducing_subnets(model.search_space, 4), key=lambda s: vit.count_flops(model, s))
+    check_against_flop_counter(model, [subnet], batch=1)
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_count_flops_of_per_sample_subnets(token_mode):
+    """A bucketed batch costs exactly the sum of its samples' counts: nothing is padded or masked."""
+    model = supernet("prance_fmnist", token_mode)
+    space = model.search_space
+    subnets = [space.sample(seed) for seed in range(6)]
+    counts = vit.count_flops(model, subnets)
+    assert isinstance(counts, list) and len(counts) == len(subnets)
+    assert counts == [vit.count_flops(model, s) for s in subnets]
+    expected = measured_macs(model, images(model, len(subnets)), subnets)
+    assert abs(sum(counts) - expected) / expected < 0.02
+
+
+@pytest.mark.parametrize(
+    "name, low, high", [("prance_deit_tiny", 1.22e9, 1.30e9), ("prance_deit_small", 4.5e9, 4.7e9),
+                        ("prance_deit_base", 17.3e9, 17.9e9)]
+)
+def test_deit_sizes(name, low, high):
+    """DeiT-T/S/B are 1.3 / 4.6 / 17.6 GMACs at 224 px."""
+    assert low < vit.count_flops(supernet(name)) < high
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+@pytest.mark.parametrize("name", LIGHT)
+def test_count_flops_ordering(name, token_mode):
+    model = supernet(name, token_mode)
+    space = model.search_space
+    full = vit.count_flops(model)
+    assert full == vit.count_flops(model, space.largest())
+    assert vit.count_flops(model, space.smallest()) < full
+    # narrowing one block, or reducing tokens earlier, strictly lowers the cost
+    largest = space.largest()
+    first = dataclasses.replace(largest[0], heads=space.heads[0][0])
+    assert vit.count_flops(model, vit.Subnet((first, *largest.blocks[1:]))) < full
+    late = vit.Subnet((*largest.blocks[:-1], dataclasses.replace(largest[-1], keep_ratio=space.keep_ratio[-1][0])))
+    early = vit.Subnet((dataclasses.replace(largest[0], keep_ratio=space.keep_ratio[0][0]), *largest.blocks[1:]))
+    assert vit.count_flops(model, early) < vit.count_flops(model, late) < full
+
+
+def test_count_flops_rejects_invalid_subnets():
+    model = supernet("prance_fmnist")
+    largest = model.search_space.largest()
+    with pytest.raises(vit.InvalidSubnetError):
+        vit.count_flops(model, vit.Subnet(largest.blocks[:-1]))
+    with pytest.raises(vit.InvalidSubnetError):
+        vit.count_flops(model, vit.Subnet((dataclasses.replace(largest[0], heads=5), *largest.blocks[1:])))

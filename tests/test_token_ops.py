@@ -1,0 +1,200 @@
+"""Token reduction on hand-checkable inputs: kept counts, schedules, pruning, merging, proportional attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit import TOKEN_MODES, BlockConfig
+from vit.token_ops import cls_attention, kept_tokens, merge, prune, reduce_tokens, size_bias, token_schedule
+
+
+def tokens(batch: int, n: int, dim: int) -> torch.Tensor:
+    """(batch, 1 + n, dim) tokens whose values are all distinct: token j of sample b holds 100 b + j + offsets."""
+    base = torch.arange(1 + n, dtype=torch.float32)[None, :, None] + 100 * torch.arange(batch)[:, None, None]
+    return base + 0.01 * torch.arange(dim, dtype=torch.float32)
+
+
+# --- kept_tokens --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, ratio, expected",
+    [
+        (10, 1.0, 10),  # ratio 1 keeps everything
+        (10, 0.5, 5),
+        (10, 0.62, 6),  # 6.2 rounds down
+        (10, 0.66, 7),  # 6.6 rounds up
+        (5, 0.5, 3),  # 2.5: halves round up
+        (7, 0.5, 4),  # 3.5: halves round up
+        (10, 0.25, 3),  # 2.5: halves round up
+        (49, 0.6, 29),  # 29.4
+        (196, 0.7, 137),  # 137.2
+        (10, 0.01, 1),  # at least one patch token survives
+        (1, 0.5, 1),
+        (3, 0.9, 3),  # 2.7 rounds to all three
+    ],
+)
+def test_kept_tokens(n, ratio, expected):
+    assert kept_tokens(n, ratio) == expected
+
+
+@pytest.mark.parametrize("n, ratio, expected", [(45, 0.7, 32), (85, 0.7, 60), (90, 0.35, 32)])
+def test_kept_tokens_rounds_decimal_halves_up(n, ratio, expected):
+    """ratio * n is exactly x.5 in decimal (0.7 * 45 = 31.5) but just below it in binary floating point."""
+    assert kept_tokens(n, ratio) == expected
+
+
+# --- token_schedule -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token_mode, keep_ratio, merge_ratio, expected",
+    [
+        ("prune", 0.5, 1.0, (5, 5)),  # pruning only: both stages at the pruned count
+        ("merge", 0.5, 1.0, (10, 5)),  # merging only: nothing pruned, merged down to 5
+        ("prune_merge", 0.5, 0.6, (5, 3)),  # prune 10 -> 5, then merge 5 -> 3
+        ("prune_merge", 1.0, 0.5, (10, 5)),  # merge only
+        ("prune_merge", 0.5, 1.0, (5, 5)),  # prune only
+        ("prune", 1.0, 1.0, (10, 10)),
+        ("merge", 1.0, 1.0, (10, 10)),
+        ("prune_merge", 1.0, 1.0, (10, 10)),
+    ],
+)
+def test_token_schedule(token_mode, keep_ratio, merge_ratio, expected):
+    config = BlockConfig(heads=1, mlp_hidden=4, keep_ratio=keep_ratio, merge_ratio=merge_ratio)
+    assert token_schedule(10, config, token_mode) == expected
+
+
+# --- prune --------------------------------------------------------------------------------------------------------
+
+
+def test_prune_keeps_cls_and_top_k_in_position_order():
+    x = tokens(2, 5, 3)
+    size = torch.tensor([[1.0, 1, 2, 3, 4, 5], [1, 6, 7, 8, 9, 10]])
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.9, 0.2], [0.8, 0.1, 0.7, 0.2, 0.6]])
+    out, out_size, keep = prune(x, size, scores, k=2)
+    # sample 0: the top two are patches 3 (0.9) and 1 (0.5); sample 1: patches 0 (0.8) and 2 (0.7)
+    assert keep.tolist() == [[1, 3], [0, 2]]
+    torch.testing.assert_close(out[0], x[0, [0, 2, 4]])
+    torch.testing.assert_close(out[1], x[1, [0, 1, 3]])
+    assert out_size.tolist() == [[1, 2, 4], [1, 6, 8]]
+
+
+def test_prune_without_sizes_and_breaks_ties_by_position():
+    x = tokens(1, 4, 2)
+    out, out_size, keep = prune(x, None, torch.zeros(1, 4), k=2)
+    assert out_size is None
+    assert keep.tolist() == [[0, 1]]
+    torch.testing.assert_close(out, x[:, :3])
+
+
+# --- merge --------------------------------------------------------------------------------------------------------
+
+
+def test_merge_into_most_similar_destination():
+    x = tokens(1, 4, 2)
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2]])  # destinations: patches 0 and 2
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])  # 1 is like 0, 3 is like 2
+    out, size = merge(x, None, scores, keys, k=2)
+    assert size.tolist() == [[1, 2, 2]]
+    expected = torch.stack([x[0, 0], (x[0, 1] + x[0, 2]) / 2, (x[0, 3] + x[0, 4]) / 2])
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_merge_is_weighted_by_size():
+    x = tokens(1, 4, 2)
+    size = torch.tensor([[1.0, 3.0, 1.0, 1.0, 2.0]])
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2]])
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
+    out, out_size = merge(x, size, scores, keys, k=2)
+    assert out_size.tolist() == [[1, 4, 3]]
+    expected = torch.stack([x[0, 0], (3 * x[0, 1] + x[0, 2]) / 4, (x[0, 3] + 2 * x[0, 4]) / 3])
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_merge_with_identical_keys_goes_to_the_first_destination():
+    x = tokens(1, 4, 2)
+    scores = torch.tensor([[0.1, 0.9, 0.2, 0.8]])  # destinations: patches 1 and 3
+    out, size = merge(x, None, scores, torch.ones(1, 4, 3), k=2)
+    assert size.tolist() == [[1, 3, 1]]
+    expected = torch.stack([x[0, 0], (x[0, 1] + x[0, 2] + x[0, 3]) / 3, x[0, 4]])
+    torch.testing.assert_close(out[0], expected)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 12])
+def test_merge_conserves_size_and_mass(k):
+    """Sizes sum to the tokens merged, and every merged token is the size-weighted mean of its members."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3, 13, 8, generator=g)
+    size = torch.randint(1, 5, (3, 13), generator=g).float()
+    out, out_size = merge(x, size, torch.rand(3, 12, generator=g), torch.randn(3, 12, 6, generator=g), k)
+    assert out.shape == (3, 1 + k, 8) and out_size.shape == (3, 1 + k)
+    torch.testing.assert_close(out_size.sum(1), size.sum(1))
+    torch.testing.assert_close((out * out_size[..., None]).sum(1), (x * size[..., None]).sum(1))
+    torch.testing.assert_close(out[:, 0], x[:, 0])
+    torch.testing.assert_close(out_size[:, 0], size[:, 0])
+
+
+# --- reduce_tokens ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token_mode, patches, total_size", [("prune", 5, None), ("merge", 5, 11.0), ("prune_merge", 3, 6.0)]
+)
+def test_reduce_tokens_per_mode(token_mode, patches, total_size):
+    """10 patches at keep 0.5 (and merge 0.6): pruning drops tokens, merging keeps their mass in the sizes."""
+    g = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(2, 11, 4, generator=g), torch.rand(2, 10, generator=g)
+    keys = torch.randn(2, 10, 8, generator=g)
+    config = BlockConfig(heads=1, mlp_hidden=4, keep_ratio=0.5, merge_ratio=0.6)
+    out, size = reduce_tokens(x, None, scores, keys, token_schedule(10, config, token_mode), token_mode)
+    assert out.shape == (2, 1 + patches, 4)
+    if total_size is None:
+        assert size is None
+    else:
+        assert size.sum(1).tolist() == [total_size, total_size]
+
+
+@pytest.mark.parametrize("token_mode", TOKEN_MODES)
+def test_reduce_tokens_is_identity_at_ratio_one(token_mode):
+    x = torch.randn(2, 11, 4)
+    schedule = token_schedule(10, BlockConfig(heads=1, mlp_hidden=4), token_mode)
+    out, size = reduce_tokens(x, None, torch.rand(2, 10), torch.randn(2, 10, 8), schedule, token_mode)
+    assert size is None
+    assert torch.equal(out, x)
+
+
+# --- proportional attention ---------------------------------------------------------------------------------------
+
+
+def test_size_bias_is_log_size():
+    size = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 5.0]])
+    bias = size_bias(size)
+    assert bias.shape == (2, 1, 1, 3)
+    torch.testing.assert_close(bias[:, 0, 0], size.log())
+    assert size_bias(None) is None
+
+
+def test_proportional_attention_equals_attention_over_duplicated_tokens():
+    """A merged token of size s attends (and is attended to) like s copies of itself."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))  # (B, h, T, d): CLS + 3 patches
+    size = torch.tensor([[1.0, 3.0, 1.0, 2.0]])
+    copies = torch.tensor([0, 1, 1, 1, 2, 3, 3])  # token j repeated size[j] times
+    scale = 8**-0.5
+
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size))
+    dup = F.scaled_dot_product_attention(q, k[:, :, copies], v[:, :, copies])
+    torch.testing.assert_close(out, dup)
+
+    scores = cls_attention(q, k, scale, size_bias(size))  # (1, 3): attention to the patch tokens
+    dup_scores = cls_attention(q, k[:, :, copies], scale)  # (1, 6)
+    merged = torch.stack([dup_scores[:, :3].sum(1), dup_scores[:, 3], dup_scores[:, 4:].sum(1)], dim=1)
+    torch.testing.assert_close(scores, merged)
+
+
+def test_cls_attention_is_the_head_mean_of_the_cls_row():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
+    expected = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1)[:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(cls_attention(q, k, 0.5), expected)
