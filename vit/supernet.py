@@ -312,6 +312,8 @@ class ElasticViT(nn.Module):
             raise ValueError(f"got {len(subnets)} subnets for a batch of {x.shape[0]} images")
         for s in set(subnets):
             self.search_space.validate(s)
+        if not subnets:  # an empty batch
+            return self.forward_head(self.forward_features(x))
         if execution == "consensus":
             return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
         return self.forward_tokens(TokenBatch(self.embed(x)), 0, subnets)

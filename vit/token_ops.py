@@ -21,7 +21,7 @@ def kept_tokens(n: int, ratio: float) -> int:
     """Patch tokens kept out of `n` at keep ratio `ratio`: max(1, round(ratio * n)), rounding halves up."""
     if ratio >= 1.0 or n <= 1:
         return n
-    return min(n, max(1, math.floor(ratio * n + 0.5)))
+    return min(n, max(1, math.floor(round(ratio * n, 9) + 0.5)))  # round(., 9): 0.7 * 45 is 31.4999...
 
 
 def token_schedule(n: int, config: BlockConfig, token_mode: str) -> tuple[int, int]:

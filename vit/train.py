@@ -1,10 +1,11 @@
 """Supernet training: the sandwich rule with in-place distillation, on one process or many (DDP via torchrun).
 
 Every step trains the largest subnet on the labels, then the smallest and `num_random` random subnets (per-block
-choices drawn independently, token reduction included) on the largest's predictions. AdamW with linear warm-up
-and a cosine decay, label smoothing, light augmentation, bf16 autocast on CUDA. A checkpoint is written
-atomically after every epoch; `resume` continues from it and, since every epoch reseeds its random streams from
-(seed, epoch, rank), an interrupted run ends with the same weights as an uninterrupted one.
+choices drawn independently, token reduction included) on the largest's predictions. The first
+`largest_only_epochs` train the largest alone: distilling from an untrained teacher stalls the whole supernet.
+AdamW with linear warm-up and a cosine decay, label smoothing, light augmentation, bf16 autocast on CUDA.
+A checkpoint is written atomically after every epoch; `resume` continues from it and, since every epoch reseeds
+its random streams from (seed, epoch, rank), an interrupted run ends with the same weights as an uninterrupted one.
 
     torchrun --nproc_per_node 2 scripts/train_supernet.py --epochs 1   # gloo on CPU, nccl on CUDA
 """
@@ -48,12 +49,13 @@ class TrainConfig:
     init: str | None = field(default=None, metadata={"help": "initial weights: timm:NAME or a file; then rewired"})
     epochs: int = field(default=20, metadata={"help": "training epochs"})
     batch_size: int = field(default=128, metadata={"help": "images per step and process"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine decay"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms and biases)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the largest subnet's loss"})
     num_random: int = field(default=2, metadata={"help": "random subnets per step besides largest and smallest"})
+    largest_only_epochs: float = field(default=3.0, metadata={"help": "train only the largest subnet at first"})
     distill: bool = field(default=True, metadata={"help": "train the other subnets on the largest's predictions"})
     drop_path: float = field(default=0.0, metadata={"help": "stochastic depth rate"})
     clip_grad: float = field(default=5.0, metadata={"help": "gradient norm clipping (0: off)"})
@@ -183,7 +185,7 @@ def read_train_checkpoint(path: Path) -> dict:
     """A training checkpoint written by `train_supernet`; a clear `ValueError` when it is broken or foreign."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # unpickling a foreign file fails in many ways (KeyError, UnpicklingError, ...)
         raise ValueError(f"{path} is not a readable training checkpoint (truncated or foreign): {e}") from e
     if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint of this package (no {TRAIN_FORMAT!r} format tag)")
@@ -268,6 +270,8 @@ def train_supernet(
             if cfg.augment and not imagefolder:
                 x = shift_and_flip(x)
             subnets = sandwich(model, cfg.num_random, rng)
+            if step < cfg.largest_only_epochs * steps_per_epoch:
+                subnets = subnets[:1]
             optimizer.zero_grad(set_to_none=True)
             losses = []
             for j, subnet in enumerate(subnets):
@@ -286,10 +290,11 @@ def train_supernet(
             if cfg.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
-            bar.set_postfix(largest=f"{losses[0]:.3f}", smallest=f"{losses[1]:.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(largest=f"{losses[0]:.3f}", last=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
             if writer is not None and step % 20 == 0:
                 writer.add_scalar("losses/largest", losses[0], step)
-                writer.add_scalar("losses/smallest", losses[1], step)
+                if len(losses) > 1:
+                    writer.add_scalar("losses/smallest", losses[1], step)
                 writer.add_scalar("charts/lr", lr, step)
 
         metrics = {"epoch": epoch + 1, "minutes": (time.time() - started) / 60}

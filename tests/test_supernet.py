@@ -1,0 +1,478 @@
+"""The elastic supernet: parity with timm, sliced subnets against a dense ViT, per-sample batches, gradients,
+input and configuration errors, checkpoints, and the registry."""
+
+import copy
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import vit
+from vit.rewire import head_importance, neuron_importance
+from vit.token_ops import reduce_tokens, token_schedule
+
+PRESETS = ("prance_deit_base", "prance_deit_small", "prance_deit_tiny", "prance_fmnist")
+LIGHT = ("prance_fmnist", "prance_deit_tiny")
+TIMM_NAMES = {
+    "prance_deit_tiny": "deit_tiny_patch16_224",
+    "prance_deit_small": "deit_small_patch16_224",
+    "prance_deit_base": "deit_base_patch16_224",
+}
+
+
+def supernet(name: str, token_mode: str = "merge") -> vit.ElasticViT:
+    """A randomly initialised eval-mode model, shared by the tests that only read it (copy it to modify it)."""
+    return _build_supernet(name, token_mode)
+
+
+@functools.cache
+def _build_supernet(name: str, token_mode: str) -> vit.ElasticViT:
+    torch.manual_seed(0)
+    return vit.create_supernet(name, token_mode=token_mode).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_models():
+    """Free the cached models (DeiT-B is 350 MB) when this file's tests are done."""
+    yield
+    _build_supernet.cache_clear()
+
+
+def images(model: vit.ElasticViT, batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def perturb_(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Add noise to every parameter, so biases and norm parameters are not 0 and 1 and slicing errors show."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def with_blocks(subnet: vit.Subnet, **changes) -> vit.Subnet:
+    """`subnet` with the given fields replaced in every block."""
+    return vit.Subnet(tuple(dataclasses.replace(b, **changes) for b in subnet))
+
+
+def find_subnet(space: vit.SearchSpace, accept) -> vit.Subnet:
+    """The first sampled subnet (seeds 0, 1, ...) that `accept`s."""
+    for seed in range(1000):
+        subnet = space.sample(seed)
+        if accept(subnet):
+            return subnet
+    raise AssertionError("no sampled subnet is accepted")
+
+
+def reduces_tokens(subnet: vit.Subnet) -> bool:
+    return any(b.keep_ratio < 1 or b.merge_ratio < 1 for b in subnet)
+
+
+def narrower(subnet: vit.Subnet, space: vit.SearchSpace) -> bool:
+    return any(b.heads < h[-1] and b.mlp_hidden < m[-1] for b, h, m in zip(subnet, space.heads, space.mlp_hidden))
+
+
+def macs(model: nn.Module, *args) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*args)
+    return counter.get_total_flops() / 2
+
+
+# --- 1. parity with timm ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(TIMM_NAMES))
+def test_largest_subnet_equals_timm(name):
+    """timm's DeiT weights load by name; the largest subnet computes timm's logits, also after rewiring."""
+    torch.manual_seed(0)
+    reference = perturb_(timm.create_model(TIMM_NAMES[name], pretrained=False)).eval()
+    model = copy.deepcopy(supernet(name))
+    model.load_state_dict(reference.state_dict())
+    space = model.search_space
+    x = images(model, 2)
+    narrow = with_blocks(space.largest(), heads=space.heads[0][0], mlp_hidden=space.mlp_hidden[0][0])
+    with torch.no_grad():
+        expected = reference(x)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x, subnet=space.largest()), expected, atol=1e-5, rtol=0)
+        narrow_before = model(x, narrow)
+
+        qkv_before = [b.attn.qkv.weight.clone() for b in model.blocks]
+        assert vit.rewire(model) is model
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x, subnet=space.largest()), expected, atol=1e-5, rtol=0)
+        narrow_after = model(x, narrow)
+
+    assert any(not torch.equal(b.attn.qkv.weight, w) for b, w in zip(model.blocks, qkv_before))
+    assert not torch.allclose(narrow_before, narrow_after, atol=1e-3)  # the prefix slices now hold other heads
+    for block in model.blocks:
+        importance = head_importance(block)
+        assert torch.all(importance[:-1] >= importance[1:])
+        importance = neuron_importance(block)
+        assert torch.all(importance[:-1] >= importance[1:])
+
+
+# --- 2. a sliced subnet is a dense ViT of the sliced widths -------------------------------------------------------
+
+
+class DenseAttention(nn.Module):
+    """Plain multi-head attention with separate q, k, v projections and an explicit softmax."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.q, self.k, self.v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output, CLS attention to the patches (mean over heads) and patch keys, with log(size) attention bias."""
+        B, T, _ = x.shape
+        keys = self.k(x)  # (B, T, heads * head_dim)
+        q, k, v = (y.view(B, T, self.heads, self.head_dim).transpose(1, 2) for y in (self.q(x), keys, self.v(x)))
+        logits = q @ k.transpose(-2, -1) * self.head_dim**-0.5  # (B, h, T, T)
+        if size is not None:
+            logits = logits + size.log()[:, None, None, :]
+        attn = logits.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(B, T, -1)
+        return self.proj(out), attn[:, :, 0, 1:].mean(dim=1), keys[:, 1:]
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = DenseAttention(dim, heads, head_dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x, size, config: vit.BlockConfig, token_mode: str):
+        out, scores, keys = self.attn(self.norm1(x), size)
+        x = x + out
+        schedule = token_schedule(x.shape[1] - 1, config, token_mode)
+        x, size = reduce_tokens(x, size, scores, keys, schedule, token_mode)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)))), size
+
+
+class DenseViT(nn.Module):
+    """A plain ViT built at the widths of `subnet`, with the supernet's weights sliced into it."""
+
+    def __init__(self, model: vit.ElasticViT, subnet: vit.Subnet) -> None:
+        super().__init__()
+        C, d = model.embed_dim, model.blocks[0].attn.head_dim
+        pe = model.patch_embed
+        self.subnet, self.token_mode = subnet, model.token_mode
+        self.patch = nn.Conv2d(pe.in_chans, C, pe.patch_size, stride=pe.patch_size)
+        self.blocks = nn.ModuleList(DenseBlock(C, b.heads, d, b.mlp_hidden) for b in subnet)
+        self.norm, self.head = nn.LayerNorm(C, eps=1e-6), nn.Linear(C, model.num_classes)
+        with torch.no_grad():
+            self.cls_token, self.pos_embed = model.cls_token.clone(), model.pos_embed.clone()
+            self.patch.load_state_dict(pe.proj.state_dict())
+            self.norm.load_state_dict(model.norm.state_dict())
+            self.head.load_state_dict(model.head.state_dict())
+            for dense, block, config in zip(self.blocks, model.blocks, subnet):
+                inner = config.heads * d
+                dense.norm1.load_state_dict(block.norm1.state_dict())
+                dense.norm2.load_state_dict(block.norm2.state_dict())
+                for j, linear in enumerate((dense.attn.q, dense.attn.k, dense.attn.v)):
+                    linear.weight.copy_(block.attn.qkv.weight[j * C : j * C + inner])
+                    linear.bias.copy_(block.attn.qkv.bias[j * C : j * C + inner])
+                dense.attn.proj.weight.copy_(block.attn.proj.weight[:, :inner])
+                dense.attn.proj.bias.copy_(block.attn.proj.bias)
+                dense.fc1.weight.copy_(block.mlp.fc1.weight[: config.mlp_hidden])
+                dense.fc1.bias.copy_(block.mlp.fc1.bias[: config.mlp_hidden])
+                dense.fc2.weight.copy_(block.mlp.fc2.weight[:, : config.mlp_hidden])
+                dense.fc2.bias.copy_(block.mlp.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        size = None
+        for block, config in zip(self.blocks, self.subnet):
+            x, size = block(x, size, config, self.token_mode)
+        return self.head(self.norm(x[:, 0]))
+
+
+@pytest.mark.parametrize("token_mode", [None, *vit.TOKEN_MODES])
+@pytest.mark.parametrize("name", LIGHT)
+def test_sliced_subnet_equals_dense_vit(name, token_mode):
+    """token_mode None: channels only (keep ratios 1.0); otherwise a subnet that also reduces tokens."""
+    model = perturb_(copy.deepcopy(supernet(name, token_mode or "merge")))
+    space = model.search_space
+    if token_mode is None:
+        subnet = find_subnet(space, lambda s: narrower(with_blocks(s, keep_ratio=1.0), space))
+        subnet = with_blocks(subnet, keep_ratio=1.0)
+    else:
+        subnet = find_subnet(space, lambda s: narrower(s, space) and reduces_tokens(s))
+    dense = DenseViT(model, subnet).eval()
+    x = images(model, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, subnet), dense(x), atol=1e-5, rtol=0)
+
+    sliced = macs(model, x, subnet)
+    assert sliced < 0.8 * macs(model, x)  # a narrower subnet really computes less: it is sliced, not masked
+    if token_mode is None:
+        assert sliced == macs(dense, x)  # exactly the matrix products of the dense model of those widths
+
+
+# --- 3. per-sample subnets ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_per_sample_subnets_equal_one_image_at_a_time(token_mode):
+    model = supernet("prance_fmnist", token_mode)
+    space = model.search_space
+    subnets = [space.sample(seed) for seed in range(8)]
+    assert len(set(subnets)) == 8 and all(reduces_tokens(s) for s in subnets)
+    x = images(model, 8)
+    with torch.no_grad():
+        batched = model(x, subnets)
+        alone = torch.cat([model(x[i : i + 1], subnets[i]) for i in range(8)])
+        torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
+        consensus = model(x, subnets, execution="consensus")
+        torch.testing.assert_close(consensus, model(x, space.consensus(subnets)), atol=1e-4, rtol=0)
+        assert not torch.allclose(consensus, batched, atol=1e-3)  # the modes differ: one subnet vs. eight
+        same = model(x, [subnets[3]] * 8)
+        torch.testing.assert_close(same, model(x, subnets[3]), atol=1e-4, rtol=0)
+
+
+def test_per_sample_subnets_accept_an_empty_batch():
+    model = supernet("prance_fmnist")
+    x = images(model, 0)
+    assert model(x).shape == (0, 10)
+    assert model(x, []).shape == (0, 10)
+
+
+# --- 4. gradients -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_every_parameter_gets_a_gradient(name):
+    model = perturb_(copy.deepcopy(supernet(name))).train()
+    x = images(model, 2)
+    logits = model(x, model.search_space.largest())
+    F.cross_entropy(logits, torch.tensor([1, 2])).backward()
+    for key, p in model.named_parameters():
+        assert p.grad is not None, key
+        assert torch.isfinite(p.grad).all(), key
+        assert p.grad.abs().sum() > 0, key
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_smallest_subnet_trains(token_mode):
+    model = copy.deepcopy(supernet("prance_fmnist", token_mode)).train()
+    logits = model(images(model, 4), model.search_space.smallest())
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.blocks[-1].mlp.fc1.weight.grad[:64].abs().sum() > 0  # the sliced rows learn
+    assert model.blocks[-1].mlp.fc1.weight.grad[64:].abs().sum() == 0  # the rest is not computed
+
+
+# --- 5. errors ----------------------------------------------------------------------------------------------------
+
+
+def corrupt(kind: str) -> torch.Tensor:
+    x = images(supernet("prance_fmnist"), 2)
+    if kind == "nan":
+        x[1, 0, 3, 4] = float("nan")
+    elif kind == "inf":
+        x[0, 0, 0, 0] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: torch.randn(2, 1, 32, 32), ValueError, r"expected images of shape \(B, 1, 28, 28\), got \(2, 1, 32"),
+        (lambda: torch.randn(2, 3, 28, 28), ValueError, r"\(B, 1, 28, 28\), got \(2, 3, 28, 28\)"),
+        (lambda: torch.randn(1, 28, 28), ValueError, r"\(B, 1, 28, 28\)"),
+        (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.uint8), TypeError, "floating-point.*uint8"),
+        (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.int64), TypeError, "int64"),
+        (lambda: np.zeros((2, 1, 28, 28), dtype=np.float32), TypeError, "torch.Tensor"),
+        (lambda: corrupt("nan"), ValueError, "NaN"),
+        (lambda: corrupt("inf"), ValueError, "Inf"),
+    ],
+    ids=["size", "channels", "no-batch-dim", "uint8", "int64", "numpy", "nan", "inf"],
+)
+def test_bad_images_raise(make, error, match):
+    model = supernet("prance_fmnist")
+    x = make()
+    with pytest.raises(error, match=match):
+        model(x)
+    if isinstance(x, torch.Tensor) and x.dim() == 4:  # the per-sample path checks its input too
+        with pytest.raises(error, match=match):
+            model(x, [model.search_space.largest()] * x.shape[0])
+
+
+def replace_block(subnet: vit.Subnet, i: int, **changes) -> vit.Subnet:
+    blocks = list(subnet)
+    blocks[i] = dataclasses.replace(blocks[i], **changes)
+    return vit.Subnet(tuple(blocks))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda s: replace_block(s, 0, heads=5), "heads=5"),
+        (lambda s: replace_block(s, 3, heads=0), "heads=0"),
+        (lambda s: replace_block(s, 2, mlp_hidden=100), "mlp_hidden=100"),
+        (lambda s: replace_block(s, 5, keep_ratio=0.65), "keep_ratio=0.65"),
+        (lambda s: replace_block(s, 1, merge_ratio=0.5), "merge_ratio"),  # only for prune_merge
+        (lambda s: vit.Subnet(s.blocks[:-1]), "11 blocks"),
+        (lambda s: vit.Subnet(s.blocks + s.blocks[:1]), "13 blocks"),
+    ],
+    ids=["heads", "no-heads", "mlp", "keep-ratio", "merge-ratio", "short", "long"],
+)
+def test_subnet_outside_the_space_raises(make, match):
+    model = supernet("prance_fmnist")
+    subnet = make(model.search_space.largest())
+    x = images(model, 2)
+    assert issubclass(vit.InvalidSubnetError, ValueError)
+    with pytest.raises(vit.InvalidSubnetError, match=match):
+        model(x, subnet)
+    with pytest.raises(vit.InvalidSubnetError, match=match):
+        model(x, [model.search_space.largest(), subnet])
+    with pytest.raises(vit.InvalidSubnetError, match=match):
+        model(x, [model.search_space.largest(), subnet], execution="consensus")
+
+
+def test_wrong_number_of_per_sample_subnets_raises():
+    model = supernet("prance_fmnist")
+    largest = model.search_space.largest()
+    with pytest.raises(ValueError, match="3 subnets for a batch of 2"):
+        model(images(model, 2), [largest] * 3)
+    with pytest.raises(ValueError, match="1 subnets for a batch of 2"):
+        model(images(model, 2), [largest], execution="consensus")
+    with pytest.raises(ValueError, match="unknown execution 'padded'.*bucketed, consensus"):
+        model(images(model, 2), [largest] * 2, execution="padded")
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError, match="unknown token_mode 'drop'; expected one of prune, merge, prune_merge"):
+        vit.create_supernet("prance_fmnist", token_mode="drop")
+    with pytest.raises(ValueError, match="unknown supernet 'prance_deit_huge'.*prance_deit_tiny.*prance_fmnist"):
+        vit.create_supernet("prance_deit_huge")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = perturb_(copy.deepcopy(supernet("prance_fmnist", "prune_merge")))
+    path = vit.save_checkpoint(model, tmp_path / "run" / "supernet.safetensors", metadata={"epoch": 3})
+    torch.manual_seed(1)  # a different initialisation, overwritten by the checkpoint
+    loaded = vit.create_supernet("prance_fmnist", token_mode="prune_merge", checkpoint=path).eval()
+    subnets = [None, model.search_space.smallest(), model.search_space.sample(0)]
+    x = images(model, 3)
+    with torch.no_grad():
+        for subnet in subnets:
+            assert torch.equal(loaded(x, subnet), model(x, subnet))
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["supernet.safetensors"]  # no temporary file left
+
+
+def write_truncated(path):
+    vit.save_checkpoint(supernet("prance_fmnist"), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def write_foreign(path):
+    vit.save_checkpoint(supernet("prance_deit_tiny"), path)
+
+
+def write_text(path):
+    path.write_text("epoch,loss\n1,0.93\n2,0.71\n")
+
+
+@pytest.mark.parametrize(
+    "filename, write, match",
+    [
+        ("supernet.safetensors", write_truncated, "not a readable checkpoint"),
+        ("supernet.safetensors", write_text, "not a readable checkpoint"),
+        ("supernet.safetensors", write_foreign, r"does not fit this ElasticViT: .*shape mismatches \(cls_token"),
+        ("log.txt", write_text, "not a readable checkpoint"),
+        ("notes.pt", lambda path: path.write_text("hello"), "not a readable checkpoint"),
+    ],
+    ids=["truncated", "text", "deit_tiny", "text-txt", "text-pt"],
+)
+def test_bad_checkpoints_raise(tmp_path, filename, write, match):
+    path = tmp_path / filename
+    write(path)
+    with pytest.raises(ValueError, match=match) as info:
+        vit.create_supernet("prance_fmnist", checkpoint=path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_checkpoint_raises(tmp_path):
+    path = tmp_path / "nowhere" / "supernet.safetensors"
+    with pytest.raises(FileNotFoundError, match="nowhere/supernet.safetensors"):
+        vit.create_supernet("prance_fmnist", checkpoint=path)
+
+
+# --- 6. registry and search space ---------------------------------------------------------------------------------
+
+
+def test_list_supernets():
+    assert set(PRESETS) <= set(vit.list_supernets())
+
+
+@pytest.mark.parametrize("name", vit.list_supernets())
+def test_presets_build_and_run(name):
+    model = supernet(name)
+    assert isinstance(model, vit.ElasticViT)
+    assert model.pretrained_cfg["architecture"] == name
+    batch = 2 if name in LIGHT else 1
+    x = images(model, batch)
+    with torch.no_grad():
+        for subnet in (None, model.search_space.smallest()):
+            logits = model(x, subnet)
+            assert logits.shape == (batch, model.num_classes)
+            assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+@pytest.mark.parametrize("name", LIGHT)
+def test_create_supernet_token_mode(name, token_mode):
+    model = supernet(name, token_mode)
+    assert model.token_mode == model.search_space.token_mode == token_mode
+    assert ("merge_ratio" in model.search_space.fields) == (token_mode == "prune_merge")
+    subnet = model.search_space.smallest()
+    with torch.no_grad():
+        logits = model(images(model, 2), subnet)
+    assert logits.shape == (2, model.num_classes) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+@pytest.mark.parametrize("name", LIGHT)
+def test_search_space(name, token_mode):
+    model = supernet(name, token_mode)
+    space = model.search_space
+    assert space.depth == model.depth == len(space.largest()) == len(space.smallest())
+    for i, (big, small) in enumerate(zip(space.largest(), space.smallest())):
+        block = model.blocks[i]
+        assert (big.heads, big.mlp_hidden) == (block.attn.num_heads, block.mlp.fc1.out_features)
+        assert big.keep_ratio == big.merge_ratio == 1.0
+        assert (small.heads, small.mlp_hidden, small.keep_ratio) == (
+            space.heads[i][0],
+            space.mlp_hidden[i][0],
+            space.keep_ratio[i][0],
+        )
+        assert small.merge_ratio == (space.merge_ratio[i][0] if token_mode == "prune_merge" else 1.0)
+        assert small.keep_ratio < 1.0 and small.heads < big.heads
+
+    assert space.sample(7) == space.sample(7) == space.sample(np.random.default_rng(7))
+    assert space.sample(7) != space.sample(8)
+    rng = np.random.default_rng(0)
+    first, second = space.sample(rng), space.sample(rng)
+    assert first != second and first == space.sample(0)  # a generator is consumed, not reseeded
+    for subnet in (space.sample(7), space.largest(), space.smallest()):
+        assert space.validate(subnet) is subnet
+        assert space.consensus([subnet] * 3) == subnet
+    assert space.consensus([space.largest(), space.smallest(), space.largest()]) == space.largest()
+    with pytest.raises(ValueError, match="empty"):
+        space.consensus([])
