@@ -1,1 +1,30 @@
-"""PRANCE MDP: ViT inference on a frozen supernet as a Gymnasium environment (PranceViT-v0)."""
+"""prance_env: ViT inference as a Gymnasium MDP with the Result-to-Go reward (PranceViT-v0).
+
+env = gymnasium.make("PranceViT-v0")                      # one image per episode
+envs = gymnasium.make_vec("PranceViT-v0", num_envs=256)   # native batched env
+venv = prance_env.to_sb3(envs)                            # stable-baselines3 VecEnv
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from .core import QUALITIES, REWARD_MODES, BatchedInference, MDPConfig
+from .env import PranceViTEnv
+from .vector import PranceViTVectorEnv, SB3VecEnv, to_sb3
+
+if "PranceViT-v0" not in registry:
+    register(
+        id="PranceViT-v0",
+        entry_point="prance_env.env:PranceViTEnv",
+        vector_entry_point="prance_env.vector:PranceViTVectorEnv",
+    )
+
+__all__ = [
+    "QUALITIES",
+    "REWARD_MODES",
+    "BatchedInference",
+    "MDPConfig",
+    "PranceViTEnv",
+    "PranceViTVectorEnv",
+    "SB3VecEnv",
+    "to_sb3",
+]

@@ -1,0 +1,271 @@
+"""ViT inference as a batched MDP, on torch tensors: the one implementation of reset and step.
+
+`BatchedInference` holds a frozen supernet and the state of a batch of episodes (one image each). The single
+env is a batch of one and the vector env a batch of N; both convert to and from numpy at their boundary. The
+decision loop of a deployed selector (`agents.AdaptiveViT`) runs the same object with no reward.
+
+Result-to-Go: after the action of step t the rest of the inference is completed from the current tokens with the
+reference subnet (full width, no token reduction), and scored,
+
+    R_t = q(prediction_t) - price * F_t / F_full,
+
+F_t being the MACs spent so far plus the reference cost of the rest. The reward is `R_t - R_{t-1}` (`delta`, with
+R_{-1} the full model's result), `R_t` (`direct`), or zero but at the last step, where it is `R_T - R_{-1}`
+(`terminal`, the same return as `delta` without the intermediate credit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vit import BlockConfig, ElasticViT, InvalidSubnetError, TokenBatch
+from vit.flops import block_macs, count_flops, embed_macs, head_macs
+
+REWARD_MODES = ("delta", "direct", "terminal")
+QUALITIES = ("correct", "logprob", "agree")
+
+
+@dataclass(frozen=True)
+class MDPConfig:
+    """The shape of the MDP over a supernet.
+
+    Attributes:
+        stem_blocks: blocks run at full width at reset, so the first observation depends on the image.
+        blocks_per_step: blocks decided by one action (all run at the action's configuration).
+        reward: `delta`, `direct` or `terminal` (see the module docstring).
+        quality: q of the result: `correct` (1 if right), `logprob` (log-prob of the true class, clipped at
+            `logprob_floor`) or `agree` (1 if the prediction is the full model's; needs no labels).
+        logprob_floor: lower clip of `logprob`.
+    """
+
+    stem_blocks: int = 1
+    blocks_per_step: int = 1
+    reward: str = "delta"
+    quality: str = "correct"
+    logprob_floor: float = -5.0
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARD_MODES:
+            raise ValueError(f"unknown reward {self.reward!r}; expected one of {', '.join(REWARD_MODES)}")
+        if self.quality not in QUALITIES:
+            raise ValueError(f"unknown quality {self.quality!r}; expected one of {', '.join(QUALITIES)}")
+        if self.stem_blocks < 0 or self.blocks_per_step < 1:
+            raise ValueError("stem_blocks must be >= 0 and blocks_per_step >= 1")
+
+
+class BatchedInference:
+    """A batch of synchronised inference episodes on a frozen supernet.
+
+    Args:
+        model: the supernet (put in eval mode; it is never trained here).
+        config: the MDP's settings.
+    """
+
+    def __init__(self, model: ElasticViT, config: MDPConfig = MDPConfig()) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.config = config
+        self.space = model.search_space
+        decided = model.depth - config.stem_blocks
+        if decided < 1 or decided % config.blocks_per_step:
+            raise ValueError(
+                f"{model.depth} blocks minus {config.stem_blocks} stem blocks must be a positive multiple of "
+                f"blocks_per_step={config.blocks_per_step}"
+            )
+        self.num_steps = decided // config.blocks_per_step
+        counts = {self.space.num_choices(i) for i in range(config.stem_blocks, model.depth)}
+        if len(counts) != 1:
+            raise ValueError("the decided blocks must share their number of choices per field")
+        self.nvec = counts.pop()
+        self.reference = self.space.largest()
+        self.full_macs = count_flops(model)
+        self._block_cache: dict[tuple[int, BlockConfig], int] = {}
+        self._rest_cache: dict[tuple[int, int], int] = {}
+        self.step_index = -1  # -1: not reset; num_steps: done
+
+    # --- MACs bookkeeping: exact per-sample counts from (tokens, config), memoised ---------------------------------
+
+    def _block(self, n: int, config: BlockConfig) -> int:
+        """MACs of a block entered with `n` patch tokens at `config`."""
+        if (n, config) not in self._block_cache:
+            self._block_cache[n, config] = block_macs(self.model, n, config)[0]
+        return self._block_cache[n, config]
+
+    def _rest(self, start: int, n: int) -> int:
+        """MACs of blocks `start:` at the reference subnet (no reduction: tokens stay `n`) and the head."""
+        if (start, n) not in self._rest_cache:
+            blocks = sum(self._block(n, self.reference[i]) for i in range(start, self.model.depth))
+            self._rest_cache[start, n] = blocks + head_macs(self.model)
+        return self._rest_cache[start, n]
+
+    # --- episode ------------------------------------------------------------------------------------------------------
+
+    @property
+    def next_block(self) -> int:
+        """The first block the next action decides."""
+        return self.config.stem_blocks + self.step_index * self.config.blocks_per_step
+
+    @torch.no_grad()
+    def reset(self, images: Tensor, labels: Tensor | None = None, price: Tensor | None = None) -> dict[str, Tensor]:
+        """Start one episode per image: embed, run the stem, score the full model. Returns the first observation.
+
+        Args:
+            images: (B, C, H, W) on the model's device.
+            labels: (B,) int64, needed unless quality is `agree`.
+            price: (B,) compute price of each episode (0 when None).
+        """
+        B = images.shape[0]
+        if labels is None and self.config.quality != "agree":
+            raise ValueError(f"quality={self.config.quality!r} needs labels; use quality='agree' without them")
+        device = images.device
+        self.labels = labels
+        self.price = torch.zeros(B, device=device) if price is None else price.to(device, torch.float32)
+        tokens = TokenBatch(self.model.embed(images))
+        for i in range(self.config.stem_blocks):
+            tokens = tokens.apply_block(self.model, i, self.reference[i])
+        self.tokens = tokens
+        n0 = self.model.num_patches
+        stem = embed_macs(self.model) + sum(self._block(n0, self.reference[i]) for i in range(self.config.stem_blocks))
+        self.macs = torch.full((B,), float(stem), dtype=torch.float64, device=device)
+        self.choices: list[list[BlockConfig]] = [list(self.reference[: self.config.stem_blocks]) for _ in range(B)]
+        self.step_index = 0
+        self.full_logits = self.model.forward_tokens(tokens, self.config.stem_blocks)
+        self.full_pred = self.full_logits.argmax(-1)
+        self.result = self._result(self.full_logits, torch.ones(B, dtype=torch.float64, device=device))
+        self.full_result = self.result.clone()
+        return self.observation()
+
+    def observation(self) -> dict[str, Tensor]:
+        """`cls` (B, C): CLS entering the next block; `progress` (B, 3): step fraction, MACs spent / full MACs,
+        patch tokens alive / initial; `price` (B, 1): log of the episode's price."""
+        tokens = self.tokens.num_patches().float() / self.model.num_patches
+        B = tokens.shape[0]
+        progress = torch.stack(
+            [
+                torch.full_like(tokens, self.step_index / self.num_steps),
+                (self.macs / self.full_macs).float(),
+                tokens,
+            ],
+            dim=1,
+        )
+        return {
+            "cls": self.tokens.cls().float(),
+            "progress": progress,
+            "price": self.price.clamp_min(1e-12).log().view(B, 1),
+        }
+
+    def decode(self, actions: Tensor | Sequence) -> list[BlockConfig]:
+        """Per-sample `BlockConfig`s from choice indices (B, fields); raises `InvalidSubnetError` if invalid."""
+        actions = torch.as_tensor(actions)
+        B = self.tokens.batch_size
+        if actions.shape != (B, len(self.nvec)):
+            raise InvalidSubnetError(
+                f"expected actions of shape ({B}, {len(self.nvec)}) for fields {self.space.fields}, "
+                f"got {tuple(actions.shape)}"
+            )
+        if actions.is_floating_point():
+            if not torch.isfinite(actions).all():
+                raise InvalidSubnetError("actions contain NaN or Inf")
+            if not torch.equal(actions, actions.round()):
+                raise InvalidSubnetError("discrete actions must be whole numbers")
+        actions = actions.long()
+        high = torch.tensor(self.nvec)
+        bad = (actions < 0) | (actions >= high)
+        if bad.any():
+            sample, field = (int(v) for v in bad.nonzero()[0])
+            raise InvalidSubnetError(
+                f"action {actions[sample].tolist()} (sample {sample}): {self.space.fields[field]} index "
+                f"{int(actions[sample, field])} out of range [0, {self.nvec[field]})"
+            )
+        block = self.next_block
+        table = {}
+        out = []
+        for row in map(tuple, actions.tolist()):
+            if row not in table:
+                table[row] = self.space.config(block, row)
+            out.append(table[row])
+        return out
+
+    @torch.no_grad()
+    def step(self, actions: Tensor | Sequence) -> tuple[dict[str, Tensor], Tensor, bool, dict]:
+        """Run the next `blocks_per_step` blocks at the decoded configurations.
+
+        Returns the observation, the reward (B,) float64, whether the episodes ended, and an info dict of tensors:
+        `macs` (B,) spent so far, `tokens` (B,) patch tokens alive, `subnet` (per-sample tuples of the configs run
+        so far) and, at the end, `pred`, `label`, `correct`, `flops_ratio`.
+        """
+        if self.step_index < 0:
+            raise RuntimeError("call reset() before step()")
+        if self.step_index >= self.num_steps:
+            raise RuntimeError("the episodes have ended; call reset() to start new ones")
+        configs = self.decode(actions)
+        start = self.next_block
+        for i in range(start, start + self.config.blocks_per_step):
+            n = self.tokens.num_patches().tolist()
+            self.macs += torch.tensor(
+                [self._block(ni, c) for ni, c in zip(n, configs)], dtype=torch.float64, device=self.macs.device
+            )
+            self.tokens = self.tokens.apply_block(self.model, i, configs)
+            for choice, c in zip(self.choices, configs):
+                choice.append(c)
+        self.step_index += 1
+        done = self.step_index == self.num_steps
+        reward = self._reward(done)
+        info = {
+            "macs": self.macs.clone(),
+            "tokens": self.tokens.num_patches(),
+            "subnet": [tuple(c) for c in self.choices],
+        }
+        if done:
+            info.update(pred=self.pred, correct=self._correct(self.pred), flops_ratio=self.macs / self.full_macs)
+            if self.labels is not None:
+                info["label"] = self.labels
+        return self.observation(), reward, done, info
+
+    def _reward(self, done: bool) -> Tensor:
+        cfg = self.config
+        if cfg.reward == "terminal" and not done:
+            return torch.zeros_like(self.result)
+        end = self.next_block
+        logits = self.model.forward_tokens(self.tokens, end)
+        if done:
+            cost = self.macs + head_macs(self.model)
+        else:
+            rest = torch.tensor(
+                [self._rest(end, n) for n in self.tokens.num_patches().tolist()],
+                dtype=torch.float64,
+                device=self.macs.device,
+            )
+            cost = self.macs + rest
+        self.pred = logits.argmax(-1)
+        result = self._result(logits, cost / self.full_macs)
+        if done:
+            self.macs = self.macs + head_macs(self.model)
+        previous, self.result = self.result, result
+        if cfg.reward == "direct":
+            return result
+        if cfg.reward == "terminal":
+            return result - self.full_result
+        return result - previous
+
+    def _correct(self, pred: Tensor) -> Tensor:
+        return (pred == self.labels) if self.labels is not None else (pred == self.full_pred)
+
+    def _result(self, logits: Tensor, flops_ratio: Tensor) -> Tensor:
+        """R = q(prediction) - price * flops_ratio, per sample, float64."""
+        q = self.config.quality
+        if q == "logprob":
+            quality = (
+                logits.float()
+                .log_softmax(-1)
+                .gather(1, self.labels[:, None])[:, 0]
+                .clamp_min(self.config.logprob_floor)
+            )
+        elif q == "agree":
+            quality = (logits.argmax(-1) == self.full_pred).float()
+        else:
+            quality = (logits.argmax(-1) == self.labels).float()
+        return quality.double() - self.price.double() * flops_ratio

@@ -1,0 +1,176 @@
+"""PranceViT-v0: the inference of one image by an elastic ViT, as a Gymnasium environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import vit
+
+from .factory import Prices, action_indices, make_inference, single_spaces, to_numpy
+
+
+class PranceViTEnv(gym.Env):
+    """
+    ## Description
+
+    PRANCE's selector as a Markov decision process: an episode is the inference of one image by a frozen
+    weight-sharing ViT supernet. The patch embedding and the first `stem_blocks` blocks run at reset; each step
+    then chooses how much of the next `blocks_per_step` blocks runs (attention heads, MLP width, token keep
+    ratio) and runs them. The reward is Result-to-Go: after every action, the inference is completed from the
+    current tokens with the full-width network and scored, so every step is credited with the result it leads to.
+
+    ## Action Space
+
+    `MultiDiscrete(nvec)`: indices into the block's choices, in the order of `search_space.fields`:
+
+    | index | field       | meaning                                                          |
+    |-------|-------------|------------------------------------------------------------------|
+    | 0     | heads       | active attention heads (a prefix; head dim fixed)               |
+    | 1     | mlp_hidden  | active MLP hidden width (a prefix)                              |
+    | 2     | keep_ratio  | fraction of patch tokens kept (pruned or merged by CLS attention)|
+    | 3     | merge_ratio | `prune_merge` only: fraction of the survivors kept after merging |
+
+    The largest index of every field is the full block. With `action_type="continuous"` the action is a
+    `Box(-1, 1, (fields,))` decoded by rounding `(a + 1) / 2 * (n - 1)`. Invalid actions raise `ValueError`.
+
+    ## Observation Space
+
+    `Dict` of float32 arrays:
+
+    | key      | shape        | meaning                                                                     |
+    |----------|--------------|-----------------------------------------------------------------------------|
+    | cls      | (embed_dim,) | the CLS token entering the step's first block                               |
+    | progress | (3,)         | steps taken / steps; MACs spent / full-model MACs; patch tokens alive / all |
+    | price    | (1,)         | log of the episode's compute price λ                                         |
+
+    ## Rewards
+
+    `R_t = q(prediction_t) − λ · F_t / F_full`, where prediction_t is that of the completion after step t and F_t
+    the MACs spent plus the completion's. `q` is `correct` (1 if right), `logprob` (log-prob of the true class,
+    clipped at -5) or `agree` (1 if it equals the full model's prediction; no labels needed). `reward="delta"`
+    (default) gives `R_t − R_{t−1}` with `R_{−1}` the full model's result, so the return is the final result
+    relative to the full model (0 when every action is the maximum); `"direct"` gives `R_t`; `"terminal"` gives 0
+    but at the last step, `R_T − R_{−1}`.
+
+    ## Starting State
+
+    An image drawn uniformly from the dataset split (or `options["index"]`), a price drawn log-uniformly in
+    `price_range` (or `price`, or `options["price"]`); the stem has run.
+
+    ## Episode End
+
+    Terminates after the last block (`(depth − stem_blocks) / blocks_per_step` steps). Never truncated.
+
+    ## Info
+
+    Every step: `macs` (spent so far), `tokens` (patch tokens alive), `subnet` (the `BlockConfig`s run so far,
+    stem included; a `vit.Subnet` at the last step). Last step also: `pred`, `label`, `correct` and
+    `flops_ratio` (the episode's MACs over the full model's).
+
+    ## Arguments
+
+    ```python
+    gymnasium.make("PranceViT-v0", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
+                   data_path=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
+                   quality="correct", price=None, price_range=(0.01, 1.0), stem_blocks=1, blocks_per_step=1,
+                   action_type="discrete")
+    ```
+
+    `supernet` is a registered name (its shipped weights, or `checkpoint`) or a `vit.ElasticViT`; `data` a
+    dataset name for `vit.load_dataset` or a torch Dataset of (image, label); `choices` overrides the per-block
+    choices of a named supernet, e.g. `{"keep_ratio": (0.5, 0.75, 1.0)}`.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        supernet: str | vit.ElasticViT = "prance_fmnist",
+        checkpoint: str | os.PathLike | None = None,
+        data: str | Dataset = "fashion-mnist",
+        data_path: str | os.PathLike | None = None,
+        split: str = "train",
+        device: str | torch.device = "auto",
+        token_mode: str | None = None,
+        choices: Mapping[str, Sequence] | None = None,
+        reward: str = "delta",
+        quality: str = "correct",
+        price: float | None = None,
+        price_range: Sequence[float] = (0.01, 1.0),
+        stem_blocks: int = 1,
+        blocks_per_step: int = 1,
+        action_type: str = "discrete",
+    ) -> None:
+        self.inference, self.source = make_inference(
+            supernet,
+            checkpoint,
+            data,
+            data_path,
+            split,
+            device,
+            token_mode,
+            choices,
+            reward,
+            quality,
+            stem_blocks,
+            blocks_per_step,
+        )
+        self.prices = Prices(price, price_range)
+        self.action_type = action_type
+        self.observation_space, self.action_space = single_spaces(self.inference, self.prices, action_type)
+
+    @property
+    def model(self) -> vit.ElasticViT:
+        """The frozen supernet."""
+        return self.inference.model
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Start the inference of one image; `options` may fix `index` (dataset index) and `price`."""
+        super().reset(seed=seed)
+        options = options or {}
+        index = options.get("index")
+        if index is None:
+            index = int(self.np_random.integers(len(self.source)))
+        elif not 0 <= int(index) < len(self.source):
+            raise ValueError(f"index {index} out of range for a dataset of {len(self.source)} images")
+        price = self.prices.check([options["price"]]) if "price" in options else self.prices.draw(self.np_random, 1)
+        images, labels = self.source.get(np.array([index]))
+        obs = self.inference.reset(images, labels, torch.as_tensor(price, dtype=torch.float32))
+        self.index = int(index)
+        info = {"index": self.index, "macs": float(self.inference.macs[0]), "tokens": self.model.num_patches}
+        return _first(to_numpy(obs)), info
+
+    def step(self, action) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """Run the next block(s) at the configuration `action` chooses."""
+        if self.inference.step_index < 0:
+            raise RuntimeError("call reset() before step()")
+        obs, reward, done, info = self.inference.step(action_indices(self.inference, action, self.action_type, 1))
+        out = {"macs": float(info["macs"][0]), "tokens": int(info["tokens"][0])}
+        out["subnet"] = vit.Subnet(info["subnet"][0]) if done else info["subnet"][0]
+        if done:
+            out.update(
+                pred=int(info["pred"][0]), correct=bool(info["correct"][0]), flops_ratio=float(info["flops_ratio"][0])
+            )
+            if "label" in info:
+                out["label"] = int(info["label"][0])
+        return _first(to_numpy(obs)), float(reward[0]), done, False, out
+
+
+def _first(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v[0] for k, v in obs.items()}
+
+
+__all__ = ["PranceViTEnv"]
