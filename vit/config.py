@@ -211,12 +211,26 @@ class SearchSpace:
             per_block.append([idx % n[f] if idx < 0 else idx for f, idx in enumerate(indices)])
         return self.from_indices(per_block)
 
-    def static_grid(self) -> list[Subnet]:
-        """Every static subnet (same choices at every block) of a space whose blocks share their choice counts."""
+    def static_grid(self, tied: bool = False) -> list[Subnet]:
+        """Static subnets (same choices at every block) of a space whose blocks share their choice counts.
+
+        All combinations of the fields' choices; with `tied`, heads and MLP width take the same width level and
+        the merge ratio follows the keep ratio, so the grid is width levels x keep ratios.
+        """
         counts = {self.num_choices(i) for i in range(self.depth)}
         if len(counts) != 1:
             raise ValueError("static_grid needs the same number of choices at every block")
-        return [self.static(idx) for idx in itertools.product(*(range(n) for n in counts.pop()))]
+        counts = counts.pop()
+        if not tied:
+            return [self.static(idx) for idx in itertools.product(*(range(n) for n in counts))]
+        levels = min(counts[0], counts[1])
+        ratios = min(counts[2:])
+        offsets = [n - levels for n in counts[:2]] + [n - ratios for n in counts[2:]]  # align on the largest
+        grid = []
+        for w, r in itertools.product(range(levels), range(ratios)):
+            idx = [w, w] + [r] * (len(counts) - 2)
+            grid.append(self.static([i + o for i, o in zip(idx, offsets)]))
+        return grid
 
     def consensus(self, subnets: Sequence[Subnet]) -> Subnet:
         """One subnet for a whole batch: per block and field, the (lower) median choice index of `subnets`."""
