@@ -10,8 +10,8 @@ reference subnet (full width, no token reduction), and scored,
     R_t = q(prediction_t) - price * F_t / F_full,
 
 F_t being the MACs spent so far plus the reference cost of the rest. The reward is `R_t - R_{t-1}` (`delta`, with
-R_{-1} the full model's result), `R_t` (`direct`), or zero but at the last step, where it is `R_T - R_{-1}`
-(`terminal`, the same return as `delta` without the intermediate credit).
+R_{-1} the full model's result), `R_t` (`direct`), or zero but at the last step, where it is `R_T` (`terminal`:
+the final result alone, no intermediate credit and no completion, so an episode costs one forward pass).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class MDPConfig:
     Attributes:
         stem_blocks: blocks run at full width at reset, so the first observation depends on the image.
         blocks_per_step: blocks decided by one action (all run at the action's configuration).
-        reward: `delta`, `direct` or `terminal` (see the module docstring).
+        reward: `delta`, `direct` or `terminal` (see the module docstring). The full model runs at reset only
+            for `delta` (its result is R_{-1}) and for quality `agree`.
         quality: q of the result: `correct` (1 if right), `logprob` (log-prob of the true class, clipped at
             `logprob_floor`) or `agree` (1 if the prediction is the full model's; needs no labels).
         logprob_floor: lower clip of `logprob`.
@@ -132,10 +133,11 @@ class BatchedInference:
         self.macs = torch.full((B,), float(stem), dtype=torch.float64, device=device)
         self.choices: list[list[BlockConfig]] = [list(self.reference[: self.config.stem_blocks]) for _ in range(B)]
         self.step_index = 0
-        self.full_logits = self.model.forward_tokens(tokens, self.config.stem_blocks)
-        self.full_pred = self.full_logits.argmax(-1)
-        self.result = self._result(self.full_logits, torch.ones(B, dtype=torch.float64, device=device))
-        self.full_result = self.result.clone()
+        self.full_pred = self.result = None
+        if self.config.reward == "delta" or self.config.quality == "agree":  # the full model's result is needed
+            full_logits = self.model.forward_tokens(tokens, self.config.stem_blocks)
+            self.full_pred = full_logits.argmax(-1)
+            self.result = self._result(full_logits, torch.ones(B, dtype=torch.float64, device=device))
         return self.observation()
 
     def observation(self) -> dict[str, Tensor]:
@@ -228,7 +230,7 @@ class BatchedInference:
     def _reward(self, done: bool) -> Tensor:
         cfg = self.config
         if cfg.reward == "terminal" and not done:
-            return torch.zeros_like(self.result)
+            return torch.zeros_like(self.macs)
         end = self.next_block
         logits = self.model.forward_tokens(self.tokens, end)
         if done:
@@ -245,11 +247,7 @@ class BatchedInference:
         if done:
             self.macs = self.macs + head_macs(self.model)
         previous, self.result = self.result, result
-        if cfg.reward == "direct":
-            return result
-        if cfg.reward == "terminal":
-            return result - self.full_result
-        return result - previous
+        return result - previous if cfg.reward == "delta" else result
 
     def _correct(self, pred: Tensor) -> Tensor:
         return (pred == self.labels) if self.labels is not None else (pred == self.full_pred)

@@ -57,7 +57,7 @@ class PranceViTEnv(gym.Env):
     clipped at -5) or `agree` (1 if it equals the full model's prediction; no labels needed). `reward="delta"`
     (default) gives `R_t − R_{t−1}` with `R_{−1}` the full model's result, so the return is the final result
     relative to the full model (0 when every action is the maximum); `"direct"` gives `R_t`; `"terminal"` gives 0
-    but at the last step, `R_T − R_{−1}`.
+    but at the last step, `R_T` (no completion is run: the ablation without Result-to-Go).
 
     ## Starting State
 
