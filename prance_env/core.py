@@ -119,8 +119,6 @@ class BatchedInference:
             price: (B,) compute price of each episode (0 when None).
         """
         B = images.shape[0]
-        if labels is None and self.config.quality != "agree":
-            raise ValueError(f"quality={self.config.quality!r} needs labels; use quality='agree' without them")
         device = images.device
         self.labels = labels
         self.price = torch.zeros(B, device=device) if price is None else price.to(device, torch.float32)
@@ -192,12 +190,10 @@ class BatchedInference:
         return out
 
     @torch.no_grad()
-    def step(self, actions: Tensor | Sequence) -> tuple[dict[str, Tensor], Tensor, bool, dict]:
-        """Run the next `blocks_per_step` blocks at the decoded configurations.
+    def advance(self, actions: Tensor | Sequence) -> bool:
+        """Run the next `blocks_per_step` blocks at the decoded configurations, with no reward; True at the end.
 
-        Returns the observation, the reward (B,) float64, whether the episodes ended, and an info dict of tensors:
-        `macs` (B,) spent so far, `tokens` (B,) patch tokens alive, `subnet` (per-sample tuples of the configs run
-        so far) and, at the end, `pred`, `label`, `correct`, `flops_ratio`.
+        At the end `self.macs` includes the head, so it is the episode's whole cost.
         """
         if self.step_index < 0:
             raise RuntimeError("call reset() before step()")
@@ -215,6 +211,25 @@ class BatchedInference:
                 choice.append(c)
         self.step_index += 1
         done = self.step_index == self.num_steps
+        if done:
+            self.macs += head_macs(self.model)
+        return done
+
+    def logits(self) -> Tensor:
+        """Class logits (B, num_classes) of the finished episodes."""
+        if self.step_index != self.num_steps:
+            raise RuntimeError("logits() needs finished episodes")
+        return self.model.forward_tokens(self.tokens, self.model.depth)
+
+    @torch.no_grad()
+    def step(self, actions: Tensor | Sequence) -> tuple[dict[str, Tensor], Tensor, bool, dict]:
+        """Run the next `blocks_per_step` blocks at the decoded configurations and pay the reward.
+
+        Returns the observation, the reward (B,) float64, whether the episodes ended, and an info dict of tensors:
+        `macs` (B,) spent so far, `tokens` (B,) patch tokens alive, `subnet` (per-sample tuples of the configs run
+        so far) and, at the end, `pred`, `label`, `correct`, `flops_ratio`.
+        """
+        done = self.advance(actions)
         reward = self._reward(done)
         info = {
             "macs": self.macs.clone(),
@@ -234,7 +249,7 @@ class BatchedInference:
         end = self.next_block
         logits = self.model.forward_tokens(self.tokens, end)
         if done:
-            cost = self.macs + head_macs(self.model)
+            cost = self.macs
         else:
             rest = torch.tensor(
                 [self._rest(end, n) for n in self.tokens.num_patches().tolist()],
@@ -244,8 +259,6 @@ class BatchedInference:
             cost = self.macs + rest
         self.pred = logits.argmax(-1)
         result = self._result(logits, cost / self.full_macs)
-        if done:
-            self.macs = self.macs + head_macs(self.model)
         previous, self.result = self.result, result
         return result - previous if cfg.reward == "delta" else result
 
@@ -255,6 +268,8 @@ class BatchedInference:
     def _result(self, logits: Tensor, flops_ratio: Tensor) -> Tensor:
         """R = q(prediction) - price * flops_ratio, per sample, float64."""
         q = self.config.quality
+        if q != "agree" and self.labels is None:
+            raise ValueError(f"quality={q!r} needs labels; use quality='agree' without them")
         if q == "logprob":
             quality = (
                 logits.float()
