@@ -1,1 +1,24 @@
-"""PRANCE decision side: CLS features extractor, PPO training, baseline policies and the deployable AdaptiveViT."""
+"""agents: the decision side of PRANCE — the CLS features extractor, selector training, baselines, AdaptiveViT."""
+
+from .adaptive import AdaptiveViT, calibrate, measure
+from .baselines import FullModelPolicy, RandomPolicy, StaticPolicy, UniformMergePolicy
+from .extractor import CLSFeaturesExtractor
+from .ppo import SelectorConfig, train_selector
+from .selector import algorithm, load_adaptive, load_selector, save_selector
+
+__all__ = [
+    "AdaptiveViT",
+    "CLSFeaturesExtractor",
+    "FullModelPolicy",
+    "RandomPolicy",
+    "SelectorConfig",
+    "StaticPolicy",
+    "UniformMergePolicy",
+    "algorithm",
+    "calibrate",
+    "load_adaptive",
+    "load_selector",
+    "measure",
+    "save_selector",
+    "train_selector",
+]

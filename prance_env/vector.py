@@ -117,6 +117,21 @@ class PranceViTVectorEnv(VectorEnv):
         self._needs_reset = done
         return to_numpy(obs), reward.cpu().numpy(), np.full(self.num_envs, done), false, self._numpy_info(info, done)
 
+    def action_masks(self) -> np.ndarray:
+        """Valid choices per sub-env, fields concatenated (N, sum(nvec)), for sb3-contrib's MaskablePPO.
+
+        Every choice is valid, except that a sample down to one patch token can reduce no further: only the
+        keep (and merge) ratio 1.0 is left to it.
+        """
+        nvec = self.inference.nvec
+        masks = np.ones((self.num_envs, sum(nvec)), dtype=bool)
+        spent = self.inference.tokens.num_patches().cpu().numpy() <= 1
+        offset = nvec[0] + nvec[1]
+        for n in nvec[2:]:
+            masks[spent, offset : offset + n - 1] = False
+            offset += n
+        return masks
+
     def _numpy_info(self, info: dict, done: bool) -> dict[str, np.ndarray]:
         out = {}
         for key, value in info.items():
@@ -128,6 +143,9 @@ class PranceViTVectorEnv(VectorEnv):
             out[key] = array
             out[f"_{key}"] = np.ones(self.num_envs, dtype=bool)
         return out
+
+
+BATCHED_METHODS = ("action_masks",)
 
 
 class SB3VecEnv(VecEnv):
@@ -175,6 +193,8 @@ class SB3VecEnv(VecEnv):
 
     def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
         result = getattr(self.envs, method_name)(*method_args, **method_kwargs)
+        if method_name in BATCHED_METHODS:  # one row per sub-env
+            return [result[i] for i in self._get_indices(indices)]
         return [result] * len(self._get_indices(indices))
 
     def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:

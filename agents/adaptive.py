@@ -1,0 +1,156 @@
+"""The deployable adaptive model: a supernet and a selector deciding, block by block, per image."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prance_env import BatchedInference, MDPConfig
+from vit import ElasticViT
+
+EXECUTIONS = ("bucketed", "consensus")
+
+
+class AdaptiveViT(nn.Module):
+    """A supernet whose per-block widths and token ratios are chosen per image by a policy.
+
+    `forward(images)` returns logits and per-sample MACs. The loop is the env's (`prance_env.BatchedInference`)
+    without rewards: the stem runs, then at every step the policy reads the CLS token, progress and the price,
+    and its choices run, per sample, by bucketing (or, with `execution="consensus"`, as one median choice for the
+    whole batch).
+
+    Args:
+        supernet: the elastic ViT.
+        policy: anything with stable-baselines3's `predict(obs, state, episode_start, deterministic)`; an SB3 model
+            is called directly on tensors, on the supernet's device.
+        price: the compute price λ the policy sees (set by `calibrate` for a MACs budget).
+        stem_blocks, blocks_per_step: as the env the policy was trained on.
+        execution: `bucketed` or `consensus`.
+    """
+
+    def __init__(
+        self,
+        supernet: ElasticViT,
+        policy,
+        price: float = 0.1,
+        stem_blocks: int = 1,
+        blocks_per_step: int = 1,
+        execution: str = "bucketed",
+    ) -> None:
+        super().__init__()
+        if execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
+        self.supernet = supernet
+        self.policy = policy
+        self.price = price
+        self.execution = execution
+        self.inference = BatchedInference(
+            supernet, MDPConfig(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step, reward="terminal")
+        )
+        self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")
+        if isinstance(policy, BaseAlgorithm):
+            policy.policy.set_training_mode(False)
+        self._continuous = isinstance(getattr(policy, "action_space", None), spaces.Box)
+
+    @property
+    def full_macs(self) -> int:
+        """MACs of the full model on one image."""
+        return self.inference.full_macs
+
+    def decide(self, obs: dict[str, Tensor], state=None, episode_start=None) -> tuple[Tensor, object]:
+        """The policy's deterministic choice indices (B, fields) for a batch of observations, and its state."""
+        B = obs["cls"].shape[0]
+        if self._direct:  # an SB3 model: straight on tensors, no numpy round trip
+            net = self.policy.policy
+            with torch.no_grad():
+                actions = net._predict({k: v.to(net.device) for k, v in obs.items()}, deterministic=True)
+        else:
+            numpy_obs = {k: v.cpu().numpy() for k, v in obs.items()}
+            actions, state = self.policy.predict(numpy_obs, state, episode_start, deterministic=True)
+            actions = torch.as_tensor(np.asarray(actions))
+        actions = actions.reshape(B, -1)
+        if self._continuous:  # Box(-1, 1) actions, decoded by rounding as the env does
+            nvec = torch.tensor(self.inference.nvec, device=actions.device)
+            actions = ((actions.clamp(-1, 1) + 1) / 2 * (nvec - 1)).round()
+        return actions.long(), state
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits (B, num_classes) and per-sample MACs (B,) of the adaptive inference of `images`."""
+        B = images.shape[0]
+        obs = self.inference.reset(images, price=torch.full((B,), float(self.price), device=images.device))
+        state, start = None, np.ones(B, dtype=bool)
+        while True:
+            actions, state = self.decide(obs, state, start)
+            start = np.zeros(B, dtype=bool)
+            if self.execution == "consensus":
+                actions = actions.median(dim=0).values.expand(B, -1)
+            if self.inference.advance(actions):
+                return self.inference.logits(), self.inference.macs.float()
+            obs = self.inference.observation()
+
+
+@torch.no_grad()
+def measure(adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor]], desc: str | None = None) -> dict:
+    """Top-1, mean MACs ratio and mean fraction of tokens kept at the end, over (images, labels) batches."""
+    correct = seen = 0
+    macs = tokens = 0.0
+    device = adaptive.supernet.pos_embed.device
+    for images, labels in tqdm(batches, desc=desc, leave=False, disable=desc is None):
+        images, labels = images.to(device), labels.to(device)
+        logits, sample_macs = adaptive(images)
+        correct += int((logits.argmax(-1) == labels).sum())
+        seen += len(labels)
+        macs += float(sample_macs.sum())
+        tokens += float(adaptive.inference.tokens.num_patches().sum()) / adaptive.supernet.num_patches
+    if not seen:
+        raise ValueError("no images to measure")
+    return {"top1": correct / seen, "flops_ratio": macs / seen / adaptive.full_macs, "tokens_kept": tokens / seen}
+
+
+def calibrate(
+    adaptive: AdaptiveViT,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    target_flops_ratio: float,
+    price_range: tuple[float, float] = (0.01, 1.0),
+    tolerance: float = 0.005,
+    max_iter: int = 14,
+) -> float:
+    """The price at which `adaptive` spends `target_flops_ratio` of the full model's MACs on `loader`, on average.
+
+    Bisection on log(price) inside `price_range` (the range the selector was trained on); the mean MACs ratio
+    falls as the price rises. Sets `adaptive.price` and returns it; the endpoint nearest the target when the
+    target is out of reach.
+    """
+    if not 0.0 < target_flops_ratio <= 1.0:
+        raise ValueError(f"target_flops_ratio must lie in (0, 1], got {target_flops_ratio}")
+    batches = list(loader)
+
+    def ratio_at(price: float) -> float:
+        adaptive.price = price
+        return measure(adaptive, batches)["flops_ratio"]
+
+    low, high = math.log(price_range[0]), math.log(price_range[1])
+    best = (math.inf, price_range[0])
+    for _ in tqdm(range(max_iter), desc=f"calibrating to {target_flops_ratio:.2f}", leave=False):
+        mid = 0.5 * (low + high)
+        ratio = ratio_at(math.exp(mid))
+        best = min(best, (abs(ratio - target_flops_ratio), math.exp(mid)))
+        if abs(ratio - target_flops_ratio) <= tolerance:
+            break
+        if ratio > target_flops_ratio:
+            low = mid
+        else:
+            high = mid
+    adaptive.price = best[1]
+    return best[1]
+
+
+__all__ = ["AdaptiveViT", "calibrate", "measure"]

@@ -1,0 +1,128 @@
+"""Trained selectors on disk: the SB3 model (`.zip`) and, beside it, the env settings it was trained with (`.json`).
+
+The settings name the supernet and the shape of the MDP (embedding width, action choices, token mode, stem and
+blocks per step, price range), so a selector is never silently run on a supernet it was not trained for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+import vit
+
+from .adaptive import AdaptiveViT
+
+
+def algorithms() -> dict[str, type[BaseAlgorithm]]:
+    """The algorithms a selector can be trained with; sb3-contrib's appear when it is installed."""
+    algos: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C}
+    try:
+        from sb3_contrib import MaskablePPO, RecurrentPPO
+    except ImportError:
+        return algos
+    return algos | {"maskable_ppo": MaskablePPO, "recurrent_ppo": RecurrentPPO}
+
+
+def algorithm(name: str) -> type[BaseAlgorithm]:
+    """The SB3 class of algorithm `name`, or a clear error (naming the extra to install for sb3-contrib's)."""
+    algos = algorithms()
+    if name not in algos:
+        hint = (
+            " (install sb3-contrib: pip install prance-vit[contrib])"
+            if name in ("maskable_ppo", "recurrent_ppo")
+            else ""
+        )
+        raise ValueError(f"unknown algo {name!r}{hint}; available: {', '.join(algos)}")
+    return algos[name]
+
+
+def supernet_signature(model: vit.ElasticViT) -> dict:
+    """What a selector depends on in a supernet: its name, width, depth, token mode and choices."""
+    space = model.search_space
+    return {
+        "supernet": model.pretrained_cfg.get("architecture"),
+        "embed_dim": model.embed_dim,
+        "depth": model.depth,
+        "token_mode": model.token_mode,
+        "choices": [[list(c) for c in space.choices(i)] for i in range(space.depth)],
+    }
+
+
+def save_selector(model: BaseAlgorithm, path: str | os.PathLike, settings: dict) -> Path:
+    """Write `PATH.zip` (the SB3 model) and `PATH.json` (`settings`: algo, supernet signature, env settings)."""
+    path = Path(path).with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path.with_suffix(".zip"))
+    path.with_suffix(".json").write_text(json.dumps(settings, indent=2))
+    return path.with_suffix(".zip")
+
+
+def load_selector(path: str | os.PathLike, supernet: vit.ElasticViT | None = None, device: str = "auto"):
+    """Load a selector and its settings; with `supernet`, check it is the one the selector was trained for.
+
+    Returns (model, settings). Raises `FileNotFoundError` for missing files and `ValueError` when the supernet
+    does not match.
+    """
+    path = Path(path).with_suffix("")
+    for file in (path.with_suffix(".zip"), path.with_suffix(".json")):
+        if not file.is_file():
+            raise FileNotFoundError(f"selector file not found: {file}")
+    settings = json.loads(path.with_suffix(".json").read_text())
+    if supernet is not None:
+        check_supernet(settings, supernet)
+    model = algorithm(settings["algo"]).load(path.with_suffix(".zip"), device=device)
+    return model, settings
+
+
+def check_supernet(settings: dict, supernet: vit.ElasticViT) -> None:
+    """Raise a `ValueError` naming the difference when `supernet` is not the one in `settings`."""
+    expected, actual = settings["signature"], supernet_signature(supernet)
+    for key in ("embed_dim", "depth", "token_mode", "choices"):
+        if expected[key] != actual[key]:
+            raise ValueError(
+                f"this selector was trained on supernet {expected['supernet']!r} with {key}={expected[key]}, but the "
+                f"given supernet ({actual['supernet']!r}) has {key}={actual[key]}"
+            )
+
+
+def load_adaptive(
+    path: str | os.PathLike,
+    supernet: vit.ElasticViT | None = None,
+    price: float | None = None,
+    execution: str = "bucketed",
+    device: str = "auto",
+) -> AdaptiveViT:
+    """An `AdaptiveViT` from a saved selector, on `supernet` (default: the named supernet with its shipped or
+    recorded weights)."""
+    settings = (
+        json.loads(Path(path).with_suffix(".json").read_text()) if Path(path).with_suffix(".json").is_file() else None
+    )
+    if settings is None:
+        raise FileNotFoundError(f"selector file not found: {Path(path).with_suffix('.json')}")
+    if supernet is None:
+        checkpoint = settings["env"].get("checkpoint")
+        supernet = vit.create_supernet(
+            settings["signature"]["supernet"],
+            pretrained=checkpoint is None,
+            checkpoint=checkpoint,
+            token_mode=settings["signature"]["token_mode"],
+        )
+    supernet = supernet.to(vit.utils.resolve_device(device))
+    model, settings = load_selector(path, supernet, device=device)
+    env = settings["env"]
+    return AdaptiveViT(
+        supernet,
+        model,
+        price=settings.get("price", 0.1) if price is None else price,
+        stem_blocks=env["stem_blocks"],
+        blocks_per_step=env["blocks_per_step"],
+        execution=execution,
+    )
+
+
+__all__ = ["algorithm", "algorithms", "check_supernet", "load_adaptive", "load_selector", "save_selector"]

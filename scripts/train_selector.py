@@ -1,0 +1,12 @@
+"""Train a PRANCE selector (PPO by default) on the batched PranceViT-v0 env.
+
+python scripts/train_selector.py                                  # prance_fmnist, shipped supernet
+python scripts/train_selector.py --algo a2c --out runs/a2c
+python scripts/train_selector.py --out runs/selector --resume     # continue from the newest checkpoint
+"""
+
+from agents.ppo import SelectorConfig, train_selector
+from vit.utils import parse_dataclass
+
+if __name__ == "__main__":
+    train_selector(parse_dataclass(SelectorConfig))
