@@ -58,6 +58,11 @@ class MDPConfig:
             raise ValueError("stem_blocks must be >= 0 and blocks_per_step >= 1")
 
 
+def log_price(price: Tensor) -> Tensor:
+    """The observed log-price, float32 (the observation space's bounds are computed with it too)."""
+    return price.float().clamp_min(1e-12).log()
+
+
 class BatchedInference:
     """A batch of synchronised inference episodes on a frozen supernet.
 
@@ -154,7 +159,7 @@ class BatchedInference:
         return {
             "cls": self.tokens.cls().float(),
             "progress": progress,
-            "price": self.price.clamp_min(1e-12).log().view(B, 1),
+            "price": log_price(self.price).view(B, 1),
         }
 
     def decode(self, actions: Tensor | Sequence) -> list[BlockConfig]:

@@ -16,7 +16,7 @@ import vit
 from vit.data import FashionMNIST
 from vit.utils import resolve_device
 
-from .core import BatchedInference, MDPConfig
+from .core import BatchedInference, MDPConfig, log_price
 
 ACTION_TYPES = ("discrete", "continuous")
 CHOICE_KEYS = {
@@ -90,6 +90,8 @@ class Prices:
         if not 0 < low <= high:
             raise ValueError(f"prices must satisfy 0 < low <= high, got {(low, high)}")
         self.low, self.high = low, high
+        # observed log-prices: the configured range, widened to a fixed price, so the space is never degenerate
+        self.bounds = (min(low, float(price_range[0])), max(high, float(price_range[1])))
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """`n` prices."""
@@ -114,7 +116,7 @@ def single_spaces(inference: BatchedInference, prices: Prices, action_type: str)
         {
             "cls": spaces.Box(-big, big, (inference.model.embed_dim,), np.float32),
             "progress": spaces.Box(0.0, 1.0, (3,), np.float32),
-            "price": spaces.Box(np.float32(math.log(prices.low)), np.float32(math.log(prices.high)), (1,), np.float32),
+            "price": spaces.Box(*log_price(torch.tensor(prices.bounds)).numpy(), (1,), np.float32),
         }
     )
     nvec = np.array(inference.nvec, dtype=np.int64)

@@ -64,16 +64,17 @@ class PranceViTVectorEnv(VectorEnv):
         return self.inference.model
 
     def _next_indices(self) -> np.ndarray:
-        out = []
-        need = self.num_envs
-        while need:
-            if self._cursor >= len(self._order):
-                self._order, self._cursor = self.np_random.permutation(len(self.source)), 0
-            take = self._order[self._cursor : self._cursor + need]
-            self._cursor += len(take)
-            need -= len(take)
-            out.append(take)
-        return np.concatenate(out)
+        """The next `num_envs` images of a shuffled pass over the data; a pass drops its incomplete last batch,
+        so a batch never holds an image twice (unless the dataset has fewer images than sub-envs)."""
+        n = len(self.source)
+        if n < self.num_envs:  # a small dataset: wrap around
+            return np.concatenate([self.np_random.permutation(n) for _ in range(-(-self.num_envs // n))])[
+                : self.num_envs
+            ]
+        if self._cursor + self.num_envs > len(self._order):
+            self._order, self._cursor = self.np_random.permutation(n), 0
+        self._cursor += self.num_envs
+        return self._order[self._cursor - self.num_envs : self._cursor]
 
     def reset(
         self, *, seed: int | None = None, options: Mapping[str, Any] | None = None
@@ -90,7 +91,7 @@ class PranceViTVectorEnv(VectorEnv):
         else:
             indices = self._next_indices()
         if "price" in options:
-            price = self.prices.check(np.broadcast_to(options["price"], (self.num_envs,)))
+            price = self.prices.check(np.array(np.broadcast_to(options["price"], (self.num_envs,))))
         else:
             price = self.prices.draw(self.np_random, self.num_envs)
         images, labels = self.source.get(indices)
@@ -99,9 +100,10 @@ class PranceViTVectorEnv(VectorEnv):
         self.indices = indices
         info = {
             "index": indices,
-            "macs": self.inference.macs.cpu().numpy(),
+            "macs": self.inference.macs.cpu().numpy().copy(),
             "tokens": self.inference.tokens.num_patches().cpu().numpy(),
         }
+        info |= {f"_{key}": np.ones(self.num_envs, dtype=bool) for key in list(info)}
         return to_numpy(obs), info
 
     def step(self, actions) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:

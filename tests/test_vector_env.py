@@ -1,0 +1,347 @@
+"""The native batched PranceViT-v0 and its stable-baselines3 adapter: image-by-image equality with the single env,
+determinism, next-step autoreset, sampling without replacement, vector infos, and SB3's VecEnv contract."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import data_equivalence
+from gymnasium.vector.utils import batch_space
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+from test_env import (
+    DEPTH,
+    PRICE,
+    env_kwargs,
+    needs_checkpoint,
+    random_actions,
+    run_episode,
+    supernet,
+    tensor_dataset,
+)
+
+import prance_env
+
+N = 4
+
+
+def make_vec(data_path, num_envs: int = N, **kwargs) -> prance_env.PranceViTVectorEnv:
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=num_envs, **env_kwargs(data_path, **kwargs))
+    assert isinstance(envs, prance_env.PranceViTVectorEnv)
+    return envs
+
+
+def run_vector_episode(envs, actions, seed=None, options=None) -> tuple[list, list, list]:
+    """Observations (the first included), rewards and infos (the reset's first) of one synchronised episode."""
+    obs, info = envs.reset(seed=seed, options=options)
+    observations, rewards, infos = [obs], [], [info]
+    for t, action in enumerate(actions):
+        obs, reward, terminated, truncated, info = envs.step(action)
+        observations.append(obs)
+        rewards.append(reward)
+        infos.append(info)
+        assert np.all(terminated == (t == len(actions) - 1)) and not truncated.any()
+    return observations, rewards, infos
+
+
+def first_observation(obs: dict, i: int | slice = slice(None)) -> bool:
+    """Whether `obs` (batched) is the first observation of an episode with the default stem: no step taken and every
+    patch token alive."""
+    return bool(np.all(obs["progress"][i, 0] == 0.0) and np.all(obs["progress"][i, 2] == 1.0))
+
+
+def test_make_vec_gives_the_native_batched_env(fmnist_dir):
+    envs = make_vec(fmnist_dir, token_mode="prune_merge")
+    assert envs.num_envs == N and envs.metadata["autoreset_mode"] == gymnasium.vector.AutoresetMode.NEXT_STEP
+    single = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_mode="prune_merge"))
+    assert envs.single_observation_space == single.observation_space
+    assert envs.single_action_space == single.action_space
+    assert envs.observation_space == batch_space(single.observation_space, N)
+    assert envs.action_space.shape == (N, 4)
+    obs, _ = envs.reset(seed=0)
+    assert envs.observation_space.contains(obs)
+
+
+@needs_checkpoint
+def test_make_vec_defaults_run_an_episode():
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=N)
+    assert isinstance(envs, prance_env.PranceViTVectorEnv)
+    _, _, infos = run_vector_episode(envs, random_actions(envs.action_space, envs.inference.num_steps), seed=0)
+    assert np.all(infos[-1]["flops_ratio"] <= 1.0)
+
+
+# --- determinism and equality with the single env -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action_type", ["discrete", "continuous"])
+def test_same_seed_gives_the_same_episodes(fmnist_dir, action_type):
+    runs = []
+    for _ in range(2):
+        envs = make_vec(fmnist_dir, quality="logprob", action_type=action_type)
+        steps = envs.inference.num_steps
+        actions = random_actions(envs.action_space, 2 * steps + 1, seed=1)  # two episodes and the autoreset step
+        obs, info = envs.reset(seed=3)
+        runs.append([(obs, info)] + [envs.step(a) for a in actions])
+    assert data_equivalence(runs[0], runs[1], exact=True)
+
+
+def test_different_seeds_give_different_images(fmnist_dir):
+    envs = make_vec(fmnist_dir)
+    (obs_0, info_0), (obs_1, info_1) = envs.reset(seed=0), envs.reset(seed=1)
+    assert not np.array_equal(info_0["index"], info_1["index"])
+    assert not np.array_equal(obs_0["cls"], obs_1["cls"])
+
+
+def assert_infos_match(single: dict, batched: dict, i: int) -> None:
+    assert set(single) <= set(batched), set(single) - set(batched)
+    for key, value in single.items():
+        if isinstance(value, float):
+            assert batched[key][i] == pytest.approx(value, abs=1e-6), key
+        else:
+            assert batched[key][i] == value, key
+
+
+@pytest.mark.parametrize("kind", prance_env.QUALITIES)
+@pytest.mark.parametrize("reward", prance_env.REWARD_MODES)
+def test_vector_env_matches_the_single_env_image_by_image(fmnist_dir, reward, kind):
+    envs = make_vec(fmnist_dir, reward=reward, quality=kind)
+    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, reward=reward, quality=kind))
+    indices = [5, 17, 17, 60]  # one image twice, under different actions
+    actions = random_actions(envs.action_space, envs.inference.num_steps, seed=2)
+    batch_obs, batch_rewards, batch_infos = run_vector_episode(
+        envs, actions, options={"indices": indices, "price": PRICE}
+    )
+    assert len({tuple(s) for s in batch_infos[-1]["subnet"]}) > 1  # sub-envs ran different subnets
+    for i, index in enumerate(indices):
+        observations, rewards, infos = run_episode(
+            env, [a[i] for a in actions], options={"index": index, "price": PRICE}
+        )
+        np.testing.assert_allclose([r[i] for r in batch_rewards], rewards, rtol=0, atol=1e-6)
+        for obs, batched in zip(observations, batch_obs):
+            for key, value in obs.items():
+                np.testing.assert_allclose(batched[key][i], value, rtol=0, atol=1e-5, err_msg=key)
+        for info, batched in zip(infos[1:], batch_infos[1:]):
+            assert_infos_match(info, batched, i)
+        assert batch_infos[0]["index"][i] == infos[0]["index"]
+
+
+def test_reset_info_is_not_changed_by_later_steps(fmnist_dir):
+    envs = make_vec(fmnist_dir)
+    _, info = envs.reset(seed=0)
+    kept = {key: np.copy(value) for key, value in info.items()}
+    for action in random_actions(envs.action_space, envs.inference.num_steps, seed=0):
+        envs.step(action)
+    for key, value in kept.items():
+        np.testing.assert_array_equal(info[key], value, err_msg=key)
+
+
+def test_reset_with_a_scalar_price_warns_nothing():
+    # torch warns once per process about non-writable arrays, so this runs in a fresh interpreter
+    code = (
+        "import warnings, prance_env, test_env\n"
+        "envs = prance_env.PranceViTVectorEnv(\n"
+        "    num_envs=2, supernet=test_env.supernet(), data=test_env.tensor_dataset(4), device='cpu'\n"
+        ")\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    envs.reset(seed=0, options={'price': 0.5})\n"
+        "print([str(w.message) for w in caught])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --- autoreset, sampling, infos ---------------------------------------------------------------------------------------
+
+
+def test_step_after_the_last_resets_with_next_step_semantics(fmnist_dir):
+    envs = make_vec(fmnist_dir)
+    steps = envs.inference.num_steps
+    actions = random_actions(envs.action_space, steps, seed=0)
+    _, _, infos = run_vector_episode(envs, actions, seed=0)
+    obs, reward, terminated, truncated, info = envs.step(actions[0])
+    np.testing.assert_array_equal(reward, np.zeros(N))
+    assert not terminated.any() and not truncated.any()
+    assert first_observation(obs)
+    assert not set(info["index"]) & set(infos[0]["index"])
+    _, _, more = run_vector_episode(envs, actions)  # the new batch runs a whole episode
+    assert len(more) == steps + 1
+
+
+@pytest.mark.parametrize("size, num_envs", [(10, 4), (12, 4), (96, 32), (9, 4)])
+def test_images_are_drawn_without_replacement(size, num_envs):
+    """Each pass over the data is a shuffle cut into whole batches: no image twice in a batch or in a pass."""
+    data = tensor_dataset(size)
+    envs = prance_env.PranceViTVectorEnv(num_envs=num_envs, supernet=supernet(), data=data, device="cpu")
+    per_pass = size // num_envs
+    envs.reset(seed=0)
+    batches = [envs.indices.copy()]
+    for _ in range(3 * per_pass - 1):
+        envs.reset()
+        batches.append(envs.indices.copy())
+    for p in range(3):
+        images = np.concatenate(batches[p * per_pass : (p + 1) * per_pass])
+        assert len(set(images)) == len(images) == per_pass * num_envs, f"pass {p} repeats an image"
+    assert not all(np.array_equal(a, b) for a, b in zip(batches[:per_pass], batches[per_pass : 2 * per_pass]))
+
+
+def assert_vector_info(info: dict) -> None:
+    """Every key of a vector info has its `_key` mask: a boolean (num_envs,) array, all True here."""
+    for key in [k for k in info if not k.startswith("_")]:
+        assert f"_{key}" in info, f"no mask _{key}"
+        mask = info[f"_{key}"]
+        assert mask.dtype == bool and mask.shape == (N,) and mask.all()
+        assert len(info[key]) == N
+
+
+def test_infos_carry_key_masks(fmnist_dir):
+    envs = make_vec(fmnist_dir)
+    actions = random_actions(envs.action_space, envs.inference.num_steps, seed=0)
+    _, _, infos = run_vector_episode(envs, actions, seed=0)
+    for info in infos[1:]:
+        assert_vector_info(info)
+    assert {"pred", "label", "correct", "flops_ratio", "subnet"} <= set(infos[-1])
+    assert_vector_info(infos[0])  # reset
+    assert_vector_info(envs.step(actions[0])[4])  # autoreset
+
+
+@pytest.mark.parametrize("stem_blocks", [0, 2])
+def test_blocks_per_step_two_halves_the_steps(fmnist_dir, stem_blocks):
+    one = make_vec(fmnist_dir, quality="logprob", stem_blocks=stem_blocks)
+    two = make_vec(fmnist_dir, quality="logprob", stem_blocks=stem_blocks, blocks_per_step=2)
+    assert one.inference.num_steps == DEPTH - stem_blocks == 2 * two.inference.num_steps
+    actions = random_actions(two.action_space, two.inference.num_steps, seed=0)
+    options = {"indices": [0, 1, 2, 3], "price": PRICE}
+    _, rewards_two, infos_two = run_vector_episode(two, actions, options=options)
+    _, rewards_one, infos_one = run_vector_episode(one, [a for a in actions for _ in range(2)], options=options)
+    for key in ("macs", "tokens", "pred", "flops_ratio", "subnet"):
+        np.testing.assert_array_equal(infos_two[-1][key], infos_one[-1][key], err_msg=key)
+    np.testing.assert_allclose(np.sum(rewards_two, axis=0), np.sum(rewards_one, axis=0), atol=1e-9)
+
+
+def test_stem_blocks_zero_runs_every_block(fmnist_dir):
+    envs = make_vec(fmnist_dir, stem_blocks=0, action_type="continuous")
+    assert envs.inference.num_steps == DEPTH
+    _, _, infos = run_vector_episode(envs, random_actions(envs.action_space, DEPTH, seed=0), seed=0)
+    assert all(len(s) == DEPTH for s in infos[-1]["subnet"])
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+
+
+def test_step_before_reset_raises(fmnist_dir):
+    envs = make_vec(fmnist_dir)
+    with pytest.raises(RuntimeError, match="reset"):
+        envs.step(envs.action_space.sample())
+
+
+@pytest.mark.parametrize(
+    "action, match",
+    [
+        (np.zeros(3, dtype=np.int64), "shape"),
+        (np.full((N, 3), 2), "out of range"),
+        (np.full((N, 3), -1), "out of range"),
+        (np.full((N + 1, 3), 0), "shape"),
+    ],
+)
+def test_invalid_actions_raise(fmnist_dir, action, match):
+    envs = make_vec(fmnist_dir)
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match=match):
+        envs.step(action)
+
+
+@pytest.mark.parametrize(
+    "options", [{"indices": [0, 1, 2]}, {"indices": [0, 1, 2, 96]}, {"indices": [-1, 0, 1, 2]}, {"price": 5.0}]
+)
+def test_invalid_reset_options_raise(fmnist_dir, options):
+    with pytest.raises(ValueError):
+        make_vec(fmnist_dir).reset(options=options)
+
+
+def test_invalid_construction_raises(fmnist_dir, tmp_path):
+    with pytest.raises(ValueError, match="num_envs"):
+        make_vec(fmnist_dir, num_envs=0)
+    with pytest.raises(TypeError):
+        make_vec(fmnist_dir, reward_mode="delta")
+    with pytest.raises(FileNotFoundError):
+        make_vec(tmp_path / "absent")
+
+
+# --- stable-baselines3 ------------------------------------------------------------------------------------------------
+
+
+def test_sb3_adapter_is_a_vec_env_with_batched_dict_observations(fmnist_dir):
+    venv = prance_env.to_sb3(make_vec(fmnist_dir))
+    assert isinstance(venv, VecEnv) and venv.num_envs == N
+    obs = venv.reset()
+    assert set(obs) == set(venv.observation_space.spaces)
+    for key, space in venv.observation_space.spaces.items():
+        assert obs[key].shape == (N, *space.shape) and obs[key].dtype == space.dtype
+    for i in range(N):
+        assert venv.observation_space.contains({k: v[i] for k, v in obs.items()})
+
+
+def test_sb3_adapter_resets_at_the_end_and_keeps_the_terminal_observation(fmnist_dir):
+    envs = make_vec(fmnist_dir)
+    venv = prance_env.to_sb3(envs)
+    venv.seed(0)
+    venv.reset()
+    first_indices = envs.indices.copy()
+    steps = envs.inference.num_steps
+    for t, action in enumerate(random_actions(envs.action_space, steps, seed=0)):
+        obs, rewards, dones, infos = venv.step(action)
+        assert rewards.shape == (N,) and len(infos) == N
+        assert dones.all() == (t == steps - 1) and dones.any() == (t == steps - 1)
+    for info in infos:
+        assert info["terminal_observation"]["progress"][0] == 1.0
+        assert not info["TimeLimit.truncated"]
+        assert {"pred", "correct", "flops_ratio"} <= set(info)
+    assert first_observation(obs)
+    assert not set(envs.indices) & set(first_indices)  # the next batch of images
+    assert not np.array_equal(obs["cls"], np.stack([info["terminal_observation"]["cls"] for info in infos]))
+
+
+def test_sb3_seed_then_reset_is_deterministic(fmnist_dir):
+    venv = prance_env.to_sb3(make_vec(fmnist_dir))
+    assert venv.seed(5) == [5] * N
+    obs_a = venv.reset()
+    venv.step(random_actions(venv.envs.action_space, 1)[0])
+    venv.seed(5)
+    obs_b = venv.reset()
+    obs_c = venv.reset()
+    assert data_equivalence(obs_a, obs_b, exact=True)
+    assert not np.array_equal(obs_a["cls"], obs_c["cls"])
+
+
+def test_vec_monitor_reports_the_episode(fmnist_dir):
+    envs = make_vec(fmnist_dir, quality="logprob")
+    venv = VecMonitor(prance_env.to_sb3(envs))
+    venv.reset()
+    total = np.zeros(N)
+    for action in random_actions(envs.action_space, envs.inference.num_steps, seed=0):
+        _, rewards, dones, infos = venv.step(action)
+        total += rewards
+    assert dones.all()
+    for i, info in enumerate(infos):
+        assert info["episode"]["l"] == envs.inference.num_steps
+        assert info["episode"]["r"] == pytest.approx(total[i], abs=1e-5)
+
+
+def test_to_sb3_rejects_other_envs(fmnist_dir):
+    with pytest.raises(TypeError, match="PranceViTVectorEnv"):
+        prance_env.to_sb3(gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir)))
+
+
+@pytest.mark.parametrize("action_type", ["discrete", "continuous"])
+def test_ppo_learns_a_few_steps_on_the_adapter(fmnist_dir, action_type):
+    venv = prance_env.to_sb3(make_vec(fmnist_dir, action_type=action_type))
+    model = PPO("MultiInputPolicy", venv, n_steps=6, batch_size=12, n_epochs=1, seed=0, device="cpu")
+    model.learn(2 * 6 * N)
+    obs = venv.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    assert venv.action_space.contains(actions[0])
