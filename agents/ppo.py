@@ -67,9 +67,10 @@ class SelectorConfig:
 
     def env_kwargs(self) -> dict:
         """Keyword arguments of PranceViT-v0 for this run (training split)."""
+        checkpoint = None if self.checkpoint is None else str(Path(self.checkpoint).resolve())
         return dict(
             supernet=self.supernet,
-            checkpoint=self.checkpoint,
+            checkpoint=checkpoint,
             token_mode=self.token_mode,
             data=self.data,
             data_path=self.data_path,
@@ -131,10 +132,15 @@ class SelectorEval(BaseCallback):
         )
         return rows
 
-    def _on_step(self) -> bool:
+    def _on_training_start(self) -> None:
+        self.last = self.num_timesteps
+
+    def _on_rollout_start(self) -> None:  # after the policy update, so the model evaluated is the latest
         if self.num_timesteps - self.last >= self.every:
             self.last = self.num_timesteps
             self.evaluate()
+
+    def _on_step(self) -> bool:
         return True
 
 
@@ -145,10 +151,15 @@ class Checkpoints(BaseCallback):
         super().__init__()
         self.folder, self.every, self.last = folder, every, 0
 
-    def _on_step(self) -> bool:
+    def _on_training_start(self) -> None:
+        self.last = self.num_timesteps
+
+    def _on_rollout_start(self) -> None:  # after the policy update, so a resumed run loses no update
         if self.num_timesteps - self.last >= self.every:
             self.last = self.num_timesteps
             save_checkpoint(self.model, self.folder)
+
+    def _on_step(self) -> bool:
         return True
 
 
@@ -224,9 +235,15 @@ def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
     callbacks = CallbackList([ProgressBar(), evaluation, Checkpoints(out / "checkpoints", cfg.save_every)])
     started = time.time()
     remaining = max(0, cfg.total_steps - model.num_timesteps)
+    history_file = out / "eval_history.json"
+    if resume_from is not None and history_file.is_file():  # keep the evaluations before the interruption
+        earlier = json.loads(history_file.read_text())
+        evaluation.history = [row for row in earlier if row["steps"] <= model.num_timesteps]
     model.learn(remaining, callback=callbacks, reset_num_timesteps=resume_from is None, tb_log_name=cfg.algo)
+    save_checkpoint(model, out / "checkpoints")
     evaluation.init_callback(model)
-    evaluation.evaluate()
+    if not evaluation.history or evaluation.history[-1]["steps"] != model.num_timesteps:
+        evaluation.evaluate()
     settings = {
         "algo": cfg.algo,
         "signature": supernet_signature(supernet),
@@ -235,7 +252,7 @@ def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
         "minutes": (time.time() - started) / 60,
     }
     save_selector(model, out / "selector", settings)
-    (out / "eval_history.json").write_text(json.dumps(evaluation.history, indent=2))
+    history_file.write_text(json.dumps(evaluation.history, indent=2))
     venv.close()
     return model, evaluation.history
 

@@ -1,0 +1,592 @@
+"""agents: the CLS features extractor under SB3 algorithms, selector files, baselines, AdaptiveViT against the env
+image by image, calibration, and selector training end to end. Tiny supernets on a generated Fashion-MNIST folder."""
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_supernet
+from sb3_contrib.common.maskable.utils import get_action_masks
+from stable_baselines3 import A2C, PPO
+from test_env import PRICE, supernet
+from torch import nn
+
+import agents
+import prance_env
+import vit
+from agents import (
+    AdaptiveViT,
+    CLSFeaturesExtractor,
+    FullModelPolicy,
+    RandomPolicy,
+    StaticPolicy,
+    UniformMergePolicy,
+)
+from agents.selector import supernet_signature
+from vit.token_ops import kept_tokens
+
+N = 8  # sub-envs
+HIDDEN = 32  # the extractor's MLP width in the trained model
+
+
+def make_venv(data_path, model: vit.ElasticViT | None = None, num_envs: int = N, **kwargs) -> prance_env.SB3VecEnv:
+    """The SB3 adapter over `gymnasium.make_vec("PranceViT-v0", ...)` on a tiny supernet and the generated data."""
+    envs = gymnasium.make_vec(
+        "PranceViT-v0",
+        num_envs=num_envs,
+        supernet=supernet() if model is None else model,
+        data="fashion-mnist",
+        data_path=data_path,
+        device="cpu",
+        **kwargs,
+    )
+    return prance_env.to_sb3(envs)
+
+
+def make_env(data_path, model: vit.ElasticViT, **kwargs) -> prance_env.PranceViTEnv:
+    """The single env over `model` and the generated test split."""
+    return prance_env.PranceViTEnv(
+        supernet=model, data="fashion-mnist", data_path=data_path, split="test", device="cpu", **kwargs
+    )
+
+
+def extractor_kwargs(**kwargs) -> dict:
+    return dict(features_extractor_class=CLSFeaturesExtractor, **kwargs)
+
+
+def parameters(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.policy.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], model) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in model.policy.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def trained(fmnist_dir):
+    """A PPO selector with the CLS extractor, trained for 128 steps; its venv and its parameters before training."""
+    venv = make_venv(fmnist_dir)
+    venv.seed(0)
+    model = PPO(
+        "MultiInputPolicy",
+        venv,
+        n_steps=8,
+        batch_size=32,
+        n_epochs=2,
+        seed=0,
+        device="cpu",
+        policy_kwargs=extractor_kwargs(features_extractor_kwargs=dict(hidden=HIDDEN)),
+    )
+    before = parameters(model)
+    model.learn(128)
+    return model, venv, before
+
+
+# --- the CLS features extractor under PPO, save/load ------------------------------------------------------------------
+
+
+def test_ppo_learns_with_the_cls_extractor(trained):
+    model, venv, before = trained
+    assert model.num_timesteps >= 128
+    assert changed(before, model)
+    extractor = model.policy.features_extractor
+    assert isinstance(extractor, CLSFeaturesExtractor)
+    assert extractor.features_dim == HIDDEN + 3 + 1
+    norms = [m for m in extractor.modules() if isinstance(m, nn.LayerNorm)]
+    assert [m.normalized_shape for m in norms] == [(venv.envs.model.embed_dim,)]
+
+
+def test_extractor_normalises_cls_and_passes_progress_and_price(trained):
+    model, venv, _ = trained
+    extractor = model.policy.features_extractor
+    obs = {k: torch.as_tensor(v) for k, v in venv.reset().items()}
+    with torch.no_grad():
+        features = extractor(obs)
+        rescaled = extractor({**obs, "cls": 3.0 * obs["cls"] + 1.0})  # LayerNorm: invariant to scale and shift
+    assert features.shape == (N, HIDDEN + 4)
+    torch.testing.assert_close(rescaled, features, atol=1e-4, rtol=0)
+    torch.testing.assert_close(features[:, HIDDEN:], torch.cat([obs["progress"], obs["price"]], dim=1))
+
+
+def test_save_load_gives_the_same_deterministic_actions(trained, tmp_path):
+    model, venv, _ = trained
+    model.save(tmp_path / "ppo")
+    loaded = PPO.load(tmp_path / "ppo", device="cpu")
+    assert isinstance(loaded.policy.features_extractor, CLSFeaturesExtractor)
+    obs = venv.reset()
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+
+
+def test_selector_files_round_trip(trained, tmp_path):
+    model, venv, _ = trained
+    settings = {"algo": "ppo", "signature": supernet_signature(venv.envs.model), "env": {"stem_blocks": 1}}
+    path = agents.save_selector(model, tmp_path / "run" / "selector", settings)
+    assert path == tmp_path / "run" / "selector.zip" and path.is_file()
+    assert (tmp_path / "run" / "selector.json").is_file()
+    loaded, read = agents.load_selector(tmp_path / "run" / "selector.zip", venv.envs.model, device="cpu")
+    assert isinstance(loaded, PPO) and read == settings
+    obs = venv.reset()
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+
+
+@pytest.mark.parametrize(
+    "other, difference",
+    [
+        (lambda: tiny_supernet(depth=4, embed_dim=32, mlp_hidden_choices=(64, 128)), "embed_dim"),
+        (lambda: tiny_supernet(token_mode="prune", depth=4), "token_mode"),
+        (lambda: tiny_supernet(depth=3), "depth"),
+        (lambda: tiny_supernet(depth=4, keep_ratio_choices=(0.25, 1.0)), "choices"),
+    ],
+)
+def test_loading_a_selector_onto_another_supernet_names_the_difference(trained, tmp_path, other, difference):
+    model, venv, _ = trained
+    settings = {"algo": "ppo", "signature": supernet_signature(venv.envs.model)}
+    agents.save_selector(model, tmp_path / "selector", settings)
+    with pytest.raises(ValueError, match=difference):
+        agents.load_selector(tmp_path / "selector", other(), device="cpu")
+
+
+def test_missing_selector_files_raise(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="selector.zip"):
+        agents.load_selector(tmp_path / "selector")
+    with pytest.raises(FileNotFoundError, match="selector.json"):
+        agents.load_adaptive(tmp_path / "selector", device="cpu")
+    model, venv, _ = trained
+    model.save(tmp_path / "selector.zip")  # the model without its settings
+    with pytest.raises(FileNotFoundError, match="selector.json"):
+        agents.load_selector(tmp_path / "selector")
+
+
+# --- other algorithms on the same env ---------------------------------------------------------------------------------
+
+
+def test_algorithm_names():
+    assert agents.algorithm("ppo") is PPO and agents.algorithm("a2c") is A2C
+    with pytest.raises(ValueError, match="unknown algo"):
+        agents.algorithm("dqn")
+
+
+def test_a2c_learns_with_the_default_extractor(fmnist_dir):
+    venv = make_venv(fmnist_dir)
+    model = agents.algorithm("a2c")(
+        "MultiInputPolicy", venv, n_steps=3, seed=0, device="cpu", policy_kwargs=extractor_kwargs()
+    )
+    before = parameters(model)
+    model.learn(2 * 3 * N)
+    assert changed(before, model)
+    assert model.policy.features_extractor.features_dim == 128 + 3 + 1
+
+
+def test_maskable_ppo_reads_action_masks_through_the_adapter(fmnist_dir):
+    # keep ratio 0.01 leaves one patch token of 49: after it, only keep ratio 1.0 is valid
+    model = tiny_supernet(depth=3, keep_ratio_choices=(0.01, 1.0))
+    venv = make_venv(fmnist_dir, model)
+    nvec = venv.action_space.nvec
+    venv.reset()
+    masks = get_action_masks(venv)
+    assert masks.shape == (N, sum(nvec)) and masks.all()
+    spent = np.arange(N) < N // 2
+    venv.step(np.stack([[1, 1, 0 if s else 1] for s in spent]))
+    np.testing.assert_array_equal(venv.envs.inference.tokens.num_patches().numpy(), np.where(spent, 1, 49))
+    masks = get_action_masks(venv)
+    assert masks.shape == (N, sum(nvec))
+    assert masks[~spent].all() and masks[spent, : nvec[0] + nvec[1]].all()
+    np.testing.assert_array_equal(masks[spent, nvec[0] + nvec[1] :], [[False, True]] * (N // 2))
+
+    ppo = agents.algorithm("maskable_ppo")(
+        "MultiInputPolicy",
+        venv,
+        n_steps=4,
+        batch_size=16,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+        policy_kwargs=extractor_kwargs(),
+    )
+    ppo.learn(2 * 4 * N)
+    venv.reset()
+    obs, *_ = venv.step(np.stack([[1, 1, 0 if s else 1] for s in spent]))
+    for _ in range(5):
+        actions, _ = ppo.predict(obs, action_masks=get_action_masks(venv), deterministic=False)
+        assert np.all(actions[spent, 2] == 1)
+
+
+def test_recurrent_ppo_learns_and_runs_in_adaptive_vit(fmnist_dir):
+    venv = make_venv(fmnist_dir)
+    model = agents.algorithm("recurrent_ppo")(
+        "MultiInputLstmPolicy",
+        venv,
+        n_steps=4,
+        batch_size=16,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+        policy_kwargs=extractor_kwargs(lstm_hidden_size=16),
+    )
+    before = parameters(model)
+    model.learn(2 * 4 * N)
+    assert changed(before, model)
+    adaptive = AdaptiveViT(venv.envs.model, model, price=PRICE)
+    images, _ = venv.envs.source.get(np.arange(6))
+    logits, macs = adaptive(images)
+    assert logits.shape == (6, 10) and torch.isfinite(logits).all()
+    assert torch.all(macs <= adaptive.full_macs) and torch.all(macs > 0)
+
+
+# --- AdaptiveViT against the env, image by image ----------------------------------------------------------------------
+
+
+class ImagePolicy:
+    """A deterministic policy that reads the CLS token, so images get different subnets: at the first step, field k
+    takes its largest choice where the CLS token lies above `centre` along axis k, else its smallest; later steps
+    take their smallest choices."""
+
+    def __init__(self, nvec, centre: np.ndarray) -> None:
+        self.nvec, self.centre = np.asarray(nvec), np.asarray(centre)[: len(nvec)]
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        cls = np.asarray(observation["cls"])[..., : len(self.nvec)]
+        first = np.asarray(observation["progress"])[..., :1] == 0.0
+        return np.where(first & (cls > self.centre), self.nvec - 1, 0), state
+
+    @classmethod
+    def for_images(cls, model: vit.ElasticViT, images: torch.Tensor, nvec) -> "ImagePolicy":
+        """Centred on the mean first CLS token of `images`, so about half of them fall on either side."""
+        config = prance_env.MDPConfig(reward="terminal")
+        centre = prance_env.BatchedInference(model, config).reset(images)["cls"].mean(0)
+        return cls(nvec, centre.numpy())
+
+
+def make_policy(name: str, nvec, trained_model, model, images):
+    return {
+        "ppo": lambda: trained_model,
+        "static": lambda: StaticPolicy(nvec, [0, -1, 0]),
+        "uniform_merge": lambda: UniformMergePolicy(nvec, 0),
+        "full": lambda: FullModelPolicy(nvec),
+        "image": lambda: ImagePolicy.for_images(model, images, nvec),
+    }[name]()
+
+
+def single_env_episode(env: prance_env.PranceViTEnv, policy, index: int, price: float) -> dict:
+    """The last info of the episode of image `index` at `price` under `policy`'s deterministic actions."""
+    obs, _ = env.reset(options={"index": index, "price": price})
+    done = False
+    while not done:
+        action, _ = policy.predict(obs, deterministic=True)
+        obs, _, done, _, info = env.step(action)
+    return info
+
+
+@pytest.mark.parametrize("name", ["ppo", "static", "uniform_merge", "full", "image"])
+def test_adaptive_vit_matches_the_single_env_image_by_image(trained, fmnist_dir, name):
+    model = trained[1].envs.model
+    env = make_env(fmnist_dir, model)
+    indices = np.arange(12)
+    images, _ = env.source.get(indices)
+    policy = make_policy(name, env.action_space.nvec, trained[0], model, images)
+    price = 0.05
+    logits, macs = AdaptiveViT(model, policy, price=price)(images)
+    assert logits.shape == (len(indices), 10) and macs.shape == (len(indices),)
+    subnets = []
+    for i in indices:
+        info = single_env_episode(env, policy, int(i), price)
+        subnets.append(info["subnet"])
+        assert int(logits[i].argmax()) == info["pred"]
+        assert float(macs[i]) == info["macs"] == vit.count_flops(model, info["subnet"])
+        with torch.no_grad():
+            alone = model(images[i : i + 1], subnet=info["subnet"])[0]
+        torch.testing.assert_close(logits[i], alone, atol=1e-5, rtol=0)
+    if name == "image":
+        assert len(set(subnets)) > 1  # the batch was bucketed over several subnets
+
+
+def test_adaptive_vit_decodes_continuous_actions_as_the_env_does(trained, fmnist_dir):
+    model = trained[1].envs.model
+    venv = make_venv(fmnist_dir, model, action_type="continuous")
+    ppo = PPO(
+        "MultiInputPolicy",
+        venv,
+        n_steps=4,
+        batch_size=16,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+        policy_kwargs=extractor_kwargs(features_extractor_kwargs=dict(hidden=HIDDEN)),
+    )
+    ppo.learn(2 * 4 * N)
+    env = make_env(fmnist_dir, model, action_type="continuous")
+    images, _ = env.source.get(np.arange(6))
+    logits, macs = AdaptiveViT(model, ppo, price=PRICE)(images)
+    for i in range(6):
+        info = single_env_episode(env, ppo, i, PRICE)
+        assert int(logits[i].argmax()) == info["pred"] and float(macs[i]) == info["macs"]
+
+
+def test_full_model_policy_gives_the_full_model(trained):
+    model = trained[1].envs.model
+    images, _ = trained[1].envs.source.get(np.arange(10))
+    adaptive = AdaptiveViT(model, FullModelPolicy(trained[1].action_space.nvec))
+    logits, macs = adaptive(images)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(images), atol=1e-5, rtol=0)
+    assert adaptive.full_macs == vit.count_flops(model)
+    assert torch.all(macs == vit.count_flops(model))
+
+
+def test_consensus_execution_runs_one_subnet_for_the_batch(trained):
+    model = trained[1].envs.model
+    nvec = trained[1].action_space.nvec
+    images, _ = trained[1].envs.source.get(np.arange(12))
+    policy = ImagePolicy.for_images(model, images, nvec)
+    bucketed = AdaptiveViT(model, policy)
+    bucketed(images)
+    assert len({tuple(c) for c in bucketed.inference.choices}) > 1
+    adaptive = AdaptiveViT(model, policy, execution="consensus")
+    logits, macs = adaptive(images)
+    chosen = {tuple(c) for c in adaptive.inference.choices}
+    assert len(chosen) == 1
+    subnet = vit.Subnet(chosen.pop())
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(images, subnet=subnet), atol=1e-5, rtol=0)
+    assert torch.all(macs == vit.count_flops(model, subnet))
+    with pytest.raises(ValueError, match="execution"):
+        AdaptiveViT(model, policy, execution="per_sample")
+
+
+# --- baselines --------------------------------------------------------------------------------------------------------
+
+NVEC = np.array([2, 4, 5])
+
+
+def observation(batch: int | None = None) -> dict[str, np.ndarray]:
+    shape = () if batch is None else (batch,)
+    return {
+        "cls": np.ones((*shape, 16), np.float32),
+        "progress": np.zeros((*shape, 3), np.float32),
+        "price": np.zeros((*shape, 1), np.float32),
+    }
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [StaticPolicy(NVEC, [0, 1, 2]), FullModelPolicy(NVEC), UniformMergePolicy(NVEC, 1), RandomPolicy(NVEC, seed=0)],
+    ids=["static", "full", "uniform_merge", "random"],
+)
+def test_baselines_follow_the_sb3_predict_signature(policy):
+    state = object()
+    single = policy.predict(observation(), state, None, deterministic=True)
+    assert isinstance(single, tuple) and len(single) == 2 and single[1] is state
+    assert single[0].shape == (3,) and np.all((0 <= single[0]) & (single[0] < NVEC))
+    actions, no_state = policy.predict(observation(5))
+    assert no_state is None and actions.shape == (5, 3) and np.all((0 <= actions) & (actions < NVEC))
+    assert gymnasium.spaces.MultiDiscrete(NVEC).contains(single[0])
+
+
+def test_static_policies():
+    np.testing.assert_array_equal(StaticPolicy(NVEC, [-1, 0, -2]).predict(observation())[0], [1, 0, 3])
+    np.testing.assert_array_equal(FullModelPolicy(NVEC).predict(observation(2))[0], [[1, 3, 4]] * 2)
+    np.testing.assert_array_equal(UniformMergePolicy(NVEC, 2).predict(observation(2))[0], [[1, 3, 2]] * 2)
+    np.testing.assert_array_equal(UniformMergePolicy([2, 4, 5, 5], 1).predict(observation())[0], [1, 3, 1, 1])
+    with pytest.raises(ValueError, match="expected 3 indices"):
+        StaticPolicy(NVEC, [0, 0])
+    policy = StaticPolicy(NVEC, [0, 1, 2])
+    policy.predict(observation(2))[0][:] = 0  # the caller's copy, not the policy's action
+    np.testing.assert_array_equal(policy.predict(observation())[0], [0, 1, 2])
+
+
+def test_random_policy_is_seeded():
+    a, b, c = (RandomPolicy(NVEC, seed=s).predict(observation(64))[0] for s in (3, 3, 4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    for field, n in enumerate(NVEC):
+        assert set(a[:, field]) == set(range(n))
+
+
+# --- calibration and measurement --------------------------------------------------------------------------------------
+
+
+class PricePolicy:
+    """Every field's index falls from the largest to 0 as the log-price rises over [0.01, 1]."""
+
+    def __init__(self, nvec) -> None:
+        self.nvec = np.asarray(nvec)
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        price = np.asarray(observation["price"])[..., :1]
+        t = np.clip((price - math.log(0.01)) / (math.log(1.0) - math.log(0.01)), 0.0, 1.0)
+        return np.rint((1.0 - t) * (self.nvec - 1)).astype(np.int64), state
+
+
+@pytest.fixture(scope="module")
+def price_setup(fmnist_dir):
+    model = tiny_supernet(depth=4, keep_ratio_choices=(0.25, 0.5, 0.75, 1.0))
+    data = vit.load_dataset("fashion-mnist", split="test", root=fmnist_dir, model=model)
+    loader = list(torch.utils.data.DataLoader(data, batch_size=16))[:2]
+    nvec = (2, 2, 4)
+    return AdaptiveViT(model, PricePolicy(nvec)), loader
+
+
+def test_measure_reports_fractions(price_setup):
+    adaptive, loader = price_setup
+    ratios = []
+    for price in (0.01, 0.05, 1.0):
+        adaptive.price = price
+        result = agents.measure(adaptive, loader)
+        assert set(result) == {"top1", "flops_ratio", "tokens_kept"}
+        assert all(0.0 <= v <= 1.0 for v in result.values()), result
+        ratios.append(result["flops_ratio"])
+    assert ratios[0] == pytest.approx(1.0) and ratios[0] > ratios[1] > ratios[2]
+    tokens = 49
+    for _ in range(3):  # the smallest keep ratio at every decided block
+        tokens = kept_tokens(tokens, 0.25)
+    assert result["tokens_kept"] == pytest.approx(tokens / 49)
+    images, labels = loader[0]
+    top1 = float((adaptive(images)[0].argmax(-1) == labels).float().mean())
+    assert agents.measure(adaptive, loader[:1])["top1"] == pytest.approx(top1)
+    with pytest.raises(ValueError, match="no images"):
+        agents.measure(adaptive, [])
+
+
+@pytest.mark.parametrize("reached_at", [0.03, 0.3])
+def test_calibrate_finds_the_price_of_a_target(price_setup, reached_at):
+    adaptive, loader = price_setup
+    adaptive.price = reached_at
+    target = agents.measure(adaptive, loader)["flops_ratio"]
+    adaptive.price = 0.5
+    price = agents.calibrate(adaptive, loader, target)
+    assert adaptive.price == price and 0.01 <= price <= 1.0
+    assert abs(agents.measure(adaptive, loader)["flops_ratio"] - target) <= 0.02
+
+
+def test_calibrate_rejects_an_impossible_target(price_setup):
+    adaptive, loader = price_setup
+    for target in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="target_flops_ratio"):
+            agents.calibrate(adaptive, loader, target)
+
+
+# --- selector training end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def selector_run(fmnist_dir, tmp_path_factory):
+    """A PPO selector trained by `train_selector` for 352 steps on a randomly initialised prance_fmnist checkpoint,
+    evaluated and saved every 176 steps: (config, model, history)."""
+    root = tmp_path_factory.mktemp("selector")
+    checkpoint = vit.save_checkpoint(vit.create_supernet("prance_fmnist"), root / "supernet.safetensors")
+    cfg = agents.SelectorConfig(
+        checkpoint=str(checkpoint),
+        data_path=str(fmnist_dir),
+        num_envs=16,
+        n_steps=11,
+        batch_size=88,
+        n_epochs=1,
+        hidden=32,
+        total_steps=352,
+        eval_every=176,
+        eval_images=16,
+        save_every=176,
+        out=str(root / "run"),
+        device="cpu",
+    )
+    model, history = agents.train_selector(cfg)
+    return cfg, model, history
+
+
+@pytest.fixture(scope="module")
+def resumed_run(selector_run, tmp_path_factory):
+    """`selector_run` resumed, in a copy of its folder, up to 528 steps: (config, model, history)."""
+    cfg = selector_run[0]
+    out = tmp_path_factory.mktemp("resumed") / "run"
+    shutil.copytree(cfg.out, out)
+    cfg = dataclasses.replace(cfg, out=str(out), resume=True, total_steps=528)
+    model, history = agents.train_selector(cfg)
+    return cfg, model, history
+
+
+def checkpoint_steps(cfg: agents.SelectorConfig) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in (Path(cfg.out) / "checkpoints").glob("selector_*.zip"))
+
+
+def test_train_selector_writes_the_selector_settings_history_and_checkpoints(selector_run):
+    cfg, model, history = selector_run
+    out = Path(cfg.out)
+    assert model.num_timesteps == 352
+    for name in ("selector.zip", "selector.json", "eval_history.json"):
+        assert (out / name).is_file(), name
+    assert checkpoint_steps(cfg) == [176, 352]
+    settings = json.loads((out / "selector.json").read_text())
+    assert settings["algo"] == "ppo" and settings["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert settings["signature"] == supernet_signature(vit.create_supernet("prance_fmnist"))
+    assert json.loads((out / "eval_history.json").read_text()) == history
+    assert {row["steps"] for row in history} == {176, 352}
+    assert {row["price"] for row in history} == set(cfg.eval_prices)
+    for row in history:
+        assert all(0.0 <= row[k] <= 1.0 for k in ("top1", "flops_ratio", "tokens_kept")), row
+
+
+def test_train_selector_history_has_one_row_per_step_count_and_price(selector_run):
+    history = selector_run[2]
+    keys = [(row["steps"], row["price"]) for row in history]
+    assert len(keys) == len(set(keys)), keys
+
+
+def test_newest_checkpoint_is_the_final_selector(selector_run):
+    cfg, model, _ = selector_run
+    out = Path(cfg.out)
+    newest = PPO.load(out / "checkpoints" / "selector_352.zip", device="cpu")
+    final = PPO.load(out / "selector.zip", device="cpu")
+    torch.testing.assert_close(final.policy.state_dict(), model.policy.state_dict(), atol=0, rtol=0)
+    torch.testing.assert_close(newest.policy.state_dict(), final.policy.state_dict(), atol=0, rtol=0)
+
+
+def test_load_adaptive_builds_the_trained_selector(selector_run):
+    cfg, model, _ = selector_run
+    adaptive = agents.load_adaptive(Path(cfg.out) / "selector", price=0.3, device="cpu")
+    assert isinstance(adaptive, AdaptiveViT) and adaptive.price == 0.3
+    expected = vit.create_supernet("prance_fmnist", checkpoint=cfg.checkpoint)
+    torch.testing.assert_close(adaptive.supernet.state_dict(), expected.state_dict(), atol=0, rtol=0)
+    images = torch.randn(4, 1, 28, 28)
+    logits, macs = adaptive(images)
+    assert logits.shape == (4, 10) and torch.all(macs <= adaptive.full_macs)
+    reference, _ = AdaptiveViT(expected, model, price=0.3)(images)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="embed_dim"):
+        agents.load_adaptive(Path(cfg.out) / "selector", supernet=tiny_supernet(), device="cpu")
+
+
+def test_resume_continues_from_the_newest_checkpoint(resumed_run):
+    _, model, history = resumed_run
+    assert model.num_timesteps >= 528
+    assert model._num_timesteps_at_start == 352  # learning started from the 352-step checkpoint, not from scratch
+    assert max(row["steps"] for row in history) == model.num_timesteps
+
+
+def test_resume_keeps_saving_every_save_every_steps(resumed_run):
+    assert checkpoint_steps(resumed_run[0]) == [176, 352, 528]
+
+
+def test_resume_keeps_the_earlier_evaluations(resumed_run):
+    cfg, _, history = resumed_run
+    written = json.loads((Path(cfg.out) / "eval_history.json").read_text())
+    assert {row["steps"] for row in written} == {176, 352, 528}
+
+
+@pytest.mark.parametrize("algo", ["a2c", "maskable_ppo", "recurrent_ppo"])
+def test_train_selector_with_other_algorithms(selector_run, tmp_path, algo):
+    cfg = dataclasses.replace(
+        selector_run[0], algo=algo, total_steps=176, eval_every=10**6, save_every=10**6, out=str(tmp_path)
+    )
+    model, history = agents.train_selector(cfg)
+    assert isinstance(model, agents.algorithm(algo)) and model.num_timesteps >= 176
+    assert [row["steps"] for row in history] == [model.num_timesteps] * len(cfg.eval_prices)
+    adaptive = agents.load_adaptive(tmp_path / "selector", device="cpu")
+    assert isinstance(adaptive.policy, agents.algorithm(algo))
+    logits, _ = adaptive(torch.randn(3, 1, 28, 28))
+    assert logits.shape == (3, 10)
