@@ -1,5 +1,6 @@
 """Shared test helpers: small generated datasets and tiny supernets, so tests never download and stay fast."""
 
+import functools
 import gzip
 import struct
 from pathlib import Path
@@ -47,6 +48,34 @@ def fmnist_dir(tmp_path_factory) -> Path:
 def tiny_supernet(token_mode: str = "merge", seed: int = 0, **kwargs) -> vit.ElasticViT:
     """A two-block, 16-wide Fashion-MNIST-shaped supernet with two choices per field, initialised from `seed`."""
     torch.manual_seed(seed)
-    args = dict(depth=2, embed_dim=16, num_heads=2, head_choices=(1, 2), mlp_hidden_choices=(32, 64),
-                keep_ratio_choices=(0.5, 1.0), token_mode=token_mode)
+    args = dict(
+        depth=2,
+        embed_dim=16,
+        num_heads=2,
+        head_choices=(1, 2),
+        mlp_hidden_choices=(32, 64),
+        keep_ratio_choices=(0.5, 1.0),
+        token_mode=token_mode,
+    )
     return vit.create_supernet("prance_fmnist", **{**args, **kwargs})
+
+
+def shared_supernet(name: str, token_mode: str = "merge") -> vit.ElasticViT:
+    """A randomly initialised eval-mode preset, cached for tests that only read it (copy it to modify it)."""
+    return _build_supernet(name, token_mode)
+
+
+@functools.cache
+def _build_supernet(name: str, token_mode: str) -> vit.ElasticViT:
+    torch.manual_seed(0)
+    return vit.create_supernet(name, token_mode=token_mode).eval()
+
+
+def release_shared_supernets() -> None:
+    """Free the cached presets (DeiT-B is 350 MB)."""
+    _build_supernet.cache_clear()
+
+
+def images(model: vit.ElasticViT, batch: int, seed: int = 0) -> torch.Tensor:
+    """A seeded batch of random images of the model's input size."""
+    return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(seed))

@@ -1,10 +1,10 @@
 """Analytic MACs (`vit.count_flops`) against torch's FlopCounterMode, and the reference sizes of the DeiT presets."""
 
 import dataclasses
-import functools
 
 import pytest
 import torch
+from conftest import images, release_shared_supernets, shared_supernet
 from torch.utils.flop_counter import FlopCounterMode
 
 import vit
@@ -12,26 +12,14 @@ import vit
 LIGHT = ["prance_fmnist", "prance_deit_tiny"]
 
 
-def supernet(name: str, token_mode: str = "merge") -> vit.ElasticViT:
-    """One eval-mode model per (preset, token mode), shared by the tests of this file, which only read it."""
-    return _build_supernet(name, token_mode)
-
-
-@functools.cache
-def _build_supernet(name: str, token_mode: str) -> vit.ElasticViT:
-    torch.manual_seed(0)
-    return vit.create_supernet(name, token_mode=token_mode).eval()
+supernet = shared_supernet
 
 
 @pytest.fixture(scope="module", autouse=True)
 def release_models():
-    """Free the cached models (DeiT-B is 350 MB) when this file's tests are done."""
+    """Free the cached models when this file's tests are done."""
     yield
-    _build_supernet.cache_clear()
-
-
-def images(model: vit.ElasticViT, batch: int) -> torch.Tensor:
-    return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+    release_shared_supernets()
 
 
 def measured_macs(model: vit.ElasticViT, x: torch.Tensor, subnet=None) -> float:
@@ -97,8 +85,8 @@ def test_count_flops_of_per_sample_subnets(token_mode):
 
 
 @pytest.mark.parametrize(
-    "name, low, high", [("prance_deit_tiny", 1.22e9, 1.30e9), ("prance_deit_small", 4.5e9, 4.7e9),
-                        ("prance_deit_base", 17.3e9, 17.9e9)]
+    "name, low, high",
+    [("prance_deit_tiny", 1.22e9, 1.30e9), ("prance_deit_small", 4.5e9, 4.7e9), ("prance_deit_base", 17.3e9, 17.9e9)],
 )
 def test_deit_sizes(name, low, high):
     """DeiT-T/S/B are 1.3 / 4.6 / 17.6 GMACs at 224 px."""

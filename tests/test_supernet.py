@@ -3,7 +3,6 @@ input and configuration errors, checkpoints, and the registry."""
 
 import copy
 import dataclasses
-import functools
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import images, release_shared_supernets, shared_supernet
 from torch.utils.flop_counter import FlopCounterMode
 
 import vit
@@ -26,26 +26,14 @@ TIMM_NAMES = {
 }
 
 
-def supernet(name: str, token_mode: str = "merge") -> vit.ElasticViT:
-    """A randomly initialised eval-mode model, shared by the tests that only read it (copy it to modify it)."""
-    return _build_supernet(name, token_mode)
-
-
-@functools.cache
-def _build_supernet(name: str, token_mode: str) -> vit.ElasticViT:
-    torch.manual_seed(0)
-    return vit.create_supernet(name, token_mode=token_mode).eval()
+supernet = shared_supernet
 
 
 @pytest.fixture(scope="module", autouse=True)
 def release_models():
-    """Free the cached models (DeiT-B is 350 MB) when this file's tests are done."""
+    """Free the cached models when this file's tests are done."""
     yield
-    _build_supernet.cache_clear()
-
-
-def images(model: vit.ElasticViT, batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(seed))
+    release_shared_supernets()
 
 
 @torch.no_grad()

@@ -17,8 +17,17 @@ from vit.train import TrainConfig, lr_at, read_train_checkpoint, sandwich, shift
 
 
 def tiny_config(out: Path, data: Path, **kwargs) -> TrainConfig:
-    args = dict(data_path=str(data), out=str(out), epochs=2, batch_size=16, steps_per_epoch=3, eval_batches=1,
-                num_random=1, device="cpu", warmup_epochs=0.5)
+    args = dict(
+        data_path=str(data),
+        out=str(out),
+        epochs=2,
+        batch_size=16,
+        steps_per_epoch=3,
+        eval_batches=1,
+        num_random=1,
+        device="cpu",
+        warmup_epochs=0.5,
+    )
     return TrainConfig(**{**args, **kwargs})
 
 
@@ -95,8 +104,9 @@ dist.destroy_process_group()
 
 def test_ddp_two_ranks_end_with_identical_weights(tmp_path, fmnist_dir):
     script = tmp_path / "ddp_train.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT).format(
-        tests=str(Path(__file__).parent), data=str(fmnist_dir), out=str(tmp_path)))
+    script.write_text(
+        textwrap.dedent(DDP_SCRIPT).format(tests=str(Path(__file__).parent), data=str(fmnist_dir), out=str(tmp_path))
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -119,9 +129,20 @@ def test_imagenet_path_end_to_end(tmp_path):
     source = timm.create_model("deit_tiny_patch16_224", pretrained=False)
     init_file = tmp_path / "deit_tiny.pth"
     torch.save(source.state_dict(), init_file)
-    cfg = TrainConfig(model="prance_deit_tiny", data="imagenet", data_path=str(root), init=str(init_file),
-                      out=str(tmp_path / "run"), epochs=1, batch_size=2, steps_per_epoch=1, eval_batches=1,
-                      num_random=0, workers=0, device="cpu")
+    cfg = TrainConfig(
+        model="prance_deit_tiny",
+        data="imagenet",
+        data_path=str(root),
+        init=str(init_file),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=2,
+        steps_per_epoch=1,
+        eval_batches=1,
+        num_random=0,
+        workers=0,
+        device="cpu",
+    )
     model = train_supernet(cfg)
     assert (tmp_path / "run" / "supernet.safetensors").is_file()
     # initialised from the file (then rewired and trained one step): the embedding still comes from it
