@@ -282,13 +282,10 @@ class ElasticViT(nn.Module):
         `subnets` gives the configuration of the remaining blocks: one `Subnet` for all samples, one per sample,
         or None for the full width with no token reduction. Only blocks `start:` of each subnet are used.
         """
+        if subnets is None:
+            subnets = self.search_space.largest()
         for i in range(start, self.depth):
-            if subnets is None:
-                configs = self.search_space.largest()[i]
-            elif isinstance(subnets, Subnet):
-                configs = subnets[i]
-            else:
-                configs = [s[i] for s in subnets]
+            configs = subnets[i] if isinstance(subnets, Subnet) else [s[i] for s in subnets]
             tokens = tokens.apply_block(self, i, configs)
         return self.forward_head(self.norm(tokens.cls()))
 
