@@ -24,6 +24,7 @@ class Args:
     num_envs: int = field(default=256, metadata={"help": "sub-envs (images per batch)"})
     supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
     checkpoint: str | None = field(default=None, metadata={"help": "weights file (default: shipped)"})
+    data_path: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder"})
     policy: str = field(default="random", metadata={"help": "random | full (every action at its maximum)"})
     repeats: int = field(default=5, metadata={"help": "timed episodes per measurement (median)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
@@ -39,6 +40,7 @@ def main(args: Args) -> dict[str, float]:
             num_envs=args.num_envs,
             supernet=args.supernet,
             checkpoint=args.checkpoint,
+            data_path=args.data_path,
             device=args.device,
             reward=reward,
             split="test",

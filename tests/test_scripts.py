@@ -1,0 +1,127 @@
+"""Every script runs end to end on a tiny configuration, as a user would start it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, timeout: int = 300) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def fmnist_weights(tmp_path_factory) -> Path:
+    """Random weights of the prance_fmnist preset, standing in for a trained checkpoint."""
+    torch.manual_seed(0)
+    return vit.save_checkpoint(vit.create_supernet("prance_fmnist"), tmp_path_factory.mktemp("w") / "w.safetensors")
+
+
+def test_help_of_every_script():
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        assert "usage:" in run(script.name, "--help"), script.name
+
+
+def test_train_supernet(tmp_path, fmnist_dir):
+    out = run(
+        "train_supernet.py",
+        "--data-path",
+        str(fmnist_dir),
+        "--out",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--steps-per-epoch",
+        "2",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cpu",
+    )
+    assert "epoch 1: Top-1 largest" in out
+    assert (tmp_path / "supernet.safetensors").is_file()
+
+
+def test_eval_supernet(tmp_path, fmnist_dir, fmnist_weights):
+    table = tmp_path / "grid.md"
+    out = run(
+        "eval_supernet.py",
+        "--checkpoint",
+        str(fmnist_weights),
+        "--data-path",
+        str(fmnist_dir),
+        "--batch-size",
+        "16",
+        "--limit",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(table),
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "token mode" not in line]
+    assert len(rows) >= 3 * 12 and {"prune", "merge", "prune_merge"} <= {r.split("|")[1].strip() for r in rows}
+    assert table.read_text().strip() == out.strip()
+
+
+def test_benchmark_supernet():
+    out = run("benchmark_supernet.py", "--batch-size", "8", "--repeats", "1")
+    assert "realised speed-up" in out and "distinct" in out
+
+
+def test_benchmark_env(fmnist_dir, fmnist_weights):
+    out = run(
+        "benchmark_env.py",
+        "--checkpoint",
+        str(fmnist_weights),
+        "--num-envs",
+        "4",
+        "--repeats",
+        "1",
+        "--data-path",
+        str(fmnist_dir),
+    )
+    assert "episode without completion / forward" in out
+
+
+def test_train_selector(tmp_path, fmnist_dir, fmnist_weights):
+    run(
+        "train_selector.py",
+        "--checkpoint",
+        str(fmnist_weights),
+        "--data-path",
+        str(fmnist_dir),
+        "--num-envs",
+        "8",
+        "--n-steps",
+        "11",
+        "--batch-size",
+        "44",
+        "--total-steps",
+        "88",
+        "--eval-images",
+        "8",
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    )
+    assert (tmp_path / "selector.zip").is_file() and (tmp_path / "selector.json").is_file()
