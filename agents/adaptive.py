@@ -81,7 +81,7 @@ class AdaptiveViT(nn.Module):
             actions = ((actions.clamp(-1, 1) + 1) / 2 * (nvec - 1)).round()
         return actions.long(), state
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Logits (B, num_classes) and per-sample MACs (B,) of the adaptive inference of `images`."""
         B = images.shape[0]
@@ -97,7 +97,7 @@ class AdaptiveViT(nn.Module):
             obs = self.inference.observation()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def measure(adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor]], desc: str | None = None) -> dict:
     """Top-1, mean MACs ratio and mean fraction of tokens kept at the end, over (images, labels) batches."""
     correct = seen = 0

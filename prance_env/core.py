@@ -114,7 +114,7 @@ class BatchedInference:
         """The first block the next action decides."""
         return self.config.stem_blocks + self.step_index * self.config.blocks_per_step
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def reset(self, images: Tensor, labels: Tensor | None = None, price: Tensor | None = None) -> dict[str, Tensor]:
         """Start one episode per image: embed, run the stem, score the full model. Returns the first observation.
 
@@ -194,7 +194,7 @@ class BatchedInference:
             out.append(table[row])
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def advance(self, actions: Tensor | Sequence) -> bool:
         """Run the next `blocks_per_step` blocks at the decoded configurations, with no reward; True at the end.
 
@@ -220,13 +220,14 @@ class BatchedInference:
             self.macs += head_macs(self.model)
         return done
 
+    @torch.inference_mode()
     def logits(self) -> Tensor:
         """Class logits (B, num_classes) of the finished episodes."""
         if self.step_index != self.num_steps:
             raise RuntimeError("logits() needs finished episodes")
         return self.model.forward_tokens(self.tokens, self.model.depth)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, actions: Tensor | Sequence) -> tuple[dict[str, Tensor], Tensor, bool, dict]:
         """Run the next `blocks_per_step` blocks at the decoded configurations and pay the reward.
 

@@ -142,7 +142,7 @@ def action_indices(inference: BatchedInference, actions: np.ndarray, action_type
         if np.any(np.abs(actions) > 1.0):
             raise ValueError(f"continuous actions must lie in [-1, 1], got {actions.min()}..{actions.max()}")
         actions = np.rint((actions + 1.0) / 2.0 * (np.array(inference.nvec) - 1))
-    return torch.as_tensor(actions)
+    return torch.tensor(actions)  # a copy: the caller's array may be read-only or reused
 
 
 def to_numpy(obs: Mapping[str, Tensor]) -> dict[str, np.ndarray]:

@@ -32,10 +32,8 @@ class Args:
 
 
 def main(args: Args) -> dict[str, float]:
-    results = {}
-    subnets = images = None
-    for reward in ("terminal", "delta"):
-        envs = gymnasium.make_vec(
+    envs = {
+        reward: gymnasium.make_vec(
             "PranceViT-v0",
             num_envs=args.num_envs,
             supernet=args.supernet,
@@ -45,35 +43,47 @@ def main(args: Args) -> dict[str, float]:
             reward=reward,
             split="test",
         )
-        rng = np.random.default_rng(args.seed)
-        nvec = envs.single_action_space.nvec
-        plan = [rng.integers(0, nvec, (args.num_envs, len(nvec))) for _ in range(envs.inference.num_steps)]
-        if args.policy == "full":
-            plan = [np.broadcast_to(nvec - 1, p.shape) for p in plan]
+        for reward in ("terminal", "delta")
+    }
+    some = envs["terminal"]
+    rng = np.random.default_rng(args.seed)
+    nvec = some.single_action_space.nvec
+    plan = [rng.integers(0, nvec, (args.num_envs, len(nvec))) for _ in range(some.inference.num_steps)]
+    if args.policy == "full":
+        plan = [np.broadcast_to(nvec - 1, p.shape) for p in plan]
 
-        def episode(envs=envs, plan=plan):
-            envs.reset(options={"indices": np.arange(args.num_envs)})
-            for actions in plan:
-                _, _, _, _, info = envs.step(actions)
-            return info
+    def episode(env) -> dict:
+        env.reset(options={"indices": np.arange(args.num_envs)})
+        for actions in plan:
+            _, _, _, _, info = env.step(actions)
+        return info
 
-        info = episode()
-        seconds = seconds_per_call(episode, args.repeats, warmup=0, device=envs.model.pos_embed.device)
-        results[reward] = seconds
-        steps = len(plan) * args.num_envs
-        print(
-            f"{reward:>8}: {seconds * 1e3:.0f} ms an episode of {args.num_envs} images, "
-            f"{steps / seconds:.0f} env steps/s"
-        )
-        subnets, model = list(info["subnet"]), envs.model
-        images = envs.source.get(np.arange(args.num_envs))[0]
-    with torch.inference_mode():
-        plain = seconds_per_call(lambda: model(images, subnets), args.repeats, device=images.device)
-    results["forward"] = plain
-    print(f"{'forward':>8}: {plain * 1e3:.0f} ms for the same subnets (bucketed forward pass)")
-    print(f"\nepisode without completion / forward: {results['terminal'] / plain:.2f} (target <= 1.15)")
-    print(f"episode with Result-to-Go completion / forward: {results['delta'] / plain:.2f}")
-    return results
+    subnets = list(episode(some)["subnet"])
+    images = some.source.get(np.arange(args.num_envs))[0]
+    device = images.device
+
+    def forward():
+        with torch.inference_mode():
+            some.model(images, subnets)
+
+    calls = {"terminal": lambda: episode(envs["terminal"]), "delta": lambda: episode(envs["delta"]), "forward": forward}
+    for call in calls.values():  # warm-up
+        call()
+    # interleaved rounds: this machine's speed drifts by tens of percent, so ratios are taken within a round
+    rounds = [
+        {k: seconds_per_call(call, repeats=1, warmup=0, device=device) for k, call in calls.items()}
+        for _ in range(args.repeats)
+    ]
+    median = {k: float(np.median([r[k] for r in rounds])) for k in calls}
+    steps = len(plan) * args.num_envs
+    print(f"{args.num_envs} sub-envs, {args.policy} actions, {args.repeats} interleaved rounds (medians)")
+    for k in ("terminal", "delta"):
+        print(f"{k:>8}: {median[k] * 1e3:.0f} ms an episode, {steps / median[k]:.0f} env steps/s")
+    print(f"{'forward':>8}: {median['forward'] * 1e3:.0f} ms for the same subnets (bucketed forward pass)")
+    ratios = {k: float(np.median([r[k] / r["forward"] for r in rounds])) for k in ("terminal", "delta")}
+    print(f"\nepisode without completion / forward: {ratios['terminal']:.2f} (target <= 1.15)")
+    print(f"episode with Result-to-Go completion / forward: {ratios['delta']:.2f}")
+    return ratios
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ class TokenBatch:
             batch_size = x.shape[0]
         self.buckets: list[Bucket] = list(buckets or [])
         self.batch_size = batch_size
+        self._order: Tensor | None = None
+        self._num_patches: Tensor | None = None
 
     def apply_block(self, model: ElasticViT, i: int, configs: BlockConfig | Sequence[BlockConfig]) -> TokenBatch:
         """Run block `i` of `model`, at one `BlockConfig` for all samples or one per sample (batch order)."""
@@ -95,19 +97,25 @@ class TokenBatch:
 
     def gather(self, fn) -> Tensor:
         """Stack `fn(bucket)` (a (b, ...) tensor per bucket) back into batch order: (B, ...)."""
-        values = [fn(b) for b in self.buckets]
-        out = values[0].new_empty((self.batch_size, *values[0].shape[1:]))
-        for bucket, value in zip(self.buckets, values):
-            out[bucket.index] = value
+        values = torch.cat([fn(b) for b in self.buckets])
+        out = values.new_empty((self.batch_size, *values.shape[1:]))
+        out[self._index()] = values
         return out
+
+    def _index(self) -> Tensor:
+        if self._order is None:
+            self._order = torch.cat([b.index for b in self.buckets])
+        return self._order
 
     def cls(self) -> Tensor:
         """The CLS token of every sample, in batch order: (B, C)."""
         return self.gather(lambda b: b.x[:, 0])
 
     def num_patches(self) -> Tensor:
-        """Patch tokens alive per sample, in batch order: (B,) int64."""
-        return self.gather(lambda b: torch.full_like(b.index, b.num_patches))
+        """Patch tokens alive per sample, in batch order: (B,) int64 (computed once per batch)."""
+        if self._num_patches is None:
+            self._num_patches = self.gather(lambda b: torch.full_like(b.index, b.num_patches))
+        return self._num_patches
 
 
 __all__ = ["Bucket", "TokenBatch"]
