@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -31,6 +32,7 @@ class AdaptiveViT(nn.Module):
         policy: anything with stable-baselines3's `predict(obs, state, episode_start, deterministic)`; an SB3 model
             is called directly on tensors, on the supernet's device.
         price: the compute price λ the policy sees (set by `calibrate` for a MACs budget).
+        price_range: the prices the policy was trained on; `calibrate` searches inside it.
         stem_blocks, blocks_per_step: as the env the policy was trained on.
         execution: `bucketed` or `consensus`.
     """
@@ -40,6 +42,7 @@ class AdaptiveViT(nn.Module):
         supernet: ElasticViT,
         policy,
         price: float = 0.1,
+        price_range: tuple[float, float] = (0.01, 1.0),
         stem_blocks: int = 1,
         blocks_per_step: int = 1,
         execution: str = "bucketed",
@@ -50,6 +53,9 @@ class AdaptiveViT(nn.Module):
         self.supernet = supernet
         self.policy = policy
         self.price = price
+        if not 0 < price_range[0] <= price_range[1]:
+            raise ValueError(f"price_range must be (low, high) with 0 < low <= high, got {tuple(price_range)}")
+        self.price_range = (float(price_range[0]), float(price_range[1]))
         self.execution = execution
         self.inference = BatchedInference(
             supernet, MDPConfig(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step, reward="terminal")
@@ -98,10 +104,16 @@ class AdaptiveViT(nn.Module):
 
 
 @torch.inference_mode()
-def measure(adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor]], desc: str | None = None) -> dict:
-    """Top-1, mean MACs ratio and mean fraction of tokens kept at the end, over (images, labels) batches."""
+def measure(
+    adaptive: AdaptiveViT,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    desc: str | None = None,
+    logprob_floor: float = -5.0,
+) -> dict:
+    """Over (images, labels) batches: Top-1, mean MACs ratio, mean fraction of tokens kept at the end, and mean
+    log-probability of the true class clipped at `logprob_floor` (the env's `logprob` quality)."""
     correct = seen = 0
-    macs = tokens = 0.0
+    macs = tokens = logprob = 0.0
     device = adaptive.supernet.pos_embed.device
     for images, labels in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         images, labels = images.to(device), labels.to(device)
@@ -110,47 +122,66 @@ def measure(adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor]], des
         seen += len(labels)
         macs += float(sample_macs.sum())
         tokens += float(adaptive.inference.tokens.num_patches().sum()) / adaptive.supernet.num_patches
+        true_class = logits.float().log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+        logprob += float(true_class.clamp_min(logprob_floor).sum())
     if not seen:
         raise ValueError("no images to measure")
-    return {"top1": correct / seen, "flops_ratio": macs / seen / adaptive.full_macs, "tokens_kept": tokens / seen}
+    return {
+        "top1": correct / seen,
+        "flops_ratio": macs / seen / adaptive.full_macs,
+        "tokens_kept": tokens / seen,
+        "logprob": logprob / seen,
+    }
 
 
 def calibrate(
     adaptive: AdaptiveViT,
     loader: Iterable[tuple[Tensor, Tensor]],
     target_flops_ratio: float,
-    price_range: tuple[float, float] = (0.01, 1.0),
+    price_range: tuple[float, float] | None = None,
     tolerance: float = 0.005,
     max_iter: int = 14,
 ) -> float:
     """The price at which `adaptive` spends `target_flops_ratio` of the full model's MACs on `loader`, on average.
 
-    Bisection on log(price) inside `price_range` (the range the selector was trained on); the mean MACs ratio
-    falls as the price rises. Sets `adaptive.price` and returns it; the endpoint nearest the target when the
-    target is out of reach.
+    Bisection on log(price) inside `price_range` (default: `adaptive.price_range`, the range the selector was
+    trained on); the mean MACs ratio falls as the price rises. Sets `adaptive.price` and returns it. When the
+    target is out of reach inside the range, it returns the endpoint nearest the target and warns.
     """
     if not 0.0 < target_flops_ratio <= 1.0:
         raise ValueError(f"target_flops_ratio must lie in (0, 1], got {target_flops_ratio}")
     batches = list(loader)
+    price_range = adaptive.price_range if price_range is None else price_range
+    seen: dict[float, float] = {}
 
     def ratio_at(price: float) -> float:
         adaptive.price = price
-        return measure(adaptive, batches)["flops_ratio"]
+        seen[price] = measure(adaptive, batches)["flops_ratio"]
+        return seen[price]
 
+    def done() -> float:
+        price = min(seen, key=lambda p: abs(seen[p] - target_flops_ratio))
+        adaptive.price = price
+        return price
+
+    cheapest, dearest = ratio_at(price_range[1]), ratio_at(price_range[0])
+    if not cheapest - tolerance <= target_flops_ratio <= dearest + tolerance:
+        warnings.warn(
+            f"a mean MACs ratio of {target_flops_ratio:.3f} is out of reach for prices in {tuple(price_range)}: "
+            f"the selector spends {cheapest:.3f} to {dearest:.3f}; using the nearest endpoint",
+            stacklevel=2,
+        )
+        return done()
     low, high = math.log(price_range[0]), math.log(price_range[1])
-    best = (math.inf, price_range[0])
     for _ in tqdm(range(max_iter), desc=f"calibrating to {target_flops_ratio:.2f}", leave=False):
-        mid = 0.5 * (low + high)
-        ratio = ratio_at(math.exp(mid))
-        best = min(best, (abs(ratio - target_flops_ratio), math.exp(mid)))
-        if abs(ratio - target_flops_ratio) <= tolerance:
+        if min(abs(r - target_flops_ratio) for r in seen.values()) <= tolerance:
             break
-        if ratio > target_flops_ratio:
+        mid = 0.5 * (low + high)
+        if ratio_at(math.exp(mid)) > target_flops_ratio:
             low = mid
         else:
             high = mid
-    adaptive.price = best[1]
-    return best[1]
+    return done()
 
 
 __all__ = ["AdaptiveViT", "calibrate", "measure"]

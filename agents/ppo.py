@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 import prance_env
 import vit
-from vit.train import Batches
+from vit.train import first_batches
 from vit.utils import resolve_device
 
 from .adaptive import AdaptiveViT, measure
@@ -40,7 +40,7 @@ class SelectorConfig:
     data_path: str | None = field(default=None, metadata={"help": "dataset folder"})
     eval_split: str = field(default="test", metadata={"help": "held-out split for evaluation"})
     algo: str = field(default="ppo", metadata={"help": "ppo | a2c | maskable_ppo | recurrent_ppo"})
-    total_steps: int = field(default=600_000, metadata={"help": "environment steps (images x blocks)"})
+    total_steps: int = field(default=800_000, metadata={"help": "environment steps (images x blocks)"})
     num_envs: int = field(default=256, metadata={"help": "images per batch (sub-envs)"})
     n_steps: int = field(default=22, metadata={"help": "rollout length per sub-env (two episodes by default)"})
     batch_size: int = field(default=1408, metadata={"help": "PPO minibatch"})
@@ -51,12 +51,12 @@ class SelectorConfig:
     ent_coef: float = field(default=0.005, metadata={"help": "entropy bonus"})
     reward: str = field(default="delta", metadata={"help": "delta | direct | terminal"})
     quality: str = field(default="logprob", metadata={"help": "correct | logprob | agree"})
-    price_low: float = field(default=0.01, metadata={"help": "lowest compute price of the log-uniform range"})
-    price_high: float = field(default=1.0, metadata={"help": "highest compute price"})
+    price_low: float = field(default=3e-4, metadata={"help": "lowest compute price of the log-uniform range"})
+    price_high: float = field(default=0.3, metadata={"help": "highest compute price"})
     stem_blocks: int = field(default=1, metadata={"help": "full-width blocks before the first decision"})
     blocks_per_step: int = field(default=1, metadata={"help": "blocks per decision"})
     hidden: int = field(default=128, metadata={"help": "width of the CLS extractor's MLP"})
-    eval_prices: tuple[float, ...] = field(default=(0.03, 0.1, 0.3), metadata={"help": "prices evaluated"})
+    eval_prices: tuple[float, ...] = field(default=(0.001, 0.003, 0.01, 0.03), metadata={"help": "prices evaluated"})
     eval_images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
     eval_every: int = field(default=100_000, metadata={"help": "environment steps between evaluations"})
     save_every: int = field(default=100_000, metadata={"help": "environment steps between checkpoints"})
@@ -111,7 +111,11 @@ class SelectorEval(BaseCallback):
     def evaluate(self) -> list[dict]:
         """One evaluation at every price, logged to TensorBoard and kept in `history`."""
         adaptive = AdaptiveViT(
-            self.supernet, self.model, stem_blocks=self.cfg.stem_blocks, blocks_per_step=self.cfg.blocks_per_step
+            self.supernet,
+            self.model,
+            price_range=(self.cfg.price_low, self.cfg.price_high),
+            stem_blocks=self.cfg.stem_blocks,
+            blocks_per_step=self.cfg.blocks_per_step,
         )
         rows = []
         for price in self.prices:
@@ -186,8 +190,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def held_out_batches(cfg: SelectorConfig, model: vit.ElasticViT, images: int, device: torch.device) -> list:
     """The first `images` images of the evaluation split, in batches of `num_envs`."""
     data = vit.load_dataset(cfg.data, split=cfg.eval_split, root=cfg.data_path, model=model)
-    batches = Batches(data, cfg.num_envs, device, rank=0, world=1, workers=0, seed=0)
-    return list(batches.epoch(0, shuffle=False, limit=max(1, -(-images // cfg.num_envs))))
+    return first_batches(data, images, cfg.num_envs, device)
 
 
 def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:

@@ -119,6 +119,7 @@ def load_adaptive(
         supernet,
         model,
         price=settings.get("price", 0.1) if price is None else price,
+        price_range=tuple(env["price_range"]),
         stem_blocks=env["stem_blocks"],
         blocks_per_step=env["blocks_per_step"],
         execution=execution,

@@ -438,8 +438,9 @@ def test_measure_reports_fractions(price_setup):
     for price in (0.01, 0.05, 1.0):
         adaptive.price = price
         result = agents.measure(adaptive, loader)
-        assert set(result) == {"top1", "flops_ratio", "tokens_kept"}
-        assert all(0.0 <= v <= 1.0 for v in result.values()), result
+        assert set(result) == {"top1", "flops_ratio", "tokens_kept", "logprob"}
+        assert all(0.0 <= result[k] <= 1.0 for k in ("top1", "flops_ratio", "tokens_kept")), result
+        assert -5.0 <= result["logprob"] <= 0.0
         ratios.append(result["flops_ratio"])
     assert ratios[0] == pytest.approx(1.0) and ratios[0] > ratios[1] > ratios[2]
     tokens = 49
@@ -448,7 +449,9 @@ def test_measure_reports_fractions(price_setup):
     assert result["tokens_kept"] == pytest.approx(tokens / 49)
     images, labels = loader[0]
     top1 = float((adaptive(images)[0].argmax(-1) == labels).float().mean())
-    assert agents.measure(adaptive, loader[:1])["top1"] == pytest.approx(top1)
+    logprob = adaptive(images)[0].log_softmax(-1).gather(1, labels[:, None]).clamp_min(-5.0).mean()
+    first = agents.measure(adaptive, loader[:1])
+    assert first["top1"] == pytest.approx(top1) and first["logprob"] == pytest.approx(float(logprob), abs=1e-5)
     with pytest.raises(ValueError, match="no images"):
         agents.measure(adaptive, [])
 
@@ -590,3 +593,14 @@ def test_train_selector_with_other_algorithms(selector_run, tmp_path, algo):
     assert isinstance(adaptive.policy, agents.algorithm(algo))
     logits, _ = adaptive(torch.randn(3, 1, 28, 28))
     assert logits.shape == (3, 10)
+
+
+def test_calibrate_warns_and_takes_the_nearest_endpoint_out_of_reach(price_setup):
+    adaptive, loader = price_setup
+    adaptive.price = 1.0
+    cheapest = agents.measure(adaptive, loader)["flops_ratio"]
+    with pytest.warns(UserWarning, match="out of reach"):
+        price = agents.calibrate(adaptive, loader, cheapest / 2)
+    assert price == adaptive.price == 1.0
+    with pytest.warns(UserWarning, match="out of reach"):
+        assert agents.calibrate(adaptive, loader, 0.01, price_range=(0.01, 0.1)) == 0.1

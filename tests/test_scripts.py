@@ -102,26 +102,109 @@ def test_benchmark_env(fmnist_dir, fmnist_weights):
     assert "episode without completion / forward" in out
 
 
-def test_train_selector(tmp_path, fmnist_dir, fmnist_weights):
+@pytest.fixture(scope="module")
+def selector(tmp_path_factory, fmnist_dir, fmnist_weights) -> Path:
+    """A selector trained by `scripts/train_selector.py` for 88 steps: its folder."""
+    out = tmp_path_factory.mktemp("selector")
     run(
         "train_selector.py",
+        *TINY_PPO,
         "--checkpoint",
         str(fmnist_weights),
         "--data-path",
         str(fmnist_dir),
+        "--total-steps",
+        "88",
+        "--out",
+        str(out),
+    )
+    return out
+
+
+TINY_PPO = ("--num-envs", "8", "--n-steps", "11", "--batch-size", "44", "--eval-images", "8", "--device", "cpu")
+
+
+def test_train_selector(selector):
+    assert (selector / "selector.zip").is_file() and (selector / "selector.json").is_file()
+    assert (selector / "eval_history.json").is_file()
+
+
+def test_evaluate(tmp_path, fmnist_dir, selector):
+    out = run(
+        "evaluate.py",
+        "--selector",
+        str(selector / "selector"),
+        "--data-path",
+        str(fmnist_dir),
+        "--budgets",
+        "0.4",
+        "0.8",
+        "--images",
+        "40",
+        "--calib-images",
+        "16",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
+    methods = [r.split("|")[1].strip() for r in rows]
+    assert methods[0] == "full model" and methods.count("PRANCE selector") == 2 and methods[-1] == "random decisions"
+    assert "best static subnet at matched MACs" in methods and "uniform merging at matched MACs" in methods
+    assert "40 images" in out
+    assert (tmp_path / "results.md").read_text().strip() in out
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000 and (tmp_path / "results.json").is_file()
+
+
+def test_benchmark(tmp_path, fmnist_dir, selector):
+    out = run(
+        "benchmark.py",
+        "--selector",
+        str(selector / "selector"),
+        "--data-path",
+        str(fmnist_dir),
+        "--batch-size",
+        "16",
+        "--calib-images",
+        "16",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path / "b.md"),
+    )
+    assert "AdaptiveViT, bucketed" in out and "AdaptiveViT, consensus" in out and "deciding" in out
+    assert (tmp_path / "b.md").is_file()
+
+
+def test_ablate_rtg(tmp_path, fmnist_dir, fmnist_weights):
+    out = run(
+        "ablate_rtg.py",
+        "--checkpoint",
+        str(fmnist_weights),
+        "--data-path",
+        str(fmnist_dir),
+        "--steps",
+        "176",
+        "--every",
+        "88",
         "--num-envs",
         "8",
         "--n-steps",
         "11",
         "--batch-size",
         "44",
-        "--total-steps",
-        "88",
         "--eval-images",
-        "8",
-        "--out",
-        str(tmp_path),
+        "16",
+        "--calib-images",
+        "16",
         "--device",
         "cpu",
+        "--out",
+        str(tmp_path),
     )
-    assert (tmp_path / "selector.zip").is_file() and (tmp_path / "selector.json").is_file()
+    table = [line for line in out.splitlines() if line.startswith("| ") and "steps" not in line]
+    assert len(table) >= 2 and all(line.count("/") == 3 for line in table)
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000

@@ -159,6 +159,20 @@ class Batches:
         yield from loader
 
 
+def first_batches(dataset, count: int | None, batch_size: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """The first `count` samples of `dataset` (all when None), in order, as batches of `batch_size` on `device`."""
+    if count is not None and count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    batches = Batches(dataset, batch_size, device, rank=0, world=1, workers=0, seed=0)
+    out = list(batches.epoch(0, shuffle=False, limit=None if count is None else -(-count // batch_size)))
+    seen = sum(len(y) for _, y in out)
+    if count is not None and count < seen:  # trim the last batch
+        x, y = out[-1]
+        keep = len(y) - (seen - count)
+        out[-1] = (x[:keep], y[:keep])
+    return out
+
+
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """Rank, world size and device; initialises the process group when started by torchrun with several ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

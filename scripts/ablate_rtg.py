@@ -1,0 +1,197 @@
+"""Result-to-Go ablation: learning curves of PPO selectors trained with `delta`, `direct` and `terminal` rewards.
+
+Every reward mode trains for the same steps with the same seeds and the same settings otherwise; a checkpoint is
+kept every `every` steps. Each checkpoint is then scored on held-out test images by two measures that mean the
+same whatever the reward it was trained with:
+
+- held-out return: the final result the selector reaches at a fixed price, q - price * MACs ratio, with q the
+  training quality (mean clipped log-probability of the true class for `logprob`, Top-1 for `correct`);
+- Top-1 at a fixed budget: the price calibrated (on training images) to a mean MACs ratio of `budget`.
+
+It writes `OUT/ablation.json`, `OUT/ablation.md` (a table of the curves) and `OUT/ablation.png`.
+
+    python scripts/ablate_rtg.py                       # 3 modes x 300k steps x seed 0 on prance_fmnist
+    python scripts/ablate_rtg.py --seeds 0 1 2 --steps 200000
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import agents
+import vit
+from agents.ppo import SelectorConfig, train_selector
+from agents.selector import algorithm
+from vit.train import first_batches
+from vit.utils import parse_dataclass, resolve_device
+
+
+@dataclass
+class Args:
+    """Learning curves of delta, direct and terminal rewards."""
+
+    rewards: tuple[str, ...] = field(default=("delta", "direct", "terminal"), metadata={"help": "reward modes"})
+    steps: int = field(default=300_000, metadata={"help": "environment steps per run"})
+    every: int = field(default=50_000, metadata={"help": "steps between scored checkpoints"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (every mode runs every seed)"})
+    price: float = field(default=0.01, metadata={"help": "fixed price of the held-out return"})
+    budget: float = field(default=0.5, metadata={"help": "MACs ratio of the Top-1 curve"})
+    eval_images: int = field(default=1000, metadata={"help": "held-out test images per score"})
+    calib_images: int = field(default=512, metadata={"help": "training images used to calibrate the budget"})
+    num_envs: int = field(default=256, metadata={"help": "sub-envs"})
+    n_steps: int = field(default=22, metadata={"help": "rollout length per sub-env"})
+    batch_size: int = field(default=1408, metadata={"help": "PPO minibatch"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
+    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights (default: shipped)"})
+    data_path: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    out: str = field(default="runs/ablate_rtg", metadata={"help": "output folder"})
+    resume: bool = field(default=False, metadata={"help": "reuse finished runs and resume unfinished ones"})
+
+
+def run_config(args: Args, reward: str, seed: int) -> SelectorConfig:
+    return SelectorConfig(
+        supernet=args.supernet,
+        checkpoint=args.checkpoint,
+        data_path=args.data_path,
+        reward=reward,
+        total_steps=args.steps,
+        num_envs=args.num_envs,
+        n_steps=args.n_steps,
+        batch_size=args.batch_size,
+        eval_prices=(args.price,),
+        eval_images=min(args.eval_images, 512),
+        eval_every=10 * args.steps,  # scored from the checkpoints afterwards
+        save_every=args.every,
+        out=str(Path(args.out) / f"{reward}_seed{seed}"),
+        resume=args.resume,
+        seed=seed,
+        device=args.device,
+    )
+
+
+def score(cfg: SelectorConfig, checkpoint: Path, adaptive: agents.AdaptiveViT, test, calibration, args) -> dict:
+    """Held-out return at the fixed price and Top-1 at the calibrated budget of one checkpoint."""
+    adaptive.policy = algorithm(cfg.algo).load(checkpoint, device=adaptive.supernet.pos_embed.device)
+    adaptive.policy.policy.set_training_mode(False)
+    adaptive.price = args.price
+    fixed = agents.measure(adaptive, test)
+    quality = fixed["logprob"] if cfg.quality == "logprob" else fixed["top1"]
+    with warnings.catch_warnings():  # early checkpoints may not reach the budget: the MACs ratio column says so
+        warnings.simplefilter("ignore")
+        price = agents.calibrate(adaptive, calibration, args.budget, tolerance=0.01, max_iter=6)
+    budget = agents.measure(adaptive, test)
+    return {
+        "return": quality - args.price * fixed["flops_ratio"],
+        "flops_ratio_at_price": fixed["flops_ratio"],
+        "top1_at_budget": budget["top1"],
+        "flops_ratio_at_budget": budget["flops_ratio"],
+        "budget_price": price,
+    }
+
+
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in folder.glob("selector_*.zip"):
+        steps = path.stem.split("_")[-1]
+        if steps.isdigit():
+            found.append((int(steps), path))
+    return sorted(found)
+
+
+def plot(curves: dict, args: Args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (
+        ("return", f"held-out return at price {args.price:g}"),
+        ("top1_at_budget", f"Top-1 (%) at MACs ratio {args.budget:g}"),
+    )
+    for ax, (key, title) in zip(axes, panels):
+        for reward, rows in curves.items():
+            steps = sorted({r["steps"] for r in rows})
+            values = np.array([[r[key] for r in rows if r["steps"] == s] for s in steps], dtype=float)
+            scale = 100 if key == "top1_at_budget" else 1
+            mean = values.mean(1) * scale
+            line = ax.plot(steps, mean, "o-", label=reward)[0]
+            if values.shape[1] > 1:
+                ax.fill_between(steps, values.min(1) * scale, values.max(1) * scale, alpha=0.2, color=line.get_color())
+        ax.set_title(title)
+        ax.set_xlabel("environment steps")
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="reward")
+    seeds = ", ".join(map(str, args.seeds))
+    fig.suptitle(f"Result-to-Go ablation ({args.supernet}, seeds {seeds})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main(args: Args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    curves: dict[str, list[dict]] = {}
+    runs = [(reward, seed) for seed in args.seeds for reward in args.rewards]
+    for reward, seed in tqdm(runs, desc="ablation runs"):
+        cfg = run_config(args, reward, seed)
+        if not (args.resume and (Path(cfg.out) / "selector.zip").is_file()):
+            tqdm.write(f"training {reward}, seed {seed}")
+            train_selector(cfg)
+        adaptive = agents.load_adaptive(Path(cfg.out) / "selector", device=str(device))
+        model = adaptive.supernet
+        test = first_batches(
+            vit.load_dataset("fashion-mnist", split="test", root=args.data_path, model=model),
+            args.eval_images,
+            args.num_envs,
+            device,
+        )
+        calibration = first_batches(
+            vit.load_dataset("fashion-mnist", split="train", root=args.data_path, model=model),
+            args.calib_images,
+            args.num_envs,
+            device,
+        )
+        for steps, path in tqdm(checkpoints(Path(cfg.out) / "checkpoints"), desc=f"scoring {reward}", leave=False):
+            scores = score(cfg, path, adaptive, test, calibration, args)
+            curves.setdefault(reward, []).append({"reward": reward, "seed": seed, "steps": steps, **scores})
+
+    lines = [
+        f"Held-out return at price {args.price:g} / Top-1 (%) at MACs ratio {args.budget:g}, "
+        f"{args.eval_images} test images, mean over seeds {', '.join(map(str, args.seeds))}",
+        "",
+        "| steps | " + " | ".join(args.rewards) + " |",
+        "|---|" + "---|" * len(args.rewards),
+    ]
+    all_steps = sorted({r["steps"] for rows in curves.values() for r in rows})
+    for steps in all_steps:
+        cells = []
+        for reward in args.rewards:
+            rows = [r for r in curves.get(reward, []) if r["steps"] == steps]
+            if rows:
+                ret = np.mean([r["return"] for r in rows])
+                top1 = np.mean([r["top1_at_budget"] for r in rows]) * 100
+                cells.append(f"{ret:.4f} / {top1:.2f}")
+            else:
+                cells.append("")
+        lines.append(f"| {steps} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    (out / "ablation.md").write_text(text + "\n")
+    (out / "ablation.json").write_text(json.dumps({"args": vars(args), "curves": curves}, indent=2, default=list))
+    plot(curves, args, out / "ablation.png")
+    print(text)
+    print(f"\nwrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'}")
+    return curves
+
+
+if __name__ == "__main__":
+    main(parse_dataclass(Args))

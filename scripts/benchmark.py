@@ -1,0 +1,152 @@
+"""Real speed of the adaptive model: `AdaptiveViT` against the full model and the static subnet of equal MACs.
+
+The selector is calibrated to a MACs budget on training images, then one batch of test images goes through, in
+interleaved rounds (this machine's speed drifts, so every ratio is a median of per-round ratios):
+
+- the full model and the static grid subnet nearest to the selector's measured MACs ratio (plain forwards);
+- `AdaptiveViT` with per-sample decisions executed by bucketing, and with `consensus` execution (one median
+  choice per step for the whole batch).
+
+It reports images/s, the realised speed-up next to the MACs ratio, and the share of the adaptive forward spent
+deciding (the selector's forward passes, observation to action).
+
+    python scripts/benchmark.py                         # runs/selector/selector, budget 0.5, batch 256, CPU
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import agents
+import vit
+from vit.train import first_batches
+from vit.utils import parse_dataclass, resolve_device
+
+
+@dataclass
+class Args:
+    """Throughput of AdaptiveViT against the full model and a static subnet of equal MACs."""
+
+    selector: str = field(default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + .json)"})
+    budget: float = field(default=0.5, metadata={"help": "mean MACs ratio the selector is calibrated to"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward"})
+    calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
+    rounds: int = field(default=9, metadata={"help": "interleaved timing rounds (medians are reported)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    data_path: str | None = field(default=None, metadata={"help": "dataset folder"})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
+    out: str | None = field(default="runs/benchmark.md", metadata={"help": "also write the report here"})
+
+
+class DecisionTimer:
+    """Wraps `adaptive.decide` to add up the seconds spent deciding (CUDA synchronised)."""
+
+    def __init__(self, adaptive: agents.AdaptiveViT, device: torch.device) -> None:
+        self.decide, self.device, self.seconds = adaptive.decide, device, 0.0
+        adaptive.decide = self
+
+    def __call__(self, *args, **kwargs):
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.decide(*args, **kwargs)
+        sync(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(args: Args) -> dict[str, float]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    bucketed = agents.load_adaptive(args.selector, device=str(device))
+    model = bucketed.supernet
+    train = vit.load_dataset("fashion-mnist", split="train", root=args.data_path, model=model)
+    calibration = first_batches(train, args.calib_images, args.batch_size, device)
+    price = agents.calibrate(bucketed, calibration, args.budget)
+    consensus = agents.AdaptiveViT(
+        model,
+        bucketed.policy,
+        price=price,
+        price_range=bucketed.price_range,
+        stem_blocks=bucketed.inference.config.stem_blocks,
+        blocks_per_step=bucketed.inference.config.blocks_per_step,
+        execution="consensus",
+    )
+    test = vit.load_dataset("fashion-mnist", split="test", root=args.data_path, model=model)
+    images = first_batches(test, args.batch_size, args.batch_size, device)[0][0]
+    full_macs = vit.count_flops(model)
+    ratio = {
+        name: float(a(images)[1].mean()) / full_macs for name, a in (("bucketed", bucketed), ("consensus", consensus))
+    }
+    grid = model.search_space.static_grid(tied=True)
+    static = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full_macs - ratio["bucketed"]))
+    ratio |= {"full": 1.0, "static": vit.count_flops(model, static) / full_macs}
+    runs = {
+        "full": lambda: model(images),
+        "static": lambda: model(images, static),
+        "bucketed": lambda: bucketed(images),
+        "consensus": lambda: consensus(images),
+    }
+    timer = DecisionTimer(bucketed, device)
+    for fn in runs.values():  # warm-up
+        timed(fn, device)
+    rounds, deciding = [], []
+    for _ in range(args.rounds):
+        row = {}
+        for name, fn in runs.items():
+            before = timer.seconds
+            row[name] = timed(fn, device)
+            if name == "bucketed":
+                deciding.append((timer.seconds - before) / row[name])
+        rounds.append(row)
+    seconds = {name: float(np.median([r[name] for r in rounds])) for name in runs}
+    speedup = {name: float(np.median([r["full"] / r[name] for r in rounds])) for name in runs}
+    names = {
+        "full": "full model",
+        "static": f"static `{static.blocks[-1]}` every block (nearest grid subnet in MACs)",
+        "bucketed": f"AdaptiveViT, bucketed (budget {args.budget:g}, price {price:.3g})",
+        "consensus": "AdaptiveViT, consensus (same price)",
+    }
+    lines = [
+        f"{device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"median of {args.rounds} interleaved rounds",
+        "",
+        "| model | MACs ratio | images/s | speed-up vs full | speed-up predicted by MACs |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {names[n]} | {ratio[n]:.3f} | {args.batch_size / seconds[n]:.0f} | {speedup[n]:.2f}x "
+        f"| {1 / ratio[n]:.2f}x |"
+        for n in runs
+    ]
+    share = float(np.median(deciding))
+    lines += ["", f"deciding (the selector's forward passes): {share * 100:.1f}% of the bucketed adaptive forward"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return {**{f"speedup_{n}": speedup[n] for n in runs}, **{f"ratio_{n}": ratio[n] for n in runs}, "deciding": share}
+
+
+if __name__ == "__main__":
+    main(parse_dataclass(Args))

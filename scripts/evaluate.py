@@ -1,0 +1,251 @@
+"""Evaluate a trained selector on the test split against the full model and static baselines.
+
+Rows, all measured in this run on the same images with the same batch size:
+
+- the full model;
+- the selector at a few MACs budgets, each calibrated (`agents.calibrate`) on training images, not test ones;
+- the static subnet of the grid of `scripts/eval_supernet.py` (uniform width level x keep ratio) with the best
+  Top-1 at matched MACs, and uniform token merging (full widths, one keep ratio at every block, like ToMe) at
+  matched MACs. "Matched" means the best baseline whose MACs ratio lies in [m - 0.02, m + 0.10], m being the
+  selector's; when none does, the nearest one;
+- random decisions.
+
+It writes `OUT/results.md` (the table), `OUT/results.json` (every row, the whole static grid included) and
+`OUT/pareto.png` (Top-1 against GMACs), and prints the table.
+
+    python scripts/evaluate.py                                   # runs/selector/selector on Fashion-MNIST
+    python scripts/evaluate.py --selector runs/demo/selector/selector --budgets 0.4 0.5 0.6 --out runs/demo
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import agents
+import vit
+from agents.baselines import RandomPolicy
+from vit.token_ops import token_schedule
+from vit.train import first_batches
+from vit.utils import parse_dataclass, resolve_device
+
+MATCH_BELOW, MATCH_ABOVE = 0.02, 0.10
+
+
+@dataclass
+class Args:
+    """Evaluate a selector against the full model, static subnets, uniform merging and random decisions."""
+
+    selector: str = field(default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + PATH.json)"})
+    budgets: tuple[float, ...] = field(default=(0.3, 0.5, 0.7), metadata={"help": "mean MACs ratios to calibrate to"})
+    data_path: str | None = field(default=None, metadata={"help": "dataset folder"})
+    images: int | None = field(default=None, metadata={"help": "test images (default: the whole split)"})
+    calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
+    batch_size: int = field(default=256, metadata={"help": "images per batch (every row)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    seed: int = field(default=0, metadata={"help": "seed of the random-decision baseline"})
+    out: str = field(default="runs/evaluate", metadata={"help": "output folder"})
+
+
+def load_batches(args, model: vit.ElasticViT, split: str, images: int | None, device) -> list:
+    """The first `images` images of a Fashion-MNIST split (all when None), in batches of `args.batch_size`."""
+    data = vit.load_dataset("fashion-mnist", split=split, root=args.data_path, model=model)
+    return first_batches(data, images, args.batch_size, device)
+
+
+def final_tokens(model: vit.ElasticViT, subnet: vit.Subnet) -> int:
+    """Patch tokens left after the last block of a static subnet."""
+    n = model.num_patches
+    for config in subnet:
+        n = token_schedule(n, config, model.token_mode)[1]
+    return n
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_static(model: vit.ElasticViT, subnet: vit.Subnet, batches: list, full_macs: int) -> dict:
+    """Top-1, MACs ratio, tokens kept and images/s of a plain forward pass of one subnet."""
+    device = model.pos_embed.device
+    correct = seen = 0
+    sync(device)
+    start = time.perf_counter()
+    for images, labels in batches:
+        correct += int((model(images, subnet).argmax(-1) == labels).sum())
+        seen += len(labels)
+    sync(device)
+    seconds = time.perf_counter() - start
+    macs = vit.count_flops(model, subnet)
+    return {
+        "top1": correct / seen,
+        "flops_ratio": macs / full_macs,
+        "gmacs": macs / 1e9,
+        "tokens_kept": final_tokens(model, subnet) / model.num_patches,
+        "images_per_s": seen / seconds,
+    }
+
+
+def measure_adaptive(adaptive: agents.AdaptiveViT, batches: list) -> dict:
+    """`agents.measure` with GMACs and images/s."""
+    device = adaptive.supernet.pos_embed.device
+    sync(device)
+    start = time.perf_counter()
+    row = agents.measure(adaptive, batches)
+    sync(device)
+    seconds = time.perf_counter() - start
+    seen = sum(len(y) for _, y in batches)
+    return {**row, "gmacs": row["flops_ratio"] * adaptive.full_macs / 1e9, "images_per_s": seen / seconds}
+
+
+def matched(rows: list[dict], ratio: float) -> dict:
+    """The best-Top-1 row whose MACs ratio lies in [ratio - 0.02, ratio + 0.10]; else the nearest in MACs."""
+    window = [r for r in rows if ratio - MATCH_BELOW <= r["flops_ratio"] <= ratio + MATCH_ABOVE]
+    if window:
+        return max(window, key=lambda r: (r["top1"], -r["flops_ratio"]))
+    return min(rows, key=lambda r: abs(r["flops_ratio"] - ratio))
+
+
+def markdown(rows: list[dict], batch_size: int, images: int) -> str:
+    lines = [
+        f"Test split, {images} images, batch {batch_size}; images/s measured in the same run.",
+        "",
+        "| method | setting | Top-1 (%) | GMACs | MACs ratio | tokens kept | images/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {r['top1'] * 100:.2f} | {r['gmacs']:.4f} | {r['flops_ratio']:.3f} "
+            f"| {r['tokens_kept']:.3f} | {r['images_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def pareto_plot(grid: list[dict], uniform: list[dict], selector: list[dict], others: list[dict], path: Path) -> None:
+    """Top-1 against GMACs: the static grid, uniform merging, the selector's budgets, random and full."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(
+        [r["gmacs"] for r in grid], [r["top1"] * 100 for r in grid], c="0.6", s=18, label="static subnets (grid)"
+    )
+    by_cost = sorted(uniform, key=lambda r: r["gmacs"])
+    ax.plot(
+        [r["gmacs"] for r in by_cost],
+        [r["top1"] * 100 for r in by_cost],
+        "s--",
+        c="tab:orange",
+        label="uniform merging",
+    )
+    by_cost = sorted(selector, key=lambda r: r["gmacs"])
+    ax.plot(
+        [r["gmacs"] for r in by_cost],
+        [r["top1"] * 100 for r in by_cost],
+        "o-",
+        c="tab:blue",
+        lw=2,
+        label="PRANCE selector",
+    )
+    for r in by_cost:
+        ax.annotate(
+            r["setting"].split(",")[0],
+            (r["gmacs"], r["top1"] * 100),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=8,
+            color="tab:blue",
+        )
+    markers = {"random decisions": ("x", "tab:red"), "full model": ("*", "black")}
+    for r in others:
+        marker, colour = markers.get(r["method"], ("d", "tab:green"))
+        ax.scatter([r["gmacs"]], [r["top1"] * 100], marker=marker, c=colour, s=80, label=r["method"], zorder=3)
+    ax.set_xlabel("mean GMACs per image")
+    ax.set_ylabel("Top-1 (%)")
+    lows = [r["top1"] * 100 for r in selector + others]
+    ax.set_ylim(min(lows) - 1.5, max(r["top1"] * 100 for r in grid + selector + others) + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Top-1 against compute on the test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main(args: Args) -> list[dict]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    adaptive = agents.load_adaptive(args.selector, device=str(device))
+    model = adaptive.supernet
+    test = load_batches(args, model, "test", args.images, device)
+    calibration = load_batches(args, model, "train", args.calib_images, device)
+    images = sum(len(y) for _, y in test)
+    full_macs = vit.count_flops(model)
+    space = model.search_space
+
+    grid = []
+    subnets = list(dict.fromkeys([space.largest(), space.smallest(), *space.static_grid(tied=True)]))
+    for subnet in tqdm(subnets, desc="static subnets"):
+        grid.append(
+            {
+                "method": "static subnet",
+                "setting": f"`{subnet.blocks[-1]}` every block",
+                **measure_static(model, subnet, test, full_macs),
+            }
+        )
+    full = {**grid[0], "method": "full model", "setting": f"`{space.largest().blocks[-1]}` every block"}
+    widest = space.largest().blocks[-1]
+    uniform = [
+        {**r, "method": "uniform merging"}
+        for r, s in zip(grid, subnets)
+        if all(c.heads == widest.heads and c.mlp_hidden == widest.mlp_hidden for c in s) and r is not grid[0]
+    ]
+
+    selector, table = [], [full]
+    for budget in tqdm(args.budgets, desc="budgets"):
+        price = agents.calibrate(adaptive, calibration, budget)
+        row = {
+            "method": "PRANCE selector",
+            "setting": f"budget {budget:g}, price {price:.3g}",
+            "budget": budget,
+            "price": price,
+            **measure_adaptive(adaptive, test),
+        }
+        selector.append(row)
+        table += [
+            row,
+            {**matched(grid, row["flops_ratio"]), "method": "best static subnet at matched MACs"},
+            {**matched(uniform, row["flops_ratio"]), "method": "uniform merging at matched MACs"},
+        ]
+    random_policy = RandomPolicy(adaptive.inference.nvec, seed=args.seed)
+    random = agents.AdaptiveViT(
+        model,
+        random_policy,
+        stem_blocks=adaptive.inference.config.stem_blocks,
+        blocks_per_step=adaptive.inference.config.blocks_per_step,
+    )
+    table.append(
+        {"method": "random decisions", "setting": "uniform over the choices", **measure_adaptive(random, test)}
+    )
+
+    text = markdown(table, args.batch_size, images)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"table": table, "grid": grid}, indent=2))
+    pareto_plot(grid, uniform, selector, [full, table[-1]], out / "pareto.png")
+    print(text)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'pareto.png'}")
+    return table
+
+
+if __name__ == "__main__":
+    main(parse_dataclass(Args))
