@@ -4,7 +4,7 @@ from .adaptive import AdaptiveViT, calibrate, measure
 from .baselines import FullModelPolicy, RandomPolicy, StaticPolicy, UniformMergePolicy
 from .extractor import CLSFeaturesExtractor
 from .ppo import SelectorConfig, train_selector
-from .selector import algorithm, load_adaptive, load_selector, save_selector
+from .selector import algorithm, check_supernet, load_adaptive, load_selector, resolve_selector, save_selector
 
 __all__ = [
     "AdaptiveViT",
@@ -16,9 +16,11 @@ __all__ = [
     "UniformMergePolicy",
     "algorithm",
     "calibrate",
+    "check_supernet",
     "load_adaptive",
     "load_selector",
     "measure",
+    "resolve_selector",
     "save_selector",
     "train_selector",
 ]

@@ -60,10 +60,34 @@ class AdaptiveViT(nn.Module):
         self.inference = BatchedInference(
             supernet, MDPConfig(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step, reward="terminal")
         )
+        self._check_policy(policy)
         self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")
         if isinstance(policy, BaseAlgorithm):
             policy.policy.set_training_mode(False)
         self._continuous = isinstance(getattr(policy, "action_space", None), spaces.Box)
+
+    def _check_policy(self, policy) -> None:
+        """A `ValueError` when the policy's spaces (if it has any) are not this supernet's."""
+        obs_space = getattr(policy, "observation_space", None)
+        if isinstance(obs_space, spaces.Dict) and "cls" in obs_space.spaces:
+            width = obs_space["cls"].shape
+            if width != (self.supernet.embed_dim,):
+                raise ValueError(
+                    f"the policy reads cls tokens of shape {width}, but the supernet's embed_dim is "
+                    f"{self.supernet.embed_dim}: it was trained on another supernet"
+                )
+        action_space = getattr(policy, "action_space", None)
+        nvec = tuple(int(n) for n in self.inference.nvec)
+        if isinstance(action_space, spaces.MultiDiscrete) and tuple(int(n) for n in action_space.nvec) != nvec:
+            raise ValueError(
+                f"the policy chooses among {tuple(int(n) for n in action_space.nvec)} choices per field, but the "
+                f"supernet has {nvec} (nvec): it was trained on another supernet"
+            )
+        if isinstance(action_space, spaces.Box) and action_space.shape != (len(nvec),):
+            raise ValueError(
+                f"the policy's actions have shape {action_space.shape}, but the supernet has {len(nvec)} choice "
+                f"fields (nvec {nvec}): it was trained on another supernet"
+            )
 
     @property
     def full_macs(self) -> int:

@@ -16,6 +16,7 @@ import gymnasium
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.utils import ConstantSchedule
 from stable_baselines3.common.vec_env import VecMonitor
 from tqdm.auto import tqdm
 
@@ -26,7 +27,7 @@ from vit.utils import resolve_device
 
 from .adaptive import AdaptiveViT, measure
 from .extractor import CLSFeaturesExtractor
-from .selector import algorithm, save_selector, supernet_signature
+from .selector import algorithm, check_supernet, resolve_selector, save_selector, supernet_signature
 
 
 @dataclass
@@ -62,6 +63,10 @@ class SelectorConfig:
     save_every: int = field(default=100_000, metadata={"help": "environment steps between checkpoints"})
     out: str = field(default="runs/selector", metadata={"help": "output folder"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in OUT"})
+    init: str | None = field(
+        default=None,
+        metadata={"help": "fine-tune a saved selector (PATH, or shipped:NAME) for TOTAL_STEPS instead of a new one"},
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
 
@@ -206,6 +211,22 @@ def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
     if resume_from is not None:
         model = algo.load(resume_from, env=venv, device=device, tensorboard_log=str(out / "tb"))
         tqdm.write(f"resumed from {resume_from} at {model.num_timesteps} steps")
+    elif cfg.init is not None:
+        path = resolve_selector(cfg.init)
+        settings = json.loads(path.with_suffix(".json").read_text())
+        check_supernet(settings, envs.unwrapped.model)
+        if settings["algo"] != cfg.algo:
+            raise ValueError(f"{cfg.init} was trained with {settings['algo']!r}, not --algo {cfg.algo!r}")
+        model = algo.load(
+            path.with_suffix(".zip"),
+            env=venv,
+            device=device,
+            tensorboard_log=str(out / "tb"),
+            custom_objects={"learning_rate": cfg.lr, "lr_schedule": ConstantSchedule(cfg.lr)},  # --lr applies
+        )
+        model.set_random_seed(cfg.seed)
+        model.num_timesteps = 0  # count the fine-tuning steps from zero
+        tqdm.write(f"fine-tuning {path.with_suffix('.zip')} for {cfg.total_steps} steps")
     else:
         policy = "MultiInputLstmPolicy" if cfg.algo == "recurrent_ppo" else "MultiInputPolicy"
         kwargs = dict(

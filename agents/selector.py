@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 from stable_baselines3 import A2C, PPO
@@ -16,6 +17,29 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 import vit
 
 from .adaptive import AdaptiveViT
+
+SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+
+
+def resolve_selector(path: str | os.PathLike) -> Path:
+    """`PATH` (without suffix) of a saved selector; `shipped:NAME` names the selector shipped for supernet NAME
+    (`shipped:prance_fmnist`). Raises `FileNotFoundError` naming what is missing."""
+    text = str(path)
+    if text.startswith("shipped:"):
+        name = text.split(":", 1)[1]
+        found = SHIPPED / name
+        if not found.with_suffix(".zip").is_file():
+            shipped = sorted(p.stem for p in SHIPPED.glob("*.zip"))
+            raise FileNotFoundError(f"no shipped selector for {name!r}; shipped: {', '.join(shipped) or 'none'}")
+        return found
+    found = Path(path).with_suffix("") if Path(path).suffix in (".zip", ".json") else Path(path)
+    missing = [str(f) for f in (found.with_suffix(".zip"), found.with_suffix(".json")) if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"selector file not found: {', '.join(missing)} (train one with `python scripts/train_selector.py "
+            "--out DIR`, then pass DIR/selector)"
+        )
+    return found
 
 
 def algorithms() -> dict[str, type[BaseAlgorithm]]:
@@ -62,20 +86,34 @@ def save_selector(model: BaseAlgorithm, path: str | os.PathLike, settings: dict)
     return path.with_suffix(".zip")
 
 
+def read_settings(path: Path, required: tuple[str, ...] = ("algo", "signature")) -> dict:
+    """The settings `save_selector` wrote at `PATH.json`; a `ValueError` naming the file when it is not such."""
+    file = path.with_suffix(".json")
+    try:
+        settings = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not a selector's settings file (truncated or not JSON): {e}") from e
+    missing = [k for k in required if not isinstance(settings, dict) or k not in settings]
+    if missing:
+        raise ValueError(f"{file} was not written by save_selector: it lacks {', '.join(missing)}")
+    return settings
+
+
 def load_selector(path: str | os.PathLike, supernet: vit.ElasticViT | None = None, device: str = "auto"):
     """Load a selector and its settings; with `supernet`, check it is the one the selector was trained for.
 
-    Returns (model, settings). Raises `FileNotFoundError` for missing files and `ValueError` when the supernet
-    does not match.
+    `path` is `PATH` of `PATH.zip` + `PATH.json`, or `shipped:NAME`. Returns (model, settings). Raises
+    `FileNotFoundError` for missing files and `ValueError` for unreadable ones or when the supernet does not match.
     """
-    path = Path(path).with_suffix("")
-    for file in (path.with_suffix(".zip"), path.with_suffix(".json")):
-        if not file.is_file():
-            raise FileNotFoundError(f"selector file not found: {file}")
-    settings = json.loads(path.with_suffix(".json").read_text())
+    path = resolve_selector(path)
+    settings = read_settings(path)
     if supernet is not None:
         check_supernet(settings, supernet)
-    model = algorithm(settings["algo"]).load(path.with_suffix(".zip"), device=device)
+    file = path.with_suffix(".zip")
+    try:
+        model = algorithm(settings["algo"]).load(file, device=device)
+    except (AssertionError, KeyError, ValueError, zipfile.BadZipFile, RuntimeError, EOFError) as e:
+        raise ValueError(f"{file} is not a readable stable-baselines3 save (truncated or foreign): {e}") from e
     return model, settings
 
 
@@ -99,11 +137,8 @@ def load_adaptive(
 ) -> AdaptiveViT:
     """An `AdaptiveViT` from a saved selector, on `supernet` (default: the named supernet with its shipped or
     recorded weights)."""
-    settings = (
-        json.loads(Path(path).with_suffix(".json").read_text()) if Path(path).with_suffix(".json").is_file() else None
-    )
-    if settings is None:
-        raise FileNotFoundError(f"selector file not found: {Path(path).with_suffix('.json')}")
+    path = resolve_selector(path)
+    settings = read_settings(path, required=("algo", "signature", "env"))
     if supernet is None:
         checkpoint = settings["env"].get("checkpoint")
         supernet = vit.create_supernet(
@@ -126,4 +161,12 @@ def load_adaptive(
     )
 
 
-__all__ = ["algorithm", "algorithms", "check_supernet", "load_adaptive", "load_selector", "save_selector"]
+__all__ = [
+    "algorithm",
+    "algorithms",
+    "check_supernet",
+    "load_adaptive",
+    "load_selector",
+    "resolve_selector",
+    "save_selector",
+]

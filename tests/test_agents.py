@@ -604,3 +604,19 @@ def test_calibrate_warns_and_takes_the_nearest_endpoint_out_of_reach(price_setup
     assert price == adaptive.price == 1.0
     with pytest.warns(UserWarning, match="out of reach"):
         assert agents.calibrate(adaptive, loader, 0.01, price_range=(0.01, 0.1)) == 0.1
+
+
+def test_fine_tuning_starts_from_the_saved_selector(selector_run, tmp_path):
+    cfg, model, _ = selector_run
+    saved = Path(cfg.out) / "selector"
+    tuned_cfg = dataclasses.replace(cfg, out=str(tmp_path / "tuned"), init=str(saved), total_steps=176, lr=0.0)
+    tuned, _ = agents.train_selector(tuned_cfg)
+    assert tuned.num_timesteps == 176
+    before, after = model.policy.state_dict(), tuned.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: the weights are the saved ones
+    with pytest.raises(ValueError, match="trained with 'ppo'"):
+        agents.train_selector(dataclasses.replace(tuned_cfg, algo="a2c"))
+    with pytest.raises(FileNotFoundError, match="no shipped selector for 'nope'"):
+        agents.train_selector(dataclasses.replace(tuned_cfg, init="shipped:nope"))
+    with pytest.raises(FileNotFoundError, match="selector file not found"):
+        agents.train_selector(dataclasses.replace(tuned_cfg, init=str(tmp_path / "missing")))

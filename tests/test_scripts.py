@@ -208,3 +208,18 @@ def test_ablate_rtg(tmp_path, fmnist_dir, fmnist_weights):
     table = [line for line in out.splitlines() if line.startswith("| ") and "steps" not in line]
     assert len(table) >= 2 and all(line.count("/") == 3 for line in table)
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_reinforce_example(fmnist_dir, fmnist_weights):
+    out = run(
+        "reinforce_example.py",
+        "--checkpoint",
+        str(fmnist_weights),
+        "--data-path",
+        str(fmnist_dir),
+        "--episodes",
+        "4",
+        "--test-images",
+        "16",
+    )
+    assert "REINFORCE, 4 episodes" in out and "Top-1" in out
