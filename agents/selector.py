@@ -128,6 +128,23 @@ def check_supernet(settings: dict, supernet: vit.ElasticViT) -> None:
             )
 
 
+def selector_dataset(
+    path: str | os.PathLike,
+    split: str,
+    model: vit.ElasticViT | None = None,
+    data: str | None = None,
+    data_path: str | None = None,
+):
+    """A split of the dataset a selector was trained on (or of `data` in `data_path`). `split` is `train` or
+    `held-out` (Fashion-MNIST's `test`, an ImageFolder's `val`)."""
+    env = read_settings(resolve_selector(path), required=("env",))["env"]
+    data = data or env.get("data") or "fashion-mnist"
+    data_path = data_path or env.get("data_path")
+    if split == "held-out":
+        split = "test" if data.lower() in vit.data.FASHION_MNIST_NAMES else "val"
+    return vit.load_dataset(data, split=split, root=data_path, model=model)
+
+
 def load_adaptive(
     path: str | os.PathLike,
     supernet: vit.ElasticViT | None = None,
@@ -169,4 +186,5 @@ __all__ = [
     "load_selector",
     "resolve_selector",
     "save_selector",
+    "selector_dataset",
 ]

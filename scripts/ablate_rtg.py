@@ -25,9 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import agents
-import vit
 from agents.ppo import SelectorConfig, train_selector
-from agents.selector import algorithm
+from agents.selector import algorithm, selector_dataset
 from vit.train import first_batches
 from vit.utils import parse_dataclass, resolve_device
 
@@ -150,13 +149,13 @@ def main(args: Args) -> dict:
         adaptive = agents.load_adaptive(Path(cfg.out) / "selector", device=str(device))
         model = adaptive.supernet
         test = first_batches(
-            vit.load_dataset("fashion-mnist", split="test", root=args.data_path, model=model),
+            selector_dataset(Path(cfg.out) / "selector", "held-out", model, data_path=args.data_path),
             args.eval_images,
             args.num_envs,
             device,
         )
         calibration = first_batches(
-            vit.load_dataset("fashion-mnist", split="train", root=args.data_path, model=model),
+            selector_dataset(Path(cfg.out) / "selector", "train", model, data_path=args.data_path),
             args.calib_images,
             args.num_envs,
             device,

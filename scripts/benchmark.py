@@ -24,6 +24,7 @@ import torch
 
 import agents
 import vit
+from agents.selector import selector_dataset
 from vit.train import first_batches
 from vit.utils import parse_dataclass, resolve_device
 
@@ -38,7 +39,8 @@ class Args:
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     rounds: int = field(default=9, metadata={"help": "interleaved timing rounds (medians are reported)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
-    data_path: str | None = field(default=None, metadata={"help": "dataset folder"})
+    data: str | None = field(default=None, metadata={"help": "dataset (default: the selector's)"})
+    data_path: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
     out: str | None = field(default="runs/benchmark.md", metadata={"help": "also write the report here"})
 
@@ -79,8 +81,8 @@ def main(args: Args) -> dict[str, float]:
     device = resolve_device(args.device)
     bucketed = agents.load_adaptive(args.selector, device=str(device))
     model = bucketed.supernet
-    train = vit.load_dataset("fashion-mnist", split="train", root=args.data_path, model=model)
-    calibration = first_batches(train, args.calib_images, args.batch_size, device)
+    dataset = selector_dataset(args.selector, "train", model, args.data, args.data_path)
+    calibration = first_batches(dataset, args.calib_images, args.batch_size, device)
     price = agents.calibrate(bucketed, calibration, args.budget)
     consensus = agents.AdaptiveViT(
         model,
@@ -91,8 +93,8 @@ def main(args: Args) -> dict[str, float]:
         blocks_per_step=bucketed.inference.config.blocks_per_step,
         execution="consensus",
     )
-    test = vit.load_dataset("fashion-mnist", split="test", root=args.data_path, model=model)
-    images = first_batches(test, args.batch_size, args.batch_size, device)[0][0]
+    dataset = selector_dataset(args.selector, "held-out", model, args.data, args.data_path)
+    images = first_batches(dataset, args.batch_size, args.batch_size, device)[0][0]
     full_macs = vit.count_flops(model)
     ratio = {
         name: float(a(images)[1].mean()) / full_macs for name, a in (("bucketed", bucketed), ("consensus", consensus))

@@ -1,4 +1,4 @@
-"""Evaluate a trained selector on the test split against the full model and static baselines.
+"""Evaluate a trained selector on held-out images against the full model and static baselines.
 
 Rows, all measured in this run on the same images with the same batch size:
 
@@ -10,6 +10,7 @@ Rows, all measured in this run on the same images with the same batch size:
   selector's; when none does, the nearest one;
 - random decisions.
 
+Held-out images are Fashion-MNIST's test split or an ImageFolder's val split (the selector's dataset by default).
 It writes `OUT/results.md` (the table), `OUT/results.json` (every row, the whole static grid included) and
 `OUT/pareto.png` (Top-1 against GMACs), and prints the table.
 
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 import agents
 import vit
 from agents.baselines import RandomPolicy
+from agents.selector import selector_dataset
 from vit.token_ops import token_schedule
 from vit.train import first_batches
 from vit.utils import parse_dataclass, resolve_device
@@ -43,7 +45,8 @@ class Args:
 
     selector: str = field(default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + PATH.json)"})
     budgets: tuple[float, ...] = field(default=(0.3, 0.5, 0.7), metadata={"help": "mean MACs ratios to calibrate to"})
-    data_path: str | None = field(default=None, metadata={"help": "dataset folder"})
+    data: str | None = field(default=None, metadata={"help": "dataset (default: the selector's)"})
+    data_path: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
     images: int | None = field(default=None, metadata={"help": "test images (default: the whole split)"})
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     batch_size: int = field(default=256, metadata={"help": "images per batch (every row)"})
@@ -53,9 +56,10 @@ class Args:
 
 
 def load_batches(args, model: vit.ElasticViT, split: str, images: int | None, device) -> list:
-    """The first `images` images of a Fashion-MNIST split (all when None), in batches of `args.batch_size`."""
-    data = vit.load_dataset("fashion-mnist", split=split, root=args.data_path, model=model)
-    return first_batches(data, images, args.batch_size, device)
+    """The first `images` images (all when None) of a split (`train` or `held-out`) of the selector's dataset, in
+    batches of `args.batch_size`."""
+    dataset = selector_dataset(args.selector, split, model, args.data, args.data_path)
+    return first_batches(dataset, images, args.batch_size, device)
 
 
 def final_tokens(model: vit.ElasticViT, subnet: vit.Subnet) -> int:
@@ -115,7 +119,7 @@ def matched(rows: list[dict], ratio: float) -> dict:
 
 def markdown(rows: list[dict], batch_size: int, images: int) -> str:
     lines = [
-        f"Test split, {images} images, batch {batch_size}; images/s measured in the same run.",
+        f"Held-out split, {images} images, batch {batch_size}; images/s measured in the same run.",
         "",
         "| method | setting | Top-1 (%) | GMACs | MACs ratio | tokens kept | images/s |",
         "|---|---|---|---|---|---|---|",
@@ -187,7 +191,7 @@ def main(args: Args) -> list[dict]:
     device = resolve_device(args.device)
     adaptive = agents.load_adaptive(args.selector, device=str(device))
     model = adaptive.supernet
-    test = load_batches(args, model, "test", args.images, device)
+    test = load_batches(args, model, "held-out", args.images, device)
     calibration = load_batches(args, model, "train", args.calib_images, device)
     images = sum(len(y) for _, y in test)
     full_macs = vit.count_flops(model)
