@@ -124,6 +124,8 @@ class BatchedInference:
             price: (B,) compute price of each episode (0 when None).
         """
         B = images.shape[0]
+        if B == 0:
+            raise ValueError("no images: an episode batch needs at least one image")
         device = images.device
         self.labels = labels
         self.price = torch.zeros(B, device=device) if price is None else price.to(device, torch.float32)

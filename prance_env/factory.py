@@ -129,6 +129,8 @@ def single_spaces(inference: BatchedInference, prices: Prices, action_type: str)
 def action_indices(inference: BatchedInference, actions: np.ndarray, action_type: str, batch: int) -> Tensor:
     """Choice indices (B, fields) from discrete actions, or from continuous ones in [-1, 1] by rounding."""
     actions = np.asarray(actions)
+    if actions.dtype.kind not in "iuf":
+        raise ValueError(f"actions must be numbers (choice indices or values in [-1, 1]), got dtype {actions.dtype}")
     fields = len(inference.nvec)
     if actions.shape not in ((batch, fields), (fields,) if batch == 1 else None):
         raise ValueError(

@@ -164,6 +164,42 @@ def test_reduce_tokens_is_identity_at_ratio_one(token_mode):
     assert torch.equal(out, x)
 
 
+# --- source tracing -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token_mode", TOKEN_MODES)
+@pytest.mark.parametrize("keep_ratio, merge_ratio", [(0.5, 0.6), (0.3, 1.0), (1.0, 0.4), (1.0, 1.0)])
+def test_source_is_reduced_as_the_tokens_are(token_mode, keep_ratio, merge_ratio):
+    """With a source, tokens and sizes are unchanged; the source maps every original token to at most one token
+    (exactly one unless pruned), its row sums are the sizes, and each token is the size-weighted mean of its
+    original tokens."""
+    g = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(3, 11, 4, generator=g), torch.rand(3, 10, generator=g)
+    keys = torch.randn(3, 10, 8, generator=g)
+    schedule = token_schedule(10, BlockConfig(1, 4, keep_ratio, merge_ratio), token_mode)
+    source = torch.eye(11).expand(3, -1, -1)
+    out, size, out_source = reduce_tokens(x, None, scores, keys, schedule, token_mode, source)
+    expected = reduce_tokens(x, None, scores, keys, schedule, token_mode)
+    assert torch.equal(out, expected[0])
+    assert (size is None and expected[1] is None) or torch.equal(size, expected[1])
+    assert out_source.shape == (3, 1 + schedule[1], 11)
+    held = out_source.sum(1)  # (B, 11): how many tokens hold each original token
+    assert set(held.unique().tolist()) <= {0.0, 1.0} and torch.all(held[:, 0] == 1)
+    assert held.sum(1).tolist() == [1 + schedule[0]] * 3  # the pruned ones are held by none
+    rows = out_source.sum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows) if size is None else size, atol=0, rtol=0)
+    torch.testing.assert_close(out, out_source @ x / rows[..., None])
+
+
+def test_merge_sums_the_sources_of_merged_tokens():
+    x = tokens(1, 4, 2)
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2]])  # destinations: patches 0 and 2
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])  # 1 is like 0, 3 is like 2
+    _, size, source = merge(x, None, scores, keys, 2, torch.eye(5)[None])
+    assert source.tolist() == [[[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 1]]]
+    assert size.tolist() == [[1, 2, 2]]
+
+
 # --- proportional attention ---------------------------------------------------------------------------------------
 
 

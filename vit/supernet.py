@@ -9,14 +9,14 @@ what timm computes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import BlockConfig, SearchSpace, Subnet, check_token_mode
+from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, check_token_mode
 from .executor import TokenBatch
 from .token_ops import cls_attention, reduce_tokens, size_bias, token_schedule
 
@@ -106,17 +106,20 @@ class ElasticBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(
-        self, x: Tensor, size: Tensor | None, config: BlockConfig, token_mode: str
-    ) -> tuple[Tensor, Tensor | None]:
-        """x: (B, 1 + N, C), size: token sizes (B, 1 + N) or None. Returns both after the block."""
+        self, x: Tensor, size: Tensor | None, config: BlockConfig, token_mode: str, source: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
+        """x: (B, 1 + N, C), size: token sizes (B, 1 + N) or None. Returns both after the block, and the `source`
+        (B, 1 + N, S) reduced as the tokens were when one is given (see `token_ops.reduce_tokens`)."""
         schedule = token_schedule(x.shape[1] - 1, config, token_mode)
         reduce = schedule[1] < x.shape[1] - 1
         attn, scores, keys = self.attn(self.norm1(x), config.heads, size_bias(size), need_scores=reduce)
         x = x + self.drop_path1(attn)
-        if reduce:
+        if reduce and source is None:
             x, size = reduce_tokens(x, size, scores, keys, schedule, token_mode)  # (B, 1 + N', C)
+        elif reduce:
+            x, size, source = reduce_tokens(x, size, scores, keys, schedule, token_mode, source)
         x = x + self.drop_path2(self.mlp(self.norm2(x), config.mlp_hidden))
-        return x, size
+        return (x, size) if source is None else (x, size, source)
 
 
 class PatchEmbed(nn.Module):
@@ -242,6 +245,11 @@ class ElasticViT(nn.Module):
             raise TypeError(f"expected images as a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point images, got dtype {x.dtype} (convert and normalise first)")
+        weight = pe.proj.weight
+        if x.device != weight.device:
+            raise ValueError(f"images are on {x.device} but the model is on {weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"images are {x.dtype} but the model's weights are {weight.dtype} (cast one to the other)")
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
@@ -255,10 +263,14 @@ class ElasticViT(nn.Module):
         return x + self.pos_embed
 
     def forward_block(
-        self, i: int, x: Tensor, size: Tensor | None, config: BlockConfig
-    ) -> tuple[Tensor, Tensor | None]:
-        """Run block `i` at `config` on tokens x (B, 1 + N, C) with sizes (B, 1 + N) or None."""
-        return self.blocks[i](x, size, config, self.token_mode)
+        self, i: int, x: Tensor, size: Tensor | None, config: BlockConfig, source: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
+        """Run block `i` at `config` on tokens x (B, 1 + N, C) with sizes (B, 1 + N) or None.
+
+        With a `source` (B, 1 + N, S), also returns it reduced as the tokens were: which original tokens each
+        token holds (start from the identity at `embed`; see `token_ops.reduce_tokens`).
+        """
+        return self.blocks[i](x, size, config, self.token_mode, source)
 
     def forward_features(self, x: Tensor, subnet: Subnet | None = None) -> Tensor:
         """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch (largest when None)."""
@@ -302,6 +314,8 @@ class ElasticViT(nn.Module):
         """
         if subnet is None or isinstance(subnet, Subnet):
             return self.forward_head(self.forward_features(x, subnet))
+        if isinstance(subnet, str) or not isinstance(subnet, Iterable):
+            raise InvalidSubnetError(f"expected a vit.Subnet or one per image, got {type(subnet).__name__}")
         subnets = list(subnet)
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")

@@ -3,7 +3,8 @@
 Every function works on a batch whose samples hold the same number of tokens, token 0 being CLS, which is always
 kept. Token counts are plain integers decided by `token_schedule`, so the model, the FLOPs count and the env all
 agree on them. Indices are computed under `torch.no_grad()` (the ranking is not differentiated, as in ToMe and
-EViT); gathering and averaging the tokens is, so gradients reach every kept or merged token.
+EViT); gathering and averaging the tokens is, so gradients reach every kept or merged token. An optional `source`
+traces which original tokens each token holds (ToMe's source tracing, for visualisation); left out, it costs nothing.
 """
 
 from __future__ import annotations
@@ -80,12 +81,22 @@ def prune(x: Tensor, size: Tensor | None, scores: Tensor, k: int) -> tuple[Tenso
     return _gather_tokens(x, index), None if size is None else _gather_tokens(size, index), keep
 
 
-def merge(x: Tensor, size: Tensor | None, scores: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _sum_into(t: Tensor, dst: Tensor, src: Tensor, assign: Tensor) -> Tensor:
+    """The rows of t (B, N) or (B, N, D) at `dst` (B, k), each plus the rows at `src` assigned to it (B, N - k)."""
+    index = assign if t.dim() == 2 else assign[..., None].expand(-1, -1, t.shape[-1])
+    return _gather_tokens(t, dst).scatter_add(1, index, _gather_tokens(t, src))
+
+
+def merge(
+    x: Tensor, size: Tensor | None, scores: Tensor, keys: Tensor, k: int, source: Tensor | None = None
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Merge the patch tokens into the `k` of highest score.
 
     The top-k tokens by score are the destinations; every other token is averaged into its most similar
     destination (cosine of keys), weighted by token size. Returns x (B, 1 + k, C) and the new sizes (B, 1 + k).
     x: (B, 1 + N, C); size: (B, 1 + N) or None (all ones); scores: (B, N); keys: (B, N, D).
+    source: optional float (B, 1 + N, S), the original tokens each token holds (see `reduce_tokens`); when given,
+    its rows are summed like the sizes and returned as a third value (B, 1 + k, S).
     """
     if size is None:
         size = x.new_ones(x.shape[:2])
@@ -95,13 +106,13 @@ def merge(x: Tensor, size: Tensor | None, scores: Tensor, keys: Tensor, k: int) 
         similarity = _gather_tokens(keys, src) @ _gather_tokens(keys, dst).transpose(-2, -1)  # (B, N - k, k)
         assign = similarity.argmax(dim=-1)  # (B, N - k): destination of each source
     patches, patch_size = x[:, 1:], size[:, 1:]
-    weighted = patches * patch_size[..., None]
-    merged = _gather_tokens(weighted, dst).scatter_add(
-        1, assign[..., None].expand(-1, -1, x.shape[-1]), _gather_tokens(weighted, src)
-    )
-    merged_size = _gather_tokens(patch_size, dst).scatter_add(1, assign, _gather_tokens(patch_size, src))
+    merged = _sum_into(patches * patch_size[..., None], dst, src, assign)
+    merged_size = _sum_into(patch_size, dst, src, assign)
     x = torch.cat([x[:, :1], merged / merged_size[..., None]], dim=1)
-    return x, torch.cat([size[:, :1], merged_size], dim=1)
+    size = torch.cat([size[:, :1], merged_size], dim=1)
+    if source is None:
+        return x, size
+    return x, size, torch.cat([source[:, :1], _sum_into(source[:, 1:], dst, src, assign)], dim=1)
 
 
 def reduce_tokens(
@@ -111,20 +122,31 @@ def reduce_tokens(
     keys: Tensor,
     schedule: tuple[int, int],
     token_mode: str,
-) -> tuple[Tensor, Tensor | None]:
+    source: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Apply a block's token reduction, given its `token_schedule` (pruned count, final count).
 
     x: (B, 1 + N, C); size: (B, 1 + N) or None; scores: CLS attention (B, N); keys: patch keys (B, N, D).
+
+    Returns x and size, and, when `source` is given, the source reduced as the tokens were (ToMe's source
+    tracing). A source (B, 1 + N, S), float, maps each token to the original tokens it holds: start from the
+    identity (B, 1 + N0, 1 + N0) at the embedding; pruning drops rows, merging sums them. Each original token then
+    belongs to exactly one token unless pruned, and where sizes are tracked they equal the row sums.
     """
     pruned, final = schedule
     n = x.shape[1] - 1
     if pruned < n:
         x, size, keep = prune(x, size, scores, pruned)
+        if source is not None:
+            source = torch.cat([source[:, :1], _gather_tokens(source[:, 1:], keep)], dim=1)
         if final < pruned:
             scores, keys = _gather_tokens(scores, keep), _gather_tokens(keys, keep)
     if final < pruned:
-        x, size = merge(x, size, scores, keys, final)
-    return x, size
+        if source is None:
+            x, size = merge(x, size, scores, keys, final)
+        else:
+            x, size, source = merge(x, size, scores, keys, final, source)
+    return (x, size) if source is None else (x, size, source)
 
 
 __all__ = [

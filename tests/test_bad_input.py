@@ -1,0 +1,416 @@
+"""Bad input at every entry point: `ElasticViT.forward`, `agents.AdaptiveViT.forward`, the single and the vector env,
+checkpoints and selector files. Every case gives an error whose type and message name the problem, or a documented
+behaviour (a batch of one, an empty batch); an invalid action loses nothing. The README's "Bad input" table lists
+each case with its test here or elsewhere."""
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from conftest import images, tiny_supernet
+from gymnasium.utils.env_checker import data_equivalence
+from stable_baselines3 import PPO
+from test_env import env_kwargs, num_steps, random_actions, run_episode
+from torch.utils.data import TensorDataset
+
+import agents
+import prance_env
+import vit
+from agents import AdaptiveViT, StaticPolicy
+from agents.selector import check_supernet, supernet_signature
+from prance_env.factory import to_numpy
+
+TOKEN_MODES = vit.TOKEN_MODES
+
+
+@pytest.fixture(scope="module")
+def model() -> vit.ElasticViT:
+    return tiny_supernet(depth=4).eval()
+
+
+def adaptive(model: vit.ElasticViT) -> AdaptiveViT:
+    """A deployable model whose static policy reduces tokens at every block."""
+    return AdaptiveViT(model, StaticPolicy(model.search_space.num_choices(1), [0, -1, 0]))
+
+
+def with_nan(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[1, 0, 3, 4] = float("nan")
+    return x
+
+
+def with_inf(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[0, 0, 0, 0] = -float("inf")
+    return x
+
+
+# --- images: ElasticViT.forward and AdaptiveViT.forward ---------------------------------------------------------------
+
+BAD_IMAGES = {
+    "size": (
+        lambda x: torch.randn(2, 1, 32, 32),
+        ValueError,
+        r"expected images of shape \(B, 1, 28, 28\), got \(2, 1, 32",
+    ),
+    "channels": (lambda x: x.expand(2, 3, 28, 28), ValueError, r"\(B, 1, 28, 28\), got \(2, 3, 28, 28\)"),
+    "no-batch-dim": (lambda x: x[0], ValueError, r"\(B, 1, 28, 28\), got \(1, 28, 28\)"),
+    "uint8": (lambda x: x.to(torch.uint8), TypeError, "floating-point.*uint8"),
+    "float64": (lambda x: x.double(), TypeError, "images are torch.float64 but the model's weights are torch.float32"),
+    "float16": (lambda x: x.half(), TypeError, "torch.float16 but the model's weights are torch.float32"),
+    "bfloat16": (lambda x: x.bfloat16(), TypeError, "torch.bfloat16 but the model's weights are torch.float32"),
+    "numpy": (lambda x: x.numpy(), TypeError, "torch.Tensor, got ndarray"),
+    "device": (lambda x: x.to("meta"), ValueError, "images are on meta but the model is on cpu"),
+    "nan": (with_nan, ValueError, "NaN or Inf"),
+    "inf": (with_inf, ValueError, "NaN or Inf"),
+}
+# test_supernet.py::test_bad_images_raise covers size, channels, no batch dim, uint8, numpy, NaN and Inf for the model.
+NEW_FOR_THE_MODEL = ("float64", "float16", "bfloat16", "device")
+
+
+@pytest.mark.parametrize("case", NEW_FOR_THE_MODEL)
+@pytest.mark.parametrize("execution", ["one subnet", "per sample", "consensus"])
+def test_images_of_another_dtype_or_device_raise_in_the_model(model, case, execution):
+    make, error, match = BAD_IMAGES[case]
+    x = make(images(model, 2))
+    space = model.search_space
+    with pytest.raises(error, match=match):
+        if execution == "one subnet":
+            model(x, space.smallest())
+        else:
+            model(
+                x, [space.smallest(), space.largest()], execution="bucketed" if execution == "per sample" else execution
+            )
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_images_raise_in_adaptive_vit(model, case):
+    make, error, match = BAD_IMAGES[case]
+    with pytest.raises(error, match=match):
+        adaptive(model)(make(images(model, 2)))
+
+
+def test_images_in_the_models_own_dtype_run(model):
+    x = images(model, 2)
+    half = tiny_supernet(depth=4).eval().to(torch.bfloat16)
+    assert half(x.bfloat16(), model.search_space.smallest()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the images itself
+        assert torch.isfinite(model(x.bfloat16(), model.search_space.smallest()).float()).all()
+
+
+# --- batch sizes ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token_mode", TOKEN_MODES)
+def test_empty_batch_gives_empty_logits(token_mode):
+    # A single subnet (token reduction included), per-sample subnets and their consensus all return (0, classes);
+    # test_supernet.py::test_per_sample_subnets_accept_an_empty_batch covers the largest subnet and [].
+    model = tiny_supernet(token_mode, depth=4).eval()
+    x = images(model, 0)
+    with torch.no_grad():
+        assert model(x, model.search_space.smallest()).shape == (0, 10)
+        assert model(x, [], execution="consensus").shape == (0, 10)
+    assert vit.count_flops(model, []) == []
+
+
+def test_empty_batch_raises_in_adaptive_vit(model):
+    with pytest.raises(ValueError, match="no images: an episode batch needs at least one image"):
+        adaptive(model)(images(model, 0))
+
+
+@pytest.mark.parametrize("token_mode", TOKEN_MODES)
+def test_batch_of_one_equals_the_same_image_in_a_larger_batch(token_mode):
+    model = tiny_supernet(token_mode, depth=4).eval()
+    space = model.search_space
+    x = images(model, 6)
+    subnets = [space.sample(seed) for seed in range(6)]
+    with torch.no_grad():
+        batch_one = model(x, space.smallest())
+        batch_many = model(x, subnets)
+        for i in range(6):
+            torch.testing.assert_close(model(x[i : i + 1], space.smallest()), batch_one[i : i + 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(model(x[i : i + 1], [subnets[i]]), batch_many[i : i + 1], atol=1e-5, rtol=0)
+
+
+def test_batch_of_one_equals_the_same_image_in_a_larger_batch_in_adaptive_vit(model):
+    deployed = adaptive(model)
+    x = images(model, 5)
+    logits, macs = deployed(x)
+    for i in range(5):
+        one_logits, one_macs = deployed(x[i : i + 1])
+        assert one_logits.shape == (1, 10) and one_macs.shape == (1,)
+        torch.testing.assert_close(one_logits, logits[i : i + 1], atol=1e-5, rtol=0)
+        assert float(one_macs[0]) == float(macs[i])
+
+
+def test_vector_env_of_one_equals_the_single_env(fmnist_dir):
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=1, **env_kwargs(fmnist_dir, quality="logprob"))
+    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, quality="logprob"))
+    actions = random_actions(env.action_space, num_steps(env), seed=3)
+    single = run_episode(env, actions, options={"index": 7, "price": 0.5})
+    obs, _ = envs.reset(options={"indices": [7], "price": 0.5})
+    np.testing.assert_array_equal(obs["cls"][0], single[0][0]["cls"])
+    for t, action in enumerate(actions):
+        obs, reward, terminated, _, info = envs.step(action[None])
+        assert data_equivalence({k: v[0] for k, v in obs.items()}, single[0][t + 1], exact=True)
+        assert float(reward[0]) == single[1][t] and bool(terminated[0]) == (t == len(actions) - 1)
+    assert info["subnet"][0] == single[2][-1]["subnet"]
+
+
+# --- subnets ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda s: "largest", "expected a vit.Subnet or one per image, got str"),
+        (lambda s: 3, "expected a vit.Subnet or one per image, got int"),
+        (lambda s: s.largest().blocks[:2], "expected a vit.Subnet, got BlockConfig"),
+        (lambda s: [0, 1], "expected a vit.Subnet, got int"),
+        (lambda s: [s.largest(), s.largest().blocks], "expected a vit.Subnet, got tuple"),
+    ],
+    ids=["str", "int", "block-configs", "ints", "tuple-in-list"],
+)
+def test_what_is_not_a_subnet_raises_invalid_subnet_error(model, make, match):
+    # Subnets outside the search space: test_supernet.py::test_subnet_outside_the_space_raises.
+    with pytest.raises(vit.InvalidSubnetError, match=match):
+        model(images(model, 2), make(model.search_space))
+
+
+# --- env actions ------------------------------------------------------------------------------------------------------
+
+BAD_ACTIONS = [
+    (lambda a: a + np.array([2, 0, 0]), "heads index [0-9] out of range"),
+    (lambda a: a - np.array([0, 0, 3]), "keep_ratio index -[0-9] out of range"),
+    (lambda a: a[..., :2], "expected actions of shape"),
+    (lambda a: np.concatenate([a, a], axis=-1), "expected actions of shape"),
+    (lambda a: np.where(np.arange(3) == 1, np.nan, a), "NaN or Inf"),
+    (lambda a: a + 0.5, "whole numbers"),
+    (lambda a: a.astype(bool), "got dtype bool"),
+    (lambda a: a.astype(str), "got dtype <U"),
+    (lambda a: np.full(a.shape, None), "got dtype object"),
+]
+BAD_ACTION_IDS = ["above", "negative", "short", "long", "nan", "fraction", "bool", "str", "none"]
+
+
+def snapshot(envs) -> tuple:
+    """What an invalid action must leave as it was: observation, step, MACs, tokens and subnets so far."""
+    inference = envs.unwrapped.inference
+    return (
+        to_numpy(inference.observation()),
+        inference.step_index,
+        inference.macs.clone(),
+        inference.tokens.num_patches().clone(),
+        [list(c) for c in inference.choices],
+    )
+
+
+def assert_same_state(a: tuple, b: tuple) -> None:
+    assert data_equivalence(a[0], b[0], exact=True)
+    assert a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]) and a[4] == b[4]
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["single", "vector"])
+def test_invalid_actions_raise_mid_episode_and_lose_nothing(fmnist_dir, vector):
+    """An episode interrupted by every kind of invalid action at every step equals the uninterrupted episode."""
+    kwargs = env_kwargs(fmnist_dir, quality="logprob")
+    env = (
+        gymnasium.make_vec("PranceViT-v0", num_envs=3, **kwargs) if vector else gymnasium.make("PranceViT-v0", **kwargs)
+    )
+    actions = random_actions(env.action_space, env.unwrapped.inference.num_steps, seed=2)
+    runs = []
+    for interrupt in (False, True):
+        run = [env.reset(seed=4)]
+        for action in actions:
+            if interrupt:
+                before = snapshot(env)
+                for bad, match in BAD_ACTIONS:
+                    with pytest.raises(ValueError, match=match):
+                        env.step(bad(np.asarray(action)))
+                    assert_same_state(snapshot(env), before)
+            run.append(env.step(action))
+        runs.append(run)
+    assert data_equivalence(runs[0], runs[1], exact=True)
+
+
+@pytest.mark.parametrize("bad, match", BAD_ACTIONS, ids=BAD_ACTION_IDS)
+def test_invalid_vector_actions_raise(fmnist_dir, bad, match):
+    # The single env: test_env.py::test_invalid_discrete_action_raises_and_leaves_the_episode_as_it_was.
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=3, **env_kwargs(fmnist_dir))
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match=match):
+        envs.step(bad(np.zeros((3, 3), dtype=np.int64)))
+
+
+@pytest.mark.parametrize("action", [np.array([True, False, True]), np.array(["0", "1", "0"]), None])
+def test_continuous_actions_of_another_type_raise(fmnist_dir, action):
+    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, action_type="continuous"))
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="actions must be numbers"):
+        env.step(action)
+
+
+# --- env construction -------------------------------------------------------------------------------------------------
+
+
+def test_unknown_vector_env_keyword_raises_type_error(fmnist_dir):
+    # The single env: test_env.py::test_unknown_keyword_raises_type_error.
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reward_mode'"):
+        gymnasium.make_vec("PranceViT-v0", num_envs=2, **env_kwargs(fmnist_dir, reward_mode="delta"))
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["single", "vector"])
+def test_empty_dataset_folder_says_how_to_get_the_data(tmp_path, vector):
+    make = gymnasium.make_vec if vector else gymnasium.make
+    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\.gz.*apt-get install dataset-fashion-mnist"):
+        make("PranceViT-v0", **env_kwargs(tmp_path))
+
+
+def test_empty_torch_dataset_raises(model):
+    empty = TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        gymnasium.make("PranceViT-v0", supernet=model, data=empty, device="cpu")
+
+
+def test_missing_supernet_checkpoint_raises_in_the_env(fmnist_dir, tmp_path):
+    kwargs = {**env_kwargs(fmnist_dir), "supernet": "prance_fmnist", "checkpoint": tmp_path / "none.safetensors"}
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*none.safetensors"):
+        gymnasium.make("PranceViT-v0", **kwargs)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------------
+
+
+def write_truncated(path):
+    vit.save_checkpoint(tiny_supernet(depth=4), path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize(
+    "filename, write, error, match",
+    [
+        ("absent.safetensors", lambda path: None, FileNotFoundError, "checkpoint not found"),
+        ("supernet.safetensors", write_truncated, ValueError, "not a readable checkpoint"),
+        ("supernet.pt", lambda path: path.write_text("hello"), ValueError, "not a readable checkpoint"),
+        ("supernet.pt", lambda path: torch.save([1, 2], path), ValueError, "does not hold a state dict of tensors"),
+        (
+            "supernet.safetensors",
+            lambda path: vit.save_checkpoint(tiny_supernet(depth=3), path),
+            ValueError,
+            r"does not fit this ElasticViT: \d+ missing keys \(blocks\.3\.",
+        ),
+        (
+            "supernet.safetensors",
+            lambda path: vit.save_checkpoint(tiny_supernet(depth=4, embed_dim=32, mlp_hidden_choices=(64, 128)), path),
+            ValueError,
+            r"shape mismatches \(cls_token: \(1, 1, 32\) vs \(1, 1, 16\)",
+        ),
+    ],
+    ids=["missing", "truncated", "text", "list", "fewer-blocks", "wider"],
+)
+def test_bad_checkpoints_raise_in_load_pretrained(tmp_path, filename, write, error, match):
+    # create_supernet(checkpoint=...): test_supernet.py::test_bad_checkpoints_raise and test_missing_checkpoint_raises.
+    path = tmp_path / filename
+    write(path)
+    target = tiny_supernet(depth=4)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(error, match=match) as info:
+        vit.registry.load_pretrained(target, path)
+    assert str(path) in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # the model is left as it was
+
+
+# --- selector files ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def selector(model, fmnist_dir, tmp_path_factory):
+    """An (untrained) PPO selector for `model`, saved with its settings: (path, PPO model)."""
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=2, **{**env_kwargs(fmnist_dir), "supernet": model})
+    ppo = PPO(
+        "MultiInputPolicy",
+        prance_env.to_sb3(envs),
+        n_steps=4,
+        batch_size=8,
+        seed=0,
+        device="cpu",
+        policy_kwargs=dict(features_extractor_class=agents.CLSFeaturesExtractor),
+    )
+    settings = {"algo": "ppo", "signature": supernet_signature(model), "env": {}}
+    return agents.save_selector(ppo, tmp_path_factory.mktemp("selector") / "selector", settings), ppo
+
+
+def copy_selector(selector, folder, change) -> Path:
+    """The saved selector copied to `folder`, its `.zip` bytes and `.json` text replaced by `change(data, text)`."""
+    path, _ = selector
+    data, text = change(path.read_bytes(), path.with_suffix(".json").read_text())
+    folder.mkdir()
+    (folder / "selector.zip").write_bytes(data)
+    (folder / "selector.json").write_text(text)
+    return folder / "selector.zip"
+
+
+def zip_of(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda data, text: (data[:100], text), lambda data, text: (b"epoch,loss\n1,0.93\n", text)],
+    ids=["cut-in-the-header", "text"],
+)
+def test_selector_zip_that_is_no_zip_raises(selector, model, tmp_path, change):
+    # Missing .zip or .json: test_agents.py::test_missing_selector_files_raise.
+    path = copy_selector(selector, tmp_path / "copy", change)
+    with pytest.raises(ValueError, match=r"selector\.zip wasn't a zip-file"):
+        agents.load_selector(path, model, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda data, text: (data[: len(data) // 3], text),  # zipfile then finds a zip stored inside
+        lambda data, text: (zip_of({"readme.txt": "not a model"}), text),
+        lambda data, text: (data, text[: len(text) // 2]),
+        lambda data, text: (data, json.dumps({"epoch": 3})),
+    ],
+    ids=["truncated-zip", "foreign-zip", "truncated-json", "foreign-json"],
+)
+def test_foreign_selector_files_raise_value_error_naming_the_file(selector, model, tmp_path, change):
+    path = copy_selector(selector, tmp_path / "copy", change)
+    with pytest.raises(ValueError, match=r"selector\.(zip|json)"):
+        agents.load_selector(path, model, device="cpu")
+
+
+def test_check_supernet_names_the_difference(selector, model):
+    # load_selector(path, other_supernet): test_agents.py::test_loading_a_selector_onto_another_supernet_names_the_...
+    settings = json.loads(selector[0].with_suffix(".json").read_text())
+    check_supernet(settings, model)
+    other = tiny_supernet(depth=4, head_choices=(2,))
+    with pytest.raises(ValueError, match=r"trained on supernet 'prance_fmnist' with choices=.*has choices="):
+        check_supernet(settings, other)
+    with pytest.raises(ValueError, match="token_mode=merge, but the given supernet .* has token_mode=prune"):
+        agents.load_adaptive(selector[0], tiny_supernet("prune", depth=4), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "other, difference",
+    [
+        (lambda: tiny_supernet(depth=4, embed_dim=32, mlp_hidden_choices=(64, 128)), "embed_dim|cls"),
+        (lambda: tiny_supernet(depth=4, keep_ratio_choices=(0.25, 0.5, 1.0)), "choices|nvec"),
+    ],
+    ids=["wider", "more-choices"],
+)
+def test_adaptive_vit_rejects_a_selector_of_another_supernet(selector, other, difference):
+    other = other().eval()
+    with pytest.raises(ValueError, match=difference):
+        AdaptiveViT(other, selector[1])(images(other, 2))
