@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv install data test lint clean
+.PHONY: venv install data demo test lint clean
 
 venv install: $(VENV)/.installed
 
@@ -25,6 +25,20 @@ data:
 			exit 1; \
 		fi; \
 	fi
+
+# The main job on the embedded default (prance_fmnist on Fashion-MNIST): fine-tune the shipped PPO selector briefly,
+# calibrate it to a few MACs budgets, evaluate it against the baselines, draw the token maps; prints the table.
+DEMO ?= runs/demo
+DEMO_STEPS ?= 100000
+
+demo: venv data
+	$(VENV)/bin/python scripts/train_selector.py --init shipped:prance_fmnist --total-steps $(DEMO_STEPS) \
+		--eval-every $(DEMO_STEPS) --out $(DEMO)/selector
+	$(VENV)/bin/python scripts/evaluate.py --selector $(DEMO)/selector/selector --out $(DEMO)
+	$(VENV)/bin/python scripts/visualize.py --selector $(DEMO)/selector/selector --out $(DEMO)/tokens.png \
+		--price $$($(VENV)/bin/python -c "import json; rows = json.load(open('$(DEMO)/results.json'))['table']; \
+		print(min((r for r in rows if 'budget' in r), key=lambda r: abs(r['budget'] - 0.5))['price'])")
+	@echo; echo "== $(DEMO)/results.md (plots: $(DEMO)/pareto.png, $(DEMO)/tokens.png) =="; cat $(DEMO)/results.md
 
 lint: venv
 	$(VENV)/bin/ruff check .

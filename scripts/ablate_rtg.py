@@ -10,7 +10,7 @@ same whatever the reward it was trained with:
 
 It writes `OUT/ablation.json`, `OUT/ablation.md` (a table of the curves) and `OUT/ablation.png`.
 
-    python scripts/ablate_rtg.py                       # 3 modes x 300k steps x seed 0 on prance_fmnist
+    python scripts/ablate_rtg.py                       # 3 modes x 240k steps x seed 0 on prance_fmnist
     python scripts/ablate_rtg.py --seeds 0 1 2 --steps 200000
 """
 
@@ -36,8 +36,8 @@ class Args:
     """Learning curves of delta, direct and terminal rewards."""
 
     rewards: tuple[str, ...] = field(default=("delta", "direct", "terminal"), metadata={"help": "reward modes"})
-    steps: int = field(default=300_000, metadata={"help": "environment steps per run"})
-    every: int = field(default=50_000, metadata={"help": "steps between scored checkpoints"})
+    steps: int = field(default=240_000, metadata={"help": "environment steps per run"})
+    every: int = field(default=40_000, metadata={"help": "steps between scored checkpoints"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (every mode runs every seed)"})
     price: float = field(default=0.01, metadata={"help": "fixed price of the held-out return"})
     budget: float = field(default=0.5, metadata={"help": "MACs ratio of the Top-1 curve"})
