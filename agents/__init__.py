@@ -1,5 +1,7 @@
 """agents: the decision side of PRANCE — the CLS features extractor, selector training, baselines, AdaptiveViT."""
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
 from .adaptive import AdaptiveViT, calibrate, measure
 from .baselines import FullModelPolicy, RandomPolicy, StaticPolicy, UniformMergePolicy
 from .extractor import CLSFeaturesExtractor

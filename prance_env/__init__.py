@@ -7,6 +7,8 @@ venv = prance_env.to_sb3(envs)                            # stable-baselines3 Ve
 
 from gymnasium.envs.registration import register, registry
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
 from .core import QUALITIES, REWARD_MODES, BatchedInference, MDPConfig
 from .env import PranceViTEnv
 from .vector import PranceViTVectorEnv, SB3VecEnv, to_sb3

@@ -109,6 +109,7 @@ def plot(curves: dict, args: Args, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = (
@@ -125,7 +126,8 @@ def plot(curves: dict, args: Args, path: Path) -> None:
             if values.shape[1] > 1:
                 ax.fill_between(steps, values.min(1) * scale, values.max(1) * scale, alpha=0.2, color=line.get_color())
         ax.set_title(title)
-        ax.set_xlabel("environment steps")
+        ax.set_xlabel("environment steps (thousands)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}"))
         ax.grid(alpha=0.3)
     axes[0].legend(title="reward")
     seeds = ", ".join(map(str, args.seeds))

@@ -1,5 +1,12 @@
 """vit: the elastic ViT supernet of PRANCE — widths, token reduction, FLOPs, per-sample execution, data."""
 
+import os
+
+# OpenMP threads that spin while they wait make small models crawl (tens of times slower) as soon as another
+# process shares the CPU cores; sleeping waits cost nothing measurable here. Effective when vit is imported before
+# torch; set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, Subnet
 from .data import load_dataset
