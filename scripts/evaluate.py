@@ -49,6 +49,7 @@ class Args:
     data_path: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
     images: int | None = field(default=None, metadata={"help": "test images (default: the whole split)"})
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
+    tolerance: float = field(default=0.01, metadata={"help": "calibration stops this close to the budget"})
     batch_size: int = field(default=256, metadata={"help": "images per batch (every row)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     seed: int = field(default=0, metadata={"help": "seed of the random-decision baseline"})
@@ -217,7 +218,7 @@ def main(args: Args) -> list[dict]:
 
     selector, table = [], [full]
     for budget in tqdm(args.budgets, desc="budgets"):
-        price = agents.calibrate(adaptive, calibration, budget)
+        price = agents.calibrate(adaptive, calibration, budget, tolerance=args.tolerance)
         row = {
             "method": "PRANCE selector",
             "setting": f"budget {budget:g}, price {price:.3g}",
