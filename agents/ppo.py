@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import prance_env
 import vit
+from vit.checkpoint import atomic_write
 from vit.train import first_batches
 from vit.utils import resolve_device
 
@@ -276,7 +277,7 @@ def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
         "minutes": (time.time() - started) / 60,
     }
     save_selector(model, out / "selector", settings)
-    history_file.write_text(json.dumps(evaluation.history, indent=2))
+    atomic_write(history_file, lambda tmp: Path(tmp).write_text(json.dumps(evaluation.history, indent=2)))
     venv.close()
     return model, evaluation.history
 

@@ -15,6 +15,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 import vit
+from vit.checkpoint import atomic_write
 
 from .adaptive import AdaptiveViT
 
@@ -81,8 +82,8 @@ def save_selector(model: BaseAlgorithm, path: str | os.PathLike, settings: dict)
     """Write `PATH.zip` (the SB3 model) and `PATH.json` (`settings`: algo, supernet signature, env settings)."""
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path.with_suffix(".zip"))
-    path.with_suffix(".json").write_text(json.dumps(settings, indent=2))
+    atomic_write(path.with_suffix(".zip"), model.save)  # a kill mid-write leaves the previous files whole
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
     return path.with_suffix(".zip")
 
 

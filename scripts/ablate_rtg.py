@@ -16,6 +16,10 @@ It writes `OUT/ablation.json`, `OUT/ablation.md` (a table of the curves) and `OU
 
 from __future__ import annotations
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
+
 import json
 import warnings
 from dataclasses import dataclass, field

@@ -15,6 +15,10 @@ deciding (the selector's forward passes, observation to action).
 
 from __future__ import annotations
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,6 @@ import numpy as np
 import torch
 
 import agents
-import vit
 from agents.selector import selector_dataset
 from vit.train import first_batches
 from vit.utils import parse_dataclass, resolve_device

@@ -7,6 +7,10 @@ then a bucketed forward of the subnets those episodes chose, on the same images.
     python scripts/benchmark_env.py                     # prance_fmnist, 256 sub-envs, CPU
 """
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
+
 from dataclasses import dataclass, field
 
 import gymnasium

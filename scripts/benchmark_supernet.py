@@ -7,12 +7,15 @@
     python scripts/benchmark_supernet.py                     # prance_fmnist, batch 256, CPU
 """
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
+
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-import vit
 from vit.utils import parse_dataclass, resolve_device, seconds_per_call
 
 

@@ -20,6 +20,10 @@ It writes `OUT/results.md` (the table), `OUT/results.json` (every row, the whole
 
 from __future__ import annotations
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
+
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,7 +33,6 @@ import torch
 from tqdm.auto import tqdm
 
 import agents
-import vit
 from agents.baselines import RandomPolicy
 from agents.selector import selector_dataset
 from vit.token_ops import token_schedule

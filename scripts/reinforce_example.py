@@ -10,6 +10,10 @@ and `agents.measure` unchanged.
 
 from __future__ import annotations
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
+
 from dataclasses import dataclass, field
 
 import gymnasium
@@ -20,7 +24,6 @@ from tqdm.auto import tqdm
 
 import agents
 import prance_env  # noqa: F401  (registers PranceViT-v0)
-import vit
 from vit.train import first_batches
 from vit.utils import parse_dataclass
 

@@ -11,6 +11,10 @@ source tracing (`forward_block(..., source=...)`), replayed image by image on th
     python scripts/visualize.py --policy uniform --keep-index 0   # a baseline: no selector needed
 """
 
+import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
+
 import json
 import math
 from collections.abc import Sequence
@@ -27,7 +31,6 @@ from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
 import agents
-import vit
 from vit.utils import parse_dataclass, resolve_device
 
 matplotlib.use("Agg")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,8 @@ FORMAT = "prance-vit"
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
 
-    A crash or interruption during `write` leaves any previous file at `path` untouched.
+    A crash or interruption during `write` leaves any previous file at `path` untouched. A process killed during
+    `write` (SIGKILL, power loss) cannot remove its temporary file: the next successful write of `path` does.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +31,10 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's names for this path
+    for stale in path.parent.iterdir():
+        if leftover.fullmatch(stale.name):
+            stale.unlink(missing_ok=True)
     return path
 
 
