@@ -28,7 +28,14 @@ from vit.utils import resolve_device
 
 from .adaptive import AdaptiveViT, measure
 from .extractor import CLSFeaturesExtractor
-from .selector import algorithm, check_supernet, resolve_selector, save_selector, supernet_signature
+from .selector import (
+    algorithm,
+    check_supernet,
+    read_settings,
+    resolve_selector,
+    save_selector,
+    supernet_signature,
+)
 
 
 @dataclass
@@ -214,7 +221,7 @@ def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
         tqdm.write(f"resumed from {resume_from} at {model.num_timesteps} steps")
     elif cfg.init is not None:
         path = resolve_selector(cfg.init)
-        settings = json.loads(path.with_suffix(".json").read_text())
+        settings = read_settings(path)
         check_supernet(settings, envs.unwrapped.model)
         if settings["algo"] != cfg.algo:
             raise ValueError(f"{cfg.init} was trained with {settings['algo']!r}, not --algo {cfg.algo!r}")

@@ -207,14 +207,13 @@ class BatchedInference:
         if self.step_index >= self.num_steps:
             raise RuntimeError("the episodes have ended; call reset() to start new ones")
         configs = self.decode(actions)
-        uniform = configs[0] if len(set(configs)) == 1 else None  # one configuration: no per-sample split
         start = self.next_block
         for i in range(start, start + self.config.blocks_per_step):
             n = self.tokens.num_patches().tolist()
             self.macs += torch.tensor(
                 [self._block(ni, c) for ni, c in zip(n, configs)], dtype=torch.float64, device=self.macs.device
             )
-            self.tokens = self.tokens.apply_block(self.model, i, configs if uniform is None else uniform)
+            self.tokens = self.tokens.apply_block(self.model, i, configs)
             for choice, c in zip(self.choices, configs):
                 choice.append(c)
         self.step_index += 1

@@ -19,7 +19,6 @@ import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch load
 
 # isort: split
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 import agents
 from agents.selector import selector_dataset
 from vit.train import first_batches
-from vit.utils import parse_dataclass, resolve_device
+from vit.utils import parse_dataclass, resolve_device, timed
 
 
 @dataclass
@@ -56,26 +55,14 @@ class DecisionTimer:
         adaptive.decide = self
 
     def __call__(self, *args, **kwargs):
-        sync(self.device)
-        start = time.perf_counter()
-        out = self.decide(*args, **kwargs)
-        sync(self.device)
-        self.seconds += time.perf_counter() - start
+        out, seconds = timed(lambda: self.decide(*args, **kwargs), self.device)
+        self.seconds += seconds
         return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        fn()
-    sync(device)
-    return time.perf_counter() - start
+@torch.inference_mode()
+def wall_seconds(fn, device: torch.device) -> float:
+    return timed(fn, device)[1]
 
 
 def main(args: Args) -> dict[str, float]:
@@ -113,13 +100,13 @@ def main(args: Args) -> dict[str, float]:
     }
     timer = DecisionTimer(bucketed, device)
     for fn in runs.values():  # warm-up
-        timed(fn, device)
+        wall_seconds(fn, device)
     rounds, deciding = [], []
     for _ in range(args.rounds):
         row = {}
         for name, fn in runs.items():
             before = timer.seconds
-            row[name] = timed(fn, device)
+            row[name] = wall_seconds(fn, device)
             if name == "bucketed":
                 deciding.append((timer.seconds - before) / row[name])
         rounds.append(row)

@@ -25,7 +25,6 @@ import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch load
 # isort: split
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from agents.baselines import RandomPolicy
 from agents.selector import selector_dataset
 from vit.token_ops import token_schedule
 from vit.train import first_batches
-from vit.utils import parse_dataclass, resolve_device
+from vit.utils import parse_dataclass, resolve_device, timed
 
 MATCH_BELOW, MATCH_ABOVE = 0.02, 0.10
 
@@ -74,23 +73,13 @@ def final_tokens(model: vit.ElasticViT, subnet: vit.Subnet) -> int:
     return n
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def measure_static(model: vit.ElasticViT, subnet: vit.Subnet, batches: list, full_macs: int) -> dict:
     """Top-1, MACs ratio, tokens kept and images/s of a plain forward pass of one subnet."""
-    device = model.pos_embed.device
-    correct = seen = 0
-    sync(device)
-    start = time.perf_counter()
-    for images, labels in batches:
-        correct += int((model(images, subnet).argmax(-1) == labels).sum())
-        seen += len(labels)
-    sync(device)
-    seconds = time.perf_counter() - start
+    correct, seconds = timed(
+        lambda: sum(int((model(x, subnet).argmax(-1) == y).sum()) for x, y in batches), model.pos_embed.device
+    )
+    seen = sum(len(y) for _, y in batches)
     macs = vit.count_flops(model, subnet)
     return {
         "top1": correct / seen,
@@ -103,12 +92,7 @@ def measure_static(model: vit.ElasticViT, subnet: vit.Subnet, batches: list, ful
 
 def measure_adaptive(adaptive: agents.AdaptiveViT, batches: list) -> dict:
     """`agents.measure` with GMACs and images/s."""
-    device = adaptive.supernet.pos_embed.device
-    sync(device)
-    start = time.perf_counter()
-    row = agents.measure(adaptive, batches)
-    sync(device)
-    seconds = time.perf_counter() - start
+    row, seconds = timed(lambda: agents.measure(adaptive, batches), adaptive.supernet.pos_embed.device)
     seen = sum(len(y) for _, y in batches)
     return {**row, "gmacs": row["flops_ratio"] * adaptive.full_macs / 1e9, "images_per_s": seen / seconds}
 

@@ -15,7 +15,6 @@ import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch load
 
 # isort: split
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
 import agents
+from agents.selector import read_settings, resolve_selector
 from vit.utils import parse_dataclass, resolve_device
 
 matplotlib.use("Agg")
@@ -68,15 +68,15 @@ def load_policy(args: Args) -> tuple[agents.AdaptiveViT, str]:
     if args.policy not in POLICIES:
         raise SystemExit(f"unknown --policy {args.policy!r}; expected one of {', '.join(POLICIES)}")
     if args.policy == "selector":
-        path = Path(args.selector).with_suffix("")
-        missing = [f for f in (path.with_suffix(".zip"), path.with_suffix(".json")) if not f.is_file()]
-        if missing:
+        try:
+            path = resolve_selector(args.selector)
+        except FileNotFoundError as e:
             raise SystemExit(
-                f"no selector at {path}: {missing[0]} is missing. Train one with `python scripts/train_selector.py` "
+                f"no selector at {args.selector}: {e}. Train one with `python scripts/train_selector.py` "
                 "(it writes runs/selector/selector.zip), pass --selector PATH, or draw a baseline with "
                 "--policy full|random|uniform."
-            )
-        settings = json.loads(path.with_suffix(".json").read_text())
+            ) from None
+        settings = read_settings(path)
         price = args.price if args.price is not None else settings.get("price", DEFAULT_PRICE)
         return agents.load_adaptive(path, price=price, device=args.device), f"selector {path}, price {price:g}"
     overrides = {} if args.token_mode is None else {"token_mode": args.token_mode}

@@ -114,10 +114,9 @@ class ElasticBlock(nn.Module):
         reduce = schedule[1] < x.shape[1] - 1
         attn, scores, keys = self.attn(self.norm1(x), config.heads, size_bias(size), need_scores=reduce)
         x = x + self.drop_path1(attn)
-        if reduce and source is None:
-            x, size = reduce_tokens(x, size, scores, keys, schedule, token_mode)  # (B, 1 + N', C)
-        elif reduce:
-            x, size, source = reduce_tokens(x, size, scores, keys, schedule, token_mode, source)
+        if reduce:  # (B, 1 + N', C); the source comes back only when one is traced
+            x, size, *traced = reduce_tokens(x, size, scores, keys, schedule, token_mode, source)
+            source = traced[0] if traced else None
         x = x + self.drop_path2(self.mlp(self.norm2(x), config.mlp_hidden))
         return (x, size) if source is None else (x, size, source)
 

@@ -142,10 +142,8 @@ def reduce_tokens(
         if final < pruned:
             scores, keys = _gather_tokens(scores, keep), _gather_tokens(keys, keep)
     if final < pruned:
-        if source is None:
-            x, size = merge(x, size, scores, keys, final)
-        else:
-            x, size, source = merge(x, size, scores, keys, final, source)
+        x, size, *traced = merge(x, size, scores, keys, final, source)
+        source = traced[0] if traced else None
     return (x, size) if source is None else (x, size, source)
 
 

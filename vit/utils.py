@@ -23,19 +23,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def timed(fn, device: torch.device | str | None = None):
+    """`fn()`'s result and the wall-clock seconds it took (CUDA synchronised on a CUDA `device`)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
 def seconds_per_call(fn, repeats: int = 5, warmup: int = 1, device: torch.device | None = None) -> float:
     """Median wall-clock seconds of `fn()` over `repeats` calls after `warmup` calls (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
 def _arg_type(annotation) -> tuple[type, bool]:
