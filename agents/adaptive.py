@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from prance_env import BatchedInference, MDPConfig
 from vit import ElasticViT
 
-EXECUTIONS = ("bucketed", "consensus")
+EXECUTIONS = ("packed", "bucketed", "consensus")
 
 
 class AdaptiveViT(nn.Module):
@@ -24,8 +24,8 @@ class AdaptiveViT(nn.Module):
 
     `forward(images)` returns logits and per-sample MACs. The loop is the env's (`prance_env.BatchedInference`)
     without rewards: the stem runs, then at every step the policy reads the CLS token, progress and the price,
-    and its choices run, per sample, by bucketing (or, with `execution="consensus"`, as one median choice for the
-    whole batch).
+    and its choices run per sample, on packed tokens (`packed`) or by bucketing (`bucketed`), or, with
+    `execution="consensus"`, as one median choice for the whole batch.
 
     Args:
         supernet: the elastic ViT.
@@ -34,7 +34,7 @@ class AdaptiveViT(nn.Module):
         price: the compute price λ the policy sees (set by `calibrate` for a MACs budget).
         price_range: the prices the policy was trained on; `calibrate` searches inside it.
         stem_blocks, blocks_per_step: as the env the policy was trained on.
-        execution: `bucketed` or `consensus`.
+        execution: `packed`, `bucketed` or `consensus` (see `vit.ElasticViT.forward`).
     """
 
     def __init__(
@@ -45,7 +45,7 @@ class AdaptiveViT(nn.Module):
         price_range: tuple[float, float] = (0.01, 1.0),
         stem_blocks: int = 1,
         blocks_per_step: int = 1,
-        execution: str = "bucketed",
+        execution: str = "packed",
     ) -> None:
         super().__init__()
         if execution not in EXECUTIONS:
@@ -58,7 +58,9 @@ class AdaptiveViT(nn.Module):
         self.price_range = (float(price_range[0]), float(price_range[1]))
         self.execution = execution
         self.inference = BatchedInference(
-            supernet, MDPConfig(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step, reward="terminal")
+            supernet,
+            MDPConfig(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step, reward="terminal"),
+            execution="bucketed" if execution == "consensus" else execution,  # one configuration: dense buckets
         )
         self._check_policy(policy)
         self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")

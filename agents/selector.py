@@ -150,7 +150,7 @@ def load_adaptive(
     path: str | os.PathLike,
     supernet: vit.ElasticViT | None = None,
     price: float | None = None,
-    execution: str = "bucketed",
+    execution: str = "packed",
     device: str = "auto",
 ) -> AdaptiveViT:
     """An `AdaptiveViT` from a saved selector, on `supernet` (default: the named supernet with its shipped or

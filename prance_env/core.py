@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vit import BlockConfig, ElasticViT, InvalidSubnetError, TokenBatch
+from vit import BlockConfig, ElasticViT, InvalidSubnetError
 from vit.flops import block_macs, count_flops, embed_macs, head_macs
+from vit.supernet import TOKEN_BATCHES
 
 REWARD_MODES = ("delta", "direct", "terminal")
 QUALITIES = ("correct", "logprob", "agree")
@@ -69,11 +70,16 @@ class BatchedInference:
     Args:
         model: the supernet (put in eval mode; it is never trained here).
         config: the MDP's settings.
+        execution: how a batch of per-sample configurations runs: `packed` (`vit.PackedBatch`) or `bucketed`
+            (`vit.TokenBatch`); the results are the same.
     """
 
-    def __init__(self, model: ElasticViT, config: MDPConfig = MDPConfig()) -> None:
+    def __init__(self, model: ElasticViT, config: MDPConfig = MDPConfig(), execution: str = "packed") -> None:
+        if execution not in TOKEN_BATCHES:
+            raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(TOKEN_BATCHES)}")
         self.model = model.eval().requires_grad_(False)
         self.config = config
+        self.execution = execution
         self.space = model.search_space
         decided = model.depth - config.stem_blocks
         if decided < 1 or decided % config.blocks_per_step:
@@ -129,7 +135,7 @@ class BatchedInference:
         device = images.device
         self.labels = labels
         self.price = torch.zeros(B, device=device) if price is None else price.to(device, torch.float32)
-        tokens = TokenBatch(self.model.embed(images))
+        tokens = TOKEN_BATCHES[self.execution](self.model.embed(images))
         for i in range(self.config.stem_blocks):
             tokens = tokens.apply_block(self.model, i, self.reference[i])
         self.tokens = tokens

@@ -22,10 +22,10 @@ def release_models():
     release_shared_supernets()
 
 
-def measured_macs(model: vit.ElasticViT, x: torch.Tensor, subnet=None) -> float:
+def measured_macs(model: vit.ElasticViT, x: torch.Tensor, subnet=None, execution: str = "bucketed") -> float:
     """Multiply-accumulates of one forward, as counted by FlopCounterMode (2 FLOPs per MAC)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, subnet)
+        model(x, subnet, execution=execution)
     return counter.get_total_flops() / 2
 
 
@@ -82,6 +82,16 @@ def test_count_flops_of_per_sample_subnets(token_mode):
     expected = measured_macs(model, images(model, len(subnets)), subnets)
     assert abs(sum(counts) - expected) / expected < 0.02
     assert sum(counts) == expected
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_packed_execution_computes_little_more_than_the_count(token_mode):
+    """Packed execution pads the attention core and the key similarity of merging, and nothing else."""
+    model = supernet("prance_fmnist", token_mode)
+    subnets = [model.search_space.sample(seed) for seed in range(6)]
+    counted = sum(vit.count_flops(model, subnets))
+    packed = measured_macs(model, images(model, len(subnets)), subnets, execution="packed")
+    assert counted <= packed < 1.1 * counted
 
 
 @pytest.mark.parametrize(

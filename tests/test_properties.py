@@ -64,11 +64,13 @@ def test_any_per_sample_mixture_equals_each_image_alone(data, token_mode, seed):
     mixture = data.draw(st.lists(subnets(model.search_space), min_size=1, max_size=5))
     x = images(model, len(mixture), seed)
     with torch.no_grad():
-        bucketed = model(x, mixture)
+        packed = model(x, mixture)
+        bucketed = model(x, mixture, execution="bucketed")
         consensus = model(x, mixture, execution="consensus")
         alone = torch.cat([model(x[i : i + 1], s) for i, s in enumerate(mixture)])
-    assert bucketed.shape == consensus.shape == (len(mixture), model.num_classes)
-    assert torch.isfinite(bucketed).all() and torch.isfinite(consensus).all()
+    assert packed.shape == bucketed.shape == consensus.shape == (len(mixture), model.num_classes)
+    assert torch.isfinite(packed).all() and torch.isfinite(consensus).all()
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(bucketed, alone, atol=1e-5, rtol=0)
 
 

@@ -223,11 +223,13 @@ def test_per_sample_subnets_equal_one_image_at_a_time(token_mode):
         batched = model(x, subnets)
         alone = torch.cat([model(x[i : i + 1], subnets[i]) for i in range(8)])
         torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(x, subnets, execution="bucketed"), alone, atol=1e-4, rtol=0)
         consensus = model(x, subnets, execution="consensus")
         torch.testing.assert_close(consensus, model(x, space.consensus(subnets)), atol=1e-4, rtol=0)
         assert not torch.allclose(consensus, batched, atol=1e-3)  # the modes differ: one subnet vs. eight
-        same = model(x, [subnets[3]] * 8)
-        torch.testing.assert_close(same, model(x, subnets[3]), atol=1e-4, rtol=0)
+        for execution in ("packed", "bucketed"):
+            same = model(x, [subnets[3]] * 8, execution=execution)
+            torch.testing.assert_close(same, model(x, subnets[3]), atol=1e-4, rtol=0)
 
 
 def test_per_sample_subnets_accept_an_empty_batch():

@@ -12,6 +12,7 @@ from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, S
 from .data import load_dataset
 from .executor import TokenBatch
 from .flops import block_macs, count_flops
+from .packed import PackedBatch
 from .registry import create_supernet, list_supernets, register_supernet
 from .rewire import rewire
 from .supernet import ElasticViT
@@ -21,6 +22,7 @@ __all__ = [
     "BlockConfig",
     "ElasticViT",
     "InvalidSubnetError",
+    "PackedBatch",
     "SearchSpace",
     "Subnet",
     "TokenBatch",

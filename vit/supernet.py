@@ -18,9 +18,12 @@ from torch import Tensor
 
 from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, check_token_mode
 from .executor import TokenBatch
+from .packed import PackedBatch
 from .token_ops import cls_attention, reduce_tokens, size_bias, token_schedule
 
-EXECUTIONS = ("bucketed", "consensus")
+EXECUTIONS = ("packed", "bucketed", "consensus")
+#: How `ElasticViT.forward` and `prance_env.BatchedInference` hold a batch for each per-sample execution.
+TOKEN_BATCHES = {"packed": PackedBatch, "bucketed": TokenBatch}
 
 
 class ElasticAttention(nn.Module):
@@ -140,8 +143,9 @@ class ElasticViT(nn.Module):
     """A weight-sharing ViT supernet (timm `VisionTransformer` names) with per-block widths and token reduction.
 
     `forward(x)` runs the largest subnet; `forward(x, subnet)` one subnet for the batch; `forward(x, [s_0, ...])`
-    one subnet per sample, executed by bucketing samples of equal configuration and token count (or, with
-    `execution="consensus"`, as one subnet chosen from the per-sample ones).
+    one subnet per sample, executed on packed tokens (`vit.PackedBatch`), by bucketing samples of equal
+    configuration and token count (`execution="bucketed"`, `vit.TokenBatch`), or as one subnet chosen from the
+    per-sample ones (`execution="consensus"`).
 
     Args:
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the
@@ -286,9 +290,9 @@ class ElasticViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward_tokens(
-        self, tokens: TokenBatch, start: int, subnets: Sequence[Subnet] | Subnet | None = None
+        self, tokens: PackedBatch | TokenBatch, start: int, subnets: Sequence[Subnet] | Subnet | None = None
     ) -> Tensor:
-        """Logits (B, num_classes) of a `TokenBatch` run from block `start` to the end.
+        """Logits (B, num_classes) of a `PackedBatch` or `TokenBatch` run from block `start` to the end.
 
         `subnets` gives the configuration of the remaining blocks: one `Subnet` for all samples, one per sample,
         or None for the full width with no token reduction. Only blocks `start:` of each subnet are used.
@@ -301,15 +305,17 @@ class ElasticViT(nn.Module):
         return self.forward_head(self.norm(tokens.cls()))
 
     def forward(
-        self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, execution: str = "bucketed"
+        self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, execution: str = "packed"
     ) -> Tensor:
         """Logits (B, num_classes).
 
         Args:
             x: images (B, C_in, H, W).
             subnet: None (largest subnet), a `Subnet` for the whole batch, or a sequence of B subnets.
-            execution: for per-sample subnets, `bucketed` (exact per-sample result) or `consensus` (one subnet
-                for the batch: per block and field the median choice of the samples).
+            execution: for per-sample subnets, `packed` or `bucketed` (each the exact per-sample result; `packed`
+                runs a block in a few dense operations whatever the mixture, `bucketed` one dense group per
+                configuration and token count) or `consensus` (one subnet for the batch: per block and field the
+                median choice of the samples).
         """
         if subnet is None or isinstance(subnet, Subnet):
             return self.forward_head(self.forward_features(x, subnet))
@@ -326,7 +332,7 @@ class ElasticViT(nn.Module):
             return self.forward_head(self.forward_features(x))
         if execution == "consensus":
             return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
-        return self.forward_tokens(TokenBatch(self.embed(x)), 0, subnets)
+        return self.forward_tokens(TOKEN_BATCHES[execution](self.embed(x)), 0, subnets)
 
 
-__all__ = ["EXECUTIONS", "ElasticAttention", "ElasticBlock", "ElasticMlp", "ElasticViT", "PatchEmbed"]
+__all__ = ["EXECUTIONS", "TOKEN_BATCHES", "ElasticAttention", "ElasticBlock", "ElasticMlp", "ElasticViT", "PatchEmbed"]
