@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.distributions import CategoricalDistribution, MultiCategoricalDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -101,8 +103,18 @@ class AdaptiveViT(nn.Module):
         B = obs["cls"].shape[0]
         if self._direct:  # an SB3 model: straight on tensors, no numpy round trip
             net = self.policy.policy
+            obs = {k: v.to(net.device) for k, v in obs.items()}
             with torch.no_grad():
-                actions = net._predict({k: v.to(net.device) for k, v in obs.items()}, deterministic=True)
+                if isinstance(net, ActorCriticPolicy) and isinstance(
+                    net.action_dist, (CategoricalDistribution, MultiCategoricalDistribution)
+                ):  # the mode of each categorical is the argmax of its logits: no distribution objects
+                    features = net.extract_features(obs)
+                    features = features if net.share_features_extractor else features[0]
+                    logits = net.action_net(net.mlp_extractor.forward_actor(features))
+                    sizes = getattr(net.action_dist, "action_dims", [logits.shape[-1]])
+                    actions = torch.stack([part.argmax(-1) for part in logits.split(list(sizes), dim=-1)], 1)
+                else:
+                    actions = net._predict(obs, deterministic=True)
         else:
             numpy_obs = {k: v.cpu().numpy() for k, v in obs.items()}
             actions, state = self.policy.predict(numpy_obs, state, episode_start, deterministic=True)

@@ -96,6 +96,7 @@ class BatchedInference:
         self.full_macs = count_flops(model)
         self._block_cache: dict[tuple[int, BlockConfig], int] = {}
         self._rest_cache: dict[tuple[int, int], int] = {}
+        self._by_tokens: dict[BlockConfig, Tensor] = {}
         self.step_index = -1  # -1: not reset; num_steps: done
 
     # --- MACs bookkeeping: exact per-sample counts from (tokens, config), memoised ---------------------------------
@@ -105,6 +106,15 @@ class BatchedInference:
         if (n, config) not in self._block_cache:
             self._block_cache[n, config] = block_macs(self.model, n, config)[0]
         return self._block_cache[n, config]
+
+    def _block_macs(self, n: Tensor, configs: list[BlockConfig], code: Tensor) -> Tensor:
+        """MACs (B,) float64 of a block entered with n (B,) patch tokens, sample b at `configs[code[b]]`."""
+        for c in configs:
+            if c not in self._by_tokens:
+                counts = [self._block(m, c) for m in range(self.model.num_patches + 1)]
+                self._by_tokens[c] = torch.tensor(counts, dtype=torch.float64, device=n.device)
+        table = torch.stack([self._by_tokens[c] for c in configs])  # (distinct configs, N + 1)
+        return table[code, n]
 
     def _rest(self, start: int, n: int) -> int:
         """MACs of blocks `start:` at the reference subnet (no reduction: tokens stay `n`) and the head."""
@@ -172,7 +182,26 @@ class BatchedInference:
 
     def decode(self, actions: Tensor | Sequence) -> list[BlockConfig]:
         """Per-sample `BlockConfig`s from choice indices (B, fields); raises `InvalidSubnetError` if invalid."""
+        return self._decode(actions)[0]
+
+    def _decode(self, actions: Tensor | Sequence) -> tuple[list[BlockConfig], list[BlockConfig], Tensor]:
+        """`decode`'s configurations, the distinct ones, and the index (B,) of each sample's among them."""
         actions = torch.as_tensor(actions)
+        self._check_actions(actions)
+        actions = actions.long()
+        block = self.next_block
+        codes: dict[tuple, int] = {}
+        distinct, out, code = [], [], []
+        for row in map(tuple, actions.tolist()):
+            if row not in codes:
+                codes[row] = len(distinct)
+                distinct.append(self.space.config(block, row))
+            code.append(codes[row])
+            out.append(distinct[code[-1]])
+        return out, distinct, torch.tensor(code, device=self.macs.device)
+
+    def _check_actions(self, actions: Tensor) -> None:
+        """Raise `InvalidSubnetError` unless `actions` are (B, fields) whole choice indices in range."""
         B = self.tokens.batch_size
         if actions.shape != (B, len(self.nvec)):
             raise InvalidSubnetError(
@@ -193,14 +222,6 @@ class BatchedInference:
                 f"action {actions[sample].tolist()} (sample {sample}): {self.space.fields[field]} index "
                 f"{int(actions[sample, field])} out of range [0, {self.nvec[field]})"
             )
-        block = self.next_block
-        table = {}
-        out = []
-        for row in map(tuple, actions.tolist()):
-            if row not in table:
-                table[row] = self.space.config(block, row)
-            out.append(table[row])
-        return out
 
     @torch.inference_mode()
     def advance(self, actions: Tensor | Sequence) -> bool:
@@ -212,13 +233,10 @@ class BatchedInference:
             raise RuntimeError("call reset() before step()")
         if self.step_index >= self.num_steps:
             raise RuntimeError("the episodes have ended; call reset() to start new ones")
-        configs = self.decode(actions)
+        configs, distinct, code = self._decode(actions)
         start = self.next_block
         for i in range(start, start + self.config.blocks_per_step):
-            n = self.tokens.num_patches().tolist()
-            self.macs += torch.tensor(
-                [self._block(ni, c) for ni, c in zip(n, configs)], dtype=torch.float64, device=self.macs.device
-            )
+            self.macs += self._block_macs(self.tokens.num_patches(), distinct, code)
             self.tokens = self.tokens.apply_block(self.model, i, configs)
             for choice, c in zip(self.choices, configs):
                 choice.append(c)

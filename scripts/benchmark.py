@@ -4,11 +4,12 @@ The selector is calibrated to a MACs budget on training images, then one batch o
 interleaved rounds (this machine's speed drifts, so every ratio is a median of per-round ratios):
 
 - the full model and the static grid subnet nearest to the selector's measured MACs ratio (plain forwards);
-- `AdaptiveViT` with per-sample decisions executed by bucketing, and with `consensus` execution (one median
-  choice per step for the whole batch).
+- `AdaptiveViT` with per-sample decisions executed on packed tokens (the default) and by bucketing (the same
+  decisions and results), and with `consensus` execution (one median choice per step for the whole batch),
+  calibrated to the same budget on its own.
 
-It reports images/s, the realised speed-up next to the MACs ratio, and the share of the adaptive forward spent
-deciding (the selector's forward passes, observation to action).
+It reports images/s, the realised speed-up next to the MACs ratio, and the share of the packed adaptive forward
+spent deciding (the selector's forward passes, observation to action).
 
     python scripts/benchmark.py                         # runs/selector/selector, budget 0.5, batch 256, CPU
 """
@@ -69,36 +70,39 @@ def main(args: Args) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    bucketed = agents.load_adaptive(args.selector, device=str(device))
-    model = bucketed.supernet
+    packed = agents.load_adaptive(args.selector, device=str(device))
+    model = packed.supernet
     dataset = selector_dataset(args.selector, "train", model, args.data, args.data_path)
     calibration = first_batches(dataset, args.calib_images, args.batch_size, device)
-    price = agents.calibrate(bucketed, calibration, args.budget)
-    consensus = agents.AdaptiveViT(
-        model,
-        bucketed.policy,
-        price=price,
-        price_range=bucketed.price_range,
-        stem_blocks=bucketed.inference.config.stem_blocks,
-        blocks_per_step=bucketed.inference.config.blocks_per_step,
-        execution="consensus",
-    )
+    adaptive = {
+        execution: agents.AdaptiveViT(
+            model,
+            packed.policy,
+            price_range=packed.price_range,
+            stem_blocks=packed.inference.config.stem_blocks,
+            blocks_per_step=packed.inference.config.blocks_per_step,
+            execution=execution,
+        )
+        for execution in agents.adaptive.EXECUTIONS
+    }
+    prices = {"packed": agents.calibrate(adaptive["packed"], calibration, args.budget)}
+    prices["bucketed"] = prices["packed"]  # the same decisions, executed otherwise
+    prices["consensus"] = agents.calibrate(adaptive["consensus"], calibration, args.budget)
+    for execution, a in adaptive.items():
+        a.price = prices[execution]
     dataset = selector_dataset(args.selector, "held-out", model, args.data, args.data_path)
     images = first_batches(dataset, args.batch_size, args.batch_size, device)[0][0]
     full_macs = vit.count_flops(model)
-    ratio = {
-        name: float(a(images)[1].mean()) / full_macs for name, a in (("bucketed", bucketed), ("consensus", consensus))
-    }
+    ratio = {name: float(a(images)[1].mean()) / full_macs for name, a in adaptive.items()}
     grid = model.search_space.static_grid(tied=True)
-    static = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full_macs - ratio["bucketed"]))
+    static = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full_macs - ratio["packed"]))
     ratio |= {"full": 1.0, "static": vit.count_flops(model, static) / full_macs}
     runs = {
         "full": lambda: model(images),
         "static": lambda: model(images, static),
-        "bucketed": lambda: bucketed(images),
-        "consensus": lambda: consensus(images),
+        **{name: (lambda a=a: a(images)) for name, a in adaptive.items()},
     }
-    timer = DecisionTimer(bucketed, device)
+    timer = DecisionTimer(adaptive["packed"], device)
     for fn in runs.values():  # warm-up
         wall_seconds(fn, device)
     rounds, deciding = [], []
@@ -107,7 +111,7 @@ def main(args: Args) -> dict[str, float]:
         for name, fn in runs.items():
             before = timer.seconds
             row[name] = wall_seconds(fn, device)
-            if name == "bucketed":
+            if name == "packed":
                 deciding.append((timer.seconds - before) / row[name])
         rounds.append(row)
     seconds = {name: float(np.median([r[name] for r in rounds])) for name in runs}
@@ -115,8 +119,9 @@ def main(args: Args) -> dict[str, float]:
     names = {
         "full": "full model",
         "static": f"static `{static.blocks[-1]}` every block (nearest grid subnet in MACs)",
-        "bucketed": f"AdaptiveViT, bucketed (budget {args.budget:g}, price {price:.3g})",
-        "consensus": "AdaptiveViT, consensus (same price)",
+        "packed": f"AdaptiveViT, packed (budget {args.budget:g}, price {prices['packed']:.3g})",
+        "bucketed": "AdaptiveViT, bucketed (same decisions)",
+        "consensus": f"AdaptiveViT, consensus (budget {args.budget:g}, price {prices['consensus']:.3g})",
     }
     lines = [
         f"{device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
@@ -131,7 +136,7 @@ def main(args: Args) -> dict[str, float]:
         for n in runs
     ]
     share = float(np.median(deciding))
-    lines += ["", f"deciding (the selector's forward passes): {share * 100:.1f}% of the bucketed adaptive forward"]
+    lines += ["", f"deciding (the selector's forward passes): {share * 100:.1f}% of the packed adaptive forward"]
     text = "\n".join(lines)
     print(text)
     if args.out:

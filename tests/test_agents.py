@@ -293,6 +293,9 @@ def test_adaptive_vit_matches_the_single_env_image_by_image(trained, fmnist_dir,
     price = 0.05
     logits, macs = AdaptiveViT(model, policy, price=price)(images)
     assert logits.shape == (len(indices), 10) and macs.shape == (len(indices),)
+    bucketed_logits, bucketed_macs = AdaptiveViT(model, policy, price=price, execution="bucketed")(images)
+    torch.testing.assert_close(bucketed_logits, logits, atol=1e-5, rtol=0)
+    assert torch.equal(bucketed_macs, macs)
     subnets = []
     for i in indices:
         info = single_env_episode(env, policy, int(i), price)

@@ -304,9 +304,7 @@ class ElasticViT(nn.Module):
             tokens = tokens.apply_block(self, i, configs)
         return self.forward_head(self.norm(tokens.cls()))
 
-    def forward(
-        self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, execution: str = "packed"
-    ) -> Tensor:
+    def forward(self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, execution: str = "packed") -> Tensor:
         """Logits (B, num_classes).
 
         Args:
