@@ -165,12 +165,21 @@ class PackedBatch:
         return out
 
     def _reduce(self, x: Tensor, attention: _Attention, schedules: list, token_mode: str) -> PackedBatch:
-        """Token reduction of the samples whose schedule asks for it: the batch of tokens x after it."""
-        T, C = x.shape
+        """Token reduction of the samples whose schedule asks for it: the batch of tokens x after it.
+
+        Every token gets a destination row: itself when kept, its most similar kept token when merged, none when
+        pruned; then each kept token becomes the size-weighted mean of the tokens sent to it.
+        """
+        T = x.shape[0]
         device = x.device
         lengths = list(self.lengths)
-        gone, dst_rows, merged, merged_size = [], [], [], []
-        padded_x = padded_size = None
+        reducing = [s for s in range(self.batch_size) if schedules[s][1] < self.lengths[s] - 1]
+        if not reducing:
+            return PackedBatch(x, lengths, self.size, self.order)
+        pruned_t = torch.tensor([p for p, _ in schedules], device=device)
+        final_t = torch.tensor([f for _, f in schedules], device=device)
+        keep = torch.ones(T + 1, dtype=torch.bool, device=device)  # the extra row is where padding points
+        destination = torch.arange(T + 1, device=device) if token_mode != "prune" else None
         for group in attention.groups:
             samples = [s for s in group.samples if schedules[s][1] < self.lengths[s] - 1]
             if not samples:
@@ -178,47 +187,32 @@ class PackedBatch:
             for s in samples:
                 lengths[s] = 1 + schedules[s][1]
             rows = group.samples_index(samples)
-            pos, valid, scores = group.pos[rows, 1:], group.valid[rows, 1:], group.scores[rows]
-            pruned = torch.tensor([schedules[s][0] for s in samples], device=device)[:, None]
-            final = torch.tensor([schedules[s][1] for s in samples], device=device)[:, None]
-            order = scores.masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+            index = group.index[rows]
+            pos, scores = group.pos[rows, 1:], group.scores[rows]
+            order = scores.masked_fill(pos == T, float("-inf")).argsort(dim=-1, descending=True, stable=True)
             rank = torch.empty_like(order).scatter_(
                 1, order, torch.arange(order.shape[1], device=device).expand_as(order)
             )
-            dst, src = rank < final, (rank >= final) & (rank < pruned)
-            gone.append(pos[valid & ~dst])
-            if token_mode == "prune":
+            dst = rank < final_t.index_select(0, index)[:, None]
+            keep[pos.masked_select(~dst)] = False  # padding included: it points at row T
+            if destination is None:
                 continue
-            if padded_x is None:
-                padded_x = torch.cat([x, x.new_zeros(1, C)])
-                padded_size = torch.cat([x.new_ones(T) if self.size is None else self.size, x.new_ones(1)])
+            src = ~dst & (rank < pruned_t.index_select(0, index)[:, None])
             b, N = pos.shape
             keys = F.normalize(attention.keys(samples, N).view(b, N, -1), dim=-1)  # missing heads zero
             similarity = torch.bmm(keys, keys.transpose(1, 2)).masked_fill_(~dst[:, None, :], float("-inf"))
-            assign = similarity.argmax(-1)  # (b, N): the destination of every patch
-            xs = padded_x.index_select(0, pos.reshape(-1)).view(b, N, C)
-            sizes = padded_size.index_select(0, pos.reshape(-1)).view(b, N)
-            moved = src.to(x.dtype) * sizes  # sizes that move into a destination
-            total = (xs * sizes[..., None]).masked_fill_(~dst[..., None], 0)
-            total.scatter_add_(1, assign[..., None].expand(-1, -1, C), xs * moved[..., None])
-            total_size = sizes.masked_fill(~dst, 0).scatter_add_(1, assign, moved)
-            dst_rows.append(pos[dst])
-            merged.append(total[dst] / total_size[dst][:, None])
-            merged_size.append(total_size[dst])
-        if not gone:
-            return PackedBatch(x, lengths, self.size, self.order)
-        keep = torch.ones(T, dtype=torch.bool, device=device)
-        keep[torch.cat(gone)] = False
-        if not merged:  # pruning only
-            size = None if self.size is None else self.size[keep]
-            return PackedBatch(x[keep], lengths, size, self.order)
-        dst = torch.cat(dst_rows)
-        source = torch.arange(T, device=device)
-        source[dst] = T + torch.arange(dst.shape[0], device=device)
-        rows = source[keep]
-        x = torch.cat([x, *merged]).index_select(0, rows)
-        size = torch.cat([padded_size[:T], *merged_size]).index_select(0, rows)
-        return PackedBatch(x, lengths, size, self.order)
+            destination[pos.masked_select(src)] = pos.gather(1, similarity.argmax(-1)).masked_select(src)
+        keep = keep[:T]
+        if destination is None:  # pruning only
+            return PackedBatch(x[keep], lengths, None if self.size is None else self.size[keep], self.order)
+        destination = destination[:T]
+        dropped = ~keep & (destination == torch.arange(T, device=device))  # pruned: sent nowhere
+        size = x.new_ones(T) if self.size is None else self.size
+        weight = size.masked_fill(dropped, 0)
+        total = torch.zeros_like(x).index_add_(0, destination, x * weight[:, None])
+        total_size = torch.zeros_like(size).index_add_(0, destination, weight)
+        total, total_size = total[keep], total_size[keep]
+        return PackedBatch(total / total_size[:, None], lengths, total_size, self.order)
 
 
 class _Group:
