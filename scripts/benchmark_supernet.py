@@ -1,8 +1,8 @@
 """Wall-clock cost of elastic execution on this machine, as ratios taken in one run.
 
 1. A static subnet with about half the MACs of the full model: throughput ratio against the full model.
-2. Per-sample (bucketed) execution: the batch split over k different subnets, against one subnet for the batch,
-   both as MACs per second (so the ratio is the efficiency of bucketing; 1.0 means free).
+2. Per-sample execution, packed and bucketed: the batch split over k different subnets, against one subnet for
+   the batch, both as MACs per second (so the ratio is the efficiency of per-sample execution; 1.0 means free).
 
     python scripts/benchmark_supernet.py                     # prance_fmnist, batch 256, CPU
 """
@@ -21,7 +21,7 @@ from vit.utils import parse_dataclass, resolve_device, seconds_per_call
 
 @dataclass
 class Args:
-    """Benchmark of elastic and bucketed execution."""
+    """Benchmark of elastic and per-sample (packed, bucketed) execution."""
 
     model: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
     token_mode: str = field(default="merge", metadata={"help": "prune | merge | prune_merge"})
@@ -45,17 +45,19 @@ def main(args: Args) -> None:
     grid = space.static_grid()
     half = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full - args.target))
 
-    def seconds(subnet) -> float:
+    def seconds(subnet, execution: str = "packed") -> float:
         with torch.inference_mode():
-            return seconds_per_call(lambda: model(x, subnet), repeats=1, warmup=0, device=device)
+            return seconds_per_call(lambda: model(x, subnet, execution), repeats=1, warmup=0, device=device)
 
-    def interleaved(*subnets) -> list[float]:
-        """Median seconds of each subnet's forward over rounds that run them in turn (this machine drifts)."""
-        for s in subnets:
-            seconds(s)
-        rounds = [[seconds(s) for s in subnets] for _ in range(args.repeats)]
-        return [float(np.median([r[k] for r in rounds])) for k in range(len(subnets))] + [
-            float(np.median([r[-1] / r[0] for r in rounds]))
+    def interleaved(*runs) -> list[float]:
+        """Median seconds of each forward (a subnet, or (subnets, execution)) over rounds that run them in turn
+        (this machine drifts), then the median ratio of each to the first."""
+        runs = [r if isinstance(r, tuple) else (r,) for r in runs]
+        for r in runs:
+            seconds(*r)
+        rounds = [[seconds(*r) for r in runs] for _ in range(args.repeats)]
+        return [float(np.median([r[k] for r in rounds])) for k in range(len(runs))] + [
+            float(np.median([r[k] / r[0] for r in rounds])) for k in range(1, len(runs))
         ]
 
     print(f"{args.model} ({args.token_mode}), batch {args.batch_size}, {device}, {torch.get_num_threads()} threads")
@@ -74,14 +76,19 @@ def main(args: Args) -> None:
     )
 
     rng = np.random.default_rng(args.seed)
-    print("\n| per-sample subnets | mean MACs ratio | images/s | MACs/s vs one subnet |\n|---|---|---|---|")
+    print(
+        "\n| per-sample subnets | mean MACs ratio | images/s, packed | images/s, bucketed "
+        "| MACs/s vs one subnet, packed | bucketed |\n|---|---|---|---|---|---|"
+    )
     for k in sorted({1, 4, 16, 64, args.batch_size}):
         pool = [half] if k == 1 else [space.sample(rng) for _ in range(k)]
         subnets = [pool[i % k] for i in range(args.batch_size)]
-        mean_macs = float(np.mean(vit.count_flops(model, subnets)))
-        one_s, bucketed_s, ratio = interleaved(half, subnets)
-        efficiency = (mean_macs / vit.count_flops(model, half)) / ratio
-        print(f"| {k} distinct | {mean_macs / full:.3f} | {args.batch_size / bucketed_s:.0f} | {efficiency:.2f} |")
+        relative = float(np.mean(vit.count_flops(model, subnets))) / vit.count_flops(model, half)
+        _, packed_s, bucketed_s, packed, bucketed = interleaved(half, (subnets, "packed"), (subnets, "bucketed"))
+        print(
+            f"| {k} distinct | {relative * half_ratio:.3f} | {args.batch_size / packed_s:.0f} | "
+            f"{args.batch_size / bucketed_s:.0f} | {relative / packed:.2f} | {relative / bucketed:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -232,6 +232,30 @@ def test_per_sample_subnets_equal_one_image_at_a_time(token_mode):
             torch.testing.assert_close(same, model(x, subnets[3]), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_packed_blocks_keep_batch_order_and_leave_their_input_alone(token_mode):
+    """Samples are reordered by width inside a block; cls(), num_patches() and the tokens come back in batch
+    order, equal to each sample's block run alone, and the batch a block started from is unchanged."""
+    model = supernet("prance_fmnist", token_mode)
+    space = model.search_space
+    configs = [space.sample(seed)[0] for seed in range(40)]
+    configs = list({(c.heads, c.mlp_hidden): c for c in configs if c.keep_ratio < 1}.values())[:6]
+    assert len({c.heads for c in configs}) > 1 and len({c.mlp_hidden for c in configs}) > 1
+    x = model.embed(images(model, len(configs)))
+    with torch.no_grad():
+        tokens = vit.PackedBatch(x)
+        before = tokens.x.clone()
+        after = tokens.apply_block(model, 0, configs)
+        twice = after.apply_block(model, 1, configs[::-1])
+        assert torch.equal(tokens.x, before) and tokens.lengths == [x.shape[1]] * len(configs)
+        for i, c in enumerate(configs):
+            alone, size = model.forward_block(0, x[i : i + 1], None, c)
+            assert int(after.num_patches()[i]) == alone.shape[1] - 1
+            torch.testing.assert_close(after.cls()[i], alone[0, 0], atol=1e-5, rtol=0)
+            alone, _ = model.forward_block(1, alone, size, configs[::-1][i])
+            torch.testing.assert_close(twice.cls()[i], alone[0, 0], atol=1e-5, rtol=0)
+
+
 def test_per_sample_subnets_accept_an_empty_batch():
     model = supernet("prance_fmnist")
     x = images(model, 0)

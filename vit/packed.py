@@ -140,6 +140,12 @@ class PackedBatch:
         """Run block `i` of `model`, at one `BlockConfig` for all samples or one per sample (batch order)."""
         B = self.batch_size
         configs = [configs] * B if isinstance(configs, BlockConfig) else list(configs)
+        if len(set(self.lengths)) == 1 and len(set(configs)) == 1:  # one dense batch: the block as it is
+            L, C = self.lengths[0], self.x.shape[1]
+            size = None if self.size is None else self.size.view(B, L)
+            x, size = model.forward_block(i, self.x.view(B, L, C), size, configs[0])
+            size = None if size is None else size.reshape(-1)
+            return PackedBatch(x.reshape(-1, C), [x.shape[1]] * B, size, self.order)
         block = model.blocks[i]
         heads = [c.heads for c in configs]
         batch = self.reordered(sorted(self.order, key=heads.__getitem__))
