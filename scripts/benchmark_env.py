@@ -2,7 +2,7 @@
 
 For `num_envs` images and random actions (seeded), it times whole episodes (reset + every step) in `terminal`
 mode (no Result-to-Go completion: the env's own overhead) and in `delta` mode (a completion after every step),
-then a bucketed forward of the subnets those episodes chose, on the same images.
+then a per-sample forward pass (packed) of the subnets those episodes chose, on the same images.
 
     python scripts/benchmark_env.py                     # prance_fmnist, 256 sub-envs, CPU
 """
@@ -83,7 +83,7 @@ def main(args: Args) -> dict[str, float]:
     print(f"{args.num_envs} sub-envs, {args.policy} actions, {args.repeats} interleaved rounds (medians)")
     for k in ("terminal", "delta"):
         print(f"{k:>8}: {median[k] * 1e3:.0f} ms an episode, {steps / median[k]:.0f} env steps/s")
-    print(f"{'forward':>8}: {median['forward'] * 1e3:.0f} ms for the same subnets (bucketed forward pass)")
+    print(f"{'forward':>8}: {median['forward'] * 1e3:.0f} ms for the same subnets (per-sample forward pass, packed)")
     ratios = {k: float(np.median([r[k] / r["forward"] for r in rounds])) for k in ("terminal", "delta")}
     print(f"\nepisode without completion / forward: {ratios['terminal']:.2f} (target <= 1.15)")
     print(f"episode with Result-to-Go completion / forward: {ratios['delta']:.2f}")

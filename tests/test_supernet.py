@@ -365,7 +365,7 @@ def test_wrong_number_of_per_sample_subnets_raises():
         model(images(model, 2), [largest] * 3)
     with pytest.raises(ValueError, match="1 subnets for a batch of 2"):
         model(images(model, 2), [largest], execution="consensus")
-    with pytest.raises(ValueError, match="unknown execution 'padded'.*bucketed, consensus"):
+    with pytest.raises(ValueError, match="unknown execution 'padded'; expected one of packed, bucketed, consensus"):
         model(images(model, 2), [largest] * 2, execution="padded")
 
 

@@ -12,8 +12,9 @@ dense operations whatever the mixture of configurations:
 - token reduction (ranking by CLS attention, pruning, merging) runs on the same padded groups with per-sample
   token counts.
 
-Each sample costs what its configuration costs, up to the attention padding, and gets the result it gets alone up
-to floating-point summation order.
+Each sample costs what its configuration costs, up to the padding of the attention core and of merging's key
+similarity (`tests/test_flops.py` bounds the excess), and gets the result it gets alone up to floating-point
+summation order. A batch whose samples share one configuration and token count runs the dense block.
 """
 
 from __future__ import annotations
