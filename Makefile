@@ -34,7 +34,7 @@ DEMO_STEPS ?= 100000
 demo: venv data
 	$(VENV)/bin/python scripts/train_selector.py --init shipped:prance_fmnist --total-steps $(DEMO_STEPS) \
 		--eval-every $(DEMO_STEPS) --out $(DEMO)/selector
-	$(VENV)/bin/python scripts/evaluate.py --selector $(DEMO)/selector/selector --out $(DEMO)
+	$(VENV)/bin/python scripts/evaluate.py --selector $(DEMO)/selector/selector --out $(DEMO) --threads 1
 	$(VENV)/bin/python scripts/visualize.py --selector $(DEMO)/selector/selector --out $(DEMO)/tokens.png \
 		--price $$($(VENV)/bin/python -c "import json; rows = json.load(open('$(DEMO)/results.json'))['table']; \
 		print(min((r for r in rows if 'budget' in r), key=lambda r: abs(r['budget'] - 0.5))['price'])")

@@ -54,6 +54,9 @@ class Args:
     tolerance: float = field(default=0.01, metadata={"help": "calibration stops this close to the budget"})
     batch_size: int = field(default=256, metadata={"help": "images per batch (every row)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads (0: the default; 1 suits per-sample execution on few cores)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random-decision baseline"})
     out: str = field(default="runs/evaluate", metadata={"help": "output folder"})
 
@@ -176,6 +179,8 @@ def pareto_plot(grid: list[dict], uniform: list[dict], selector: list[dict], oth
 def main(args: Args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     adaptive = agents.load_adaptive(args.selector, device=str(device))
     model = adaptive.supernet

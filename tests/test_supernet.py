@@ -278,6 +278,20 @@ def test_every_parameter_gets_a_gradient(name):
         assert p.grad.abs().sum() > 0, key
 
 
+def test_per_sample_subnets_train():
+    """With gradients enabled, per-sample subnets give the gradients of each sample run alone."""
+    model = copy.deepcopy(supernet("prance_fmnist")).train()
+    subnets = [model.search_space.sample(seed) for seed in range(3)]
+    x, labels = images(model, 3), torch.tensor([0, 1, 2])
+    F.cross_entropy(model(x, subnets), labels, reduction="sum").backward()
+    batched = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    for i, s in enumerate(subnets):
+        F.cross_entropy(model(x[i : i + 1], s), labels[i : i + 1], reduction="sum").backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(batched[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
+
+
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
 def test_smallest_subnet_trains(token_mode):
     model = copy.deepcopy(supernet("prance_fmnist", token_mode)).train()

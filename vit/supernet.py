@@ -312,8 +312,8 @@ class ElasticViT(nn.Module):
             subnet: None (largest subnet), a `Subnet` for the whole batch, or a sequence of B subnets.
             execution: for per-sample subnets, `packed` or `bucketed` (each the exact per-sample result; `packed`
                 runs a block in a few dense operations whatever the mixture, `bucketed` one dense group per
-                configuration and token count) or `consensus` (one subnet for the batch: per block and field the
-                median choice of the samples).
+                configuration and token count; with gradients enabled, per-sample subnets always run bucketed) or
+                `consensus` (one subnet for the batch: per block and field the median choice of the samples).
         """
         if subnet is None or isinstance(subnet, Subnet):
             return self.forward_head(self.forward_features(x, subnet))
@@ -330,7 +330,10 @@ class ElasticViT(nn.Module):
             return self.forward_head(self.forward_features(x))
         if execution == "consensus":
             return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
-        return self.forward_tokens(TOKEN_BATCHES[execution](self.embed(x)), 0, subnets)
+        tokens = TOKEN_BATCHES[execution]
+        if tokens is PackedBatch and torch.is_grad_enabled() and (x.requires_grad or self.head.weight.requires_grad):
+            tokens = TokenBatch  # packed execution writes into preallocated buffers, which autograd cannot follow
+        return self.forward_tokens(tokens(self.embed(x)), 0, subnets)
 
 
 __all__ = ["EXECUTIONS", "TOKEN_BATCHES", "ElasticAttention", "ElasticBlock", "ElasticMlp", "ElasticViT", "PatchEmbed"]
