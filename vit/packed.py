@@ -180,8 +180,7 @@ class PackedBatch:
         T = x.shape[0]
         device = x.device
         lengths = list(self.lengths)
-        reducing = [s for s in range(self.batch_size) if schedules[s][1] < self.lengths[s] - 1]
-        if not reducing:
+        if all(final == L - 1 for (_, final), L in zip(schedules, self.lengths)):
             return PackedBatch(x, lengths, self.size, self.order)
         pruned_t = torch.tensor([p for p, _ in schedules], device=device)
         final_t = torch.tensor([f for _, f in schedules], device=device)
