@@ -134,23 +134,14 @@ def pareto_plot(grid: list[dict], uniform: list[dict], selector: list[dict], oth
     ax.scatter(
         [r["gmacs"] for r in grid], [r["top1"] * 100 for r in grid], c="0.6", s=18, label="static subnets (grid)"
     )
-    by_cost = sorted(uniform, key=lambda r: r["gmacs"])
-    ax.plot(
-        [r["gmacs"] for r in by_cost],
-        [r["top1"] * 100 for r in by_cost],
-        "s--",
-        c="tab:orange",
-        label="uniform merging",
-    )
-    by_cost = sorted(selector, key=lambda r: r["gmacs"])
-    ax.plot(
-        [r["gmacs"] for r in by_cost],
-        [r["top1"] * 100 for r in by_cost],
-        "o-",
-        c="tab:blue",
-        lw=2,
-        label="PRANCE selector",
-    )
+    curves = [
+        (uniform, "s--", "tab:orange", 1.5, "uniform merging"),
+        (selector, "o-", "tab:blue", 2, "PRANCE selector"),
+    ]
+    for rows, style, colour, width, label in curves:  # the selector last: its points are annotated below
+        by_cost = sorted(rows, key=lambda r: r["gmacs"])
+        gmacs, top1 = [r["gmacs"] for r in by_cost], [r["top1"] * 100 for r in by_cost]
+        ax.plot(gmacs, top1, style, c=colour, lw=width, label=label)
     for r in by_cost:
         ax.annotate(
             r["setting"].split(",")[0],
