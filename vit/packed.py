@@ -4,15 +4,15 @@ A batch whose samples hold different numbers of tokens and run different widths 
 tokens, each sample's sequence contiguous (CLS first, then its patches in position order). A block runs in a few
 dense operations whatever the mixture of configurations:
 
-- the samples are reordered by number of heads, so that every width's linear layers run once, on a contiguous
-  slice of the tokens and on prefix slices of the weights; they are reordered again by MLP width for the MLP;
-- the attention core runs on (sample, head) pairs: the pairs of samples of similar token count are gathered into
-  one padded (pairs, L, head_dim) batch, the padding keys masked out, so the only waste is the padding of the core
-  and no sample pays for heads it does not run;
-- token reduction (ranking by CLS attention, pruning, merging) runs on the same padded groups with per-sample
-  token counts.
+- the samples are reordered by number of heads, then by decreasing token count, so that every width's linear
+  layers run once, on a contiguous slice of the tokens and on prefix slices of the weights, and the q, k, v of the
+  samples sharing a number of heads and a token count form one dense (samples, heads, tokens, head_dim) view that
+  the attention core reads in place: no padding, and no sample pays for heads it does not run;
+- token reduction (ranking by CLS attention, pruning, merging) runs on the reduced samples padded to the longest
+  of them, and writes the surviving tokens straight into the order by MLP width, so that the MLP too runs once
+  per width on a contiguous slice.
 
-Each sample costs what its configuration costs, up to the padding of the attention core and of merging's key
+Each sample costs what its configuration costs, up to the padding of token reduction's CLS attention row and key
 similarity (`tests/test_flops.py` bounds the excess), and gets the result it gets alone up to floating-point
 summation order. A batch whose samples share one configuration and token count runs the dense block.
 """
@@ -27,22 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BlockConfig
-from .token_ops import token_schedule
+from .token_ops import size_bias, token_schedule
 
 if TYPE_CHECKING:
     from .supernet import ElasticBlock, ElasticViT
-
-#: Samples share a padded attention group while their token counts are within this factor of the group's largest.
-GROUP_RATIO = 1.5
-
-
-def _softmax(scores: Tensor) -> Tensor:
-    """Softmax over the last dim; for rows shorter than 16, where torch's CPU kernel is several times slower than
-    this, by max, exp and sum."""
-    if scores.shape[-1] >= 16 or scores.is_cuda:
-        return scores.softmax(-1)
-    e = (scores - scores.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
 
 
 def _ranges(starts: Tensor, lengths: Tensor, total: int) -> Tensor:
@@ -51,6 +39,13 @@ def _ranges(starts: Tensor, lengths: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(starts - offsets, lengths, output_size=total) + torch.arange(
         total, device=starts.device
     )
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, j]] for x (B, N, D) and index (B, K): (B, K, D)."""
+    B, N, D = x.shape
+    flat = index + N * torch.arange(B, device=index.device)[:, None]
+    return x.reshape(B * N, D).index_select(0, flat.view(-1)).view(B, -1, D)
 
 
 def _runs(order: list[int], key: list[int], lengths: list[int]) -> list[tuple[int, int, int]]:
@@ -149,13 +144,14 @@ class PackedBatch:
             return PackedBatch(x.reshape(-1, C), [x.shape[1]] * B, size, self.order)
         block = model.blocks[i]
         heads = [c.heads for c in configs]
-        batch = self.reordered(sorted(self.order, key=heads.__getitem__))
+        batch = self.reordered(sorted(self.order, key=lambda s: (heads[s], -self.lengths[s])))
+        schedules = [token_schedule(L - 1, c, model.token_mode) for L, c in zip(self.lengths, configs)]
+        reduced = [final < L - 1 for (_, final), L in zip(schedules, self.lengths)]
         attention = _Attention(batch, block, heads)
         x = batch.x + attention.run()
-        schedules = [token_schedule(L - 1, c, model.token_mode) for L, c in zip(self.lengths, configs)]
-        batch = batch._reduce(x, attention, schedules, model.token_mode)
         widths = [c.mlp_hidden for c in configs]
-        batch = batch.reordered(sorted(batch.order, key=widths.__getitem__))
+        mlp_order = sorted(batch.order, key=widths.__getitem__)
+        batch = batch._reduce(x, attention, schedules, reduced, model.token_mode, mlp_order)
         return PackedBatch(batch.x + batch._mlp(block, widths), batch.lengths, batch.size, batch.order)
 
     def _mlp(self, block: ElasticBlock, widths: list[int]) -> Tensor:
@@ -171,82 +167,95 @@ class PackedBatch:
             torch.addmm(mlp.fc2.bias, hidden, mlp.fc2.weight[:, :m].t(), out=out[first : first + n])
         return out
 
-    def _reduce(self, x: Tensor, attention: _Attention, schedules: list, token_mode: str) -> PackedBatch:
-        """Token reduction of the samples whose schedule asks for it: the batch of tokens x after it.
+    def _reduce(
+        self,
+        x: Tensor,
+        attention: _Attention,
+        schedules: list,
+        reduced: list[bool],
+        token_mode: str,
+        order: list[int],
+    ) -> PackedBatch:
+        """Token reduction of the samples `reduced` marks, by their `schedules`: the batch of tokens x after it,
+        stored in sample `order`.
 
-        Every token gets a destination row: itself when kept, its most similar kept token when merged, none when
-        pruned; then each kept token becomes the size-weighted mean of the tokens sent to it.
+        The reduced samples are padded to the longest of them (the only arithmetic padded: the CLS query's row of
+        attention and merging's key similarity). Every token gets a destination row: itself when kept, its most
+        similar kept token when merged, none when pruned; then each kept token becomes the size-weighted mean of
+        the tokens sent to it.
         """
-        T = x.shape[0]
-        device = x.device
+        T, device = x.shape[0], x.device
         lengths = list(self.lengths)
-        if all(final == L - 1 for (_, final), L in zip(schedules, self.lengths)):
-            return PackedBatch(x, lengths, self.size, self.order)
-        pruned_t = torch.tensor([p for p, _ in schedules], device=device)
-        final_t = torch.tensor([f for _, f in schedules], device=device)
+        samples = [s for s in range(self.batch_size) if reduced[s]]
+        if not samples:
+            return PackedBatch(x, lengths, self.size, self.order).reordered(order)
+        for s in samples:
+            lengths[s] = 1 + schedules[s][1]
+        index = torch.tensor(samples, device=device)
+        L = max(self.lengths[s] for s in samples)
+        position = torch.arange(L, device=device)
+        valid = position < torch.tensor([self.lengths[s] for s in samples], device=device)[:, None]  # (b, L)
+        pos = torch.where(valid, self.starts().index_select(0, index)[:, None] + position, T)  # T: padding
+        keys, query = attention.cls_query_keys(index, L)  # (b, L, H d), (b, H, d); missing heads, padding zero
+        b, H, d = query.shape
+        # the CLS query's row of attention, every head at once: keys times a block-diagonal matrix of the queries
+        blocks = torch.diag_embed(query.transpose(1, 2)).transpose(1, 2).reshape(b, H * d, H)
+        logits = torch.bmm(keys, blocks).mul_(attention.attn.scale)  # (b, L, H)
+        if self.size is not None:
+            logits += torch.cat([self.size, self.size.new_ones(1)]).log()[pos][:, :, None]
+        probs = logits.masked_fill_(~valid[:, :, None], float("-inf")).softmax(1)
+        h = attention.h.index_select(0, index)
+        probs *= torch.arange(H, device=device) < h[:, None, None]  # the heads a sample runs
+        scores = probs.sum(2)[:, 1:] / h[:, None]  # the CLS attention to the patches, averaged over heads
+        pos = pos[:, 1:]
+        order_by_score = scores.masked_fill(pos == T, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order_by_score).scatter_(
+            1, order_by_score, torch.arange(L - 1, device=device).expand_as(order_by_score)
+        )
+        final = torch.tensor([schedules[s][1] for s in samples], device=device)
+        dst = rank < final[:, None]
         keep = torch.ones(T + 1, dtype=torch.bool, device=device)  # the extra row is where padding points
-        destination = torch.arange(T + 1, device=device) if token_mode != "prune" else None
-        for group in attention.groups:
-            samples = [s for s in group.samples if schedules[s][1] < self.lengths[s] - 1]
-            if not samples:
-                continue
-            for s in samples:
-                lengths[s] = 1 + schedules[s][1]
-            rows = group.samples_index(samples)
-            index = group.index[rows]
-            pos, scores = group.pos[rows, 1:], group.scores[rows]
-            order = scores.masked_fill(pos == T, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(
-                1, order, torch.arange(order.shape[1], device=device).expand_as(order)
-            )
-            dst = rank < final_t.index_select(0, index)[:, None]
-            keep[pos.masked_select(~dst)] = False  # padding included: it points at row T
-            if destination is None:
-                continue
-            src = ~dst & (rank < pruned_t.index_select(0, index)[:, None])
-            b, N = pos.shape
-            keys = F.normalize(attention.keys(samples, N).view(b, N, -1), dim=-1)  # missing heads zero
-            similarity = torch.bmm(keys, keys.transpose(1, 2)).masked_fill_(~dst[:, None, :], float("-inf"))
-            destination[pos.masked_select(src)] = pos.gather(1, similarity.argmax(-1)).masked_select(src)
-        keep = keep[:T]
-        if destination is None:  # pruning only
-            return PackedBatch(x[keep], lengths, None if self.size is None else self.size[keep], self.order)
-        destination = destination[:T]
-        dropped = ~keep & (destination == torch.arange(T, device=device))  # pruned: sent nowhere
+        keep[pos.masked_select(~dst)] = False
+        # the kept rows, each sample's in position order, the samples in `order`
+        kept = keep[:T].nonzero().squeeze(1)
+        batch = PackedBatch(kept[:, None], lengths, None, self.order).reordered(order)
+        rows = batch.x.squeeze(1)
+        pruned = torch.tensor([schedules[s][0] for s in samples], device=device)
+        S, K, N = int((pruned - final).max()), int(final.max()), L - 1
+        if S == 0:  # pruning only
+            size = None if self.size is None else self.size.index_select(0, rows)
+            return PackedBatch(x.index_select(0, rows), lengths, size, order)
+        # merging: each source (ranks final..pruned-1) goes to its most similar destination (ranks below final,
+        # in position order, so that ties go to the first as in `token_ops.merge`)
+        keys = F.normalize(keys[:, 1:], dim=-1)
+        targets = torch.arange(K, device=device) < final[:, None]
+        targets_at = torch.where(targets, order_by_score[:, :K], N).sort(dim=-1).values.clamp_(max=N - 1)
+        source_rank = final[:, None] + torch.arange(S, device=device)
+        sources = source_rank < pruned[:, None]
+        sources_at = order_by_score.gather(1, source_rank.clamp(max=N - 1))
+        similarity = torch.bmm(_rows(keys, sources_at), _rows(keys, targets_at).transpose(1, 2))
+        merged_into = targets_at.gather(1, similarity.masked_fill_(~targets[:, None, :], float("-inf")).argmax(-1))
+        source_rows = pos.gather(1, sources_at)[sources]
+        new_row = torch.empty(T, dtype=torch.long, device=device)
+        new_row[rows] = torch.arange(rows.shape[0], device=device)
+        into = new_row.index_select(0, pos.gather(1, merged_into)[sources])
         size = x.new_ones(T) if self.size is None else self.size
-        weight = size.masked_fill(dropped, 0)
-        total = torch.zeros_like(x).index_add_(0, destination, x * weight[:, None])
-        total_size = torch.zeros_like(size).index_add_(0, destination, weight)
-        total, total_size = total[keep], total_size[keep]
-        return PackedBatch(total / total_size[:, None], lengths, total_size, self.order)
-
-
-class _Group:
-    """Samples whose attention runs together, padded to the longest of them."""
-
-    def __init__(self, samples: list[int], length: int, starts: Tensor, lengths: Tensor, pad_row: int) -> None:
-        device = starts.device
-        self.samples, self.length = samples, length
-        self.index = torch.tensor(samples, device=device)
-        self.valid = torch.arange(length, device=device) < lengths.index_select(0, self.index)[:, None]  # (b, L)
-        rows = starts.index_select(0, self.index)[:, None] + torch.arange(length, device=device)
-        self.pos = torch.where(self.valid, rows, pad_row)  # (b, L): token rows, `pad_row` for padding
-        self.scores: Tensor | None = None  # (b, L - 1): CLS attention to the patches, averaged over heads
-
-    def samples_index(self, samples: list[int]) -> Tensor | slice:
-        """Rows of this group's tensors that hold `samples` (a sub-list of `self.samples`, in order)."""
-        if len(samples) == len(self.samples):
-            return slice(None)
-        where = {s: j for j, s in enumerate(self.samples)}
-        return torch.tensor([where[s] for s in samples], device=self.index.device)
+        source_size = size.index_select(0, source_rows)
+        kept_size = size.index_select(0, rows)
+        total_size = kept_size.index_add(0, into, source_size)
+        total = (x.index_select(0, rows) * kept_size[:, None]).index_add_(
+            0, into, x.index_select(0, source_rows) * source_size[:, None]
+        )
+        return PackedBatch(total.div_(total_size[:, None]), lengths, total_size, order)
 
 
 class _Attention:
-    """The attention of one block over a batch stored in order of heads.
+    """The attention of one block over a batch stored in order of heads, then of decreasing token count.
 
     q, k, v of every token are computed per number of heads into one buffer of head vectors (rows of head_dim):
-    the tokens of a sample running h heads hold 3 h consecutive rows each (q heads, k heads, v heads). Padding
-    reads zero rows at the end.
+    the tokens of a sample running h heads hold 3 h consecutive rows each (q heads, k heads, v heads), so the
+    samples of one (heads, tokens) run are a dense (n, L, 3, h, d) view of it, which the attention core reads in
+    place. Padding reads zero rows at the end.
     """
 
     def __init__(self, batch: PackedBatch, block: ElasticBlock, heads: list[int]) -> None:
@@ -275,89 +284,55 @@ class _Attention:
             base[h] = (row, head_row, first)
             row += 3 * h * n
             head_row += h * n
-        self.head_rows = head_row
+        self.base, self.head_rows = base, head_row
         starts = batch._start_list()
-        # per sample, for its first token's head 0: its row in qkv (q part) and in the projection's input
-        first_q, first_out = [], []
-        for s in range(batch.batch_size):
-            h = heads[s]
-            row, head_row, first = base[h]
-            first_q.append(row + 3 * h * (starts[s] - first))
-            first_out.append(head_row + h * (starts[s] - first))
-        self.first = torch.tensor(first_q, device=x.device)
-        self.first_out = torch.tensor(first_out, device=x.device)
+        # per sample, for its first token's head 0: its row in qkv (q part)
+        self.first = torch.tensor(
+            [base[h][0] + 3 * h * (starts[s] - base[h][2]) for s, h in enumerate(heads)], device=x.device
+        )
         self.h = torch.tensor(heads, device=x.device)
-        self.groups = self._groups()
-
-    def _groups(self) -> list[_Group]:
-        """Samples by decreasing token count, cut where counts fall below the group's largest / `GROUP_RATIO`."""
-        batch = self.batch
-        lengths = batch.lengths
-        order = sorted(range(batch.batch_size), key=lambda s: -lengths[s])
-        starts = batch.starts()
-        lengths_t = torch.tensor(lengths, device=starts.device)
-        groups, start = [], 0
-        while start < len(order):
-            top, end = lengths[order[start]], start
-            while end < len(order) and lengths[order[end]] * GROUP_RATIO >= top:
-                end += 1
-            groups.append(_Group(order[start:end], top, starts, lengths_t, self.T))
-            start = end
-        return groups
 
     def run(self) -> Tensor:
-        """The attention branch (before the residual): (T, C); sets every group's `scores`."""
-        attn, d, T = self.attn, self.d, self.T
-        pairs = [sum(self.heads[s] for s in g.samples) for g in self.groups]
-        out = self.qkv.new_empty(sum(p * g.length for p, g in zip(pairs, self.groups)), d)
-        inverse = torch.empty(self.head_rows + 1, dtype=torch.long, device=out.device)
-        log_size = None if self.batch.size is None else torch.cat([self.batch.size, self.batch.size.new_ones(1)]).log()
-        row = 0
-        for P, group in zip(pairs, self.groups):
-            b, L = group.valid.shape
-            h = self.h.index_select(0, group.index)
-            pair_sample = torch.repeat_interleave(torch.arange(b, device=out.device), h, output_size=P)
-            pair_head = torch.arange(P, device=out.device) - (h.cumsum(0) - h).index_select(0, pair_sample)
-            hp = h.index_select(0, pair_sample)[:, None]
-            first = self.first.index_select(0, group.index).index_select(0, pair_sample)[:, None]
-            position = torch.arange(L, device=out.device)
-            valid = group.valid.index_select(0, pair_sample)
-            q_row = torch.where(valid, first + pair_head[:, None] + 3 * hp * position, self.pad)  # (P, L)
-            q, k, v = (self.qkv.index_select(0, (q_row + j * hp).view(-1)).view(P, L, d) for j in range(3))
-            bias = group.valid.new_zeros(b, L, dtype=q.dtype) if log_size is None else log_size[group.pos]
-            bias = bias.masked_fill(~group.valid, float("-inf")).index_select(0, pair_sample)[:, None, :]
-            probs = _softmax(torch.baddbmm(bias.expand(P, L, L), q, k.transpose(1, 2), alpha=attn.scale))
-            torch.bmm(probs, v, out=out[row : row + P * L].view(P, L, d))
-            # where each (token, head) row of the projection's input is in `out`; padding goes to a spare row
-            first_out = self.first_out.index_select(0, group.index).index_select(0, pair_sample)[:, None]
-            out_row = torch.where(valid, first_out + pair_head[:, None] + hp * position, self.head_rows)
-            inverse.index_copy_(0, out_row.view(-1), torch.arange(row, row + P * L, device=out.device))
-            group.scores = (probs.new_zeros(b, L).index_add_(0, pair_sample, probs[:, 0]) / h[:, None])[:, 1:]
-            row += P * L
-        heads_out = out.index_select(0, inverse[:-1])  # (sum h n, d): each run's (token, head) rows in order
-        result = self.qkv.new_empty(T, self.attn.proj.weight.shape[0]) if len(self.runs) > 1 else None
+        """The attention branch (before the residual): (T, C)."""
+        attn, d, batch = self.attn, self.d, self.batch
+        heads_out = self.qkv.new_empty(self.head_rows, d)  # each heads run's (token, head) rows, in token order
+        key = [(h, L) for h, L in zip(self.heads, batch.lengths)]
+        for (h, L), first, tokens in _runs(batch.order, key, batch.lengths):
+            n = tokens // L
+            row, head_row, run_first = self.base[h]
+            row += 3 * h * (first - run_first)
+            q, k, v = self.qkv[row : row + 3 * h * tokens].view(n, L, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            bias = None if batch.size is None else size_bias(batch.size[first : first + tokens].view(n, L))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (n, h, L, d)
+            head_row += h * (first - run_first)
+            heads_out[head_row : head_row + h * tokens].view(n, L, h, d).copy_(out.transpose(1, 2))
+        result = self.qkv.new_empty(self.T, attn.proj.weight.shape[0]) if len(self.runs) > 1 else None
         row = 0
         for h, first, n in self.runs:
             o = heads_out[row : row + h * n].view(n, h * d)
-            w = self.attn.proj.weight[:, : h * d]
+            w = attn.proj.weight[:, : h * d]
             if result is None:
-                return F.linear(o, w, self.attn.proj.bias)
-            torch.addmm(self.attn.proj.bias, o, w.t(), out=result[first : first + n])
+                return F.linear(o, w, attn.proj.bias)
+            torch.addmm(attn.proj.bias, o, w.t(), out=result[first : first + n])
             row += h * n
         return result
 
-    def keys(self, samples: list[int], N: int) -> Tensor:
-        """Keys of the patches of `samples`, all H heads, those a sample does not run zero: (b, N, H, d)."""
+    def cls_query_keys(self, index: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Keys, heads concatenated (b, length, H d), and CLS query (b, H, d) of the samples `index`, padded to
+        `length` tokens; the heads a sample does not run, and its padding, zero."""
         device = self.qkv.device
-        index = torch.tensor(samples, device=device)
         h = self.h.index_select(0, index)[:, None, None]
         first = self.first.index_select(0, index)[:, None, None]
-        patch = torch.arange(1, N + 1, device=device)[None, :, None]
-        head = torch.arange(self.H, device=device)[None, None, :]
-        lengths = torch.tensor([self.batch.lengths[s] for s in samples], device=device)[:, None, None]
-        rows = first + 3 * h * patch + h + head
-        rows = torch.where((head < h) & (patch < lengths), rows, self.pad)
-        return self.qkv.index_select(0, rows.view(-1)).view(len(samples), N, self.H, self.d)
+        token = torch.arange(length, device=device)[None, :, None]
+        head = torch.arange(self.H, device=device)
+        lengths = torch.tensor(self.batch.lengths, device=device).index_select(0, index)[:, None, None]
+        rows = torch.where((head < h) & (token < lengths), first + 3 * h * token + h + head, self.pad)
+        query = torch.where(head < h[:, 0], first[:, 0] + head, self.pad)
+        b = len(index)
+        return (
+            self.qkv.index_select(0, rows.view(-1)).view(b, length, self.H * self.d),
+            self.qkv.index_select(0, query.view(-1)).view(b, self.H, self.d),
+        )
 
 
 __all__ = ["PackedBatch"]

@@ -9,6 +9,7 @@ traces which original tokens each token holds (ToMe's source tracing, for visual
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,6 +26,7 @@ def kept_tokens(n: int, ratio: float) -> int:
     return min(n, max(1, math.floor(round(ratio * n, 9) + 0.5)))  # round(., 9): 0.7 * 45 is 31.4999...
 
 
+@functools.lru_cache(maxsize=4096)
 def token_schedule(n: int, config: BlockConfig, token_mode: str) -> tuple[int, int]:
     """Patch tokens left after the pruning stage and after the merging stage of a block entered with `n`.
 
