@@ -86,12 +86,12 @@ def test_count_flops_of_per_sample_subnets(token_mode):
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
 def test_packed_execution_computes_little_more_than_the_count(token_mode):
-    """Packed execution pads the attention core and the key similarity of merging, and nothing else."""
+    """Packed execution pads token reduction's CLS attention row and merging's key similarity, and nothing else."""
     model = supernet("prance_fmnist", token_mode)
     subnets = [model.search_space.sample(seed) for seed in range(6)]
     counted = sum(vit.count_flops(model, subnets))
     packed = measured_macs(model, images(model, len(subnets)), subnets, execution="packed")
-    assert counted <= packed < 1.1 * counted
+    assert counted <= packed < 1.05 * counted
 
 
 @pytest.mark.parametrize(
