@@ -25,6 +25,7 @@ from torch import Tensor
 from vit import BlockConfig, ElasticViT, InvalidSubnetError
 from vit.flops import block_macs, count_flops, embed_macs, head_macs
 from vit.supernet import TOKEN_BATCHES
+from vit.utils import long_tensor
 
 REWARD_MODES = ("delta", "direct", "terminal")
 QUALITIES = ("correct", "logprob", "agree")
@@ -198,7 +199,7 @@ class BatchedInference:
                 distinct.append(self.space.config(block, row))
             code.append(codes[row])
             out.append(distinct[code[-1]])
-        return out, distinct, torch.tensor(code, device=self.macs.device)
+        return out, distinct, long_tensor(code, self.macs.device)
 
     def _check_actions(self, actions: Tensor) -> None:
         """Raise `InvalidSubnetError` unless `actions` are (B, fields) whole choice indices in range."""

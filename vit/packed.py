@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .config import BlockConfig
 from .token_ops import size_bias, token_schedule
+from .utils import long_tensor
 
 if TYPE_CHECKING:
     from .supernet import ElasticBlock, ElasticViT
@@ -106,7 +107,7 @@ class PackedBatch:
 
     def starts(self) -> Tensor:
         """Row of each sample's CLS token in `x`, in batch order: (B,) int64."""
-        return torch.tensor(self._start_list(), device=self.x.device)
+        return long_tensor(self._start_list(), self.x.device)
 
     def cls(self) -> Tensor:
         """The CLS token of every sample, in batch order: (B, C)."""
@@ -114,7 +115,7 @@ class PackedBatch:
 
     def num_patches(self) -> Tensor:
         """Patch tokens alive per sample: (B,) int64."""
-        return torch.tensor(self.lengths, device=self.x.device) - 1
+        return long_tensor(self.lengths, self.x.device) - 1
 
     def reordered(self, order: list[int]) -> PackedBatch:
         """The same tokens stored in another sample order."""
@@ -123,8 +124,8 @@ class PackedBatch:
         device = self.x.device
         starts = self._start_list()
         rows = _ranges(
-            torch.tensor([starts[s] for s in order], device=device),
-            torch.tensor([self.lengths[s] for s in order], device=device),
+            long_tensor([starts[s] for s in order], device),
+            long_tensor([self.lengths[s] for s in order], device),
             self.x.shape[0],
         )
         size = None if self.size is None else self.size.index_select(0, rows)
@@ -191,10 +192,10 @@ class PackedBatch:
             return PackedBatch(x, lengths, self.size, self.order).reordered(order)
         for s in samples:
             lengths[s] = 1 + schedules[s][1]
-        index = torch.tensor(samples, device=device)
+        index = long_tensor(samples, device)
         L = max(self.lengths[s] for s in samples)
         position = torch.arange(L, device=device)
-        valid = position < torch.tensor([self.lengths[s] for s in samples], device=device)[:, None]  # (b, L)
+        valid = position < long_tensor([self.lengths[s] for s in samples], device)[:, None]  # (b, L)
         pos = torch.where(valid, self.starts().index_select(0, index)[:, None] + position, T)  # T: padding
         keys, query = attention.cls_query_keys(index, L)  # (b, L, H d), (b, H, d); missing heads, padding zero
         b, H, d = query.shape
@@ -212,7 +213,7 @@ class PackedBatch:
         rank = torch.empty_like(order_by_score).scatter_(
             1, order_by_score, torch.arange(L - 1, device=device).expand_as(order_by_score)
         )
-        final = torch.tensor([schedules[s][1] for s in samples], device=device)
+        final = long_tensor([schedules[s][1] for s in samples], device)
         dst = rank < final[:, None]
         keep = torch.ones(T + 1, dtype=torch.bool, device=device)  # the extra row is where padding points
         keep[pos.masked_select(~dst)] = False
@@ -220,7 +221,7 @@ class PackedBatch:
         kept = keep[:T].nonzero().squeeze(1)
         batch = PackedBatch(kept[:, None], lengths, None, self.order).reordered(order)
         rows = batch.x.squeeze(1)
-        pruned = torch.tensor([schedules[s][0] for s in samples], device=device)
+        pruned = long_tensor([schedules[s][0] for s in samples], device)
         S, K, N = int((pruned - final).max()), int(final.max()), L - 1
         if S == 0:  # pruning only
             size = None if self.size is None else self.size.index_select(0, rows)
@@ -287,10 +288,8 @@ class _Attention:
         self.base, self.head_rows = base, head_row
         starts = batch._start_list()
         # per sample, for its first token's head 0: its row in qkv (q part)
-        self.first = torch.tensor(
-            [base[h][0] + 3 * h * (starts[s] - base[h][2]) for s, h in enumerate(heads)], device=x.device
-        )
-        self.h = torch.tensor(heads, device=x.device)
+        self.first = long_tensor([base[h][0] + 3 * h * (starts[s] - base[h][2]) for s, h in enumerate(heads)], x.device)
+        self.h = long_tensor(heads, x.device)
 
     def run(self) -> Tensor:
         """The attention branch (before the residual): (T, C)."""
@@ -325,7 +324,7 @@ class _Attention:
         first = self.first.index_select(0, index)[:, None, None]
         token = torch.arange(length, device=device)[None, :, None]
         head = torch.arange(self.H, device=device)
-        lengths = torch.tensor(self.batch.lengths, device=device).index_select(0, index)[:, None, None]
+        lengths = long_tensor(self.batch.lengths, device).index_select(0, index)[:, None, None]
         rows = torch.where((head < h) & (token < lengths), first + 3 * h * token + h + head, self.pad)
         query = torch.where(head < h[:, 0], first[:, 0] + head, self.pad)
         b = len(index)

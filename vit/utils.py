@@ -10,6 +10,7 @@ import types
 import typing
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -21,6 +22,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu' or 'auto'")
     return device
+
+
+def long_tensor(values: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """`torch.tensor(values)` as int64 on `device`, built through numpy: several times faster for Python lists of
+    a few hundred ints, which the per-sample execution makes every block."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device)
 
 
 def timed(fn, device: torch.device | str | None = None):
