@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from prance_env import BatchedInference, MDPConfig
 from vit import ElasticViT
+from vit.utils import single_threaded
 
 EXECUTIONS = ("packed", "bucketed", "consensus")
 
@@ -104,7 +105,7 @@ class AdaptiveViT(nn.Module):
         if self._direct:  # an SB3 model: straight on tensors, no numpy round trip
             net = self.policy.policy
             obs = {k: v.to(net.device) for k, v in obs.items()}
-            with torch.no_grad():
+            with torch.no_grad(), single_threaded(net.device):  # a small network: one thread is faster
                 if isinstance(net, ActorCriticPolicy) and isinstance(
                     net.action_dist, (CategoricalDistribution, MultiCategoricalDistribution)
                 ):  # the mode of each categorical is the argmax of its logits: no distribution objects
@@ -138,7 +139,8 @@ class AdaptiveViT(nn.Module):
                 actions = actions.median(dim=0).values.expand(B, -1)
             if self.inference.advance(actions):
                 return self.inference.logits(), self.inference.macs.float()
-            obs = self.inference.observation()
+            with single_threaded(images.device):
+                obs = self.inference.observation()
 
 
 @torch.inference_mode()

@@ -25,7 +25,7 @@ from torch import Tensor
 from vit import BlockConfig, ElasticViT, InvalidSubnetError
 from vit.flops import block_macs, count_flops, embed_macs, head_macs
 from vit.supernet import TOKEN_BATCHES
-from vit.utils import long_tensor
+from vit.utils import long_tensor, single_threaded
 
 REWARD_MODES = ("delta", "direct", "terminal")
 QUALITIES = ("correct", "logprob", "agree")
@@ -237,7 +237,8 @@ class BatchedInference:
         configs, distinct, code = self._decode(actions)
         start = self.next_block
         for i in range(start, start + self.config.blocks_per_step):
-            self.macs += self._block_macs(self.tokens.num_patches(), distinct, code)
+            with single_threaded(self.macs.device):
+                self.macs += self._block_macs(self.tokens.num_patches(), distinct, code)
             self.tokens = self.tokens.apply_block(self.model, i, configs)
             for choice, c in zip(self.choices, configs):
                 choice.append(c)

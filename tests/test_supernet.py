@@ -256,6 +256,30 @@ def test_packed_blocks_keep_batch_order_and_leave_their_input_alone(token_mode):
             torch.testing.assert_close(twice.cls()[i], alone[0, 0], atol=1e-5, rtol=0)
 
 
+def test_single_threaded_restores_the_thread_count_and_long_tensor_matches_torch_tensor():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with vit.utils.single_threaded("cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), vit.utils.single_threaded("cpu"):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with vit.utils.single_threaded("cuda"):  # only CPU work is made single-threaded
+            assert torch.get_num_threads() == 2
+        model = supernet("prance_fmnist")
+        subnets = [model.search_space.sample(seed) for seed in range(4)]
+        with torch.no_grad():
+            model(images(model, 4), subnets)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    values = [3, 0, 7, 2**40]
+    assert torch.equal(vit.utils.long_tensor(values, "cpu"), torch.tensor(values))
+    assert vit.utils.long_tensor([], "cpu").dtype == torch.int64
+
+
 def test_per_sample_subnets_accept_an_empty_batch():
     model = supernet("prance_fmnist")
     x = images(model, 0)

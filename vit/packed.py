@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .config import BlockConfig
 from .token_ops import size_bias, token_schedule
-from .utils import long_tensor
+from .utils import long_tensor, single_threaded
 
 if TYPE_CHECKING:
     from .supernet import ElasticBlock, ElasticViT
@@ -152,7 +152,8 @@ class PackedBatch:
         x = batch.x + attention.run()
         widths = [c.mlp_hidden for c in configs]
         mlp_order = sorted(batch.order, key=widths.__getitem__)
-        batch = batch._reduce(x, attention, schedules, reduced, model.token_mode, mlp_order)
+        with single_threaded(x.device):
+            batch = batch._reduce(x, attention, schedules, reduced, model.token_mode, mlp_order)
         return PackedBatch(batch.x + batch._mlp(block, widths), batch.lengths, batch.size, batch.order)
 
     def _mlp(self, block: ElasticBlock, widths: list[int]) -> Tensor:
@@ -296,15 +297,8 @@ class _Attention:
         attn, d, batch = self.attn, self.d, self.batch
         heads_out = self.qkv.new_empty(self.head_rows, d)  # each heads run's (token, head) rows, in token order
         key = [(h, L) for h, L in zip(self.heads, batch.lengths)]
-        for (h, L), first, tokens in _runs(batch.order, key, batch.lengths):
-            n = tokens // L
-            row, head_row, run_first = self.base[h]
-            row += 3 * h * (first - run_first)
-            q, k, v = self.qkv[row : row + 3 * h * tokens].view(n, L, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-            bias = None if batch.size is None else size_bias(batch.size[first : first + tokens].view(n, L))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (n, h, L, d)
-            head_row += h * (first - run_first)
-            heads_out[head_row : head_row + h * tokens].view(n, L, h, d).copy_(out.transpose(1, 2))
+        with single_threaded(self.qkv.device):  # many small cores: threads cost more than they share
+            self._core(heads_out, _runs(batch.order, key, batch.lengths))
         result = self.qkv.new_empty(self.T, attn.proj.weight.shape[0]) if len(self.runs) > 1 else None
         row = 0
         for h, first, n in self.runs:
@@ -315,6 +309,19 @@ class _Attention:
             torch.addmm(attn.proj.bias, o, w.t(), out=result[first : first + n])
             row += h * n
         return result
+
+    def _core(self, heads_out: Tensor, runs: list[tuple[tuple[int, int], int, int]]) -> None:
+        """The attention core of each (heads, tokens) run, written into `heads_out`."""
+        d, batch = self.d, self.batch
+        for (h, L), first, tokens in runs:
+            n = tokens // L
+            row, head_row, run_first = self.base[h]
+            row += 3 * h * (first - run_first)
+            q, k, v = self.qkv[row : row + 3 * h * tokens].view(n, L, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            bias = None if batch.size is None else size_bias(batch.size[first : first + tokens].view(n, L))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (n, h, L, d)
+            head_row += h * (first - run_first)
+            heads_out[head_row : head_row + h * tokens].view(n, L, h, d).copy_(out.transpose(1, 2))
 
     def cls_query_keys(self, index: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Keys, heads concatenated (b, length, H d), and CLS query (b, H, d) of the samples `index`, padded to

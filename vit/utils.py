@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -28,6 +29,24 @@ def long_tensor(values: Sequence[int], device: torch.device | str | None = None)
     """`torch.tensor(values)` as int64 on `device`, built through numpy: several times faster for Python lists of
     a few hundred ints, which the per-sample execution makes every block."""
     return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device)
+
+
+@contextlib.contextmanager
+def single_threaded(device: torch.device | str):
+    """Run the CPU operations inside on one thread, restoring torch's thread count after; on CUDA, a no-op.
+
+    For stretches of many small operations (per-sample attention cores, token-reduction bookkeeping, a small
+    policy's forward), where waking a second thread costs more than the work it takes over.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def timed(fn, device: torch.device | str | None = None):
