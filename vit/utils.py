@@ -36,7 +36,8 @@ def single_threaded(device: torch.device | str):
     """Run the CPU operations inside on one thread, restoring torch's thread count after; on CUDA, a no-op.
 
     For stretches of many small operations (per-sample attention cores, token-reduction bookkeeping, a small
-    policy's forward), where waking a second thread costs more than the work it takes over.
+    policy's forward), where waking a second thread costs more than the work it takes over. `torch.set_num_threads`
+    is process-wide: torch work running meanwhile in other Python threads gets one thread too.
     """
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or threads == 1:
