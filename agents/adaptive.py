@@ -139,8 +139,7 @@ class AdaptiveViT(nn.Module):
                 actions = actions.median(dim=0).values.expand(B, -1)
             if self.inference.advance(actions):
                 return self.inference.logits(), self.inference.macs.float()
-            with single_threaded(images.device):
-                obs = self.inference.observation()
+            obs = self.inference.observation()
 
 
 @torch.inference_mode()

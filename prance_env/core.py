@@ -165,21 +165,22 @@ class BatchedInference:
     def observation(self) -> dict[str, Tensor]:
         """`cls` (B, C): CLS entering the next block; `progress` (B, 3): step fraction, MACs spent / full MACs,
         patch tokens alive / initial; `price` (B, 1): log of the episode's price."""
-        tokens = self.tokens.num_patches().float() / self.model.num_patches
-        B = tokens.shape[0]
-        progress = torch.stack(
-            [
-                torch.full_like(tokens, self.step_index / self.num_steps),
-                (self.macs / self.full_macs).float(),
-                tokens,
-            ],
-            dim=1,
-        )
-        return {
-            "cls": self.tokens.cls().float(),
-            "progress": progress,
-            "price": log_price(self.price).view(B, 1),
-        }
+        with single_threaded(self.macs.device):  # small operations: one thread is faster
+            tokens = self.tokens.num_patches().float() / self.model.num_patches
+            B = tokens.shape[0]
+            progress = torch.stack(
+                [
+                    torch.full_like(tokens, self.step_index / self.num_steps),
+                    (self.macs / self.full_macs).float(),
+                    tokens,
+                ],
+                dim=1,
+            )
+            return {
+                "cls": self.tokens.cls().float(),
+                "progress": progress,
+                "price": log_price(self.price).view(B, 1),
+            }
 
     def decode(self, actions: Tensor | Sequence) -> list[BlockConfig]:
         """Per-sample `BlockConfig`s from choice indices (B, fields); raises `InvalidSubnetError` if invalid."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BlockConfig
-from .token_ops import size_bias, token_schedule
+from .token_ops import _gather_tokens, size_bias, token_schedule
 from .utils import long_tensor, single_threaded
 
 if TYPE_CHECKING:
@@ -40,13 +40,6 @@ def _ranges(starts: Tensor, lengths: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(starts - offsets, lengths, output_size=total) + torch.arange(
         total, device=starts.device
     )
-
-
-def _rows(x: Tensor, index: Tensor) -> Tensor:
-    """x[b, index[b, j]] for x (B, N, D) and index (B, K): (B, K, D)."""
-    B, N, D = x.shape
-    flat = index + N * torch.arange(B, device=index.device)[:, None]
-    return x.reshape(B * N, D).index_select(0, flat.view(-1)).view(B, -1, D)
 
 
 def _runs(order: list[int], key: list[int], lengths: list[int]) -> list[tuple[int, int, int]]:
@@ -198,7 +191,8 @@ class PackedBatch:
         position = torch.arange(L, device=device)
         valid = position < long_tensor([self.lengths[s] for s in samples], device)[:, None]  # (b, L)
         pos = torch.where(valid, self.starts().index_select(0, index)[:, None] + position, T)  # T: padding
-        keys, query = attention.cls_query_keys(index, L)  # (b, L, H d), (b, H, d); missing heads, padding zero
+        h = attention.h.index_select(0, index)
+        keys, query = attention.cls_query_keys(index, h, valid)  # (b, L, H d), (b, H, d); missing heads, padding 0
         b, H, d = query.shape
         # the CLS query's row of attention, every head at once: keys times a block-diagonal matrix of the queries
         blocks = torch.diag_embed(query.transpose(1, 2)).transpose(1, 2).reshape(b, H * d, H)
@@ -206,7 +200,6 @@ class PackedBatch:
         if self.size is not None:
             logits += torch.cat([self.size, self.size.new_ones(1)]).log()[pos][:, :, None]
         probs = logits.masked_fill_(~valid[:, :, None], float("-inf")).softmax(1)
-        h = attention.h.index_select(0, index)
         probs *= torch.arange(H, device=device) < h[:, None, None]  # the heads a sample runs
         scores = probs.sum(2)[:, 1:] / h[:, None]  # the CLS attention to the patches, averaged over heads
         pos = pos[:, 1:]
@@ -235,7 +228,7 @@ class PackedBatch:
         source_rank = final[:, None] + torch.arange(S, device=device)
         sources = source_rank < pruned[:, None]
         sources_at = order_by_score.gather(1, source_rank.clamp(max=N - 1))
-        similarity = torch.bmm(_rows(keys, sources_at), _rows(keys, targets_at).transpose(1, 2))
+        similarity = torch.bmm(_gather_tokens(keys, sources_at), _gather_tokens(keys, targets_at).transpose(1, 2))
         merged_into = targets_at.gather(1, similarity.masked_fill_(~targets[:, None, :], float("-inf")).argmax(-1))
         source_rows = pos.gather(1, sources_at)[sources]
         new_row = torch.empty(T, dtype=torch.long, device=device)
@@ -257,7 +250,7 @@ class _Attention:
     q, k, v of every token are computed per number of heads into one buffer of head vectors (rows of head_dim):
     the tokens of a sample running h heads hold 3 h consecutive rows each (q heads, k heads, v heads), so the
     samples of one (heads, tokens) run are a dense (n, L, 3, h, d) view of it, which the attention core reads in
-    place. Padding reads zero rows at the end.
+    place. Padding reads the zero row at the end (`pad`).
     """
 
     def __init__(self, batch: PackedBatch, block: ElasticBlock, heads: list[int]) -> None:
@@ -270,7 +263,7 @@ class _Attention:
         self.runs = _runs(batch.order, heads, batch.lengths)
         rows = sum(3 * h * n for h, _, n in self.runs)
         self.pad = rows
-        self.qkv = x.new_empty(rows + 2 * H + 1, d)
+        self.qkv = x.new_empty(rows + 1, d)
         self.qkv[rows:] = 0
         y = block.norm1(x)
         w, b = attn.qkv.weight.view(3, H * d, C), attn.qkv.bias
@@ -323,18 +316,17 @@ class _Attention:
             head_row += h * (first - run_first)
             heads_out[head_row : head_row + h * tokens].view(n, L, h, d).copy_(out.transpose(1, 2))
 
-    def cls_query_keys(self, index: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Keys, heads concatenated (b, length, H d), and CLS query (b, H, d) of the samples `index`, padded to
-        `length` tokens; the heads a sample does not run, and its padding, zero."""
-        device = self.qkv.device
-        h = self.h.index_select(0, index)[:, None, None]
+    def cls_query_keys(self, index: Tensor, heads: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys, heads concatenated (b, L, H d), and CLS query (b, H, d) of the samples `index` running `heads`
+        heads, padded to L tokens where `valid` (b, L) is False; the heads a sample does not run, and its padding,
+        zero."""
+        b, length = valid.shape
+        h = heads[:, None, None]
         first = self.first.index_select(0, index)[:, None, None]
-        token = torch.arange(length, device=device)[None, :, None]
-        head = torch.arange(self.H, device=device)
-        lengths = long_tensor(self.batch.lengths, device).index_select(0, index)[:, None, None]
-        rows = torch.where((head < h) & (token < lengths), first + 3 * h * token + h + head, self.pad)
+        token = torch.arange(length, device=valid.device)[None, :, None]
+        head = torch.arange(self.H, device=valid.device)
+        rows = torch.where((head < h) & valid[:, :, None], first + 3 * h * token + h + head, self.pad)
         query = torch.where(head < h[:, 0], first[:, 0] + head, self.pad)
-        b = len(index)
         return (
             self.qkv.index_select(0, rows.view(-1)).view(b, length, self.H * self.d),
             self.qkv.index_select(0, query.view(-1)).view(b, self.H, self.d),

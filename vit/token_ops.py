@@ -62,7 +62,9 @@ def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x[b, index[b, j]] for x (B, N) or (B, N, C) and index (B, K)."""
     if x.dim() == 2:
         return x.gather(1, index)
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    B, N, C = x.shape  # rows of C values: one index_select over the flattened batch, far faster than gather
+    flat = index + N * torch.arange(B, device=index.device)[:, None]
+    return x.reshape(B * N, C).index_select(0, flat.view(-1)).view(B, index.shape[1], C)
 
 
 @torch.no_grad()
