@@ -11,6 +11,9 @@ interleaved rounds (this machine's speed drifts, so every ratio is a median of p
 It reports images/s, the realised speed-up next to the MACs ratio, and the share of the packed adaptive forward
 spent deciding (the selector's forward passes, observation to action).
 
+Freed memory is kept in the process (`vit.utils.keep_freed_memory`; `--no-keep-freed-memory` to leave glibc's
+default), so that no model pays page faults that depend on the allocation history of the process.
+
     python scripts/benchmark.py                         # runs/selector/selector, budget 0.5, batch 256, CPU
 """
 
@@ -29,7 +32,7 @@ import torch
 import agents
 from agents.selector import selector_dataset
 from vit.train import first_batches
-from vit.utils import parse_dataclass, resolve_device, timed
+from vit.utils import keep_freed_memory, parse_dataclass, resolve_device, timed
 
 
 @dataclass
@@ -42,6 +45,9 @@ class Args:
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     rounds: int = field(default=9, metadata={"help": "interleaved timing rounds (medians are reported)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    keep_freed_memory: bool = field(
+        default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
+    )
     data: str | None = field(default=None, metadata={"help": "dataset (default: the selector's)"})
     data_path: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
@@ -69,6 +75,7 @@ def wall_seconds(fn, device: torch.device) -> float:
 def main(args: Args) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = args.keep_freed_memory and keep_freed_memory()
     device = resolve_device(args.device)
     packed = agents.load_adaptive(args.selector, device=str(device))
     model = packed.supernet
@@ -125,7 +132,7 @@ def main(args: Args) -> dict[str, float]:
     }
     lines = [
         f"{device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-        f"median of {args.rounds} interleaved rounds",
+        f"median of {args.rounds} interleaved rounds, freed memory {'kept' if kept else 'returned (glibc default)'}",
         "",
         "| model | MACs ratio | images/s | speed-up vs full | speed-up predicted by MACs |",
         "|---|---|---|---|---|",

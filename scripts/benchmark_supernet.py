@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vit.utils import parse_dataclass, resolve_device, seconds_per_call
+from vit.utils import keep_freed_memory, parse_dataclass, resolve_device, seconds_per_call
 
 
 @dataclass
@@ -29,6 +29,9 @@ class Args:
     target: float = field(default=0.5, metadata={"help": "MACs ratio of the static subnet"})
     repeats: int = field(default=7, metadata={"help": "timed calls per measurement (median)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    keep_freed_memory: bool = field(
+        default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
@@ -36,6 +39,8 @@ class Args:
 def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = vit.create_supernet(args.model, token_mode=args.token_mode).to(device).eval()

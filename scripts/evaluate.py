@@ -36,7 +36,7 @@ from agents.baselines import RandomPolicy
 from agents.selector import selector_dataset
 from vit.token_ops import token_schedule
 from vit.train import first_batches
-from vit.utils import parse_dataclass, resolve_device, timed
+from vit.utils import keep_freed_memory, parse_dataclass, resolve_device, timed
 
 MATCH_BELOW, MATCH_ABOVE = 0.02, 0.10
 
@@ -56,6 +56,9 @@ class Args:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(
         default=0, metadata={"help": "torch CPU threads (0: the default; 1 suits per-sample execution on few cores)"}
+    )
+    keep_freed_memory: bool = field(
+        default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the random-decision baseline"})
     out: str = field(default="runs/evaluate", metadata={"help": "output folder"})
@@ -172,6 +175,8 @@ def main(args: Args) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     device = resolve_device(args.device)
     adaptive = agents.load_adaptive(args.selector, device=str(device))
     model = adaptive.supernet
