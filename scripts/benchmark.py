@@ -8,8 +8,9 @@ interleaved rounds (this machine's speed drifts, so every ratio is a median of p
   decisions and results), and with `consensus` execution (one median choice per step for the whole batch),
   calibrated to the same budget on its own.
 
-It reports images/s, the realised speed-up next to the MACs ratio, and the share of the packed adaptive forward
-spent deciding (the selector's forward passes, observation to action).
+It reports images/s, the realised speed-up (median and range of the per-round values) next to the MACs ratio,
+and the share of the packed adaptive forward spent deciding (the selector's forward passes, observation to
+action).
 
 Freed memory is kept in the process (`vit.utils.keep_freed_memory`; `--no-keep-freed-memory` to leave glibc's
 default), so that no model pays page faults that depend on the allocation history of the process.
@@ -122,7 +123,8 @@ def main(args: Args) -> dict[str, float]:
                 deciding.append((timer.seconds - before) / row[name])
         rounds.append(row)
     seconds = {name: float(np.median([r[name] for r in rounds])) for name in runs}
-    speedup = {name: float(np.median([r["full"] / r[name] for r in rounds])) for name in runs}
+    per_round = {name: [r["full"] / r[name] for r in rounds] for name in runs}
+    speedup = {name: float(np.median(v)) for name, v in per_round.items()}
     names = {
         "full": "full model",
         "static": f"static `{static.blocks[-1]}` every block (nearest grid subnet in MACs)",
@@ -134,12 +136,12 @@ def main(args: Args) -> dict[str, float]:
         f"{device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
         f"median of {args.rounds} interleaved rounds, freed memory {'kept' if kept else 'returned (glibc default)'}",
         "",
-        "| model | MACs ratio | images/s | speed-up vs full | speed-up predicted by MACs |",
-        "|---|---|---|---|---|",
+        "| model | MACs ratio | images/s | speed-up vs full | per-round range | speed-up predicted by MACs |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {names[n]} | {ratio[n]:.3f} | {args.batch_size / seconds[n]:.0f} | {speedup[n]:.2f}x "
-        f"| {1 / ratio[n]:.2f}x |"
+        f"| {min(per_round[n]):.2f}-{max(per_round[n]):.2f}x | {1 / ratio[n]:.2f}x |"
         for n in runs
     ]
     share = float(np.median(deciding))

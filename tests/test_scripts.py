@@ -176,6 +176,7 @@ def test_benchmark(tmp_path, fmnist_dir, selector):
         str(tmp_path / "b.md"),
     )
     assert all(f"AdaptiveViT, {e}" in out for e in ("packed", "bucketed", "consensus")) and "deciding" in out
+    assert "per-round range" in out and "freed memory kept" in out
     assert (tmp_path / "b.md").is_file()
 
 
