@@ -33,7 +33,7 @@ import torch
 import agents
 from agents.selector import selector_dataset
 from vit.train import first_batches
-from vit.utils import keep_freed_memory, parse_dataclass, resolve_device, timed
+from vit.utils import parse_dataclass, resolve_device, setup_cpu, timed
 
 
 @dataclass
@@ -74,9 +74,7 @@ def wall_seconds(fn, device: torch.device) -> float:
 
 
 def main(args: Args) -> dict[str, float]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kept = args.keep_freed_memory and keep_freed_memory()
+    kept = setup_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
     packed = agents.load_adaptive(args.selector, device=str(device))
     model = packed.supernet

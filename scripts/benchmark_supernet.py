@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vit.utils import keep_freed_memory, parse_dataclass, resolve_device, seconds_per_call
+from vit.utils import parse_dataclass, resolve_device, seconds_per_call, setup_cpu
 
 
 @dataclass
@@ -37,10 +37,7 @@ class Args:
 
 
 def main(args: Args) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        keep_freed_memory()
+    setup_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = vit.create_supernet(args.model, token_mode=args.token_mode).to(device).eval()

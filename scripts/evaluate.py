@@ -36,7 +36,7 @@ from agents.baselines import RandomPolicy
 from agents.selector import selector_dataset
 from vit.token_ops import token_schedule
 from vit.train import first_batches
-from vit.utils import keep_freed_memory, parse_dataclass, resolve_device, timed
+from vit.utils import parse_dataclass, resolve_device, setup_cpu, timed
 
 MATCH_BELOW, MATCH_ABOVE = 0.02, 0.10
 
@@ -173,10 +173,7 @@ def pareto_plot(grid: list[dict], uniform: list[dict], selector: list[dict], oth
 def main(args: Args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        keep_freed_memory()
+    setup_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
     adaptive = agents.load_adaptive(args.selector, device=str(device))
     model = adaptive.supernet

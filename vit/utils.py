@@ -73,6 +73,14 @@ def keep_freed_memory(keep_bytes: int = 1 << 30) -> bool:
     return bool(mallopt(M_TRIM_THRESHOLD, keep_bytes)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
+def setup_cpu(threads: int = 0, keep_memory: bool = True) -> bool:
+    """What the timing scripts set before measuring: torch's CPU thread count (0 keeps torch's default) and, with
+    `keep_memory`, `keep_freed_memory()`. Returns whether freed memory is kept."""
+    if threads:
+        torch.set_num_threads(threads)
+    return keep_memory and keep_freed_memory()
+
+
 def timed(fn, device: torch.device | str | None = None):
     """`fn()`'s result and the wall-clock seconds it took (CUDA synchronised on a CUDA `device`)."""
     cuda = device is not None and torch.device(device).type == "cuda"
@@ -126,4 +134,4 @@ def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | N
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-__all__ = ["keep_freed_memory", "parse_dataclass", "resolve_device", "seconds_per_call"]
+__all__ = ["keep_freed_memory", "parse_dataclass", "resolve_device", "seconds_per_call", "setup_cpu"]
