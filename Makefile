@@ -1,18 +1,27 @@
 PYTHON ?= python3
 VENV := .venv
+LOCK := requirements.lock
 FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv install data demo test lint clean
+.PHONY: venv install lock data demo test lint clean
 
 venv install: $(VENV)/.installed
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-install only when the package metadata changes; the source is installed in editable mode.
-$(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/pip install -e '.[dev]'
+# Install the tested versions pinned in the lock file; re-install only when the lock file or the package metadata
+# changes (the source is installed in editable mode).
+$(VENV)/.installed: setup.cfg pyproject.toml $(LOCK) | $(VENV)/bin/python
+	$(VENV)/bin/pip install -c $(LOCK) -e '.[dev]'
 	touch $@
+
+# Regenerate the lock file from setup.cfg's ranges with pip-tools, keeping the pins that still fit them;
+# `make lock LOCK_ARGS=--upgrade` moves every pin to the newest release in range. `make install` then applies it.
+LOCK_ARGS ?=
+lock: install
+	$(VENV)/bin/pip-compile --all-extras --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		$(LOCK_ARGS) -o $(LOCK) setup.cfg
 
 data:
 	@if [ -z "$$FASHION_MNIST_DIR" ] && [ ! -f $(FMNIST_FILE) ]; then \

@@ -8,8 +8,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils import flop_counter as torch_flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 import vit
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts every fused attention kernel torch may dispatch to, whatever its version.
+
+    torch's formula registry lacks some kernels: in torch 2.14.1 CPU ``F.scaled_dot_product_attention`` runs
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, which FlopCounterMode counts as 0 FLOPs. Every
+    non-decomposing ``aten`` SDPA op without a formula gets torch's own SDPA formula (the backward one for
+    ``*_backward`` ops); the ops torch already counts keep their formula.
+    """
+    return FlopCounterMode(display=False, custom_mapping=_missing_sdpa_formulas())
+
+
+@functools.cache
+def _missing_sdpa_formulas() -> dict:
+    formulas = {}
+    for qualified in torch._C._dispatch_get_all_op_names():
+        namespace, _, name = qualified.partition("::")
+        name = name.split(".")[0]
+        if namespace != "aten" or "scaled_dot_product" not in name:
+            continue
+        # composite ops (the public SDPA, the math fallback) decompose into matmuls before the mode sees them
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CompositeImplicitAutograd"):
+            continue
+        packet = getattr(torch.ops.aten, name)
+        if packet not in torch_flop_counter.flop_registry:
+            formulas[packet] = _sdpa_backward_flops if name.endswith("_backward") else _sdpa_flops
+    return formulas
+
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return torch_flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return torch_flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:

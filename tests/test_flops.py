@@ -4,8 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import images, release_shared_supernets, shared_supernet
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import flop_counter, images, release_shared_supernets, shared_supernet
 
 import vit
 
@@ -24,9 +23,22 @@ def release_models():
 
 def measured_macs(model: vit.ElasticViT, x: torch.Tensor, subnet=None, execution: str = "bucketed") -> float:
     """Multiply-accumulates of one forward, as counted by FlopCounterMode (2 FLOPs per MAC)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         model(x, subnet, execution=execution)
     return counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_flop_counter_counts_attention(grad):
+    """The oracle itself: a bare SDPA call costs 2 matrix products of (L x D) by (D x S), forward and backward."""
+    b, h, n, d = 2, 4, 50, 16
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=grad) for _ in range(3))
+    with flop_counter() as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if grad:
+            out.sum().backward()
+    forward = 2 * (2 * b * h * n * n * d)
+    assert counter.get_total_flops() == (3.5 if grad else 1) * forward
 
 
 def reducing_subnets(space: vit.SearchSpace, count: int) -> list[vit.Subnet]:

@@ -13,8 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import images, release_shared_supernets, shared_supernet
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import flop_counter, images, release_shared_supernets, shared_supernet
 
 import vit
 from vit.rewire import head_importance, neuron_importance
@@ -71,7 +70,7 @@ def narrower(subnet: vit.Subnet, space: vit.SearchSpace) -> bool:
 
 
 def macs(model: nn.Module, *args) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         model(*args)
     return counter.get_total_flops() / 2
 
