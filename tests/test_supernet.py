@@ -10,10 +10,11 @@ import sys
 import numpy as np
 import pytest
 import timm
+import timm.optim
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import flop_counter, images, release_shared_supernets, shared_supernet
+from conftest import flop_counter, images, release_shared_supernets, shared_supernet, tiny_supernet
 
 import vit
 from vit.rewire import head_importance, neuron_importance
@@ -107,6 +108,163 @@ def test_largest_subnet_equals_timm(name):
         assert torch.all(importance[:-1] >= importance[1:])
         importance = neuron_importance(block)
         assert torch.all(importance[:-1] >= importance[1:])
+
+
+# --- 1b. the presets are timm models ------------------------------------------------------------------------------
+
+
+def test_timm_create_model_builds_the_preset():
+    """timm's `create_model` and `vit.create_supernet` build the same model: same logits from the same weights."""
+    ours = vit.create_supernet("prance_deit_tiny").eval()
+    model = timm.create_model("prance_deit_tiny").eval()
+    assert isinstance(model, vit.ElasticViT)
+    assert model.search_space == ours.search_space and model.pretrained_cfg == ours.pretrained_cfg
+    model.load_state_dict(perturb_(ours).state_dict())
+    x = images(model, 1)
+    with torch.no_grad():
+        for subnet in (None, model.search_space.smallest()):
+            assert torch.equal(model(x, subnet), ours(x, subnet))
+
+
+def test_timm_lists_every_preset_and_builds_one_registered_later():
+    assert timm.list_models("prance*") == vit.list_supernets()
+    assert set(PRESETS) <= set(timm.list_models("prance*"))
+
+    @vit.register_supernet
+    def prance_test_two_blocks(pretrained: bool = False, **kwargs) -> vit.ElasticViT:
+        return vit.create_supernet("prance_fmnist", **{"depth": 2, "head_choices": (2, 4), **kwargs})
+
+    assert "prance_test_two_blocks" in timm.list_models("prance*")
+    model = timm.create_model("prance_test_two_blocks", num_classes=3)
+    assert (model.depth, model.num_classes, model.pretrained_cfg["architecture"]) == (2, 3, "prance_test_two_blocks")
+
+    def deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> vit.ElasticViT:
+        return vit.create_supernet("prance_deit_tiny", **kwargs)
+
+    with pytest.raises(ValueError, match="'deit_tiny_patch16_224' is one of timm's models"):
+        vit.register_supernet(deit_tiny_patch16_224)
+    assert "deit_tiny_patch16_224" not in vit.list_supernets()
+
+
+def test_pretrained_cfg_is_complete_and_follows_the_model():
+    """Every key of timm's own ViT `pretrained_cfg` (less where the weights come from), describing this model."""
+    source_keys = {"url", "hf_hub_id", "tag", "custom_load"}
+    timm_keys = set(timm.create_model("deit_tiny_patch16_224").pretrained_cfg) - source_keys
+    default = supernet("prance_deit_tiny").pretrained_cfg
+    assert timm_keys <= set(default)
+    assert default["input_size"] == (3, 224, 224) and default["num_classes"] == 1000 and len(default["mean"]) == 3
+    assert default["first_conv"] == "patch_embed.proj" and default["classifier"] == "head"
+
+    for model in (
+        timm.create_model("prance_deit_tiny", num_classes=10, img_size=32, in_chans=1),
+        vit.create_supernet("prance_deit_tiny", num_classes=10, img_size=32, in_chans=1),
+    ):
+        cfg = model.pretrained_cfg
+        assert (cfg["num_classes"], cfg["input_size"], cfg["architecture"]) == (10, (1, 32, 32), "prance_deit_tiny")
+        assert len(cfg["mean"]) == len(cfg["std"]) == 1
+        assert timm.data.resolve_model_data_config(model)["input_size"] == (1, 32, 32)
+        with torch.no_grad():
+            assert model(images(model, 1)).shape == (1, 10)
+        model.reset_classifier(4)
+        assert model.pretrained_cfg["num_classes"] == 4
+
+    model = timm.create_model("prance_fmnist", pretrained_cfg_overlay={"crop_pct": 0.9, "input_size": (1, 32, 32)})
+    assert model.pretrained_cfg["crop_pct"] == 0.9 and model.pretrained_cfg["mean"] == (0.2860,)
+    assert model.patch_embed.img_size == 32  # as in timm, the config sets the default shape
+    with pytest.raises(ValueError, match="no pretrained tags"):
+        timm.create_model("prance_fmnist.in1k")
+
+
+def test_timm_pretrained_and_checkpoint_path_load_the_shipped_weights():
+    """`pretrained` and `checkpoint_path` work through timm; a new `num_classes` keeps the weights, new head."""
+    shipped = vit.create_supernet("prance_fmnist", pretrained=True).eval()
+    path = vit.registry.CHECKPOINT_DIR / "prance_fmnist.safetensors"
+    x = images(shipped, 2)
+    with torch.no_grad():
+        for model in (
+            timm.create_model("prance_fmnist", pretrained=True),
+            timm.create_model("prance_fmnist", checkpoint_path=str(path)),
+        ):
+            assert torch.equal(model.eval()(x), shipped(x))
+        model = timm.create_model("prance_fmnist", pretrained=True, num_classes=5).eval()
+        assert torch.equal(model.forward_features(x), shipped.forward_features(x))
+        assert model(x).shape == (2, 5)
+
+
+def test_reset_classifier_and_get_classifier_round_trip():
+    model = copy.deepcopy(supernet("prance_fmnist"))
+    x = images(model, 2)
+    subnet = model.search_space.smallest()
+    assert model.get_classifier() is model.head
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), nn.Identity) and model.num_classes == 0
+    features = model(x, [subnet] * 2)  # per-sample subnets, with gradients: features without a head
+    with torch.no_grad():
+        torch.testing.assert_close(features, model.forward_head(model.forward_features(x, subnet), pre_logits=True))
+
+    model.reset_classifier(7, global_pool="token")
+    head = model.get_classifier()
+    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (model.embed_dim, 7)
+    assert model.num_classes == 7 and model(x).shape == (2, 7)
+    with pytest.raises(ValueError, match="CLS token only"):
+        model.reset_classifier(7, global_pool="avg")
+
+
+def test_no_weight_decay_names_parameters_that_timm_optimizers_exempt():
+    model = copy.deepcopy(supernet("prance_fmnist"))
+    params = dict(model.named_parameters())
+    assert model.no_weight_decay() and model.no_weight_decay() <= set(params)
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", weight_decay=0.05)
+    exempt = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(id(params[name]) in exempt for name in model.no_weight_decay())
+    assert id(params["blocks.0.attn.qkv.weight"]) not in exempt
+
+
+@pytest.mark.parametrize("token_mode", ["merge", "prune_merge"])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(token_mode):
+    """Checkpointed blocks run again in the backward pass, and change nothing: largest, one and per-sample subnets."""
+    model = tiny_supernet(token_mode, drop_path_rate=0.2).train()  # stochastic depth: the recompute replays its RNG
+    space = model.search_space
+    x = images(model, 3)
+    labels = torch.tensor([0, 3, 7])
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    for subnet in (None, find_subnet(space, reduces_tokens), [space.smallest(), space.largest(), space.sample(1)]):
+        results = []
+        for enable in (False, True):
+            model.set_grad_checkpointing(enable)
+            model.zero_grad()
+            calls.clear()
+            torch.manual_seed(0)
+            loss = F.cross_entropy(model(x, subnet), labels)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
+        (loss, grads, runs), (loss_ckpt, grads_ckpt, runs_ckpt) = results
+        torch.testing.assert_close(loss_ckpt, loss)
+        torch.testing.assert_close(grads_ckpt, grads)
+        assert runs_ckpt == 2 * runs  # each block's forward ran again in the backward pass
+
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 1  # nothing to recompute without gradients
+
+
+def test_group_matcher_covers_every_parameter():
+    """timm's `group_parameters` reads the matcher: stem, one group per block (final norm last), head at the end."""
+    model = supernet("prance_fmnist")
+    names = [n for n, _ in model.named_parameters()]
+    for coarse in (False, True):
+        groups = list(timm.models.group_parameters(model, model.group_matcher(coarse)).values())
+        assert sorted(n for g in groups for n in g) == sorted(names)
+        assert len(groups) == model.depth + 2
+        assert set(groups[0]) == {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
+        for i in range(model.depth):
+            assert all(n.startswith(f"blocks.{i}.") or n.startswith("norm.") for n in groups[i + 1])
+        assert {"norm.weight", "norm.bias"} <= set(groups[model.depth])
+        assert groups[-1] == ["head.weight", "head.bias"]
+    layer_decay = timm.optim.param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
+    assert sum(len(g["params"]) for g in layer_decay) == len(names)
 
 
 # --- 2. a sliced subnet is a dense ViT of the sliced widths -------------------------------------------------------

@@ -1,4 +1,7 @@
-"""vit: the elastic ViT supernet of PRANCE — widths, token reduction, FLOPs, per-sample execution, data."""
+"""vit: the elastic ViT supernet of PRANCE — widths, token reduction, FLOPs, per-sample execution, data.
+
+Importing vit registers its presets with timm, so `timm.create_model("prance_deit_small")` builds one too.
+"""
 
 import os
 

@@ -1,4 +1,9 @@
-"""Registered supernet presets: `create_supernet(name, ...)` builds one in a call, as timm's `create_model` does."""
+"""Registered supernet presets: `create_supernet(name, ...)` builds one in a call, and so does timm's
+`timm.create_model(name, ...)`, as every preset is registered with timm's model registry too.
+
+A preset is a function `preset(pretrained=False, **kwargs) -> ElasticViT` whose kwargs override its arguments of
+`ElasticViT`; `register_supernet` registers it under its function name.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,71 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import timm
+import torch
+from timm.models import PretrainedCfg, is_model, register_model
+
 from .checkpoint import check_state_dict, load_checkpoint, read_state_dict
 from .rewire import rewire
 from .supernet import ElasticViT
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 DEFAULT_KEEP_RATIOS = (0.6, 0.7, 0.8, 0.9, 1.0)
-IMAGENET_CFG = {
-    "input_size": (3, 224, 224),
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "crop_pct": 0.875,
-    "interpolation": "bicubic",
-}
 
 _SUPERNETS: dict[str, Callable[..., ElasticViT]] = {}
 
 
 def register_supernet(fn: Callable[..., ElasticViT]) -> Callable[..., ElasticViT]:
-    """Register a preset under its function name."""
-    _SUPERNETS[fn.__name__] = fn
+    """Register a preset under its function name, for `create_supernet` and for `timm.create_model`.
+
+    Registering a name again replaces the preset. A name timm holds for a model of its own is refused, so that a
+    preset never shadows one of timm's models.
+    """
+    name = fn.__name__
+    if name not in _SUPERNETS:  # timm's entry point looks the preset up by name: a replaced preset needs no new one
+        if is_model(name):
+            raise ValueError(f"{name!r} is one of timm's models; register the preset under another name")
+        register_model(_timm_entrypoint(name, fn))
+    _SUPERNETS[name] = fn
     return fn
+
+
+def _timm_entrypoint(name: str, preset: Callable[..., ElasticViT]) -> Callable[..., ElasticViT]:
+    """The function timm's `create_model(name, ...)` calls: timm's keywords in, `create_supernet(name, ...)` out."""
+
+    def entrypoint(
+        pretrained: bool = False,
+        pretrained_cfg: str | dict | PretrainedCfg | None = None,
+        pretrained_cfg_overlay: dict | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> ElasticViT:
+        if isinstance(pretrained_cfg, str) and pretrained_cfg:  # a tag, as in "prance_deit_tiny.in1k"
+            raise ValueError(f"{name} has no pretrained tags (got {pretrained_cfg!r})")
+        if isinstance(pretrained_cfg, PretrainedCfg):
+            pretrained_cfg = pretrained_cfg.to_dict()
+        cfg = {**(pretrained_cfg or {}), **(pretrained_cfg_overlay or {})}
+        # as timm's builder does, a given config sets the defaults of the shapes it describes
+        if "num_classes" in cfg:
+            kwargs.setdefault("num_classes", cfg["num_classes"])
+        if "input_size" in cfg:
+            in_chans, height, width = cfg["input_size"]
+            if height != width:
+                raise ValueError(f"{name} takes square images; pretrained_cfg asks for {height}x{width}")
+            kwargs.setdefault("in_chans", in_chans)
+            kwargs.setdefault("img_size", width)
+        if cfg:
+            kwargs["pretrained_cfg"] = cfg
+        if cache_dir is not None:
+            kwargs["cache_dir"] = cache_dir
+        return create_supernet(name, pretrained=pretrained, **kwargs).to(device=device, dtype=dtype)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = preset.__module__  # timm files the model under the preset's module
+    entrypoint.__doc__ = preset.__doc__
+    return entrypoint
 
 
 def list_supernets() -> list[str]:
@@ -46,26 +95,39 @@ def create_supernet(
     model = _SUPERNETS[name](pretrained=pretrained and checkpoint is None, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
-    return model
-
-
-def _build(name: str, defaults: dict, kwargs: dict) -> ElasticViT:
-    model = ElasticViT(**{**defaults, **kwargs})
     model.pretrained_cfg["architecture"] = name
     return model
 
 
-def load_pretrained(model: ElasticViT, source: str | os.PathLike) -> ElasticViT:
-    """Initialise `model` from `timm:NAME` (timm's hub weights) or a weights file, then rewire it; returns it.
+def _build(defaults: dict, kwargs: dict, load: Callable[[ElasticViT], object] | None = None) -> ElasticViT:
+    """A preset's model: its `defaults` under `kwargs`, data configs merged; then its weights from `load`, if given.
+
+    Loaded weights come with their head, which a fresh one replaces when `num_classes` asks for another (timm's rule
+    for fine-tuning a pretrained model on a new task).
+    """
+    cfg = {**defaults.get("pretrained_cfg", {}), **(kwargs.get("pretrained_cfg") or {})}
+    args = {**defaults, **kwargs, "pretrained_cfg": cfg}
+    if load is None:
+        return ElasticViT(**args)
+    model = ElasticViT(**{**args, "num_classes": defaults["num_classes"]})
+    load(model)
+    if args["num_classes"] != model.num_classes:
+        model.reset_classifier(args["num_classes"])
+    return model
+
+
+def load_pretrained(
+    model: ElasticViT, source: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> ElasticViT:
+    """Initialise `model` from `timm:NAME` (timm's hub weights, cached in `cache_dir` if given) or a weights file,
+    then rewire it; returns it.
 
     The weights must have the model's shapes (timm's `VisionTransformer` names); rewiring reorders heads and MLP
     neurons by importance so that narrow subnets keep the most important ones.
     """
     source = str(source)
     if source.startswith("timm:"):
-        import timm  # only needed for hub weights
-
-        state = timm.create_model(source[len("timm:") :], pretrained=True).state_dict()
+        state = timm.create_model(source[len("timm:") :], pretrained=True, cache_dir=cache_dir).state_dict()
     else:
         state = read_state_dict(source)
     check_state_dict(model, state, source=source)
@@ -73,9 +135,11 @@ def load_pretrained(model: ElasticViT, source: str | os.PathLike) -> ElasticViT:
     return rewire(model)
 
 
-def _deit(name: str, timm_name: str, defaults: dict, pretrained: bool, kwargs: dict) -> ElasticViT:
-    model = _build(name, {**defaults, "pretrained_cfg": dict(IMAGENET_CFG)}, kwargs)
-    return load_pretrained(model, f"timm:{timm_name}") if pretrained else model
+def _deit(timm_name: str, defaults: dict, pretrained: bool, kwargs: dict) -> ElasticViT:
+    """A DeiT-shaped preset (ImageNet: 224 px, 1000 classes); `pretrained` loads timm's `timm_name` and rewires."""
+    cache_dir = kwargs.pop("cache_dir", None)
+    load = (lambda model: load_pretrained(model, f"timm:{timm_name}", cache_dir)) if pretrained else None
+    return _build({**defaults, "num_classes": 1000}, kwargs, load)
 
 
 @register_supernet
@@ -89,7 +153,7 @@ def prance_deit_tiny(pretrained: bool = False, **kwargs) -> ElasticViT:
         mlp_hidden_choices=(384, 512, 640, 768),
         keep_ratio_choices=DEFAULT_KEEP_RATIOS,
     )
-    return _deit("prance_deit_tiny", "deit_tiny_patch16_224", defaults, pretrained, kwargs)
+    return _deit("deit_tiny_patch16_224", defaults, pretrained, kwargs)
 
 
 @register_supernet
@@ -103,7 +167,7 @@ def prance_deit_small(pretrained: bool = False, **kwargs) -> ElasticViT:
         mlp_hidden_choices=(768, 1024, 1280, 1536),
         keep_ratio_choices=DEFAULT_KEEP_RATIOS,
     )
-    return _deit("prance_deit_small", "deit_small_patch16_224", defaults, pretrained, kwargs)
+    return _deit("deit_small_patch16_224", defaults, pretrained, kwargs)
 
 
 @register_supernet
@@ -117,7 +181,7 @@ def prance_deit_base(pretrained: bool = False, **kwargs) -> ElasticViT:
         mlp_hidden_choices=(1536, 2048, 2560, 3072),
         keep_ratio_choices=DEFAULT_KEEP_RATIOS,
     )
-    return _deit("prance_deit_base", "deit_base_patch16_224", defaults, pretrained, kwargs)
+    return _deit("deit_base_patch16_224", defaults, pretrained, kwargs)
 
 
 @register_supernet
@@ -134,18 +198,21 @@ def prance_fmnist(pretrained: bool = False, **kwargs) -> ElasticViT:
         head_choices=(1, 2, 3, 4),
         mlp_hidden_choices=(64, 128, 192, 256),
         keep_ratio_choices=DEFAULT_KEEP_RATIOS,
-        pretrained_cfg={"input_size": (1, 28, 28), "mean": (0.2860,), "std": (0.3530,)},
+        # Fashion-MNIST's statistics; its images are used whole (no crop at 28 px)
+        pretrained_cfg={"mean": (0.2860,), "std": (0.3530,), "crop_pct": 1.0},
     )
-    model = _build("prance_fmnist", defaults, kwargs)
-    if pretrained:
-        path = CHECKPOINT_DIR / "prance_fmnist.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"the shipped prance_fmnist checkpoint is missing ({path}); train one with "
-                "scripts/train_supernet.py and pass checkpoint=PATH"
-            )
-        load_checkpoint(model, path)
-    return model
+    kwargs.pop("cache_dir", None)  # the weights ship with the package: nothing to download
+    return _build(defaults, kwargs, _load_shipped if pretrained else None)
+
+
+def _load_shipped(model: ElasticViT) -> None:
+    path = CHECKPOINT_DIR / "prance_fmnist.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the shipped prance_fmnist checkpoint is missing ({path}); train one with "
+            "scripts/train_supernet.py and pass checkpoint=PATH"
+        )
+    load_checkpoint(model, path)
 
 
 __all__ = ["CHECKPOINT_DIR", "create_supernet", "list_supernets", "load_pretrained", "register_supernet"]

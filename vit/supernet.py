@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, check_token_mode
 from .executor import TokenBatch
@@ -24,6 +25,16 @@ from .token_ops import cls_attention, reduce_tokens, size_bias, token_schedule
 EXECUTIONS = ("packed", "bucketed", "consensus")
 #: How `ElasticViT.forward` and `prance_env.BatchedInference` hold a batch for each per-sample execution.
 TOKEN_BATCHES = {"packed": PackedBatch, "bucketed": TokenBatch}
+#: The data config a model's `pretrained_cfg` starts from: DeiT's ImageNet evaluation (224/256 centre crop, bicubic,
+#: ImageNet statistics) and the license of DeiT's weights and of this package.
+IMAGENET_CFG = {
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+    "interpolation": "bicubic",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "license": "apache-2.0",
+}
 
 
 class ElasticAttention(nn.Module):
@@ -139,6 +150,34 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
 
 
+def _init_weights(m: nn.Module) -> None:
+    """timm's ViT initialisation of a layer: truncated normal (std .02) linear weights, zero biases, unit norms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _pretrained_cfg(given: dict | None, num_classes: int, in_chans: int, img_size: int) -> dict:
+    """timm's `pretrained_cfg` of a model of these shapes: `given` over `IMAGENET_CFG`, the shape keys the model's."""
+    cfg = {**IMAGENET_CFG, **(given or {})}
+    for key in ("mean", "std"):
+        values = tuple(cfg[key])
+        if len(values) != in_chans:  # e.g. RGB statistics for a grey model: their average on every channel
+            cfg[key] = (sum(values) / len(values),) * in_chans
+    return {
+        **cfg,
+        "num_classes": num_classes,
+        "input_size": (in_chans, img_size, img_size),
+        "fixed_input_size": True,
+        "pool_size": None,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+
+
 class ElasticViT(nn.Module):
     """A weight-sharing ViT supernet (timm `VisionTransformer` names) with per-block widths and token reduction.
 
@@ -153,8 +192,14 @@ class ElasticViT(nn.Module):
         token_mode: `prune`, `merge` or `prune_merge`.
         head_choices, mlp_hidden_choices, keep_ratio_choices, merge_ratio_choices: ascending choices, the same
             at every block, ending with the full width and 1.0; or pass a whole `search_space`.
+        drop_rate: dropout before the head, as timm's `drop_rate`.
         drop_path_rate: stochastic depth for supernet training (linearly increasing over blocks).
-        pretrained_cfg: timm-style data config (input_size, mean, std, crop_pct, interpolation).
+        pretrained_cfg: timm's data config (mean, std, crop_pct, interpolation, ...) over `IMAGENET_CFG`; the keys
+            that describe the model's shape (`num_classes`, `input_size`, `first_conv`, `classifier`) are always
+            the model's own, and statistics of another channel count are averaged onto `in_chans` channels.
+
+    timm's model interface is here too: `reset_classifier`, `get_classifier`, `no_weight_decay`,
+    `set_grad_checkpointing`, `group_matcher`, and `pretrained_cfg` (alias `default_cfg`).
     """
 
     def __init__(
@@ -174,6 +219,7 @@ class ElasticViT(nn.Module):
         keep_ratio_choices: Sequence[float] = (1.0,),
         merge_ratio_choices: Sequence[float] | None = None,
         search_space: SearchSpace | None = None,
+        drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         pretrained_cfg: dict | None = None,
     ) -> None:
@@ -199,7 +245,8 @@ class ElasticViT(nn.Module):
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = 1
-        self.pretrained_cfg = dict(pretrained_cfg or {"input_size": (in_chans, img_size, img_size)})
+        self.grad_checkpointing = False
+        self.pretrained_cfg = _pretrained_cfg(pretrained_cfg, num_classes, in_chans, img_size)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -207,7 +254,8 @@ class ElasticViT(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(ElasticBlock(embed_dim, num_heads, mlp_hidden, qkv_bias, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.reset_parameters()
 
     @property
@@ -229,16 +277,42 @@ class ElasticViT(nn.Module):
         """timm's ViT initialisation: truncated normal (std .02) for weights and embeddings, zero biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(_init_weights)
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
         nn.init.zeros_(self.patch_embed.proj.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (timm's interface)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head by a freshly initialised one for `num_classes` classes; 0 leaves none, so the model
+        returns the CLS features (timm's interface). `global_pool` can only be `token`, this model's pooling."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"ElasticViT pools by its CLS token only (global_pool='token'), got {global_pool!r}")
+        like = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
+        self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
+        self.num_classes = self.pretrained_cfg["num_classes"] = num_classes
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that take no weight decay: the embeddings (timm's interface; norms and biases go by shape)."""
+        return {"cls_token", "pos_embed"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str | list]:
+        """Regular expressions grouping the parameters for layer-wise learning rates, in timm's format (timm's
+        `group_parameters` reads it): the stem, then one group per block, the final norm with the last block; the
+        head, matched by none, comes last. A block is the smallest group, so `coarse` changes nothing."""
+        return {
+            "stem": r"^cls_token|pos_embed|patch_embed",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them, when training
+        (`torch.utils.checkpoint`): memory for compute, whatever the subnet or per-sample subnets."""
+        self.grad_checkpointing = enable
 
     def check_input(self, x: Tensor) -> None:
         """Raise a `TypeError`/`ValueError` naming the problem when x is not a batch of finite images."""
@@ -271,9 +345,13 @@ class ElasticViT(nn.Module):
         """Run block `i` at `config` on tokens x (B, 1 + N, C) with sizes (B, 1 + N) or None.
 
         With a `source` (B, 1 + N, S), also returns it reduced as the tokens were: which original tokens each
-        token holds (start from the identity at `embed`; see `token_ops.reduce_tokens`).
+        token holds (start from the identity at `embed`; see `token_ops.reduce_tokens`). Every execution that records
+        gradients runs its blocks here, so `set_grad_checkpointing` covers one subnet and per-sample subnets alike.
         """
-        return self.blocks[i](x, size, config, self.token_mode, source)
+        block = self.blocks[i]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, size, config, self.token_mode, source, use_reentrant=False)
+        return block(x, size, config, self.token_mode, source)
 
     def forward_features(self, x: Tensor, subnet: Subnet | None = None) -> Tensor:
         """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch (largest when None)."""
@@ -287,6 +365,7 @@ class ElasticViT(nn.Module):
         """Class logits from tokens (B, T, C) or CLS features (B, C)."""
         if x.dim() == 3:
             x = x[:, 0]
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward_tokens(
@@ -331,9 +410,20 @@ class ElasticViT(nn.Module):
         if execution == "consensus":
             return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
         tokens = TOKEN_BATCHES[execution]
-        if tokens is PackedBatch and torch.is_grad_enabled() and (x.requires_grad or self.head.weight.requires_grad):
-            tokens = TokenBatch  # packed execution writes into preallocated buffers, which autograd cannot follow
+        # packed execution writes into preallocated buffers, which autograd cannot follow
+        if tokens is PackedBatch and torch.is_grad_enabled():
+            if x.requires_grad or any(p.requires_grad for p in self.parameters()):
+                tokens = TokenBatch
         return self.forward_tokens(tokens(self.embed(x)), 0, subnets)
 
 
-__all__ = ["EXECUTIONS", "TOKEN_BATCHES", "ElasticAttention", "ElasticBlock", "ElasticMlp", "ElasticViT", "PatchEmbed"]
+__all__ = [
+    "EXECUTIONS",
+    "IMAGENET_CFG",
+    "TOKEN_BATCHES",
+    "ElasticAttention",
+    "ElasticBlock",
+    "ElasticMlp",
+    "ElasticViT",
+    "PatchEmbed",
+]
