@@ -1,6 +1,7 @@
 """prance_env: ViT inference as a Gymnasium MDP with the Result-to-Go reward (PranceViT-v0).
 
-env = gymnasium.make("PranceViT-v0")                      # one image per episode
+env = gymnasium.make("PranceViT-v0")                      # one image per episode; defaults: MDPConfig()
+env = gymnasium.make("PranceViT-v0", render_mode="rgb_array")  # env.render(): the episode's token map
 envs = gymnasium.make_vec("PranceViT-v0", num_envs=256)   # native batched env
 venv = prance_env.to_sb3(envs)                            # stable-baselines3 VecEnv
 """

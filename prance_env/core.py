@@ -35,6 +35,10 @@ QUALITIES = ("correct", "logprob", "agree")
 class MDPConfig:
     """The shape of the MDP over a supernet.
 
+    The defaults are the one source of PranceViT-v0's registered defaults (the env's keyword arguments and the
+    selector training config read them): the MDP the shipped selector (`agents/checkpoints/prance_fmnist`) was
+    trained on.
+
     Attributes:
         stem_blocks: blocks run at full width at reset, so the first observation depends on the image.
         blocks_per_step: blocks decided by one action (all run at the action's configuration).
@@ -43,13 +47,16 @@ class MDPConfig:
         quality: q of the result: `correct` (1 if right), `logprob` (log-prob of the true class, clipped at
             `logprob_floor`) or `agree` (1 if the prediction is the full model's; needs no labels).
         logprob_floor: lower clip of `logprob`.
+        price_range: (low, high) of the log-uniform compute price drawn per episode; the observed log-price is
+            bounded by it, so a policy reads only the prices it was trained on.
     """
 
     stem_blocks: int = 1
     blocks_per_step: int = 1
     reward: str = "delta"
-    quality: str = "correct"
+    quality: str = "logprob"
     logprob_floor: float = -5.0
+    price_range: tuple[float, float] = (3e-4, 0.3)
 
     def __post_init__(self) -> None:
         if self.reward not in REWARD_MODES:
@@ -215,14 +222,13 @@ class BatchedInference:
                 raise InvalidSubnetError("actions contain NaN or Inf")
             if not torch.equal(actions, actions.round()):
                 raise InvalidSubnetError("discrete actions must be whole numbers")
-        actions = actions.long()
-        high = torch.tensor(self.nvec)
-        bad = (actions < 0) | (actions >= high)
+        high = torch.tensor(self.nvec, device=actions.device)
+        bad = (actions < 0) | (actions >= high)  # on the values as given: a cast to int64 would wrap 1e20
         if bad.any():
             sample, field = (int(v) for v in bad.nonzero()[0])
             raise InvalidSubnetError(
                 f"action {actions[sample].tolist()} (sample {sample}): {self.space.fields[field]} index "
-                f"{int(actions[sample, field])} out of range [0, {self.nvec[field]})"
+                f"{actions[sample, field].item()} out of range [0, {self.nvec[field]})"
             )
 
     @torch.inference_mode()

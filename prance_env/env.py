@@ -13,7 +13,9 @@ from torch.utils.data import Dataset
 
 import vit
 
+from .core import MDPConfig
 from .factory import Prices, action_indices, make_inference, single_spaces, to_numpy
+from .render import RENDER_FPS, RENDER_MODES, check_render_mode, render_episode
 
 
 class PranceViTEnv(gym.Env):
@@ -38,7 +40,9 @@ class PranceViTEnv(gym.Env):
     | 3     | merge_ratio | `prune_merge` only: fraction of the survivors kept after merging |
 
     The largest index of every field is the full block. With `action_type="continuous"` the action is a
-    `Box(-1, 1, (fields,))` decoded by rounding `(a + 1) / 2 * (n - 1)`. Invalid actions raise `ValueError`.
+    `Box(-1, 1, (fields,))` decoded by rounding `(a + 1) / 2 * (n - 1)`. Invalid actions (another shape, even a
+    batch of one, a non-numeric dtype, NaN, an index out of range, a fraction, a value outside [-1, 1]) raise
+    `ValueError` quoting the value as given, and change nothing.
 
     ## Observation Space
 
@@ -53,8 +57,8 @@ class PranceViTEnv(gym.Env):
     ## Rewards
 
     `R_t = q(prediction_t) − λ · F_t / F_full`, where prediction_t is that of the completion after step t and F_t
-    the MACs spent plus the completion's. `q` is `correct` (1 if right), `logprob` (log-prob of the true class,
-    clipped at -5) or `agree` (1 if it equals the full model's prediction; no labels needed). `reward="delta"`
+    the MACs spent plus the completion's. `q` is `logprob` (default: log-prob of the true class, clipped at -5),
+    `correct` (1 if right) or `agree` (1 if it equals the full model's prediction; no labels needed). `reward="delta"`
     (default) gives `R_t − R_{t−1}` with `R_{−1}` the full model's result, so the return is the final result
     relative to the full model (0 when every action is the maximum); `"direct"` gives `R_t`; `"terminal"` gives 0
     but at the last step, `R_T` (no completion is run: the ablation without Result-to-Go).
@@ -74,14 +78,23 @@ class PranceViTEnv(gym.Env):
     stem included; a `vit.Subnet` at the last step). Last step also: `pred`, `label`, `correct` and
     `flops_ratio` (the episode's MACs over the full model's).
 
+    ## Rendering
+
+    `render_mode="rgb_array"`: `render()` returns the episode's token map, an (H, W, 3) uint8 image of fixed size:
+    the image, then the patches after each decided block (blank until run): kept patches show the image, merged
+    ones the colour of their token, pruned ones are grey and hatched (`prance_env.render`).
+
     ## Arguments
 
     ```python
     gymnasium.make("PranceViT-v0", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
                    data_path=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
-                   quality="correct", price=None, price_range=(0.01, 1.0), stem_blocks=1, blocks_per_step=1,
-                   action_type="discrete")
+                   quality="logprob", price=None, price_range=(3e-4, 0.3), stem_blocks=1, blocks_per_step=1,
+                   action_type="discrete", render_mode=None)
     ```
+
+    The defaults (those of `prance_env.MDPConfig`) are the MDP the shipped selector was trained on, so
+    `PPO.load("agents/checkpoints/prance_fmnist.zip", env=gymnasium.make("PranceViT-v0"))` runs it.
 
     `supernet` is a registered name (its shipped weights, or `checkpoint`) or a `vit.ElasticViT`; `data` a
     dataset name for `vit.load_dataset` or a torch Dataset of (image, label); `choices` overrides the per-block
@@ -92,7 +105,7 @@ class PranceViTEnv(gym.Env):
     * v0: initial version.
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": RENDER_FPS}
 
     def __init__(
         self,
@@ -104,14 +117,16 @@ class PranceViTEnv(gym.Env):
         device: str | torch.device = "auto",
         token_mode: str | None = None,
         choices: Mapping[str, Sequence] | None = None,
-        reward: str = "delta",
-        quality: str = "correct",
+        reward: str = MDPConfig.reward,
+        quality: str = MDPConfig.quality,
         price: float | None = None,
-        price_range: Sequence[float] = (0.01, 1.0),
-        stem_blocks: int = 1,
-        blocks_per_step: int = 1,
+        price_range: Sequence[float] = MDPConfig.price_range,
+        stem_blocks: int = MDPConfig.stem_blocks,
+        blocks_per_step: int = MDPConfig.blocks_per_step,
         action_type: str = "discrete",
+        render_mode: str | None = None,
     ) -> None:
+        self.render_mode = check_render_mode(render_mode)
         self.inference, self.source = make_inference(
             supernet,
             checkpoint,
@@ -123,10 +138,11 @@ class PranceViTEnv(gym.Env):
             choices,
             reward,
             quality,
+            price_range,
             stem_blocks,
             blocks_per_step,
         )
-        self.prices = Prices(price, price_range)
+        self.prices = Prices(price, self.inference.config.price_range)
         self.action_type = action_type
         self.observation_space, self.action_space = single_spaces(self.inference, self.prices, action_type)
 
@@ -149,7 +165,7 @@ class PranceViTEnv(gym.Env):
         price = self.prices.check([options["price"]]) if "price" in options else self.prices.draw(self.np_random, 1)
         images, labels = self.source.get(np.array([index]))
         obs = self.inference.reset(images, labels, torch.as_tensor(price, dtype=torch.float32))
-        self.index = int(index)
+        self.index, self.image = int(index), images[0]
         info = {"index": self.index, "macs": float(self.inference.macs[0]), "tokens": self.model.num_patches}
         return _first(to_numpy(obs)), info
 
@@ -157,7 +173,8 @@ class PranceViTEnv(gym.Env):
         """Run the next block(s) at the configuration `action` chooses."""
         if self.inference.step_index < 0:
             raise RuntimeError("call reset() before step()")
-        obs, reward, done, info = self.inference.step(action_indices(self.inference, action, self.action_type, 1))
+        indices = action_indices(self.inference, action, self.action_type, self.action_space.shape)
+        obs, reward, done, info = self.inference.step(indices)
         out = {"macs": float(info["macs"][0]), "tokens": int(info["tokens"][0])}
         out["subnet"] = vit.Subnet(info["subnet"][0]) if done else info["subnet"][0]
         if done:
@@ -167,6 +184,14 @@ class PranceViTEnv(gym.Env):
             if "label" in info:
                 out["label"] = int(info["label"][0])
         return _first(to_numpy(obs)), float(reward[0]), done, False, out
+
+    def render(self) -> np.ndarray | None:
+        """The episode's token map so far, (H, W, 3) uint8, in `rgb_array` mode; None without a render mode."""
+        if self.render_mode is None:
+            return None
+        if self.inference.step_index < 0:
+            raise RuntimeError("call reset() before render()")
+        return render_episode(self.model, self.image, self.inference.choices[0], self.inference.config.stem_blocks)
 
 
 def _first(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -86,6 +86,8 @@ class Prices:
     """The compute price of each episode: fixed, or drawn log-uniformly from `price_range`."""
 
     def __init__(self, price: float | None, price_range: Sequence[float]) -> None:
+        if len(price_range) != 2:
+            raise ValueError(f"price_range must be (low, high), got {tuple(price_range)}")
         low, high = (float(price), float(price)) if price is not None else map(float, price_range)
         if not 0 < low <= high:
             raise ValueError(f"prices must satisfy 0 < low <= high, got {(low, high)}")
@@ -126,25 +128,42 @@ def single_spaces(inference: BatchedInference, prices: Prices, action_type: str)
     return observation, action
 
 
-def action_indices(inference: BatchedInference, actions: np.ndarray, action_type: str, batch: int) -> Tensor:
-    """Choice indices (B, fields) from discrete actions, or from continuous ones in [-1, 1] by rounding."""
-    actions = np.asarray(actions)
-    if actions.dtype.kind not in "iuf":
-        raise ValueError(f"actions must be numbers (choice indices or values in [-1, 1]), got dtype {actions.dtype}")
-    fields = len(inference.nvec)
-    if actions.shape not in ((batch, fields), (fields,) if batch == 1 else None):
-        raise ValueError(
-            f"expected actions of shape {(batch, fields) if batch > 1 else (fields,)}, got {actions.shape}"
-        )
-    actions = actions.reshape(batch, fields)
+def action_indices(inference: BatchedInference, actions, action_type: str, shape: tuple[int, ...]) -> Tensor:
+    """Choice indices (B, fields) int64 from actions of exactly `shape`: `(fields,)` for the single env,
+    `(num_envs, fields)` for the vector env. Discrete actions are the indices; continuous ones, values in
+    [-1, 1], are rounded to them. Raises `ValueError` quoting the value as given, before anything runs."""
+    given = np.asarray(actions)
+    if given.dtype.kind not in "iuf":
+        raise ValueError(f"actions must be numbers (choice indices or values in [-1, 1]), got dtype {given.dtype}")
+    if given.shape != shape:
+        raise ValueError(f"expected actions of shape {shape} for fields {inference.space.fields}, got {given.shape}")
+    rows = given.reshape(-1, len(inference.nvec))
+    nvec = np.array(inference.nvec)
+    if given.dtype.kind == "f" and not np.all(np.isfinite(rows)):
+        where, value, _ = _first_offender(inference, given, ~np.isfinite(rows))
+        raise ValueError(f"{where} value {value}: actions contain NaN or Inf")
     if action_type == "continuous":
-        actions = actions.astype(np.float64)
-        if not np.all(np.isfinite(actions)):
-            raise ValueError("actions contain NaN or Inf")
-        if np.any(np.abs(actions) > 1.0):
-            raise ValueError(f"continuous actions must lie in [-1, 1], got {actions.min()}..{actions.max()}")
-        actions = np.rint((actions + 1.0) / 2.0 * (np.array(inference.nvec) - 1))
-    return torch.tensor(actions)  # a copy: the caller's array may be read-only or reused
+        if np.any(np.abs(rows) > 1):
+            where, value, _ = _first_offender(inference, given, np.abs(rows) > 1)
+            raise ValueError(f"{where} value {value}: continuous actions must lie in [-1, 1]")
+        return torch.from_numpy(np.rint((rows.astype(np.float64) + 1.0) / 2.0 * (nvec - 1)).astype(np.int64))
+    if given.dtype.kind == "f" and not np.all(rows == np.round(rows)):
+        where, value, _ = _first_offender(inference, given, rows != np.round(rows))
+        raise ValueError(f"{where} index {value}: discrete actions must be whole numbers")
+    if np.any((rows < 0) | (rows >= nvec)):
+        where, value, n = _first_offender(inference, given, (rows < 0) | (rows >= nvec))
+        raise ValueError(f"{where} index {value} out of range [0, {n})")
+    return torch.from_numpy(rows.astype(np.int64))  # a copy: the caller's array may be read-only or reused
+
+
+def _first_offender(inference: BatchedInference, given: np.ndarray, mask: np.ndarray) -> tuple[str, str, int]:
+    """Where the first entry of `mask` (B, fields) lies (the action and its field), its value and its field's
+    number of choices; values are printed in the caller's dtype, so no cast shows 2**64 - 1 as -1."""
+    rows = given.reshape(mask.shape)
+    sample, field = (int(i) for i in np.argwhere(mask)[0])
+    row = "[" + ", ".join(map(str, rows[sample])) + "]"
+    action = f"action {row}" if given.ndim == 1 else f"actions[{sample}] = {row}"
+    return f"{action}: {inference.space.fields[field]}", str(rows[sample, field]), inference.nvec[field]
 
 
 def to_numpy(obs: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
@@ -161,13 +180,20 @@ def make_inference(
     device: str | torch.device = "auto",
     token_mode: str | None = None,
     choices: Mapping[str, Sequence] | None = None,
-    reward: str = "delta",
-    quality: str = "correct",
-    stem_blocks: int = 1,
-    blocks_per_step: int = 1,
+    reward: str = MDPConfig.reward,
+    quality: str = MDPConfig.quality,
+    price_range: Sequence[float] = MDPConfig.price_range,
+    stem_blocks: int = MDPConfig.stem_blocks,
+    blocks_per_step: int = MDPConfig.blocks_per_step,
 ) -> tuple[BatchedInference, ImageSource]:
     """The MDP over a supernet and its image source, from the env's keyword arguments."""
-    config = MDPConfig(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step, reward=reward, quality=quality)
+    config = MDPConfig(
+        stem_blocks=stem_blocks,
+        blocks_per_step=blocks_per_step,
+        reward=reward,
+        quality=quality,
+        price_range=tuple(price_range),
+    )
     device = resolve_device(device)
     model = build_supernet(supernet, checkpoint, token_mode, choices, device)
     return BatchedInference(model, config), build_source(data, data_path, split, model, device)

@@ -7,6 +7,7 @@ stable-baselines3's `VecEnv`, which does not take Gymnasium vector envs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,10 +16,12 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from vit import Subnet
 
 from .factory import Prices, action_indices, make_inference, single_spaces, to_numpy
+from .render import RENDER_FPS, RENDER_MODES, check_render_mode, render_episode
 
 
 class PranceViTVectorEnv(VectorEnv):
@@ -27,28 +30,34 @@ class PranceViTVectorEnv(VectorEnv):
     Images are drawn without replacement in an order shuffled by the env's seed; each reset takes the next
     `num_envs`. `options` of `reset` may fix `indices` (num_envs dataset indices) and `price` (a scalar or one per
     sub-env). Autoreset follows Gymnasium's next-step mode: the step after the last one resets every sub-env,
-    returning reward 0.
+    returning reward 0. Actions are (num_envs, fields), even for one sub-env. `render()` returns one token map per
+    sub-env (see `PranceViTEnv`'s Rendering).
 
     Args:
         num_envs: images per batch.
         **kwargs: those of `PranceViTEnv`.
     """
 
-    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+    metadata = {
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+        "render_modes": list(RENDER_MODES),
+        "render_fps": RENDER_FPS,
+    }
 
     def __init__(
         self,
         num_envs: int = 256,
         price: float | None = None,
-        price_range: Sequence[float] = (0.01, 1.0),
         action_type: str = "discrete",
+        render_mode: str | None = None,
         **kwargs,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.num_envs = num_envs
+        self.render_mode = check_render_mode(render_mode)
         self.inference, self.source = make_inference(**kwargs)
-        self.prices = Prices(price, price_range)
+        self.prices = Prices(price, self.inference.config.price_range)
         self.action_type = action_type
         self.single_observation_space, self.single_action_space = single_spaces(
             self.inference, self.prices, action_type
@@ -97,7 +106,7 @@ class PranceViTVectorEnv(VectorEnv):
         images, labels = self.source.get(indices)
         obs = self.inference.reset(images, labels, torch.as_tensor(price, dtype=torch.float32))
         self._needs_reset = False
-        self.indices = indices
+        self.indices, self.images = indices, images
         info = {
             "index": indices,
             "macs": self.inference.macs.cpu().numpy().copy(),
@@ -114,10 +123,22 @@ class PranceViTVectorEnv(VectorEnv):
         if self._needs_reset:
             obs, info = self.reset()
             return obs, np.zeros(self.num_envs), false, false, info
-        indices = action_indices(self.inference, actions, self.action_type, self.num_envs)
+        indices = action_indices(self.inference, actions, self.action_type, self.action_space.shape)
         obs, reward, done, info = self.inference.step(indices)
         self._needs_reset = done
         return to_numpy(obs), reward.cpu().numpy(), np.full(self.num_envs, done), false, self._numpy_info(info, done)
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        """One token map per sub-env, (H, W, 3) uint8 each, in `rgb_array` mode; None without a render mode."""
+        if self.render_mode is None:
+            return None
+        if self.inference.step_index < 0:
+            raise RuntimeError("call reset() before render()")
+        stem = self.inference.config.stem_blocks
+        return tuple(
+            render_episode(self.model, image, configs, stem)
+            for image, configs in zip(self.images, self.inference.choices)
+        )
 
     def action_masks(self) -> np.ndarray:
         """Valid choices per sub-env, fields concatenated (N, sum(nvec)), for sb3-contrib's MaskablePPO.
@@ -147,65 +168,118 @@ class PranceViTVectorEnv(VectorEnv):
         return out
 
 
-BATCHED_METHODS = ("action_masks",)
+BATCHED_METHODS = ("action_masks", "render")  # methods answering one row per sub-env
+RESET_OPTIONS = ("index", "price")  # the single env's reset options, given per sub-env through `set_options`
 
 
 class SB3VecEnv(VecEnv):
-    """A `PranceViTVectorEnv` as a stable-baselines3 `VecEnv` (reset at the end, `terminal_observation` in info)."""
+    """A `PranceViTVectorEnv` as a stable-baselines3 `VecEnv` (reset at the end, `terminal_observation` in info).
+
+    The sub-envs are the rows of one batch: they share one random generator and every attribute. `seed(s)` gives
+    sub-env i the seed s + i, as SB3's `DummyVecEnv` does, and the batch is reseeded with sub-env 0's at the next
+    reset. `get_attr` gives each selected sub-env the shared value; `env_method("action_masks")` and
+    `env_method("render")` give each its own row; `set_attr` and other methods act on the whole batch, so they take
+    every sub-env (`indices=None`) and raise `ValueError` for a subset rather than change the others too.
+    `set_options` takes the single env's reset options (`index`, `price`), one dict per sub-env.
+    """
 
     def __init__(self, envs: PranceViTVectorEnv) -> None:
         self.envs = envs
         super().__init__(envs.num_envs, envs.single_observation_space, envs.single_action_space)
-        self._seed: int | None = None
         self._actions = None
 
     def reset(self) -> dict[str, np.ndarray]:
-        obs, _ = self.envs.reset(seed=self._seed)
-        self._seed = None
+        """Reset the batch (with the seed and options set since the last reset); the observations."""
+        obs, info = self.envs.reset(seed=self._seeds[0], options=self._batch_options())
+        self._reset_seeds()
+        self._reset_options()
+        self.reset_infos = self._split(info)
         return obs
 
+    def _batch_options(self) -> dict[str, list]:
+        """The vector env's reset options (`indices`, `price`) from the per-sub-env options of `set_options`."""
+        given = {key for options in self._options for key in options}
+        unknown = sorted(given - set(RESET_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown reset options {unknown}; expected keys among {list(RESET_OPTIONS)}")
+        partial = sorted(key for key in given if any(key not in options for options in self._options))
+        if partial:
+            raise ValueError(f"reset option {partial[0]!r} must be given for every sub-env (they reset as one batch)")
+        batch = {"indices": "index", "price": "price"}
+        return {name: [options[key] for options in self._options] for name, key in batch.items() if key in given}
+
+    def _split(self, info: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Per sub-env dicts of a vector info (its `_key` masks left out)."""
+        return [{k: v[i] for k, v in info.items() if not k.startswith("_")} for i in range(self.num_envs)]
+
     def step_async(self, actions: np.ndarray) -> None:
+        """Keep the actions for `step_wait`."""
         self._actions = actions
 
-    def step_wait(self):
+    def step_wait(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """Step the batch; at the end, reset it and keep each sub-env's `terminal_observation` in its info."""
         obs, reward, terminated, truncated, info = self.envs.step(self._actions)
         done = terminated | truncated
-        infos = [
-            {k: v[i] for k, v in info.items() if not k.startswith("_")} | {"TimeLimit.truncated": False}
-            for i in range(self.num_envs)
-        ]
+        infos = [item | {"TimeLimit.truncated": False} for item in self._split(info)]
         if done.all():
             for i, item in enumerate(infos):
                 item["terminal_observation"] = {k: v[i] for k, v in obs.items()}
-            obs, _ = self.envs.reset()
+            obs, reset_info = self.envs.reset()
+            self.reset_infos = self._split(reset_info)
         return obs, reward.astype(np.float32), done, infos
 
-    def seed(self, seed: int | None = None) -> Sequence[None | int]:
-        self._seed = seed
-        return [seed] * self.num_envs
-
     def close(self) -> None:
+        """Close the batched env."""
         self.envs.close()
 
-    def get_attr(self, attr_name: str, indices=None) -> list[Any]:
-        return [getattr(self.envs, attr_name)] * len(self._get_indices(indices))
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        """Each sub-env's token map (`render_mode="rgb_array"`); Nones, with a warning, in another mode."""
+        if self.render_mode != "rgb_array":
+            warnings.warn(f"get_images needs render_mode='rgb_array', the env's is {self.render_mode!r}", stacklevel=2)
+            return [None] * self.num_envs
+        return list(self.envs.render())
 
-    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        """The (shared) value of `attr_name` for each selected sub-env."""
+        value = getattr(self.envs, attr_name)
+        return [value for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        """Set `attr_name` of the batch: `indices` must select every sub-env."""
+        self._whole_batch(indices, f"set_attr({attr_name!r})")
         setattr(self.envs, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        """Call `method_name` of the batch; one result per selected sub-env (its own row for `BATCHED_METHODS`)."""
+        selected = self._get_indices(indices)
+        if method_name not in BATCHED_METHODS:
+            self._whole_batch(indices, f"env_method({method_name!r})")
         result = getattr(self.envs, method_name)(*method_args, **method_kwargs)
-        if method_name in BATCHED_METHODS:  # one row per sub-env
-            return [result[i] for i in self._get_indices(indices)]
-        return [result] * len(self._get_indices(indices))
+        if method_name in BATCHED_METHODS:
+            return [None if result is None else result[i] for i in selected]
+        return [result for _ in selected]
 
-    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
-        return [False] * len(self._get_indices(indices))
+    def env_is_wrapped(self, wrapper_class, indices: VecEnvIndices = None) -> list[bool]:
+        """False for each selected sub-env: the batch is not a stack of wrapped Gymnasium envs."""
+        return [False for _ in self._get_indices(indices)]
 
-    def _get_indices(self, indices) -> list[int]:
+    def _get_indices(self, indices: VecEnvIndices) -> list[int]:
+        """The sub-envs `indices` selects (None: all; an int: one; else an iterable), checked to exist."""
         if indices is None:
             return list(range(self.num_envs))
-        return [indices] if isinstance(indices, int) else list(indices)
+        selected = [int(indices)] if isinstance(indices, (int, np.integer)) else [int(i) for i in indices]
+        outside = [i for i in selected if not 0 <= i < self.num_envs]
+        if outside:
+            raise IndexError(f"sub-env indices {outside} out of range for {self.num_envs} sub-envs")
+        return selected
+
+    def _whole_batch(self, indices: VecEnvIndices, what: str) -> None:
+        """Raise `ValueError` unless `indices` selects every sub-env."""
+        if set(self._get_indices(indices)) != set(range(self.num_envs)):
+            raise ValueError(
+                f"{what} acts on the whole batch: the {self.num_envs} sub-envs of a PranceViTVectorEnv share it; "
+                f"pass indices=None (all sub-envs), not {indices!r}"
+            )
 
 
 def to_sb3(envs: PranceViTVectorEnv) -> SB3VecEnv:

@@ -152,8 +152,8 @@ def test_vector_env_of_one_equals_the_single_env(fmnist_dir):
     envs = gymnasium.make_vec("PranceViT-v0", num_envs=1, **env_kwargs(fmnist_dir, quality="logprob"))
     env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, quality="logprob"))
     actions = random_actions(env.action_space, num_steps(env), seed=3)
-    single = run_episode(env, actions, options={"index": 7, "price": 0.5})
-    obs, _ = envs.reset(options={"indices": [7], "price": 0.5})
+    single = run_episode(env, actions, options={"index": 7, "price": 0.1})
+    obs, _ = envs.reset(options={"indices": [7], "price": 0.1})
     np.testing.assert_array_equal(obs["cls"][0], single[0][0]["cls"])
     for t, action in enumerate(actions):
         obs, reward, terminated, _, info = envs.step(action[None])
@@ -194,8 +194,27 @@ BAD_ACTIONS = [
     (lambda a: a.astype(bool), "got dtype bool"),
     (lambda a: a.astype(str), "got dtype <U"),
     (lambda a: np.full(a.shape, None), "got dtype object"),
+    (lambda a: a[None], "expected actions of shape"),  # one more batch axis, even of one
+    (
+        lambda a: np.where(np.arange(3) == 2, np.uint64(2**64 - 1), a.astype(np.uint64)),
+        "keep_ratio index 18446744073709551615 out of range",
+    ),
+    (lambda a: np.where(np.arange(3) == 0, 1e20, a), r"heads index 1e\+20 out of range"),
 ]
-BAD_ACTION_IDS = ["above", "negative", "short", "long", "nan", "fraction", "bool", "str", "none"]
+BAD_ACTION_IDS = [
+    "above",
+    "negative",
+    "short",
+    "long",
+    "nan",
+    "fraction",
+    "bool",
+    "str",
+    "none",
+    "batched",
+    "uint64-max",
+    "1e20",
+]
 
 
 def snapshot(envs) -> tuple:
@@ -245,6 +264,46 @@ def test_invalid_vector_actions_raise(fmnist_dir, bad, match):
     envs.reset(seed=0)
     with pytest.raises(ValueError, match=match):
         envs.step(bad(np.zeros((3, 3), dtype=np.int64)))
+
+
+@pytest.mark.parametrize(
+    "action_type, action, message",
+    [
+        (
+            "discrete",
+            np.array([[0, 0, 0], [0, 0, 2**64 - 1]], dtype=np.uint64),
+            "actions[1] = [0, 0, 18446744073709551615]: keep_ratio index 18446744073709551615 out of range [0, 2)",
+        ),
+        (
+            "continuous",
+            np.array([[0, 0, 0], [-1e20, 0, 0]], dtype=np.float32),
+            "actions[1] = [-1e+20, 0.0, 0.0]: heads value -1e+20: continuous actions must lie in [-1, 1]",
+        ),
+        (
+            "continuous",
+            np.zeros(3, dtype=np.float32),
+            "expected actions of shape (2, 3) for fields ('heads', 'mlp_hidden', 'keep_ratio'), got (3,)",
+        ),
+    ],
+)
+def test_invalid_vector_action_messages_quote_the_actions_as_given(fmnist_dir, action_type, action, message):
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=2, **env_kwargs(fmnist_dir, action_type=action_type))
+    envs.reset(seed=0)
+    with pytest.raises(ValueError) as raised:
+        envs.step(action)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("action_type", ["discrete", "continuous"])
+def test_vector_env_of_one_takes_batched_actions_only(fmnist_dir, action_type):
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=1, **env_kwargs(fmnist_dir, action_type=action_type))
+    envs.reset(seed=0)
+    action = envs.action_space.sample()
+    with pytest.raises(ValueError, match=r"expected actions of shape \(1, 3\) .* got \(3,\)"):
+        envs.step(action[0])
+    assert envs.unwrapped.inference.step_index == 0
+    envs.step(action)
+    assert envs.unwrapped.inference.step_index == 1
 
 
 @pytest.mark.parametrize("action", [np.array([True, False, True]), np.array(["0", "1", "0"]), None])

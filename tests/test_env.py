@@ -2,6 +2,8 @@
 bookkeeping against `vit`, and errors. Runs on a tiny 4-block supernet over a generated Fashion-MNIST folder."""
 
 import copy
+import inspect
+import json
 import warnings
 
 import gymnasium
@@ -12,16 +14,20 @@ import torch
 from conftest import tiny_supernet
 from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env, data_equivalence
+from stable_baselines3 import PPO
 from torch.utils.data import TensorDataset
 
+import agents
 import prance_env
 import vit
+from agents.selector import SHIPPED as SHIPPED_SELECTORS
+from prance_env.render import GAP, PANEL_PIXELS, UNRUN_GREY
 from vit.flops import embed_macs
 from vit.registry import CHECKPOINT_DIR
 from vit.token_ops import token_schedule
 
 DEPTH = 4
-PRICE = 0.5
+PRICE = 0.1
 SHIPPED = CHECKPOINT_DIR / "prance_fmnist.safetensors"
 needs_checkpoint = pytest.mark.skipif(
     not SHIPPED.is_file(), reason=f"the shipped prance_fmnist checkpoint ({SHIPPED}) has not been trained yet"
@@ -104,12 +110,13 @@ def result(model: vit.ElasticViT, image: torch.Tensor, label: int, subnet: vit.S
 
 
 def assert_checkers_pass_silently(**kwargs) -> None:
-    """`gymnasium.make("PranceViT-v0", **kwargs)`, Gymnasium's and SB3's env checkers: not one warning."""
+    """`gymnasium.make("PranceViT-v0", **kwargs)`, Gymnasium's and SB3's env checkers, render checks included (every
+    declared render mode, through the spec): not one warning."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         env = gymnasium.make("PranceViT-v0", **kwargs)
-        check_env(env.unwrapped)
-        stable_baselines3.common.env_checker.check_env(env)
+        check_env(env.unwrapped, skip_render_check=False)
+        stable_baselines3.common.env_checker.check_env(env, skip_render_check=False)
     assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
@@ -136,6 +143,11 @@ def test_env_checkers_pass_on_a_torch_dataset(reward):
 
 def test_env_checkers_pass_at_a_fixed_price(fmnist_dir):
     assert_checkers_pass_silently(**env_kwargs(fmnist_dir, price=0.05))
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_env_checkers_pass_in_rgb_array_mode(fmnist_dir, token_mode):
+    assert_checkers_pass_silently(**env_kwargs(fmnist_dir, token_mode, render_mode="rgb_array"))
 
 
 @needs_checkpoint
@@ -354,6 +366,7 @@ def continuous_env(fmnist_dir):
         ([0, 0], "shape"),
         ([0, 0, 0, 0], "shape"),
         ([[0, 0, 0], [0, 0, 0]], "shape"),
+        ([[0, 0, 0]], "shape"),  # a batch of one is not an action of the single env
         ([np.nan, 0.0, 0.0], "NaN"),
         ([np.inf, 0.0, 0.0], "NaN or Inf"),
         ([0.5, 0.0, 0.0], "whole numbers"),
@@ -375,12 +388,52 @@ def test_invalid_discrete_action_raises_and_leaves_the_episode_as_it_was(discret
         ([1.01, 0.0, 0.0], r"\[-1, 1\]"),
         ([0.0, -1.5, 0.0], r"\[-1, 1\]"),
         ([0.0, 0.0], "shape"),
+        ([[0.0, 0.0, 0.0]], "shape"),
     ],
 )
 def test_invalid_continuous_action_raises(continuous_env, action, match):
     continuous_env.reset(seed=0)
     with pytest.raises(ValueError, match=match):
         continuous_env.step(np.array(action, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    "action, action_type, message",
+    [
+        (
+            np.array([0, 0, 2**64 - 1], dtype=np.uint64),
+            "discrete",
+            "action [0, 0, 18446744073709551615]: keep_ratio index 18446744073709551615 out of range [0, 2)",
+        ),
+        (
+            np.array([0.0, 0.0, 1e20]),
+            "discrete",
+            "action [0.0, 0.0, 1e+20]: keep_ratio index 1e+20 out of range [0, 2)",
+        ),
+        (np.array([0, -3, 0], dtype=np.int8), "discrete", "action [0, -3, 0]: mlp_hidden index -3 out of range [0, 2)"),
+        (
+            np.array([0.0, 0.5, 0.0]),
+            "discrete",
+            "action [0.0, 0.5, 0.0]: mlp_hidden index 0.5: discrete actions must be whole numbers",
+        ),
+        (
+            np.array([0.0, 0.0, 1e20], dtype=np.float32),
+            "continuous",
+            "action [0.0, 0.0, 1e+20]: keep_ratio value 1e+20: continuous actions must lie in [-1, 1]",
+        ),
+        (
+            np.zeros((1, 3), dtype=np.int64),
+            "discrete",
+            "expected actions of shape (3,) for fields ('heads', 'mlp_hidden', 'keep_ratio'), got (1, 3)",
+        ),
+    ],
+)
+def test_invalid_action_messages_quote_the_action_as_given(discrete_env, continuous_env, action, action_type, message):
+    env = discrete_env if action_type == "discrete" else continuous_env
+    env.reset(seed=0)
+    with pytest.raises(ValueError) as raised:
+        env.step(action)
+    assert str(raised.value) == message
 
 
 def test_invalid_subnet_error_is_a_value_error():
@@ -443,3 +496,120 @@ def test_missing_dataset_folder_raises(tmp_path):
 def test_invalid_reset_options_raise(discrete_env, options, match):
     with pytest.raises(ValueError, match=match):
         discrete_env.reset(options=options)
+
+
+# --- rendering --------------------------------------------------------------------------------------------------------
+
+
+def panels(frame: np.ndarray, count: int) -> list[np.ndarray]:
+    """The `count` panels of a token-map frame of a 28-pixel image (drawn 4 times larger): the image, then one per
+    decided block."""
+    assert frame.dtype == np.uint8 and frame.shape == (PANEL_PIXELS, count * PANEL_PIXELS + (count - 1) * GAP, 3)
+    return [frame[:, k * (PANEL_PIXELS + GAP) :][:, :PANEL_PIXELS] for k in range(count)]
+
+
+def blank(panel: np.ndarray) -> bool:
+    """Whether a panel is that of a block not run yet."""
+    return bool(np.all(panel == round(UNRUN_GREY * 255)))
+
+
+def rendered_episode(env, actions, seed: int) -> tuple[list, list]:
+    """The frames (after reset and after every step) and the steps' results of one episode."""
+    env.reset(seed=seed)
+    frames, results = [env.render()], []
+    for action in actions:
+        results.append(env.step(action))
+        frames.append(env.render())
+    return frames, results
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_render_draws_the_token_map_after_reset_and_every_step(fmnist_dir, token_mode):
+    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_mode, render_mode="rgb_array"))
+    data = vit.load_dataset("fashion-mnist", root=fmnist_dir)
+    steps = num_steps(env)
+    smallest = [np.zeros(env.action_space.shape, dtype=np.int64)] * steps  # the fewest tokens kept at every block
+    frames, results = rendered_episode(env, smallest, seed=0)
+    image = data[env.unwrapped.index][0]
+    cfg = env.unwrapped.model.pretrained_cfg
+    grey = np.rint((image[0].numpy() * cfg["std"][0] + cfg["mean"][0]).clip(0, 1) * 255)
+    picture = np.repeat(np.repeat(grey, 4, 0), 4, 1)[..., None].repeat(3, -1)
+    drawn = []
+    for t, frame in enumerate(frames):
+        first, *blocks = panels(frame, 1 + steps)
+        np.testing.assert_allclose(first, picture, atol=1)
+        assert [blank(panel) for panel in blocks] == [False] * t + [True] * (steps - t)
+        drawn.append(blocks[t - 1] if t else None)
+    # tokens are reduced at every block, so every block's map differs from the one before
+    assert all(not np.array_equal(a, b) for a, b in zip(drawn[1:], drawn[2:]))
+    # rendering changes nothing in the episode
+    plain = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_mode))
+    plain.reset(seed=0)
+    assert data_equivalence(results, [plain.step(action) for action in smallest], exact=True)
+
+
+def test_render_of_a_full_width_episode_keeps_every_patch(fmnist_dir):
+    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, render_mode="rgb_array"))
+    steps = num_steps(env)
+    frames, _ = rendered_episode(env, [full_actions(env)] * steps, seed=0)
+    full = panels(frames[-1], 1 + steps)[1:]
+    assert all(np.array_equal(panel, full[0]) for panel in full)  # nothing merged or pruned: the same map
+    reduced, _ = rendered_episode(env, [np.zeros(env.action_space.shape, dtype=np.int64)] * steps, seed=0)
+    assert not np.array_equal(panels(reduced[-1], 1 + steps)[-1], full[-1])
+
+
+def test_render_without_a_render_mode_returns_none(discrete_env):
+    discrete_env.reset(seed=0)
+    assert discrete_env.render_mode is None and discrete_env.render() is None
+
+
+def test_unknown_render_mode_raises(fmnist_dir):
+    with pytest.raises(ValueError, match="unknown render_mode 'ansi'"):
+        prance_env.PranceViTEnv(**env_kwargs(fmnist_dir, render_mode="ansi"))
+
+
+def test_render_before_reset_raises(fmnist_dir):
+    env = prance_env.PranceViTEnv(**env_kwargs(fmnist_dir, render_mode="rgb_array"))
+    with pytest.raises(RuntimeError, match="reset"):
+        env.render()
+
+
+# --- the registered defaults: the MDP of the shipped selector ---------------------------------------------------------
+
+SELECTOR = SHIPPED_SELECTORS / "prance_fmnist"
+MDP_FIELDS = ("reward", "quality", "stem_blocks", "blocks_per_step")
+
+
+def test_registered_defaults_are_the_mdp_the_shipped_selector_was_trained_on():
+    settings = json.loads(SELECTOR.with_suffix(".json").read_text())
+    mdp, training = prance_env.MDPConfig(), agents.SelectorConfig()
+    defaults = {k: p.default for k, p in inspect.signature(prance_env.PranceViTEnv).parameters.items()}
+    for key in MDP_FIELDS:
+        assert settings["env"][key] == getattr(mdp, key) == defaults[key] == getattr(training, key), key
+    price_range = tuple(settings["env"]["price_range"])
+    assert price_range == mdp.price_range == defaults["price_range"] == (training.price_low, training.price_high)
+    for key in ("supernet", "checkpoint", "token_mode", "data", "data_path", "split"):
+        assert settings["env"][key] == defaults[key], key
+
+
+@needs_checkpoint
+def test_shipped_selector_loads_on_the_registered_env_and_decides_as_load_adaptive(fmnist_dir):
+    env = gymnasium.make("PranceViT-v0", data_path=fmnist_dir, device="cpu")
+    ppo = PPO.load(SELECTOR.with_suffix(".zip"), env=env, device="cpu")
+    adaptive = agents.load_adaptive("shipped:prance_fmnist", device="cpu")
+    decisions = []
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        done = False
+        while not done:
+            action, _ = ppo.predict(obs, deterministic=True)
+            decided, _ = adaptive.decide({k: torch.as_tensor(v)[None] for k, v in obs.items()})
+            np.testing.assert_array_equal(action, decided[0].numpy())
+            decisions.append(tuple(action))
+            obs, _, done, _, _ = env.step(action)
+    assert len(set(decisions)) > 1  # the selector's decisions vary with the observation
+    envs = prance_env.to_sb3(gymnasium.make_vec("PranceViT-v0", num_envs=2, data_path=fmnist_dir, device="cpu"))
+    PPO.load(SELECTOR.with_suffix(".zip"), env=envs, device="cpu")  # the batched env has the same defaults
+    other = gymnasium.make("PranceViT-v0", data_path=fmnist_dir, device="cpu", price_range=(0.01, 1.0))
+    with pytest.raises(ValueError, match="Observation spaces do not match"):
+        PPO.load(SELECTOR.with_suffix(".zip"), env=other, device="cpu")

@@ -147,7 +147,7 @@ def test_reset_with_a_scalar_price_warns_nothing():
         ")\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    envs.reset(seed=0, options={'price': 0.5})\n"
+        "    envs.reset(seed=0, options={'price': 0.1})\n"
         "print([str(w.message) for w in caught])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
@@ -308,7 +308,7 @@ def test_sb3_adapter_resets_at_the_end_and_keeps_the_terminal_observation(fmnist
 
 def test_sb3_seed_then_reset_is_deterministic(fmnist_dir):
     venv = prance_env.to_sb3(make_vec(fmnist_dir))
-    assert venv.seed(5) == [5] * N
+    assert venv.seed(5) == [5, 6, 7, 8]  # one seed per sub-env, as DummyVecEnv gives
     obs_a = venv.reset()
     venv.step(random_actions(venv.envs.action_space, 1)[0])
     venv.seed(5)
@@ -316,6 +316,87 @@ def test_sb3_seed_then_reset_is_deterministic(fmnist_dir):
     obs_c = venv.reset()
     assert data_equivalence(obs_a, obs_b, exact=True)
     assert not np.array_equal(obs_a["cls"], obs_c["cls"])
+    drawn = venv.seed()  # no seed: a random one, still one per sub-env
+    assert drawn == list(range(drawn[0], drawn[0] + N))
+
+
+def test_sb3_set_options_fix_each_sub_envs_image_and_price(fmnist_dir):
+    venv = prance_env.to_sb3(make_vec(fmnist_dir))
+    venv.set_options([{"index": i, "price": 0.01 * (i + 1)} for i in (5, 6, 7, 8)])
+    obs = venv.reset()
+    np.testing.assert_array_equal(venv.envs.indices, [5, 6, 7, 8])
+    np.testing.assert_allclose(obs["price"][:, 0], np.log([0.06, 0.07, 0.08, 0.09]), rtol=1e-6)
+    assert [info["index"] for info in venv.reset_infos] == [5, 6, 7, 8]
+    venv.reset()  # options are used once
+    assert not np.array_equal(venv.envs.indices, [5, 6, 7, 8])
+    venv.set_options([{"index": 1}, {}, {}, {}])
+    with pytest.raises(ValueError, match="'index' must be given for every sub-env"):
+        venv.reset()
+    venv.set_options({"label": 3})
+    with pytest.raises(ValueError, match="unknown reset options"):
+        venv.reset()
+
+
+def test_sb3_attributes_and_methods_honour_indices(fmnist_dir):
+    envs = make_vec(fmnist_dir)
+    venv = prance_env.to_sb3(envs)
+    venv.reset()
+    venv.set_attr("tag", "all")
+    assert venv.get_attr("tag") == ["all"] * N and venv.get_attr("tag", indices=[1, 3]) == ["all"] * 2
+    assert venv.get_attr("tag", indices=2) == ["all"]
+    with pytest.raises(ValueError, match="whole batch"):
+        venv.set_attr("tag", "one", indices=[0])  # the sub-envs share their attributes: it would set them all
+    assert envs.tag == "all"
+    venv.set_attr("tag", "every", indices=range(N))
+    assert envs.tag == "every"
+    masks = envs.action_masks()
+    for indices in ([2], [3, 0], 1):
+        expected = [masks[i] for i in ([indices] if isinstance(indices, int) else indices)]
+        np.testing.assert_array_equal(venv.env_method("action_masks", indices=indices), expected)
+    with pytest.raises(ValueError, match="whole batch"):
+        venv.env_method("reset", indices=[0])
+    assert len(venv.env_method("reset")) == N
+    assert venv.env_is_wrapped(VecMonitor, indices=[0, 1]) == [False, False]
+    with pytest.raises(IndexError, match=r"\[4\]"):
+        venv.get_attr("tag", indices=[0, 4])
+
+
+def test_vector_render_draws_each_sub_env_as_the_single_env_does(fmnist_dir):
+    envs = make_vec(fmnist_dir, render_mode="rgb_array")
+    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, render_mode="rgb_array"))
+    indices = [5, 17, 60, 3]
+    actions = random_actions(envs.action_space, envs.inference.num_steps, seed=2)
+    envs.reset(options={"indices": indices, "price": PRICE})
+    for t in range(2):
+        envs.step(actions[t])
+    frames = envs.render()
+    assert isinstance(frames, tuple) and len(frames) == N
+    for i, index in enumerate(indices):
+        env.reset(options={"index": index, "price": PRICE})
+        for t in range(2):
+            env.step(actions[t][i])
+        np.testing.assert_array_equal(frames[i], env.render())
+    assert not np.array_equal(frames[0], frames[1])
+    assert make_vec(fmnist_dir).render() is None
+
+
+def test_sb3_get_images_are_the_sub_envs_token_maps(fmnist_dir):
+    envs = make_vec(fmnist_dir, render_mode="rgb_array")
+    venv = prance_env.to_sb3(envs)
+    assert venv.render_mode == "rgb_array"
+    venv.reset()
+    venv.step(random_actions(envs.action_space, 1, seed=0)[0])
+    images = venv.get_images()
+    assert len(images) == N
+    for image, frame in zip(images, envs.render()):
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        np.testing.assert_array_equal(image, frame)
+    np.testing.assert_array_equal(venv.env_method("render", indices=[2])[0], images[2])
+    tiled = venv.render()  # SB3 tiles the sub-envs' images into one
+    assert tiled.dtype == np.uint8 and tiled.size >= N * images[0].size
+    plain = prance_env.to_sb3(make_vec(fmnist_dir))
+    with pytest.warns(UserWarning, match="rgb_array"):
+        assert plain.get_images() == [None] * N
 
 
 def test_vec_monitor_reports_the_episode(fmnist_dir):
