@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,11 +16,26 @@ from torch import nn
 FORMAT = "prance-vit"
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
+def _umask() -> int:
+    """The process umask, read without changing it where the system shows it (Linux's `/proc`)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere, reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
 
     A crash or interruption during `write` leaves any previous file at `path` untouched. A process killed during
     `write` (SIGKILL, power loss) cannot remove its temporary file: the next successful write of `path` does.
+    The file gets the permissions of any new file of the process, `0o666 & ~umask`, so that a team sharing a run
+    folder can read it (temporary files, ours and those of writers that rename their own, are private: 0o600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +43,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after `write`, which may have replaced the file (safetensors does)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
