@@ -39,15 +39,19 @@ data:
 # calibrate it to a few MACs budgets, evaluate it against the baselines, draw the token maps; prints the table.
 DEMO ?= runs/demo
 DEMO_STEPS ?= 100000
+# the price evaluate.py calibrated to the budget nearest 0.5 (read when a recipe line runs)
+DEMO_PRICE = $$($(VENV)/bin/python -c "import json; rows = json.load(open('$(DEMO)/results.json'))['table']; \
+	print(min((r for r in rows if 'budget' in r), key=lambda r: abs(r['budget'] - 0.5))['price'])")
 
 demo: venv data
 	$(VENV)/bin/python scripts/train_selector.py --init shipped:prance_fmnist --total-steps $(DEMO_STEPS) \
 		--eval-every $(DEMO_STEPS) --out $(DEMO)/selector
 	$(VENV)/bin/python scripts/evaluate.py --selector $(DEMO)/selector/selector --out $(DEMO) --threads 1
-	$(VENV)/bin/python scripts/visualize.py --selector $(DEMO)/selector/selector --out $(DEMO)/tokens.png \
-		--price $$($(VENV)/bin/python -c "import json; rows = json.load(open('$(DEMO)/results.json'))['table']; \
-		print(min((r for r in rows if 'budget' in r), key=lambda r: abs(r['budget'] - 0.5))['price'])")
-	@echo; echo "== $(DEMO)/results.md (plots: $(DEMO)/pareto.png, $(DEMO)/tokens.png) =="; cat $(DEMO)/results.md
+	$(VENV)/bin/python scripts/visualize.py --selector $(DEMO)/selector/selector --out $(DEMO) --price $(DEMO_PRICE)
+	$(VENV)/bin/python scripts/visualize.py --selector $(DEMO)/selector/selector --out $(DEMO) --price $(DEMO_PRICE) \
+		--stats --threads 1
+	@echo; echo "== $(DEMO)/results.md (plots: $(DEMO)/pareto.png, $(DEMO)/tokens.png, $(DEMO)/decisions.png) =="
+	@cat $(DEMO)/results.md
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ import gymnasium
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import ConstantSchedule
 from stable_baselines3.common.vec_env import VecMonitor
 from tqdm.auto import tqdm
@@ -37,36 +38,44 @@ from .selector import (
     supernet_signature,
 )
 
+MDP = prance_env.MDPConfig  # PranceViT-v0's defaults: a new selector trains on the registered MDP
+
 
 @dataclass
 class SelectorConfig:
     """Train a PRANCE selector on PranceViT-v0."""
 
-    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
-    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights (default: shipped)"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
+    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
     token_mode: str | None = field(default=None, metadata={"help": "prune | merge | prune_merge (default: preset)"})
-    data: str = field(default="fashion-mnist", metadata={"help": "dataset name"})
-    data_path: str | None = field(default=None, metadata={"help": "dataset folder"})
+    data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     eval_split: str = field(default="test", metadata={"help": "held-out split for evaluation"})
     algo: str = field(default="ppo", metadata={"help": "ppo | a2c | maskable_ppo | recurrent_ppo"})
     total_steps: int = field(default=800_000, metadata={"help": "environment steps (images x blocks)"})
     num_envs: int = field(default=256, metadata={"help": "images per batch (sub-envs)"})
     n_steps: int = field(default=22, metadata={"help": "rollout length per sub-env (two episodes by default)"})
-    batch_size: int = field(default=1408, metadata={"help": "PPO minibatch"})
+    minibatch_size: int = field(default=1408, metadata={"help": "env steps per PPO minibatch"})
     n_epochs: int = field(default=4, metadata={"help": "PPO epochs per rollout"})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO clip range of the probability ratio"})
+    vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient"})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "gradient norm clipping"})
+    target_kl: float | None = field(
+        default=None, metadata={"help": "PPO: stop a rollout's epochs past this approximate KL (default: never)"}
+    )
     lr: float = field(default=3e-4, metadata={"help": "learning rate"})
     gamma: float = field(default=1.0, metadata={"help": "discount (episodes are short and finite)"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
     ent_coef: float = field(default=0.005, metadata={"help": "entropy bonus"})
-    reward: str = field(default="delta", metadata={"help": "delta | direct | terminal"})
-    quality: str = field(default="logprob", metadata={"help": "correct | logprob | agree"})
-    price_low: float = field(default=3e-4, metadata={"help": "lowest compute price of the log-uniform range"})
-    price_high: float = field(default=0.3, metadata={"help": "highest compute price"})
-    stem_blocks: int = field(default=1, metadata={"help": "full-width blocks before the first decision"})
-    blocks_per_step: int = field(default=1, metadata={"help": "blocks per decision"})
+    reward: str = field(default=MDP.reward, metadata={"help": "delta | direct | terminal"})
+    quality: str = field(default=MDP.quality, metadata={"help": "correct | logprob | agree"})
+    price_low: float = field(default=MDP.price_range[0], metadata={"help": "lowest price of the log-uniform range"})
+    price_high: float = field(default=MDP.price_range[1], metadata={"help": "highest compute price"})
+    stem_blocks: int = field(default=MDP.stem_blocks, metadata={"help": "full-width blocks before the first decision"})
+    blocks_per_step: int = field(default=MDP.blocks_per_step, metadata={"help": "blocks per decision"})
     hidden: int = field(default=128, metadata={"help": "width of the CLS extractor's MLP"})
     eval_prices: tuple[float, ...] = field(default=(0.001, 0.003, 0.01, 0.03), metadata={"help": "prices evaluated"})
-    eval_images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
+    images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
     eval_every: int = field(default=100_000, metadata={"help": "environment steps between evaluations"})
     save_every: int = field(default=100_000, metadata={"help": "environment steps between checkpoints"})
     out: str = field(default="runs/selector", metadata={"help": "output folder"})
@@ -86,7 +95,7 @@ class SelectorConfig:
             checkpoint=checkpoint,
             token_mode=self.token_mode,
             data=self.data,
-            data_path=self.data_path,
+            data_path=self.data_dir,
             split="train",
             device=self.device,
             reward=self.reward,
@@ -95,6 +104,21 @@ class SelectorConfig:
             stem_blocks=self.stem_blocks,
             blocks_per_step=self.blocks_per_step,
         )
+
+    def algo_kwargs(self) -> dict:
+        """Keyword arguments of the algorithm `algo` for this run, the learning rate left out."""
+        kwargs = dict(
+            n_steps=self.n_steps,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            ent_coef=self.ent_coef,
+            vf_coef=self.vf_coef,
+            max_grad_norm=self.max_grad_norm,
+        )
+        if self.algo != "a2c":
+            kwargs.update(batch_size=self.minibatch_size, n_epochs=self.n_epochs)
+            kwargs.update(clip_range=self.clip_range, target_kl=self.target_kl)
+        return kwargs
 
 
 class ProgressBar(BaseCallback):
@@ -113,16 +137,57 @@ class ProgressBar(BaseCallback):
         self.bar.close()
 
 
-class SelectorEval(BaseCallback):
-    """Every `every` steps: Top-1, mean MACs ratio and tokens kept on held-out images at a few prices."""
+def write_now(logger: Logger, values: dict, step: int, exclude: tuple[str, ...] = ()) -> None:
+    """Write `values` to the outputs of `logger` (TensorBoard, ...) at `step` right away.
 
-    def __init__(self, supernet: vit.ElasticViT, batches: list, prices, every: int, cfg: SelectorConfig) -> None:
+    Through a logger of its own over the same outputs: the records the algorithm has pending in `logger` keep the
+    step of its next dump.
+    """
+    now = Logger(logger.dir, logger.output_formats)
+    for key, value in values.items():
+        now.record(key, value, exclude=exclude)
+    now.dump(step)
+
+
+class ConfigText(BaseCallback):
+    """At the start of training, the run's full config as TensorBoard text (tag `config`): a table of fields."""
+
+    def __init__(self, cfg: SelectorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def _on_training_start(self) -> None:
+        table = "| field | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in asdict(self.cfg).items())
+        consoles_and_files = ("stdout", "log", "json", "csv")  # a table is for TensorBoard's text tab only
+        write_now(self.logger, {"config": table}, self.num_timesteps, exclude=consoles_and_files)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class SelectorEval(BaseCallback):
+    """Every `every` steps: Top-1, mean MACs ratio and tokens kept on held-out images at a few prices.
+
+    Each evaluation is written to TensorBoard at the step it was measured and, when `history_file` is given, the
+    whole `history` to that JSON file (atomically), so an interrupted run keeps what it measured.
+    """
+
+    def __init__(
+        self,
+        supernet: vit.ElasticViT,
+        batches: list,
+        prices,
+        every: int,
+        cfg: SelectorConfig,
+        history_file: Path | None = None,
+    ) -> None:
         super().__init__()
         self.supernet, self.batches, self.prices, self.every, self.cfg = supernet, batches, prices, every, cfg
+        self.history_file = history_file
         self.last, self.history = 0, []
 
     def evaluate(self) -> list[dict]:
-        """One evaluation at every price, logged to TensorBoard and kept in `history`."""
+        """One evaluation at every price, written to TensorBoard and `history_file`, and kept in `history`."""
         adaptive = AdaptiveViT(
             self.supernet,
             self.model,
@@ -133,12 +198,13 @@ class SelectorEval(BaseCallback):
         rows = []
         for price in self.prices:
             adaptive.price = price
-            row = {"steps": self.num_timesteps, "price": price, **measure(adaptive, self.batches)}
-            rows.append(row)
-            for key in ("top1", "flops_ratio", "tokens_kept"):
-                self.logger.record(f"eval/{key}@{price:g}", row[key])
+            rows.append({"steps": self.num_timesteps, "price": price, **measure(adaptive, self.batches)})
         self.model.policy.set_training_mode(True)
+        scalars = {f"eval/{key}@{r['price']:g}": r[key] for r in rows for key in ("top1", "flops_ratio", "tokens_kept")}
+        write_now(self.logger, scalars, self.num_timesteps)
         self.history.extend(rows)
+        if self.history_file is not None:
+            atomic_write(self.history_file, lambda tmp: Path(tmp).write_text(json.dumps(self.history, indent=2)))
         tqdm.write(
             f"[{self.num_timesteps} steps] "
             + "; ".join(
@@ -182,12 +248,7 @@ class Checkpoints(BaseCallback):
 
 def save_checkpoint(model: BaseAlgorithm, folder: Path) -> Path:
     """Save `model` atomically as `selector_<steps>.zip` in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"selector_{model.num_timesteps}.zip"
-    tmp = folder / f".tmp_{model.num_timesteps}.zip"
-    model.save(tmp)
-    tmp.replace(final)
-    return final
+    return atomic_write(folder / f"selector_{model.num_timesteps}.zip", model.save)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -202,12 +263,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def held_out_batches(cfg: SelectorConfig, model: vit.ElasticViT, images: int, device: torch.device) -> list:
     """The first `images` images of the evaluation split, in batches of `num_envs`."""
-    data = vit.load_dataset(cfg.data, split=cfg.eval_split, root=cfg.data_path, model=model)
+    data = vit.load_dataset(cfg.data, split=cfg.eval_split, root=cfg.data_dir, model=model)
     return first_batches(data, images, cfg.num_envs, device)
 
 
-def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
-    """Train a selector as `cfg` says; saves `OUT/selector.zip` + `.json`. Returns the model and eval history."""
+def train_selector(cfg: SelectorConfig, callback: BaseCallback | None = None) -> tuple[BaseAlgorithm, list[dict]]:
+    """Train a selector as `cfg` says; saves `OUT/selector.zip` + `.json`. Returns the model and eval history.
+
+    Writes, in OUT: `checkpoints/selector_<steps>.zip` every `save_every` steps, `eval_history.json` after every
+    evaluation, and TensorBoard logs in `tb/` (the algorithm's, the evaluations at the step they were measured, the
+    config as text). `callback` is an SB3 callback run after the built-in ones (to stop early, log more, ...).
+    """
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -230,18 +296,14 @@ def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
             env=venv,
             device=device,
             tensorboard_log=str(out / "tb"),
-            custom_objects={"learning_rate": cfg.lr, "lr_schedule": ConstantSchedule(cfg.lr)},  # --lr applies
+            custom_objects={"learning_rate": cfg.lr, "lr_schedule": ConstantSchedule(cfg.lr)},
+            **cfg.algo_kwargs(),  # this run's hyperparameters apply, not those the selector was trained with
         )
         model.set_random_seed(cfg.seed)
         model.num_timesteps = 0  # count the fine-tuning steps from zero
         tqdm.write(f"fine-tuning {path.with_suffix('.zip')} for {cfg.total_steps} steps")
     else:
         policy = "MultiInputLstmPolicy" if cfg.algo == "recurrent_ppo" else "MultiInputPolicy"
-        kwargs = dict(
-            n_steps=cfg.n_steps, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef, learning_rate=cfg.lr
-        )
-        if cfg.algo != "a2c":
-            kwargs.update(batch_size=cfg.batch_size, n_epochs=cfg.n_epochs)
         policy_kwargs = dict(
             features_extractor_class=CLSFeaturesExtractor,
             features_extractor_kwargs=dict(hidden=cfg.hidden),
@@ -254,24 +316,29 @@ def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
             tensorboard_log=str(out / "tb"),
             seed=cfg.seed,
             device=device,
-            **kwargs,
+            learning_rate=cfg.lr,
+            **cfg.algo_kwargs(),
         )
     supernet = envs.unwrapped.model
+    history_file = out / "eval_history.json"
     evaluation = SelectorEval(
         supernet,
-        held_out_batches(cfg, supernet, cfg.eval_images, supernet.pos_embed.device),
+        held_out_batches(cfg, supernet, cfg.images, supernet.pos_embed.device),
         cfg.eval_prices,
         cfg.eval_every,
         cfg,
+        history_file=history_file,
     )
-    callbacks = CallbackList([ProgressBar(), evaluation, Checkpoints(out / "checkpoints", cfg.save_every)])
+    callbacks = [ProgressBar(), ConfigText(cfg), evaluation, Checkpoints(out / "checkpoints", cfg.save_every)]
+    callbacks += [callback] if callback is not None else []
     started = time.time()
     remaining = max(0, cfg.total_steps - model.num_timesteps)
-    history_file = out / "eval_history.json"
     if resume_from is not None and history_file.is_file():  # keep the evaluations before the interruption
         earlier = json.loads(history_file.read_text())
         evaluation.history = [row for row in earlier if row["steps"] <= model.num_timesteps]
-    model.learn(remaining, callback=callbacks, reset_num_timesteps=resume_from is None, tb_log_name=cfg.algo)
+    model.learn(
+        remaining, callback=CallbackList(callbacks), reset_num_timesteps=resume_from is None, tb_log_name=cfg.algo
+    )
     save_checkpoint(model, out / "checkpoints")
     evaluation.init_callback(model)
     if not evaluation.history or evaluation.history[-1]["steps"] != model.num_timesteps:
@@ -284,7 +351,7 @@ def train_selector(cfg: SelectorConfig) -> tuple[BaseAlgorithm, list[dict]]:
         "minutes": (time.time() - started) / 60,
     }
     save_selector(model, out / "selector", settings)
-    atomic_write(history_file, lambda tmp: Path(tmp).write_text(json.dumps(evaluation.history, indent=2)))
+    model.logger.close()
     venv.close()
     return model, evaluation.history
 

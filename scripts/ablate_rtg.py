@@ -32,7 +32,7 @@ import agents
 from agents.ppo import SelectorConfig, train_selector
 from agents.selector import algorithm, selector_dataset
 from vit.train import first_batches
-from vit.utils import parse_dataclass, resolve_device
+from vit.utils import parse_dataclass, resolve_device, setup_cpu
 
 
 @dataclass
@@ -45,16 +45,19 @@ class Args:
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (every mode runs every seed)"})
     price: float = field(default=0.01, metadata={"help": "fixed price of the held-out return"})
     budget: float = field(default=0.5, metadata={"help": "MACs ratio of the Top-1 curve"})
-    eval_images: int = field(default=1000, metadata={"help": "held-out test images per score"})
+    images: int = field(default=1000, metadata={"help": "held-out images per score"})
     calib_images: int = field(default=512, metadata={"help": "training images used to calibrate the budget"})
     num_envs: int = field(default=256, metadata={"help": "sub-envs"})
     n_steps: int = field(default=22, metadata={"help": "rollout length per sub-env"})
-    batch_size: int = field(default=1408, metadata={"help": "PPO minibatch"})
-    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
-    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights (default: shipped)"})
-    data_path: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder"})
+    minibatch_size: int = field(default=1408, metadata={"help": "env steps per PPO minibatch"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
+    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
+    data_dir: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder (default: Debian's)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    out: str = field(default="runs/ablate_rtg", metadata={"help": "output folder"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    out: str = field(
+        default="runs/ablate_rtg", metadata={"help": "output folder (ablation.md, .json, .png; one run folder each)"}
+    )
     resume: bool = field(default=False, metadata={"help": "reuse finished runs and resume unfinished ones"})
 
 
@@ -62,14 +65,14 @@ def run_config(args: Args, reward: str, seed: int) -> SelectorConfig:
     return SelectorConfig(
         supernet=args.supernet,
         checkpoint=args.checkpoint,
-        data_path=args.data_path,
+        data_dir=args.data_dir,
         reward=reward,
         total_steps=args.steps,
         num_envs=args.num_envs,
         n_steps=args.n_steps,
-        batch_size=args.batch_size,
+        minibatch_size=args.minibatch_size,
         eval_prices=(args.price,),
-        eval_images=min(args.eval_images, 512),
+        images=min(args.images, 512),
         eval_every=10 * args.steps,  # scored from the checkpoints afterwards
         save_every=args.every,
         out=str(Path(args.out) / f"{reward}_seed{seed}"),
@@ -144,6 +147,7 @@ def plot(curves: dict, args: Args, path: Path) -> None:
 def main(args: Args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    setup_cpu(args.threads, keep_memory=False)
     device = resolve_device(args.device)
     curves: dict[str, list[dict]] = {}
     runs = [(reward, seed) for seed in args.seeds for reward in args.rewards]
@@ -155,13 +159,13 @@ def main(args: Args) -> dict:
         adaptive = agents.load_adaptive(Path(cfg.out) / "selector", device=str(device))
         model = adaptive.supernet
         test = first_batches(
-            selector_dataset(Path(cfg.out) / "selector", "held-out", model, data_path=args.data_path),
-            args.eval_images,
+            selector_dataset(Path(cfg.out) / "selector", "held-out", model, data_path=args.data_dir),
+            args.images,
             args.num_envs,
             device,
         )
         calibration = first_batches(
-            selector_dataset(Path(cfg.out) / "selector", "train", model, data_path=args.data_path),
+            selector_dataset(Path(cfg.out) / "selector", "train", model, data_path=args.data_dir),
             args.calib_images,
             args.num_envs,
             device,
@@ -172,7 +176,7 @@ def main(args: Args) -> dict:
 
     lines = [
         f"Held-out return at price {args.price:g} / Top-1 (%) at MACs ratio {args.budget:g}, "
-        f"{args.eval_images} test images, mean over seeds {', '.join(map(str, args.seeds))}",
+        f"{args.images} held-out images, mean over seeds {', '.join(map(str, args.seeds))}",
         "",
         "| steps | " + " | ".join(args.rewards) + " |",
         "|---|" + "---|" * len(args.rewards),

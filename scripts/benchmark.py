@@ -15,7 +15,10 @@ action).
 Freed memory is kept in the process (`vit.utils.keep_freed_memory`; `--no-keep-freed-memory` to leave glibc's
 default), so that no model pays page faults that depend on the allocation history of the process.
 
-    python scripts/benchmark.py                         # runs/selector/selector, budget 0.5, batch 256, CPU
+It writes the table to `OUT/benchmark.md`.
+
+    python scripts/benchmark.py                         # runs/selector/selector, budget 0.5, batch 256
+    python scripts/benchmark.py --device cpu --threads 1 --out runs/benchmark_1thread
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ class Args:
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
     )
-    data: str | None = field(default=None, metadata={"help": "dataset (default: the selector's)"})
-    data_path: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
-    out: str | None = field(default="runs/benchmark.md", metadata={"help": "also write the report here"})
+    data: str | None = field(default=None, metadata={"help": "dataset name (default: the selector's)"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    out: str = field(default="runs/benchmark", metadata={"help": "output folder (benchmark.md)"})
 
 
 class DecisionTimer:
@@ -78,7 +81,7 @@ def main(args: Args) -> dict[str, float]:
     device = resolve_device(args.device)
     packed = agents.load_adaptive(args.selector, device=str(device))
     model = packed.supernet
-    dataset = selector_dataset(args.selector, "train", model, args.data, args.data_path)
+    dataset = selector_dataset(args.selector, "train", model, args.data, args.data_dir)
     calibration = first_batches(dataset, args.calib_images, args.batch_size, device)
     adaptive = {
         execution: agents.AdaptiveViT(
@@ -96,7 +99,7 @@ def main(args: Args) -> dict[str, float]:
     prices["consensus"] = agents.calibrate(adaptive["consensus"], calibration, args.budget)
     for execution, a in adaptive.items():
         a.price = prices[execution]
-    dataset = selector_dataset(args.selector, "held-out", model, args.data, args.data_path)
+    dataset = selector_dataset(args.selector, "held-out", model, args.data, args.data_dir)
     images = first_batches(dataset, args.batch_size, args.batch_size, device)[0][0]
     full_macs = vit.count_flops(model)
     ratio = {name: float(a(images)[1].mean()) / full_macs for name, a in adaptive.items()}
@@ -146,9 +149,10 @@ def main(args: Args) -> dict[str, float]:
     lines += ["", f"deciding (the selector's forward passes): {share * 100:.1f}% of the packed adaptive forward"]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(text + "\n")
+    print(f"\nwrote {out / 'benchmark.md'}")
     return {**{f"speedup_{n}": speedup[n] for n in runs}, **{f"ratio_{n}": ratio[n] for n in runs}, "deciding": share}
 
 

@@ -4,7 +4,8 @@ For `num_envs` images and random actions (seeded), it times whole episodes (rese
 mode (no Result-to-Go completion: the env's own overhead) and in `delta` mode (a completion after every step),
 then a per-sample forward pass (packed) of the subnets those episodes chose, on the same images.
 
-    python scripts/benchmark_env.py                     # prance_fmnist, 256 sub-envs, CPU
+    python scripts/benchmark_env.py                     # prance_fmnist, 256 sub-envs
+    python scripts/benchmark_env.py --device cpu --threads 1
 """
 
 import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 import prance_env  # noqa: F401  (registers PranceViT-v0)
-from vit.utils import parse_dataclass, seconds_per_call
+from vit.utils import parse_dataclass, seconds_per_call, setup_cpu
 
 
 @dataclass
@@ -26,26 +27,30 @@ class Args:
     """Env steps per second and the env's overhead over a plain forward pass."""
 
     num_envs: int = field(default=256, metadata={"help": "sub-envs (images per batch)"})
-    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
-    checkpoint: str | None = field(default=None, metadata={"help": "weights file (default: shipped)"})
-    data_path: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
+    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
+    data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     policy: str = field(default="random", metadata={"help": "random | full (every action at its maximum)"})
     repeats: int = field(default=5, metadata={"help": "timed episodes per measurement (median)"})
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    seed: int = field(default=0, metadata={"help": "random seed (actions)"})
 
 
 def main(args: Args) -> dict[str, float]:
+    setup_cpu(args.threads, keep_memory=False)
     envs = {
         reward: gymnasium.make_vec(
             "PranceViT-v0",
             num_envs=args.num_envs,
             supernet=args.supernet,
             checkpoint=args.checkpoint,
-            data_path=args.data_path,
+            data=args.data,
+            data_path=args.data_dir,
             device=args.device,
             reward=reward,
-            split="test",
+            split="test" if args.data.lower() in vit.data.FASHION_MNIST_NAMES else "val",
         )
         for reward in ("terminal", "delta")
     }

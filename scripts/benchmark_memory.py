@@ -6,11 +6,12 @@ ends together and resets at the next step) and reads the process's resident set 
 Reports the peak against a limit, the RSS after episodes 1, 5, 10 and the last, the growth from episode 5 to the last
 and over the second half: the first episodes fill caches and the allocator's pools, a leak goes on growing. `--trim`
 also reads RSS once glibc's allocator has returned its free heap to the OS, which separates the memory still in use
-from what the allocator keeps for later. Writes a Markdown report, the per-episode series (JSON) and a plot (PNG).
+from what the allocator keeps for later. Writes `OUT/memory.md` (the report), `OUT/memory.json` (the per-episode
+series) and `OUT/memory.png` (the plot).
 
     python scripts/benchmark_memory.py                       # 1024 sub-envs, 100 episodes, delta reward
-    python scripts/benchmark_memory.py --reward terminal     # no Result-to-Go completion
-    python scripts/benchmark_memory.py --trim                # memory in use, without the allocator's free pages
+    python scripts/benchmark_memory.py --reward terminal --out runs/memory_terminal  # no Result-to-Go completion
+    python scripts/benchmark_memory.py --trim --out runs/memory_trim  # memory in use, without the free pages
     python scripts/benchmark_memory.py --threads 1           # a CPU shared with other jobs: no threads left waiting
 """
 
@@ -43,16 +44,17 @@ class Args:
     num_envs: int = field(default=1024, metadata={"help": "sub-envs (images per batch)"})
     episodes: int = field(default=100, metadata={"help": "episodes to play"})
     reward: str = field(default="delta", metadata={"help": "delta | direct | terminal"})
-    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
-    checkpoint: str | None = field(default=None, metadata={"help": "weights file (default: shipped)"})
-    data_path: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
+    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
+    data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     split: str = field(default="train", metadata={"help": "dataset split the episodes draw images from"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     limit_gib: float = field(default=4.0, metadata={"help": "resident memory budget (GiB)"})
     trim: bool = field(default=False, metadata={"help": "also read RSS with the free heap returned to the OS (glibc)"})
     plot: bool = field(default=True, metadata={"help": "write a PNG of RSS against episodes"})
-    out: str = field(default="runs/benchmark_memory", metadata={"help": "output folder"})
+    out: str = field(default="runs/benchmark_memory", metadata={"help": "output folder (memory.md, .json, .png)"})
     seed: int = field(default=0, metadata={"help": "random seed (images, prices and actions)"})
 
 
@@ -116,7 +118,7 @@ def report(args: Args, device: torch.device, decisions: int, base: dict[str, flo
     lines = [
         f"# Resident memory of PranceViT-v0: {args.num_envs} sub-envs, {n} episodes, `{args.reward}` reward",
         "",
-        f"{args.supernet} ({args.checkpoint or 'shipped weights'}), Fashion-MNIST {args.split} split, {device}, "
+        f"{args.supernet} ({args.checkpoint or 'shipped weights'}), {args.data} {args.split} split, {device}, "
         f"torch threads: {torch.get_num_threads()}, random actions, {decisions} decisions an episode, "
         f"{sum(r['seconds'] for r in series) / n:.2f} s an episode.",
         "",
@@ -174,7 +176,8 @@ def main(args: Args) -> dict:
         num_envs=args.num_envs,
         supernet=args.supernet,
         checkpoint=args.checkpoint,
-        data_path=args.data_path,
+        data=args.data,
+        data_path=args.data_dir,
         split=args.split,
         device=device,
         reward=args.reward,
@@ -211,7 +214,7 @@ def main(args: Args) -> dict:
     figures = report(args, device, envs.unwrapped.inference.num_steps, base, series)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.reward}_{args.num_envs}envs" + ("_trim" if args.trim else "")
+    name = "memory"
     (out / f"{name}.md").write_text(figures["markdown"])
     record = {"args": asdict(args), **{k: v for k, v in figures.items() if k != "markdown"}, "episodes": series}
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))

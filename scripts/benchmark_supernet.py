@@ -4,7 +4,8 @@
 2. Per-sample execution, packed and bucketed: the batch split over k different subnets, against one subnet for
    the batch, both as MACs per second (so the ratio is the efficiency of per-sample execution; 1.0 means free).
 
-    python scripts/benchmark_supernet.py                     # prance_fmnist, batch 256, CPU
+    python scripts/benchmark_supernet.py                     # prance_fmnist, batch 256
+    python scripts/benchmark_supernet.py --supernet prance_deit_tiny --batch-size 64 --device cpu --threads 1
 """
 
 import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
@@ -23,7 +24,7 @@ from vit.utils import parse_dataclass, resolve_device, seconds_per_call, setup_c
 class Args:
     """Benchmark of elastic and per-sample (packed, bucketed) execution."""
 
-    model: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name (random weights)"})
     token_mode: str = field(default="merge", metadata={"help": "prune | merge | prune_merge"})
     batch_size: int = field(default=256, metadata={"help": "images per forward"})
     target: float = field(default=0.5, metadata={"help": "MACs ratio of the static subnet"})
@@ -32,15 +33,15 @@ class Args:
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
     )
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda | auto"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    seed: int = field(default=0, metadata={"help": "random seed (images and sampled subnets)"})
 
 
 def main(args: Args) -> None:
     setup_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model = vit.create_supernet(args.model, token_mode=args.token_mode).to(device).eval()
+    model = vit.create_supernet(args.supernet, token_mode=args.token_mode).to(device).eval()
     space = model.search_space
     x = torch.randn(args.batch_size, *model.pretrained_cfg["input_size"], device=device)
     full = vit.count_flops(model)
@@ -62,7 +63,7 @@ def main(args: Args) -> None:
             float(np.median([r[k] / r[0] for r in rounds])) for k in range(1, len(runs))
         ]
 
-    print(f"{args.model} ({args.token_mode}), batch {args.batch_size}, {device}, {torch.get_num_threads()} threads")
+    print(f"{args.supernet} ({args.token_mode}), batch {args.batch_size}, {device}, {torch.get_num_threads()} threads")
     print(f"full model: {full / 1e6:.1f} MMACs/image")
     full_s, half_s, slowdown = interleaved(None, half)
     half_ratio = vit.count_flops(model, half) / full

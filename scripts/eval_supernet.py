@@ -1,55 +1,61 @@
 """Top-1 and MACs of static subnets of a supernet on the test split, as a Markdown table.
 
 The largest, the smallest, and a grid of uniform width levels x keep ratios, for every token mode (the same
-weights run in each mode).
+weights run in each mode). It prints the table and writes it to `OUT/static_grid.md`.
 
     python scripts/eval_supernet.py                                  # the shipped prance_fmnist
-    python scripts/eval_supernet.py --checkpoint runs/fmnist_supernet/supernet.safetensors --out grid.md
+    python scripts/eval_supernet.py --checkpoint runs/fmnist_supernet/supernet.safetensors --out runs/grid
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import Tensor
+
 import vit
 from vit.train import Batches, evaluate
-from vit.utils import parse_dataclass, resolve_device
+from vit.utils import parse_dataclass, resolve_device, setup_cpu
 
 
 @dataclass
 class Args:
     """Evaluate a grid of static subnets."""
 
-    model: str = field(default="prance_fmnist", metadata={"help": "registered supernet"})
-    checkpoint: str | None = field(default=None, metadata={"help": "weights file (default: the shipped ones)"})
-    data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagenet"})
-    data_path: str | None = field(default=None, metadata={"help": "dataset folder"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
+    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
+    data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     modes: tuple[str, ...] = field(default=vit.TOKEN_MODES, metadata={"help": "token modes to evaluate"})
-    batch_size: int = field(default=500, metadata={"help": "images per batch"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate on the first LIMIT batches only"})
+    images: int | None = field(default=None, metadata={"help": "held-out images (default: the whole split)"})
+    batch_size: int = field(default=500, metadata={"help": "images per forward"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    out: str | None = field(default=None, metadata={"help": "also write the table to this Markdown file"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    out: str = field(default="runs/eval_supernet", metadata={"help": "output folder (static_grid.md)"})
+
+
+def held_out(data: Batches, images: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first `images` images of `data` (all when None), streamed in order."""
+    left = len(data.dataset) if images is None else images
+    for x, y in data.epoch(0, shuffle=False, limit=-(-left // data.batch_size)):
+        yield x[:left], y[:left]
+        left -= len(y)
 
 
 def main(args: Args) -> str:
+    setup_cpu(args.threads, keep_memory=False)
     device = resolve_device(args.device)
+    split = "val" if args.data in ("imagenet", "imagefolder") else "test"
     rows = []
     for mode in args.modes:
         model = vit.create_supernet(
-            args.model, pretrained=args.checkpoint is None, checkpoint=args.checkpoint, token_mode=mode
+            args.supernet, pretrained=args.checkpoint is None, checkpoint=args.checkpoint, token_mode=mode
         ).to(device)
         space = model.search_space
-        split = "val" if args.data in ("imagenet", "imagefolder") else "test"
-        data = Batches(
-            vit.load_dataset(args.data, split=split, root=args.data_path, model=model),
-            args.batch_size,
-            device,
-            rank=0,
-            world=1,
-            workers=4,
-            seed=0,
-        )
+        data = vit.load_dataset(args.data, split=split, root=args.data_dir, model=model)
+        batches = Batches(data, args.batch_size, device, rank=0, world=1, workers=4, seed=0)
         subnets = list(dict.fromkeys([space.largest(), space.smallest(), *space.static_grid(tied=True)]))
-        top1 = evaluate(model, lambda d=data: d.epoch(0, shuffle=False, limit=args.limit), subnets, device, desc=mode)
+        top1 = evaluate(model, lambda b=batches: held_out(b, args.images), subnets, device, desc=mode)
         full = vit.count_flops(model)
         for subnet, acc in zip(subnets, top1):
             name = "largest" if subnet == space.largest() else "smallest" if subnet == space.smallest() else ""
@@ -63,8 +69,9 @@ def main(args: Args) -> str:
     ]
     table = "\n".join(lines)
     print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "static_grid.md").write_text(table + "\n")
     return table
 
 

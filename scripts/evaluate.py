@@ -12,7 +12,8 @@ Rows, all measured in this run on the same images with the same batch size:
 
 Held-out images are Fashion-MNIST's test split or an ImageFolder's val split (the selector's dataset by default).
 It writes `OUT/results.md` (the table), `OUT/results.json` (every row, the whole static grid included) and
-`OUT/pareto.png` (Top-1 against GMACs), and prints the table.
+`OUT/pareto.png` (Top-1 against GMACs and against measured images/s, `agents.plots.pareto_figure`), and prints the
+table.
 
     python scripts/evaluate.py                                   # runs/selector/selector on Fashion-MNIST
     python scripts/evaluate.py --selector runs/demo/selector/selector --budgets 0.4 0.5 0.6 --out runs/demo
@@ -33,7 +34,8 @@ from tqdm.auto import tqdm
 
 import agents
 from agents.baselines import RandomPolicy
-from agents.selector import selector_dataset
+from agents.plots import pareto_figure, save_figure
+from agents.selector import read_settings, resolve_selector, selector_dataset
 from vit.token_ops import token_schedule
 from vit.train import first_batches
 from vit.utils import parse_dataclass, resolve_device, setup_cpu, timed
@@ -47,12 +49,12 @@ class Args:
 
     selector: str = field(default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + PATH.json)"})
     budgets: tuple[float, ...] = field(default=(0.3, 0.5, 0.7), metadata={"help": "mean MACs ratios to calibrate to"})
-    data: str | None = field(default=None, metadata={"help": "dataset (default: the selector's)"})
-    data_path: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
-    images: int | None = field(default=None, metadata={"help": "test images (default: the whole split)"})
+    data: str | None = field(default=None, metadata={"help": "dataset name (default: the selector's)"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
+    images: int | None = field(default=None, metadata={"help": "held-out images (default: the whole split)"})
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     tolerance: float = field(default=0.01, metadata={"help": "calibration stops this close to the budget"})
-    batch_size: int = field(default=256, metadata={"help": "images per batch (every row)"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward (every row)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(
         default=0, metadata={"help": "torch CPU threads (0: the default; 1 suits per-sample execution on few cores)"}
@@ -61,13 +63,13 @@ class Args:
         default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the random-decision baseline"})
-    out: str = field(default="runs/evaluate", metadata={"help": "output folder"})
+    out: str = field(default="runs/evaluate", metadata={"help": "output folder (results.md, results.json, pareto.png)"})
 
 
 def load_batches(args, model: vit.ElasticViT, split: str, images: int | None, device) -> list:
     """The first `images` images (all when None) of a split (`train` or `held-out`) of the selector's dataset, in
     batches of `args.batch_size`."""
-    dataset = selector_dataset(args.selector, split, model, args.data, args.data_path)
+    dataset = selector_dataset(args.selector, split, model, args.data, args.data_dir)
     return first_batches(dataset, images, args.batch_size, device)
 
 
@@ -124,50 +126,6 @@ def markdown(rows: list[dict], batch_size: int, images: int) -> str:
             f"| {r['tokens_kept']:.3f} | {r['images_per_s']:.0f} |"
         )
     return "\n".join(lines)
-
-
-def pareto_plot(grid: list[dict], uniform: list[dict], selector: list[dict], others: list[dict], path: Path) -> None:
-    """Top-1 against GMACs: the static grid, uniform merging, the selector's budgets, random and full."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter(
-        [r["gmacs"] for r in grid], [r["top1"] * 100 for r in grid], c="0.6", s=18, label="static subnets (grid)"
-    )
-    curves = [
-        (uniform, "s--", "tab:orange", 1.5, "uniform merging"),
-        (selector, "o-", "tab:blue", 2, "PRANCE selector"),
-    ]
-    for rows, style, colour, width, label in curves:  # the selector last: its points are annotated below
-        by_cost = sorted(rows, key=lambda r: r["gmacs"])
-        gmacs, top1 = [r["gmacs"] for r in by_cost], [r["top1"] * 100 for r in by_cost]
-        ax.plot(gmacs, top1, style, c=colour, lw=width, label=label)
-    for r in by_cost:
-        ax.annotate(
-            r["setting"].split(",")[0],
-            (r["gmacs"], r["top1"] * 100),
-            textcoords="offset points",
-            xytext=(4, -10),
-            fontsize=8,
-            color="tab:blue",
-        )
-    markers = {"random decisions": ("x", "tab:red"), "full model": ("*", "black")}
-    for r in others:
-        marker, colour = markers.get(r["method"], ("d", "tab:green"))
-        ax.scatter([r["gmacs"]], [r["top1"] * 100], marker=marker, c=colour, s=80, label=r["method"], zorder=3)
-    ax.set_xlabel("mean GMACs per image")
-    ax.set_ylabel("Top-1 (%)")
-    lows = [r["top1"] * 100 for r in selector + others]
-    ax.set_ylim(min(lows) - 1.5, max(r["top1"] * 100 for r in grid + selector + others) + 0.5)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Top-1 against compute on the test split")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 def main(args: Args) -> list[dict]:
@@ -231,7 +189,9 @@ def main(args: Args) -> list[dict]:
     text = markdown(table, args.batch_size, images)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"table": table, "grid": grid}, indent=2))
-    pareto_plot(grid, uniform, selector, [full, table[-1]], out / "pareto.png")
+    dataset = args.data or read_settings(resolve_selector(args.selector))["env"].get("data", "fashion-mnist")
+    title = f"{dataset} held-out split, {images} images: {model.pretrained_cfg['architecture']} ({model.token_mode})"
+    save_figure(pareto_figure(grid, uniform, selector, [full, table[-1]], title), out / "pareto.png")
     print(text)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'pareto.png'}")
     return table

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import agents
 import prance_env  # noqa: F401  (registers PranceViT-v0)
 from vit.train import first_batches
-from vit.utils import parse_dataclass
+from vit.utils import parse_dataclass, setup_cpu
 
 
 class Reinforce(nn.Module):
@@ -39,9 +39,9 @@ class Reinforce(nn.Module):
         self.heads = nn.Linear(hidden, sum(self.nvec))
 
     def distributions(self, obs: dict) -> list[torch.distributions.Categorical]:
-        x = torch.cat(
-            [torch.as_tensor(np.asarray(obs[k]), dtype=torch.float32) for k in ("cls", "progress", "price")], -1
-        )
+        """One categorical distribution per action field, for one observation or a batch (numpy or torch, any
+        device: the policy stays on the CPU)."""
+        x = torch.cat([torch.as_tensor(obs[k], dtype=torch.float32).cpu() for k in ("cls", "progress", "price")], -1)
         logits = self.heads(self.body(x)).split(self.nvec, dim=-1)
         return [torch.distributions.Categorical(logits=lg) for lg in logits]
 
@@ -60,21 +60,27 @@ class Args:
     episodes: int = field(default=2000, metadata={"help": "training episodes (one image each)"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
     price: float = field(default=0.03, metadata={"help": "compute price"})
-    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights (default: shipped)"})
-    data_path: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder"})
-    test_images: int = field(default=1000, metadata={"help": "test images measured at the end"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
+    checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
+    data_dir: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder (default: Debian's)"})
+    images: int = field(default=1000, metadata={"help": "held-out images measured at the end"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward of the final measurement"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (the supernet's; the policy's is cpu)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
 
 def main(args: Args) -> dict:
+    setup_cpu(args.threads, keep_memory=False)
     torch.manual_seed(args.seed)
     env = gymnasium.make(
         "PranceViT-v0",
+        supernet=args.supernet,
         checkpoint=args.checkpoint,
-        data_path=args.data_path,
+        data_path=args.data_dir,
         quality="logprob",
         price=args.price,
-        device="cpu",
+        device=args.device,
     )
     policy = Reinforce(env.observation_space, env.action_space.nvec)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
@@ -102,11 +108,11 @@ def main(args: Args) -> dict:
 
     model = env.unwrapped.model
     adaptive = agents.AdaptiveViT(model, policy.eval(), price=args.price)
-    test = vit.load_dataset("fashion-mnist", split="test", root=args.data_path, model=model)
-    result = agents.measure(adaptive, first_batches(test, args.test_images, 256, model.pos_embed.device))
+    test = vit.load_dataset("fashion-mnist", split="test", root=args.data_dir, model=model)
+    result = agents.measure(adaptive, first_batches(test, args.images, args.batch_size, model.pos_embed.device))
     print(
         f"REINFORCE, {args.episodes} episodes: mean return of the last 100 {np.mean(returns[-100:]):+.4f}; on "
-        f"{args.test_images} test images at price {args.price:g}: Top-1 {result['top1'] * 100:.2f}%, "
+        f"{args.images} test images at price {args.price:g}: Top-1 {result['top1'] * 100:.2f}%, "
         f"MACs ratio {result['flops_ratio']:.3f}, tokens kept {result['tokens_kept']:.3f}"
     )
     return {"returns": returns, **result}

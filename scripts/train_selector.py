@@ -3,6 +3,7 @@
 python scripts/train_selector.py                                  # prance_fmnist, shipped supernet
 python scripts/train_selector.py --algo a2c --out runs/a2c
 python scripts/train_selector.py --out runs/selector --resume     # continue from the newest checkpoint
+python scripts/train_selector.py --clip-range 0.1 --target-kl 0.02 --minibatch-size 2816   # PPO's settings
 """
 
 from agents.ppo import SelectorConfig, train_selector

@@ -2,7 +2,7 @@
 
     python scripts/train_supernet.py                                  # prance_fmnist on Fashion-MNIST
     torchrun --nproc_per_node 2 scripts/train_supernet.py --epochs 1  # DDP (gloo on CPU, nccl on CUDA)
-    python scripts/train_supernet.py --model prance_deit_small --data imagenet --data-path /data/imagenet \\
+    python scripts/train_supernet.py --supernet prance_deit_small --data imagenet --data-dir /data/imagenet \\
         --init timm:deit_small_patch16_224 --batch-size 256 --lr 5e-4 --epochs 30
 """
 

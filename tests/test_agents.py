@@ -4,7 +4,9 @@ image by image, calibration, and selector training end to end. Tiny supernets on
 import dataclasses
 import json
 import math
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import gymnasium
@@ -14,6 +16,8 @@ import torch
 from conftest import tiny_supernet
 from sb3_contrib.common.maskable.utils import get_action_masks
 from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_env import PRICE, supernet
 from torch import nn
 
@@ -488,15 +492,15 @@ def selector_run(fmnist_dir, tmp_path_factory):
     checkpoint = vit.save_checkpoint(vit.create_supernet("prance_fmnist"), root / "supernet.safetensors")
     cfg = agents.SelectorConfig(
         checkpoint=str(checkpoint),
-        data_path=str(fmnist_dir),
+        data_dir=str(fmnist_dir),
         num_envs=16,
         n_steps=11,
-        batch_size=88,
+        minibatch_size=88,
         n_epochs=1,
         hidden=32,
         total_steps=352,
         eval_every=176,
-        eval_images=16,
+        images=16,
         save_every=176,
         out=str(root / "run"),
         device="cpu",
@@ -623,3 +627,60 @@ def test_fine_tuning_starts_from_the_saved_selector(selector_run, tmp_path):
         agents.train_selector(dataclasses.replace(tuned_cfg, init="shipped:nope"))
     with pytest.raises(FileNotFoundError, match="selector file not found"):
         agents.train_selector(dataclasses.replace(tuned_cfg, init=str(tmp_path / "missing")))
+
+
+def test_tensorboard_holds_every_evaluation_at_its_step_and_the_config(selector_run):
+    cfg, _, history = selector_run
+    events = EventAccumulator(str(Path(cfg.out) / "tb" / f"{cfg.algo}_1"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    for price in cfg.eval_prices:
+        rows = [row for row in history if row["price"] == price]
+        for key in ("top1", "flops_ratio", "tokens_kept"):
+            logged = events.Scalars(f"eval/{key}@{price:g}")
+            assert [e.step for e in logged] == [176, 352] == [row["steps"] for row in rows]  # the final one too
+            assert [e.value for e in logged] == pytest.approx([row[key] for row in rows], rel=1e-6)
+    (text,) = events.Tensors("config/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    assert text.step == 0
+    for name, value in dataclasses.asdict(cfg).items():
+        assert f"| {name} | {value} |" in table
+
+
+class InterruptAt(BaseCallback):
+    """Interrupts training (as Ctrl-C does) at the start of the first rollout from `steps` on."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def _on_rollout_start(self) -> None:
+        if self.num_timesteps >= self.steps:
+            raise KeyboardInterrupt
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def test_an_interrupted_run_keeps_every_evaluation_and_its_resume_appends(selector_run, tmp_path):
+    cfg = dataclasses.replace(selector_run[0], total_steps=528, out=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        agents.train_selector(cfg, callback=InterruptAt(352))  # after the evaluation and checkpoint at 352 steps
+    measured = json.loads((tmp_path / "eval_history.json").read_text())
+    assert [(row["steps"], row["price"]) for row in measured] == [(s, p) for s in (176, 352) for p in cfg.eval_prices]
+    agents.train_selector(dataclasses.replace(cfg, resume=True))
+    written = json.loads((tmp_path / "eval_history.json").read_text())
+    assert written[: len(measured)] == measured
+    assert [row["steps"] for row in written] == [s for s in (176, 352, 528) for _ in cfg.eval_prices]
+
+
+def test_selector_run_files_follow_the_umask(selector_run, tmp_path):
+    cfg = dataclasses.replace(selector_run[0], total_steps=176, out=str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        agents.train_selector(cfg)
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    names = {str(p.relative_to(tmp_path)) for p in files}
+    assert {"selector.zip", "selector.json", "eval_history.json", "checkpoints/selector_176.zip"} <= names
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o644) for p in files}

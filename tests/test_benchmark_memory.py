@@ -22,7 +22,7 @@ def fmnist_weights(tmp_path_factory) -> Path:
 
 
 def test_benchmark_memory_reports_rss_per_episode(tmp_path, fmnist_dir, fmnist_weights):
-    args = ["--checkpoint", str(fmnist_weights), "--data-path", str(fmnist_dir), "--num-envs", "4"]
+    args = ["--checkpoint", str(fmnist_weights), "--data-dir", str(fmnist_dir), "--num-envs", "4"]
     args += ["--episodes", "3", "--reward", "delta", "--trim", "--device", "cpu", "--out", str(tmp_path)]
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark_memory.py"), *args],
@@ -33,7 +33,7 @@ def test_benchmark_memory_reports_rss_per_episode(tmp_path, fmnist_dir, fmnist_w
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    name = "delta_4envs_trim"
+    name = "memory"
     report = (tmp_path / f"{name}.md").read_text()
     assert report.strip() in result.stdout and "| after episode 3 |" in report and "within the limit" in report
     assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG")

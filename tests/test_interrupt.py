@@ -131,7 +131,7 @@ def supernet_args(data: Path, out: Path) -> list[str]:
     """A three-epoch run of six steps each, the sandwich rule from epoch 2 on."""
     options = dict(epochs=EPOCHS, batch_size=16, steps_per_epoch=STEPS_PER_EPOCH, eval_batches=1, num_random=1)
     options |= dict(largest_only_epochs=1, warmup_epochs=0.5, device="cpu", seed=0)
-    return flags(data_path=data, out=out, **options)
+    return flags(data_dir=data, out=out, **options)
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +187,9 @@ def fmnist_weights(tmp_path_factory) -> Path:
 
 def selector_args(weights: Path, data: Path, out: Path) -> list[str]:
     """Twenty rollouts of 88 steps, a checkpoint every second one, one evaluation at the end."""
-    options = dict(num_envs=NUM_ENVS, n_steps=N_STEPS, batch_size=4 * N_STEPS, total_steps=TOTAL_STEPS)
-    options |= dict(save_every=SAVE_EVERY, eval_every=10 * TOTAL_STEPS, eval_images=NUM_ENVS, device="cpu", seed=0)
-    return flags(checkpoint=weights, data_path=data, out=out, **options)
+    options = dict(num_envs=NUM_ENVS, n_steps=N_STEPS, minibatch_size=4 * N_STEPS, total_steps=TOTAL_STEPS)
+    options |= dict(save_every=SAVE_EVERY, eval_every=10 * TOTAL_STEPS, images=NUM_ENVS, device="cpu", seed=0)
+    return flags(checkpoint=weights, data_dir=data, out=out, **options)
 
 
 def checkpoint_steps(folder: Path) -> list[int]:

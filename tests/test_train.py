@@ -1,5 +1,7 @@
 """Supernet training: DDP agreement, exact resume, the ImageNet path, and checkpoints that never break."""
 
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -18,7 +20,7 @@ from vit.train import TrainConfig, lr_at, read_train_checkpoint, sandwich, shift
 
 def tiny_config(out: Path, data: Path, **kwargs) -> TrainConfig:
     args = dict(
-        data_path=str(data),
+        data_dir=str(data),
         out=str(out),
         epochs=2,
         batch_size=16,
@@ -94,7 +96,7 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_supernet
 from vit.train import TrainConfig, train_supernet
 
-cfg = TrainConfig(data_path={data!r}, out={out!r}, epochs=1, batch_size=8, steps_per_epoch=2, eval_batches=1,
+cfg = TrainConfig(data_dir={data!r}, out={out!r}, epochs=1, batch_size=8, steps_per_epoch=2, eval_batches=1,
                   num_random=1, device="cpu")
 model = train_supernet(cfg, tiny_supernet())
 torch.save(model.state_dict(), f"{out}/rank{{dist.get_rank()}}.pt")
@@ -130,9 +132,9 @@ def test_imagenet_path_end_to_end(tmp_path):
     init_file = tmp_path / "deit_tiny.pth"
     torch.save(source.state_dict(), init_file)
     cfg = TrainConfig(
-        model="prance_deit_tiny",
+        supernet="prance_deit_tiny",
         data="imagenet",
-        data_path=str(root),
+        data_dir=str(root),
         init=str(init_file),
         out=str(tmp_path / "run"),
         epochs=1,
@@ -174,3 +176,14 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path):
         atomic_write(path, crash)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_training_files_follow_the_umask(tmp_path, fmnist_dir, umask):
+    old = os.umask(umask)
+    try:
+        train_supernet(tiny_config(tmp_path, fmnist_dir, epochs=1), tiny_supernet())
+    finally:
+        os.umask(old)
+    for name in ("last.pt", "supernet.safetensors"):
+        assert oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) == oct(0o666 & ~umask), name

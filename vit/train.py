@@ -42,10 +42,10 @@ TRAIN_FORMAT = "prance-vit-train"
 class TrainConfig:
     """Supernet training with the sandwich rule and in-place distillation."""
 
-    model: str = field(default="prance_fmnist", metadata={"help": "registered supernet preset"})
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
     token_mode: str = field(default="merge", metadata={"help": "prune | merge | prune_merge"})
     data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagenet (an ImageFolder)"})
-    data_path: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's for FMNIST)"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     init: str | None = field(default=None, metadata={"help": "initial weights: timm:NAME or a file; then rewired"})
     epochs: int = field(default=20, metadata={"help": "training epochs"})
     batch_size: int = field(default=128, metadata={"help": "images per step and process"})
@@ -188,10 +188,11 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, dev
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(model: ElasticViT, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
+    skip = model.no_weight_decay()
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name in ("cls_token", "pos_embed") else decay).append(p)
+        (no_decay if p.dim() < 2 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -215,21 +216,21 @@ def train_supernet(
 
     Args:
         cfg: the run's settings.
-        model: a supernet to train instead of building `cfg.model` (e.g. a custom size).
+        model: a supernet to train instead of building `cfg.supernet` (e.g. a custom size).
         on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
     """
     rank, world, device = _setup_distributed(cfg.device)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     if model is None:
-        model = create_supernet(cfg.model, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path)
+        model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path)
     if cfg.init is not None:
         load_pretrained(model, cfg.init)
     model.to(device)
 
     imagefolder = cfg.data.lower() in ("imagenet", "imagefolder")
-    train_set = load_dataset(cfg.data, split="train", root=cfg.data_path, model=model)
-    test_set = load_dataset(cfg.data, split="val" if imagefolder else "test", root=cfg.data_path, model=model)
+    train_set = load_dataset(cfg.data, split="train", root=cfg.data_dir, model=model)
+    test_set = load_dataset(cfg.data, split="val" if imagefolder else "test", root=cfg.data_dir, model=model)
     train_batches = Batches(train_set, cfg.batch_size, device, rank, world, cfg.workers, cfg.seed)
     test_batches = Batches(test_set, cfg.batch_size, device, 0, 1, cfg.workers, cfg.seed)
     steps_per_epoch = min(len(train_batches), cfg.steps_per_epoch or len(train_batches))
@@ -337,7 +338,7 @@ def train_supernet(
             save_checkpoint(
                 model,
                 out / "supernet.safetensors",
-                {"model": cfg.model, "token_mode": model.token_mode, "epoch": epoch + 1, **metrics},
+                {"model": cfg.supernet, "token_mode": model.token_mode, "epoch": epoch + 1, **metrics},
             )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)

@@ -111,14 +111,26 @@ def _arg_type(annotation) -> tuple[type, bool]:
     return annotation, False
 
 
+class _DefaultsOnce(argparse.HelpFormatter):
+    """Help lines with the default appended once: not when the help text already speaks of its default, nor for a
+    default of None (the help says what happens then); sequences are shown as they are typed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        default = action.default
+        if default is None or default is argparse.SUPPRESS or "default" in help_.lower():
+            return help_
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{help_} (default: {shown.replace('%', '%%')})"
+
+
 def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | None = None):
     """Build an instance of dataclass `cls` from command-line arguments, one `--flag` per field.
 
-    Each field's `metadata["help"]` is its help line; booleans become `--flag/--no-flag`.
+    Each field's `metadata["help"]` is its help line, followed in `--help` by the default unless the line already
+    says what the default is; booleans become `--flag/--no-flag`.
     """
-    parser = argparse.ArgumentParser(
-        description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description or cls.__doc__, formatter_class=_DefaultsOnce)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
@@ -126,7 +138,8 @@ def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | N
         kind, many = _arg_type(hints[field.name])
         help_ = field.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            action.help = help_  # Python < 3.14 appends its own "(default: ...)"; the formatter adds it once
         else:
             parser.add_argument(flag, type=kind, nargs="+" if many else None, default=default, help=help_)
     args = parser.parse_args(argv)
