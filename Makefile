@@ -3,7 +3,7 @@ VENV := .venv
 LOCK := requirements.lock
 FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv install lock data demo test lint clean
+.PHONY: venv install lock data demo gpu-check test lint clean
 
 venv install: $(VENV)/.installed
 
@@ -53,11 +53,17 @@ demo: venv data
 	@echo; echo "== $(DEMO)/results.md (plots: $(DEMO)/pareto.png, $(DEMO)/tokens.png, $(DEMO)/decisions.png) =="
 	@cat $(DEMO)/results.md
 
+# The whole chain on a CUDA machine in at most about 8 minutes (DeiT-Small shapes, generated 224-px ImageFolder):
+# supernet training (DDP over every GPU), env speed, PPO, calibration, evaluate.py, benchmark.py fp32 and bf16.
+GPU_CHECK ?= runs/gpu_check
+gpu-check: venv
+	$(VENV)/bin/python scripts/gpu_check.py --out $(GPU_CHECK)
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
 test: lint data
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n auto
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prance_env import BatchedInference, MDPConfig
-from vit import ElasticViT
+from vit import ElasticViT, Subnet, count_params
 from vit.utils import single_threaded
 
 EXECUTIONS = ("packed", "bucketed", "consensus")
@@ -38,6 +38,7 @@ class AdaptiveViT(nn.Module):
         price_range: the prices the policy was trained on; `calibrate` searches inside it.
         stem_blocks, blocks_per_step: as the env the policy was trained on.
         execution: `packed`, `bucketed` or `consensus` (see `vit.ElasticViT.forward`).
+        amp: run the supernet under bf16 autocast on its device (CUDA or CPU); the policy reads float32.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class AdaptiveViT(nn.Module):
         stem_blocks: int = 1,
         blocks_per_step: int = 1,
         execution: str = "packed",
+        amp: bool = False,
     ) -> None:
         super().__init__()
         if execution not in EXECUTIONS:
@@ -64,6 +66,7 @@ class AdaptiveViT(nn.Module):
             supernet,
             MDPConfig(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step, reward="terminal"),
             execution="bucketed" if execution == "consensus" else execution,  # one configuration: dense buckets
+            amp=amp,
         )
         self._check_policy(policy)
         self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")
@@ -149,16 +152,24 @@ def measure(
     desc: str | None = None,
     logprob_floor: float = -5.0,
 ) -> dict:
-    """Over (images, labels) batches: Top-1, mean MACs ratio, mean fraction of tokens kept at the end, and mean
+    """Over (images, labels) batches: Top-1, Top-5, mean MACs ratio, mean fraction of tokens kept at the end, mean
+    parameters read per image (`params`: those of the subnet each image ran, `vit.count_params`), and mean
     log-probability of the true class clipped at `logprob_floor` (the env's `logprob` quality)."""
-    correct = seen = 0
-    macs = tokens = logprob = 0.0
+    correct = correct5 = seen = 0
+    macs = tokens = logprob = params = 0.0
+    params_of: dict[tuple, int] = {}
     device = adaptive.supernet.pos_embed.device
     for images, labels in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         images, labels = images.to(device), labels.to(device)
         logits, sample_macs = adaptive(images)
         correct += int((logits.argmax(-1) == labels).sum())
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct5 += int((top5 == labels[:, None]).any(-1).sum())
         seen += len(labels)
+        for choices in map(tuple, adaptive.inference.choices):
+            if choices not in params_of:
+                params_of[choices] = count_params(adaptive.supernet, Subnet(choices))
+            params += params_of[choices]
         macs += float(sample_macs.sum())
         tokens += float(adaptive.inference.tokens.num_patches().sum()) / adaptive.supernet.num_patches
         true_class = logits.float().log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
@@ -167,8 +178,10 @@ def measure(
         raise ValueError("no images to measure")
     return {
         "top1": correct / seen,
+        "top5": correct5 / seen,
         "flops_ratio": macs / seen / adaptive.full_macs,
         "tokens_kept": tokens / seen,
+        "params": params / seen,
         "logprob": logprob / seen,
     }
 

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 import prance_env
 import vit
 from vit.checkpoint import atomic_write
-from vit.train import first_batches
-from vit.utils import resolve_device
+from vit.registry import SupernetShape
+from vit.train import subset_batches
+from vit.utils import resolve_device, use_tf32
 
 from .adaptive import AdaptiveViT, measure
 from .extractor import CLSFeaturesExtractor
@@ -42,7 +43,7 @@ MDP = prance_env.MDPConfig  # PranceViT-v0's defaults: a new selector trains on 
 
 
 @dataclass
-class SelectorConfig:
+class SelectorConfig(SupernetShape):
     """Train a PRANCE selector on PranceViT-v0."""
 
     supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
@@ -86,9 +87,18 @@ class SelectorConfig:
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    amp: bool = field(default=False, metadata={"help": "run the supernet under bf16 autocast (CUDA or CPU)"})
+
+    def build_supernet(self) -> vit.ElasticViT:
+        """The supernet of this run: the preset `supernet` at the shapes given, with the weights of `checkpoint`
+        (default: the preset's reference weights)."""
+        kwargs = self.shape_kwargs() | ({} if self.token_mode is None else {"token_mode": self.token_mode})
+        return vit.create_supernet(
+            self.supernet, pretrained=self.checkpoint is None, checkpoint=self.checkpoint, **kwargs
+        )
 
     def env_kwargs(self) -> dict:
-        """Keyword arguments of PranceViT-v0 for this run (training split)."""
+        """Keyword arguments of PranceViT-v0 for this run (training split), the supernet given by name."""
         checkpoint = None if self.checkpoint is None else str(Path(self.checkpoint).resolve())
         return dict(
             supernet=self.supernet,
@@ -103,6 +113,7 @@ class SelectorConfig:
             price_range=(self.price_low, self.price_high),
             stem_blocks=self.stem_blocks,
             blocks_per_step=self.blocks_per_step,
+            amp=self.amp,
         )
 
     def algo_kwargs(self) -> dict:
@@ -194,6 +205,7 @@ class SelectorEval(BaseCallback):
             price_range=(self.cfg.price_low, self.cfg.price_high),
             stem_blocks=self.cfg.stem_blocks,
             blocks_per_step=self.cfg.blocks_per_step,
+            amp=self.cfg.amp,
         )
         rows = []
         for price in self.prices:
@@ -262,9 +274,10 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def held_out_batches(cfg: SelectorConfig, model: vit.ElasticViT, images: int, device: torch.device) -> list:
-    """The first `images` images of the evaluation split, in batches of `num_envs`."""
+    """A seeded, class-stratified subset of `images` images of the evaluation split (eval transforms), in batches
+    of `num_envs` on `device`."""
     data = vit.load_dataset(cfg.data, split=cfg.eval_split, root=cfg.data_dir, model=model)
-    return first_batches(data, images, cfg.num_envs, device)
+    return subset_batches(data, images, cfg.num_envs, device)
 
 
 def train_selector(cfg: SelectorConfig, callback: BaseCallback | None = None) -> tuple[BaseAlgorithm, list[dict]]:
@@ -276,8 +289,13 @@ def train_selector(cfg: SelectorConfig, callback: BaseCallback | None = None) ->
     """
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        use_tf32()
     torch.manual_seed(cfg.seed)
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=cfg.num_envs, **cfg.env_kwargs())
+    # the env builds presets at their own shapes: this run's supernet goes in as a module
+    envs = gymnasium.make_vec(
+        "PranceViT-v0", num_envs=cfg.num_envs, **{**cfg.env_kwargs(), "supernet": cfg.build_supernet()}
+    )
     venv = VecMonitor(prance_env.to_sb3(envs))
     venv.seed(cfg.seed)
     algo = algorithm(cfg.algo)

@@ -1,7 +1,8 @@
 """Trained selectors on disk: the SB3 model (`.zip`) and, beside it, the env settings it was trained with (`.json`).
 
-The settings name the supernet and the shape of the MDP (embedding width, action choices, token mode, stem and
-blocks per step, price range), so a selector is never silently run on a supernet it was not trained for.
+The settings name the supernet, its shape arguments (`num_classes`, `img_size`, `in_chans`) and weights file, and the
+shape of the MDP (embedding width, action choices, token mode, stem and blocks per step, price range): `load_adaptive`
+rebuilds the supernet from them alone, and a selector is never silently run on a supernet it was not trained for.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vit.checkpoint import atomic_write
 from .adaptive import AdaptiveViT
 
 SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+SHAPE_KEYS = ("num_classes", "img_size", "in_chans")  # the preset arguments a signature records
 
 
 def resolve_selector(path: str | os.PathLike) -> Path:
@@ -67,10 +69,15 @@ def algorithm(name: str) -> type[BaseAlgorithm]:
 
 
 def supernet_signature(model: vit.ElasticViT) -> dict:
-    """What a selector depends on in a supernet: its name, width, depth, token mode and choices."""
+    """What a selector depends on in a supernet: its name, width, depth, token mode and choices; and its shape
+    arguments, to rebuild it."""
     space = model.search_space
+    in_chans, img_size, _ = model.pretrained_cfg["input_size"]
     return {
         "supernet": model.pretrained_cfg.get("architecture"),
+        "num_classes": model.num_classes,
+        "img_size": img_size,
+        "in_chans": in_chans,
         "embed_dim": model.embed_dim,
         "depth": model.depth,
         "token_mode": model.token_mode,
@@ -152,18 +159,27 @@ def load_adaptive(
     price: float | None = None,
     execution: str = "packed",
     device: str = "auto",
+    amp: bool = False,
 ) -> AdaptiveViT:
-    """An `AdaptiveViT` from a saved selector, on `supernet` (default: the named supernet with its shipped or
-    recorded weights)."""
+    """An `AdaptiveViT` from a saved selector, on `supernet` (default: the recorded supernet, rebuilt at its shape
+    arguments with its recorded or shipped weights; a preset of `vit.register_supernet` must be registered first).
+    `execution` and `amp` are `AdaptiveViT`'s."""
     path = resolve_selector(path)
     settings = read_settings(path, required=("algo", "signature", "env"))
     if supernet is None:
-        checkpoint = settings["env"].get("checkpoint")
+        signature, checkpoint = settings["signature"], settings["env"].get("checkpoint")
+        if signature["supernet"] is None:
+            raise ValueError(
+                f"{path.with_suffix('.json')} records no supernet name (it was trained on a module built without "
+                "vit.create_supernet): pass supernet="
+            )
+        shape = {key: signature[key] for key in SHAPE_KEYS if key in signature}  # older files record none
         supernet = vit.create_supernet(
-            settings["signature"]["supernet"],
+            signature["supernet"],
             pretrained=checkpoint is None,
             checkpoint=checkpoint,
-            token_mode=settings["signature"]["token_mode"],
+            token_mode=signature["token_mode"],
+            **shape,
         )
     supernet = supernet.to(vit.utils.resolve_device(device))
     model, settings = load_selector(path, supernet, device=device)
@@ -176,6 +192,7 @@ def load_adaptive(
         stem_blocks=env["stem_blocks"],
         blocks_per_step=env["blocks_per_step"],
         execution=execution,
+        amp=amp,
     )
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from vit import BlockConfig, ElasticViT, InvalidSubnetError
 from vit.flops import block_macs, count_flops, embed_macs, head_macs
 from vit.supernet import TOKEN_BATCHES
-from vit.utils import long_tensor, single_threaded
+from vit.utils import autocast, long_tensor, single_threaded
 
 REWARD_MODES = ("delta", "direct", "terminal")
 QUALITIES = ("correct", "logprob", "agree")
@@ -80,14 +80,19 @@ class BatchedInference:
         config: the MDP's settings.
         execution: how a batch of per-sample configurations runs: `packed` (`vit.PackedBatch`) or `bucketed`
             (`vit.TokenBatch`); the results are the same.
+        amp: run the supernet under bf16 autocast on its device (CUDA or CPU; `vit.utils.autocast`); observations,
+            logits and rewards stay float32/float64.
     """
 
-    def __init__(self, model: ElasticViT, config: MDPConfig = MDPConfig(), execution: str = "packed") -> None:
+    def __init__(
+        self, model: ElasticViT, config: MDPConfig = MDPConfig(), execution: str = "packed", amp: bool = False
+    ) -> None:
         if execution not in TOKEN_BATCHES:
             raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(TOKEN_BATCHES)}")
         self.model = model.eval().requires_grad_(False)
         self.config = config
         self.execution = execution
+        self.amp = amp
         self.space = model.search_space
         decided = model.depth - config.stem_blocks
         if decided < 1 or decided % config.blocks_per_step:
@@ -153,9 +158,10 @@ class BatchedInference:
         device = images.device
         self.labels = labels
         self.price = torch.zeros(B, device=device) if price is None else price.to(device, torch.float32)
-        tokens = TOKEN_BATCHES[self.execution](self.model.embed(images))
-        for i in range(self.config.stem_blocks):
-            tokens = tokens.apply_block(self.model, i, self.reference[i])
+        with autocast(device, self.amp):
+            tokens = TOKEN_BATCHES[self.execution](self.model.embed(images))
+            for i in range(self.config.stem_blocks):
+                tokens = tokens.apply_block(self.model, i, self.reference[i])
         self.tokens = tokens
         n0 = self.model.num_patches
         stem = embed_macs(self.model) + sum(self._block(n0, self.reference[i]) for i in range(self.config.stem_blocks))
@@ -164,7 +170,8 @@ class BatchedInference:
         self.step_index = 0
         self.full_pred = self.result = None
         if self.config.reward == "delta" or self.config.quality == "agree":  # the full model's result is needed
-            full_logits = self.model.forward_tokens(tokens, self.config.stem_blocks)
+            with autocast(device, self.amp):
+                full_logits = self.model.forward_tokens(tokens, self.config.stem_blocks)
             self.full_pred = full_logits.argmax(-1)
             self.result = self._result(full_logits, torch.ones(B, dtype=torch.float64, device=device))
         return self.observation()
@@ -246,7 +253,8 @@ class BatchedInference:
         for i in range(start, start + self.config.blocks_per_step):
             with single_threaded(self.macs.device):
                 self.macs += self._block_macs(self.tokens.num_patches(), distinct, code)
-            self.tokens = self.tokens.apply_block(self.model, i, configs)
+            with autocast(self.macs.device, self.amp):
+                self.tokens = self.tokens.apply_block(self.model, i, configs)
             for choice, c in zip(self.choices, configs):
                 choice.append(c)
         self.step_index += 1
@@ -257,10 +265,11 @@ class BatchedInference:
 
     @torch.inference_mode()
     def logits(self) -> Tensor:
-        """Class logits (B, num_classes) of the finished episodes."""
+        """Class logits (B, num_classes), float32, of the finished episodes."""
         if self.step_index != self.num_steps:
             raise RuntimeError("logits() needs finished episodes")
-        return self.model.forward_tokens(self.tokens, self.model.depth)
+        with autocast(self.macs.device, self.amp):
+            return self.model.forward_tokens(self.tokens, self.model.depth).float()
 
     @torch.inference_mode()
     def step(self, actions: Tensor | Sequence) -> tuple[dict[str, Tensor], Tensor, bool, dict]:
@@ -288,7 +297,8 @@ class BatchedInference:
         if cfg.reward == "terminal" and not done:
             return torch.zeros_like(self.macs)
         end = self.next_block
-        logits = self.model.forward_tokens(self.tokens, end)
+        with autocast(self.macs.device, self.amp):
+            logits = self.model.forward_tokens(self.tokens, end)
         if done:
             cost = self.macs
         else:

@@ -90,7 +90,7 @@ class PranceViTEnv(gym.Env):
     gymnasium.make("PranceViT-v0", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
                    data_path=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
                    quality="logprob", price=None, price_range=(3e-4, 0.3), stem_blocks=1, blocks_per_step=1,
-                   action_type="discrete", render_mode=None)
+                   action_type="discrete", render_mode=None, amp=False)
     ```
 
     The defaults (those of `prance_env.MDPConfig`) are the MDP the shipped selector was trained on, so
@@ -98,7 +98,8 @@ class PranceViTEnv(gym.Env):
 
     `supernet` is a registered name (its shipped weights, or `checkpoint`) or a `vit.ElasticViT`; `data` a
     dataset name for `vit.load_dataset` or a torch Dataset of (image, label); `choices` overrides the per-block
-    choices of a named supernet, e.g. `{"keep_ratio": (0.5, 0.75, 1.0)}`.
+    choices of a named supernet, e.g. `{"keep_ratio": (0.5, 0.75, 1.0)}`. `amp=True` runs the supernet under bf16
+    autocast on its device, CUDA or CPU (observations and rewards keep their dtypes; values move by bf16 rounding).
 
     ## Version History
 
@@ -125,6 +126,7 @@ class PranceViTEnv(gym.Env):
         blocks_per_step: int = MDPConfig.blocks_per_step,
         action_type: str = "discrete",
         render_mode: str | None = None,
+        amp: bool = False,
     ) -> None:
         self.render_mode = check_render_mode(render_mode)
         self.inference, self.source = make_inference(
@@ -141,6 +143,7 @@ class PranceViTEnv(gym.Env):
             price_range,
             stem_blocks,
             blocks_per_step,
+            amp,
         )
         self.prices = Prices(price, self.inference.config.price_range)
         self.action_type = action_type
@@ -184,6 +187,10 @@ class PranceViTEnv(gym.Env):
             if "label" in info:
                 out["label"] = int(info["label"][0])
         return _first(to_numpy(obs)), float(reward[0]), done, False, out
+
+    def close(self) -> None:
+        """Stop the image source's loader workers and fetching thread."""
+        self.source.close()
 
     def render(self) -> np.ndarray | None:
         """The episode's token map so far, (H, W, 3) uint8, in `rgb_array` mode; None without a render mode."""

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from gymnasium import spaces
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import vit
-from vit.data import FashionMNIST
+from vit.data import FashionMNIST, SeededItems, batch_loader, default_workers, to_device
 from vit.utils import resolve_device
 
 from .core import BatchedInference, MDPConfig, log_price
@@ -51,35 +52,110 @@ def build_supernet(
     return model.to(device)
 
 
-class ImageSource:
-    """Images and labels of a dataset fetched by index onto a device (whole split held there for Fashion-MNIST)."""
+class _Chunks(Sampler):
+    """The batch sampler of an `ImageSource`'s loader: the indices it was last given, in chunks of `size`."""
 
-    def __init__(self, dataset: Dataset, device: torch.device) -> None:
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.size = 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self.indices[s : s + self.size] for s in range(0, len(self.indices), self.size))
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.size)
+
+
+class ImageSource:
+    """Images and labels of a dataset fetched by index onto a device.
+
+    Fashion-MNIST is held on the device whole. Other datasets are decoded in parallel by `workers` loader processes
+    (None: `vit.data.default_workers()`), started once and kept for the source's life, each decoding chunks of a
+    batch; batches are pinned for a CUDA device. `prefetch(indices)` starts decoding a batch in a background thread,
+    so the vector env decodes its next batch while the current episodes run; `get` of the same indices then only
+    waits for what is left. Item `i` is read under generators seeded by `i` (`vit.data.SeededItems`), so even a
+    dataset with random transforms gives the same image for the same index.
+    """
+
+    MAX_CHUNK = 32  # images per worker task: small enough to spread a batch over the workers
+
+    def __init__(self, dataset: Dataset, device: torch.device, workers: int | None = None) -> None:
         self.dataset, self.device = dataset, device
         self.tensors = dataset.tensors(device) if isinstance(dataset, FashionMNIST) else None
+        self._pending: tuple[np.ndarray, Future] | None = None
+        self._loader: DataLoader | None = None
+        self._fetcher: ThreadPoolExecutor | None = None
+        if self.tensors is None:
+            self.workers = default_workers() if workers is None else workers
+            self._chunks = _Chunks()
+            self._start()
+
+    def _start(self) -> None:
+        """Start the loader's workers and the fetching thread (again, after `close`), from the calling thread: the
+        workers are never forked from the fetching thread."""
+        if self._fetcher is not None:
+            return
+        self._loader = batch_loader(
+            SeededItems(self.dataset, (0,)),
+            self.device,
+            self.workers,
+            batch_sampler=self._chunks,
+            persistent_workers=self.workers > 0,
+        )
+        if self.workers > 0:
+            iter(self._loader)  # starts the persistent workers
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-source")
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def _load(self, indices: np.ndarray) -> list[tuple[Tensor, Tensor]]:
+        """Decode the images of `indices` (run by the fetching thread, the only one that iterates the loader)."""
+        self._chunks.indices = indices.tolist()
+        self._chunks.size = max(1, min(self.MAX_CHUNK, -(-len(indices) // max(1, self.workers))))
+        return list(self._loader)
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Start decoding the images of `indices` in the background, for a later `get` of the same indices."""
+        if self.tensors is None:
+            self._start()
+            indices = np.array(indices, dtype=np.int64)
+            self._pending = (indices, self._fetcher.submit(self._load, indices))
 
     def get(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
         """Images (B, C, H, W) and labels (B,) of the given dataset indices, on the device."""
         if self.tensors is not None:
             index = torch.as_tensor(indices, device=self.device)
             return self.tensors[0][index], self.tensors[1][index]
-        fetch = getattr(self.dataset, "__getitems__", None)
-        items = fetch(list(map(int, indices))) if fetch else [self.dataset[int(i)] for i in indices]
-        images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(self.device)
-        return images, torch.as_tensor([int(y) for _, y in items], device=self.device)
+        self._start()
+        indices = np.array(indices, dtype=np.int64)
+        pending, self._pending = self._pending, None
+        if pending is None or not np.array_equal(pending[0], indices):
+            pending = (indices, self._fetcher.submit(self._load, indices))
+        chunks = list(to_device(pending[1].result(), self.device))
+        return torch.cat([x for x, _ in chunks]), torch.cat([y for _, y in chunks])
+
+    def close(self) -> None:
+        """Stop the fetching thread and the loader's workers; a later `get` starts them again."""
+        if self._fetcher is not None:
+            self._fetcher.shutdown(cancel_futures=True)
+            self._fetcher, self._loader, self._pending = None, None, None  # the dropped loader stops its workers
 
 
 def build_source(
-    data: str | Dataset, data_path: str | os.PathLike | None, split: str, model: vit.ElasticViT, device: torch.device
+    data: str | Dataset,
+    data_path: str | os.PathLike | None,
+    split: str,
+    model: vit.ElasticViT,
+    device: torch.device,
+    workers: int | None = None,
 ) -> ImageSource:
-    """An `ImageSource` over a dataset given by name (`vit.load_dataset`) or as a torch Dataset."""
+    """An `ImageSource` over a dataset given by name (`vit.load_dataset`, eval transforms even for the train split)
+    or as a torch Dataset."""
     dataset = vit.load_dataset(data, split=split, root=data_path, model=model) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
-    return ImageSource(dataset, device)
+    return ImageSource(dataset, device, workers)
 
 
 class Prices:
@@ -185,6 +261,8 @@ def make_inference(
     price_range: Sequence[float] = MDPConfig.price_range,
     stem_blocks: int = MDPConfig.stem_blocks,
     blocks_per_step: int = MDPConfig.blocks_per_step,
+    amp: bool = False,
+    workers: int | None = None,
 ) -> tuple[BatchedInference, ImageSource]:
     """The MDP over a supernet and its image source, from the env's keyword arguments."""
     config = MDPConfig(
@@ -196,7 +274,7 @@ def make_inference(
     )
     device = resolve_device(device)
     model = build_supernet(supernet, checkpoint, token_mode, choices, device)
-    return BatchedInference(model, config), build_source(data, data_path, split, model, device)
+    return BatchedInference(model, config, amp=amp), build_source(data, data_path, split, model, device, workers)
 
 
 __all__ = ["ImageSource", "Prices", "action_indices", "make_inference", "single_spaces", "to_numpy"]

@@ -7,6 +7,7 @@ stable-baselines3's `VecEnv`, which does not take Gymnasium vector envs.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,8 +34,13 @@ class PranceViTVectorEnv(VectorEnv):
     returning reward 0. Actions are (num_envs, fields), even for one sub-env. `render()` returns one token map per
     sub-env (see `PranceViTEnv`'s Rendering).
 
+    An ImageFolder's images are decoded by parallel loader processes, and each reset starts decoding the next
+    reset's images in the background, so they are ready when these episodes end.
+
     Args:
         num_envs: images per batch.
+        workers: loader processes decoding an ImageFolder (default: `vit.data.default_workers()`); in-memory
+            Fashion-MNIST needs none.
         **kwargs: those of `PranceViTEnv`.
     """
 
@@ -72,18 +78,24 @@ class PranceViTVectorEnv(VectorEnv):
         """The frozen supernet."""
         return self.inference.model
 
-    def _next_indices(self) -> np.ndarray:
+    def close_extras(self, **kwargs: Any) -> None:
+        """Stop the image source's loader workers and fetching thread."""
+        self.source.close()
+
+    def _next_indices(self, peek: bool = False) -> np.ndarray:
         """The next `num_envs` images of a shuffled pass over the data; a pass drops its incomplete last batch,
-        so a batch never holds an image twice (unless the dataset has fewer images than sub-envs)."""
+        so a batch never holds an image twice (unless the dataset has fewer images than sub-envs). `peek` gives
+        those of the next reset without drawing them (from a copy of the generator, left as it is)."""
+        rng = copy.deepcopy(self.np_random) if peek else self.np_random
         n = len(self.source)
         if n < self.num_envs:  # a small dataset: wrap around
-            return np.concatenate([self.np_random.permutation(n) for _ in range(-(-self.num_envs // n))])[
-                : self.num_envs
-            ]
-        if self._cursor + self.num_envs > len(self._order):
-            self._order, self._cursor = self.np_random.permutation(n), 0
-        self._cursor += self.num_envs
-        return self._order[self._cursor - self.num_envs : self._cursor]
+            return np.concatenate([rng.permutation(n) for _ in range(-(-self.num_envs // n))])[: self.num_envs]
+        order, cursor = self._order, self._cursor
+        if cursor + self.num_envs > len(order):
+            order, cursor = rng.permutation(n), 0
+        if not peek:
+            self._order, self._cursor = order, cursor + self.num_envs
+        return order[cursor : cursor + self.num_envs]
 
     def reset(
         self, *, seed: int | None = None, options: Mapping[str, Any] | None = None
@@ -104,6 +116,7 @@ class PranceViTVectorEnv(VectorEnv):
         else:
             price = self.prices.draw(self.np_random, self.num_envs)
         images, labels = self.source.get(indices)
+        self.source.prefetch(self._next_indices(peek=True))  # decoded while these episodes run
         obs = self.inference.reset(images, labels, torch.as_tensor(price, dtype=torch.float32))
         self._needs_reset = False
         self.indices, self.images = indices, images

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 import agents
 from agents.ppo import SelectorConfig, train_selector
 from agents.selector import algorithm, selector_dataset
-from vit.train import first_batches
+from vit.train import subset_batches
 from vit.utils import parse_dataclass, resolve_device, setup_cpu
 
 
@@ -158,13 +158,13 @@ def main(args: Args) -> dict:
             train_selector(cfg)
         adaptive = agents.load_adaptive(Path(cfg.out) / "selector", device=str(device))
         model = adaptive.supernet
-        test = first_batches(
+        test = subset_batches(
             selector_dataset(Path(cfg.out) / "selector", "held-out", model, data_path=args.data_dir),
             args.images,
             args.num_envs,
             device,
         )
-        calibration = first_batches(
+        calibration = subset_batches(
             selector_dataset(Path(cfg.out) / "selector", "train", model, data_path=args.data_dir),
             args.calib_images,
             args.num_envs,

@@ -15,6 +15,8 @@ action).
 Freed memory is kept in the process (`vit.utils.keep_freed_memory`; `--no-keep-freed-memory` to leave glibc's
 default), so that no model pays page faults that depend on the allocation history of the process.
 
+`--amp` runs every model under bf16 autocast (`vit.utils.autocast`); on CUDA, fp32 matmuls use TF32.
+
 It writes the table to `OUT/benchmark.md`.
 
     python scripts/benchmark.py                         # runs/selector/selector, budget 0.5, batch 256
@@ -35,8 +37,9 @@ import torch
 
 import agents
 from agents.selector import selector_dataset
-from vit.train import first_batches
-from vit.utils import parse_dataclass, resolve_device, setup_cpu, timed
+from vit.data import default_workers
+from vit.train import subset_batches
+from vit.utils import autocast, parse_dataclass, resolve_device, setup_cpu, timed, use_tf32
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Args:
     selector: str = field(default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + .json)"})
     budget: float = field(default=0.5, metadata={"help": "mean MACs ratio the selector is calibrated to"})
     batch_size: int = field(default=256, metadata={"help": "images per forward"})
+    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     rounds: int = field(default=9, metadata={"help": "interleaved timing rounds (medians are reported)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -55,6 +59,7 @@ class Args:
     data: str | None = field(default=None, metadata={"help": "dataset name (default: the selector's)"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    amp: bool = field(default=False, metadata={"help": "every model under bf16 autocast (CUDA or CPU)"})
     out: str = field(default="runs/benchmark", metadata={"help": "output folder (benchmark.md)"})
 
 
@@ -79,10 +84,12 @@ def wall_seconds(fn, device: torch.device) -> float:
 def main(args: Args) -> dict[str, float]:
     kept = setup_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
-    packed = agents.load_adaptive(args.selector, device=str(device))
+    if device.type == "cuda":
+        use_tf32()
+    packed = agents.load_adaptive(args.selector, device=str(device), amp=args.amp)
     model = packed.supernet
     dataset = selector_dataset(args.selector, "train", model, args.data, args.data_dir)
-    calibration = first_batches(dataset, args.calib_images, args.batch_size, device)
+    calibration = subset_batches(dataset, args.calib_images, args.batch_size, device, workers=args.workers)
     adaptive = {
         execution: agents.AdaptiveViT(
             model,
@@ -91,6 +98,7 @@ def main(args: Args) -> dict[str, float]:
             stem_blocks=packed.inference.config.stem_blocks,
             blocks_per_step=packed.inference.config.blocks_per_step,
             execution=execution,
+            amp=args.amp,
         )
         for execution in agents.adaptive.EXECUTIONS
     }
@@ -100,15 +108,20 @@ def main(args: Args) -> dict[str, float]:
     for execution, a in adaptive.items():
         a.price = prices[execution]
     dataset = selector_dataset(args.selector, "held-out", model, args.data, args.data_dir)
-    images = first_batches(dataset, args.batch_size, args.batch_size, device)[0][0]
+    images = subset_batches(dataset, args.batch_size, args.batch_size, device, workers=args.workers)[0][0]
     full_macs = vit.count_flops(model)
     ratio = {name: float(a(images)[1].mean()) / full_macs for name, a in adaptive.items()}
     grid = model.search_space.static_grid(tied=True)
     static = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full_macs - ratio["packed"]))
     ratio |= {"full": 1.0, "static": vit.count_flops(model, static) / full_macs}
+
+    def plain(subnet: vit.Subnet | None = None):
+        with autocast(device, args.amp):
+            return model(images, subnet)
+
     runs = {
-        "full": lambda: model(images),
-        "static": lambda: model(images, static),
+        "full": plain,
+        "static": lambda: plain(static),
         **{name: (lambda a=a: a(images)) for name, a in adaptive.items()},
     }
     timer = DecisionTimer(adaptive["packed"], device)
@@ -135,6 +148,7 @@ def main(args: Args) -> dict[str, float]:
     }
     lines = [
         f"{device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{'bf16 autocast' if args.amp else 'fp32'}, "
         f"median of {args.rounds} interleaved rounds, freed memory {'kept' if kept else 'returned (glibc default)'}",
         "",
         "| model | MACs ratio | images/s | speed-up vs full | per-round range | speed-up predicted by MACs |",
@@ -153,7 +167,12 @@ def main(args: Args) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(text + "\n")
     print(f"\nwrote {out / 'benchmark.md'}")
-    return {**{f"speedup_{n}": speedup[n] for n in runs}, **{f"ratio_{n}": ratio[n] for n in runs}, "deciding": share}
+    return {
+        **{f"speedup_{n}": speedup[n] for n in runs},
+        **{f"ratio_{n}": ratio[n] for n in runs},
+        **{f"images_per_s_{n}": args.batch_size / seconds[n] for n in runs},
+        "deciding": share,
+    }
 
 
 if __name__ == "__main__":

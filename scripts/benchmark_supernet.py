@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vit.registry import SupernetShape
 from vit.utils import parse_dataclass, resolve_device, seconds_per_call, setup_cpu
 
 
 @dataclass
-class Args:
+class Args(SupernetShape):
     """Benchmark of elastic and per-sample (packed, bucketed) execution."""
 
     supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name (random weights)"})
@@ -41,7 +42,7 @@ def main(args: Args) -> None:
     setup_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model = vit.create_supernet(args.supernet, token_mode=args.token_mode).to(device).eval()
+    model = vit.create_supernet(args.supernet, token_mode=args.token_mode, **args.shape_kwargs()).to(device).eval()
     space = model.search_space
     x = torch.randn(args.batch_size, *model.pretrained_cfg["input_size"], device=device)
     full = vit.count_flops(model)

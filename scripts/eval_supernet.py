@@ -14,12 +14,13 @@ from pathlib import Path
 from torch import Tensor
 
 import vit
+from vit.registry import SupernetShape
 from vit.train import Batches, evaluate
 from vit.utils import parse_dataclass, resolve_device, setup_cpu
 
 
 @dataclass
-class Args:
+class Args(SupernetShape):
     """Evaluate a grid of static subnets."""
 
     supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
@@ -49,7 +50,11 @@ def main(args: Args) -> str:
     rows = []
     for mode in args.modes:
         model = vit.create_supernet(
-            args.supernet, pretrained=args.checkpoint is None, checkpoint=args.checkpoint, token_mode=mode
+            args.supernet,
+            pretrained=args.checkpoint is None,
+            checkpoint=args.checkpoint,
+            token_mode=mode,
+            **args.shape_kwargs(),
         ).to(device)
         space = model.search_space
         data = vit.load_dataset(args.data, split=split, root=args.data_dir, model=model)

@@ -30,15 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 import agents
 from agents.baselines import RandomPolicy
 from agents.plots import pareto_figure, save_figure
 from agents.selector import read_settings, resolve_selector, selector_dataset
+from vit.data import default_workers
 from vit.token_ops import token_schedule
-from vit.train import first_batches
-from vit.utils import parse_dataclass, resolve_device, setup_cpu, timed
+from vit.train import subset_batches
+from vit.utils import autocast, parse_dataclass, resolve_device, setup_cpu, timed, use_tf32
 
 MATCH_BELOW, MATCH_ABOVE = 0.02, 0.10
 
@@ -55,6 +57,7 @@ class Args:
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     tolerance: float = field(default=0.01, metadata={"help": "calibration stops this close to the budget"})
     batch_size: int = field(default=256, metadata={"help": "images per forward (every row)"})
+    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(
         default=0, metadata={"help": "torch CPU threads (0: the default; 1 suits per-sample execution on few cores)"}
@@ -63,14 +66,15 @@ class Args:
         default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the random-decision baseline"})
+    amp: bool = field(default=False, metadata={"help": "every row under bf16 autocast (CUDA or CPU)"})
     out: str = field(default="runs/evaluate", metadata={"help": "output folder (results.md, results.json, pareto.png)"})
 
 
 def load_batches(args, model: vit.ElasticViT, split: str, images: int | None, device) -> list:
-    """The first `images` images (all when None) of a split (`train` or `held-out`) of the selector's dataset, in
-    batches of `args.batch_size`."""
+    """A seeded, class-stratified subset of `images` images (all when None) of a split (`train` or `held-out`) of
+    the selector's dataset, through the eval transform, in batches of `args.batch_size` on `device`."""
     dataset = selector_dataset(args.selector, split, model, args.data, args.data_dir)
-    return first_batches(dataset, images, args.batch_size, device)
+    return subset_batches(dataset, images, args.batch_size, device, workers=args.workers)
 
 
 def final_tokens(model: vit.ElasticViT, subnet: vit.Subnet) -> int:
@@ -82,15 +86,21 @@ def final_tokens(model: vit.ElasticViT, subnet: vit.Subnet) -> int:
 
 
 @torch.inference_mode()
-def measure_static(model: vit.ElasticViT, subnet: vit.Subnet, batches: list, full_macs: int) -> dict:
-    """Top-1, MACs ratio, tokens kept and images/s of a plain forward pass of one subnet."""
-    correct, seconds = timed(
-        lambda: sum(int((model(x, subnet).argmax(-1) == y).sum()) for x, y in batches), model.pos_embed.device
-    )
+def measure_static(model: vit.ElasticViT, subnet: vit.Subnet, batches: list, full_macs: int, amp: bool = False) -> dict:
+    """Top-1, Top-5, MACs ratio, tokens kept, parameters and images/s of a plain forward pass of one subnet."""
+    device = model.pos_embed.device
+
+    def run() -> list[tuple[Tensor, Tensor]]:
+        with autocast(device, amp):
+            return [(model(x, subnet).topk(min(5, model.num_classes), dim=-1).indices, y) for x, y in batches]
+
+    top5, seconds = timed(run, device)
     seen = sum(len(y) for _, y in batches)
     macs = vit.count_flops(model, subnet)
     return {
-        "top1": correct / seen,
+        "top1": sum(int((k[:, 0] == y).sum()) for k, y in top5) / seen,
+        "top5": sum(int((k == y[:, None]).any(-1).sum()) for k, y in top5) / seen,
+        "params": vit.count_params(model, subnet),
         "flops_ratio": macs / full_macs,
         "gmacs": macs / 1e9,
         "tokens_kept": final_tokens(model, subnet) / model.num_patches,
@@ -113,17 +123,19 @@ def matched(rows: list[dict], ratio: float) -> dict:
     return min(rows, key=lambda r: abs(r["flops_ratio"] - ratio))
 
 
-def markdown(rows: list[dict], batch_size: int, images: int) -> str:
+def markdown(rows: list[dict], batch_size: int, images: int, amp: bool = False) -> str:
+    """The table of `rows`; params are those each image's subnet reads, averaged over the images."""
+    precision = "bf16 autocast" if amp else "fp32"
     lines = [
-        f"Held-out split, {images} images, batch {batch_size}; images/s measured in the same run.",
+        f"Held-out split, {images} images, batch {batch_size}, {precision}; images/s measured in the same run.",
         "",
-        "| method | setting | Top-1 (%) | GMACs | MACs ratio | tokens kept | images/s |",
-        "|---|---|---|---|---|---|---|",
+        "| method | setting | Top-1 (%) | Top-5 (%) | GMACs | MACs ratio | params (M) | tokens kept | images/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['setting']} | {r['top1'] * 100:.2f} | {r['gmacs']:.4f} | {r['flops_ratio']:.3f} "
-            f"| {r['tokens_kept']:.3f} | {r['images_per_s']:.0f} |"
+            f"| {r['method']} | {r['setting']} | {r['top1'] * 100:.2f} | {r['top5'] * 100:.2f} | {r['gmacs']:.4f} "
+            f"| {r['flops_ratio']:.3f} | {r['params'] / 1e6:.3f} | {r['tokens_kept']:.3f} | {r['images_per_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -133,7 +145,9 @@ def main(args: Args) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     setup_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
-    adaptive = agents.load_adaptive(args.selector, device=str(device))
+    if device.type == "cuda":
+        use_tf32()
+    adaptive = agents.load_adaptive(args.selector, device=str(device), amp=args.amp)
     model = adaptive.supernet
     test = load_batches(args, model, "held-out", args.images, device)
     calibration = load_batches(args, model, "train", args.calib_images, device)
@@ -148,7 +162,7 @@ def main(args: Args) -> list[dict]:
             {
                 "method": "static subnet",
                 "setting": f"`{subnet.blocks[-1]}` every block",
-                **measure_static(model, subnet, test, full_macs),
+                **measure_static(model, subnet, test, full_macs, args.amp),
             }
         )
     full = {**grid[0], "method": "full model", "setting": f"`{space.largest().blocks[-1]}` every block"}
@@ -179,6 +193,7 @@ def main(args: Args) -> list[dict]:
     random = agents.AdaptiveViT(
         model,
         random_policy,
+        amp=args.amp,
         stem_blocks=adaptive.inference.config.stem_blocks,
         blocks_per_step=adaptive.inference.config.blocks_per_step,
     )
@@ -186,7 +201,7 @@ def main(args: Args) -> list[dict]:
         {"method": "random decisions", "setting": "uniform over the choices", **measure_adaptive(random, test)}
     )
 
-    text = markdown(table, args.batch_size, images)
+    text = markdown(table, args.batch_size, images, args.amp)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"table": table, "grid": grid}, indent=2))
     dataset = args.data or read_settings(resolve_selector(args.selector))["env"].get("data", "fashion-mnist")

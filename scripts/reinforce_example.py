@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import agents
 import prance_env  # noqa: F401  (registers PranceViT-v0)
-from vit.train import first_batches
+from vit.train import subset_batches
 from vit.utils import parse_dataclass, setup_cpu
 
 
@@ -109,7 +109,7 @@ def main(args: Args) -> dict:
     model = env.unwrapped.model
     adaptive = agents.AdaptiveViT(model, policy.eval(), price=args.price)
     test = vit.load_dataset("fashion-mnist", split="test", root=args.data_dir, model=model)
-    result = agents.measure(adaptive, first_batches(test, args.images, args.batch_size, model.pos_embed.device))
+    result = agents.measure(adaptive, subset_batches(test, args.images, args.batch_size, model.pos_embed.device))
     print(
         f"REINFORCE, {args.episodes} episodes: mean return of the last 100 {np.mean(returns[-100:]):+.4f}; on "
         f"{args.images} test images at price {args.price:g}: Top-1 {result['top1'] * 100:.2f}%, "

@@ -30,7 +30,8 @@ import torch
 import agents
 from agents.plots import decision_stats, decisions_figure, save_figure, token_map_figure
 from agents.selector import read_settings, resolve_selector, selector_dataset
-from vit.train import first_batches
+from vit.registry import SupernetShape
+from vit.train import subset_batches
 from vit.utils import parse_dataclass, resolve_device, setup_cpu
 
 POLICIES = ("selector", "full", "random", "uniform")
@@ -39,7 +40,7 @@ TOKEN_MAP_ROWS = 6
 
 
 @dataclass
-class Args:
+class Args(SupernetShape):
     """Draw a policy's decisions: token maps of a few held-out images, or with --stats the decisions over a dataset."""
 
     selector: str = field(default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + .json)"})
@@ -84,7 +85,7 @@ def load_policy(args: Args) -> tuple[agents.AdaptiveViT, str]:
         settings = read_settings(path)
         price = args.price if args.price is not None else settings.get("price", DEFAULT_PRICE)
         return agents.load_adaptive(path, price=price, device=args.device), f"selector {path}, price {price:g}"
-    overrides = {} if args.token_mode is None else {"token_mode": args.token_mode}
+    overrides = args.shape_kwargs() | ({} if args.token_mode is None else {"token_mode": args.token_mode})
     model = vit.create_supernet(
         args.supernet, pretrained=args.checkpoint is None, checkpoint=args.checkpoint, **overrides
     ).to(resolve_device(args.device))
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     architecture = f"{model.pretrained_cfg['architecture']} ({model.token_mode} mode)"
 
     if args.stats:
-        stats = decision_stats(adaptive, first_batches(data, args.images, args.batch_size, device))
+        stats = decision_stats(adaptive, subset_batches(data, args.images, args.batch_size, device))
         title = f"Decisions of the {described} on {stats['images']} {dataset} held-out images, {architecture}"
         save_figure(decisions_figure(stats, title, classes), out / "decisions.png")
         (out / "decisions.json").write_text(json.dumps({"title": title, **stats}, indent=2))

@@ -2,7 +2,10 @@
 
 import functools
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,24 @@ from torch.utils import flop_counter as torch_flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `scripts/<script>` as a user would, from the repository root on one thread; `check` asserts it succeeded
+    (showing the end of its stderr otherwise)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def flop_counter() -> FlopCounterMode:
@@ -72,6 +93,21 @@ def write_split(root: Path, split: str, n: int = 5, seed: int = 0, compress: boo
         write_idx(root / f"{prefix}-images-idx3-ubyte", images, compress),
         write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, compress),
     )
+
+
+def write_image_folder(root: Path, classes: int, per_class: dict[str, int], size: int, seed: int = 0) -> Path:
+    """An ImageFolder of random RGB JPEGs, `root/<split>/class<k>/<i>.jpg`, `per_class[split]` images per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for k in range(classes):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
 
 
 @pytest.fixture(scope="session")

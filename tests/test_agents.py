@@ -445,8 +445,8 @@ def test_measure_reports_fractions(price_setup):
     for price in (0.01, 0.05, 1.0):
         adaptive.price = price
         result = agents.measure(adaptive, loader)
-        assert set(result) == {"top1", "flops_ratio", "tokens_kept", "logprob"}
-        assert all(0.0 <= result[k] <= 1.0 for k in ("top1", "flops_ratio", "tokens_kept")), result
+        assert set(result) == {"top1", "top5", "flops_ratio", "tokens_kept", "params", "logprob"}
+        assert all(0.0 <= result[k] <= 1.0 for k in ("top1", "top5", "flops_ratio", "tokens_kept")), result
         assert -5.0 <= result["logprob"] <= 0.0
         ratios.append(result["flops_ratio"])
     assert ratios[0] == pytest.approx(1.0) and ratios[0] > ratios[1] > ratios[2]
@@ -684,3 +684,21 @@ def test_selector_run_files_follow_the_umask(selector_run, tmp_path):
     names = {str(p.relative_to(tmp_path)) for p in files}
     assert {"selector.zip", "selector.json", "eval_history.json", "checkpoints/selector_176.zip"} <= names
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o644) for p in files}
+
+
+def test_measure_reports_top5_and_the_parameters_each_image_read():
+    torch.manual_seed(0)
+    model = tiny_supernet()
+    images, labels = torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    adaptive = agents.AdaptiveViT(model, RandomPolicy(prance_env.BatchedInference(model).nvec, seed=0))
+    row = agents.measure(adaptive, [(images, labels)])
+    choices = [vit.Subnet(tuple(c)) for c in adaptive.inference.choices]
+    assert len(set(choices)) > 1  # per-image subnets: the average is over different counts
+    assert row["params"] == pytest.approx(np.mean(vit.count_params(model, choices)))
+    assert row["params"] < vit.count_params(model)
+    top5 = model(images, choices).topk(5, dim=-1).indices
+    assert row["top5"] == pytest.approx(float((top5 == labels[:, None]).any(-1).float().mean()))
+    assert row["top1"] <= row["top5"]
+    bf16_adaptive = agents.AdaptiveViT(model, RandomPolicy(adaptive.inference.nvec, seed=0), amp=True)
+    bf16 = agents.measure(bf16_adaptive, [(images, labels)])
+    assert bf16["flops_ratio"] == row["flops_ratio"]  # the same decisions (random), in bf16

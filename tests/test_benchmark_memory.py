@@ -1,13 +1,11 @@
 """The memory benchmark runs end to end on a tiny configuration and reports figures consistent with its series."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_script
 
 import vit
 
@@ -24,15 +22,7 @@ def fmnist_weights(tmp_path_factory) -> Path:
 def test_benchmark_memory_reports_rss_per_episode(tmp_path, fmnist_dir, fmnist_weights):
     args = ["--checkpoint", str(fmnist_weights), "--data-dir", str(fmnist_dir), "--num-envs", "4"]
     args += ["--episodes", "3", "--reward", "delta", "--trim", "--device", "cpu", "--out", str(tmp_path)]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark_memory.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("benchmark_memory.py", *args)
     name = "memory"
     report = (tmp_path / f"{name}.md").read_text()
     assert report.strip() in result.stdout and "| after episode 3 |" in report and "within the limit" in report

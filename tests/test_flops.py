@@ -139,3 +139,22 @@ def test_count_flops_rejects_invalid_subnets():
         vit.count_flops(model, vit.Subnet(largest.blocks[:-1]))
     with pytest.raises(vit.InvalidSubnetError):
         vit.count_flops(model, vit.Subnet((dataclasses.replace(largest[0], heads=5), *largest.blocks[1:])))
+
+
+def test_count_params_are_the_parameters_a_subnet_reads():
+    """The largest subnet reads every parameter; a smaller one exactly those its forward gives a gradient (up to key
+    biases, whose gradient is zero in exact arithmetic: attention is invariant to them)."""
+    torch.manual_seed(0)
+    model = vit.create_supernet("prance_fmnist")
+    space = model.search_space
+    assert vit.count_params(model) == sum(p.numel() for p in model.parameters())
+    for subnet in (space.smallest(), space.sample(0), space.sample(1)):
+        model.zero_grad()
+        model(torch.randn(4, 1, 28, 28), subnet).square().sum().backward()
+        read = sum(int((p.grad != 0).sum()) for p in model.parameters() if p.grad is not None)
+        key_biases = sum(c.heads * model.blocks[0].attn.head_dim for c in subnet)
+        assert 0 <= vit.count_params(model, subnet) - read <= key_biases
+    assert vit.count_params(model, [space.smallest(), space.largest()]) == [
+        vit.count_params(model, space.smallest()),
+        vit.count_params(model),
+    ]

@@ -1,13 +1,11 @@
 """Every script runs end to end on a tiny configuration, as a user would start it."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_script
 
 import vit
 
@@ -15,16 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script: str, *args: str, timeout: int = 300) -> str:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    """The stdout of `scripts/<script>` run as a user would."""
+    return run_script(script, *args, timeout=timeout).stdout
 
 
 @pytest.fixture(scope="module")

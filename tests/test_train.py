@@ -187,3 +187,19 @@ def test_training_files_follow_the_umask(tmp_path, fmnist_dir, umask):
         os.umask(old)
     for name in ("last.pt", "supernet.safetensors"):
         assert oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) == oct(0o666 & ~umask), name
+
+
+def test_mixup_and_cutmix_train_every_subnet_on_soft_targets(tmp_path, fmnist_dir):
+    """DeiT's Mixup/CutMix with the sandwich rule and distillation: a run trains, and mixing changes the weights."""
+    one_epoch = dict(epochs=1, largest_only_epochs=0)
+    plain = train_supernet(tiny_config(tmp_path / "plain", fmnist_dir, **one_epoch), tiny_supernet())
+    mixed = train_supernet(
+        tiny_config(tmp_path / "mixed", fmnist_dir, **one_epoch, mixup=0.8, cutmix=1.0),
+        tiny_supernet(),
+    )
+    assert all(torch.isfinite(p).all() for p in mixed.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), mixed.parameters()))
+    with pytest.raises(ValueError, match="even"):
+        train_supernet(tiny_config(tmp_path / "odd", fmnist_dir, batch_size=15, mixup=0.8), tiny_supernet())
+    with pytest.raises(ValueError, match="ImageFolder"):
+        train_supernet(tiny_config(tmp_path / "aa", fmnist_dir, auto_augment="rand-m9-mstd0.5-inc1"), tiny_supernet())

@@ -426,3 +426,21 @@ def test_ppo_learns_a_few_steps_on_the_adapter(fmnist_dir, action_type):
     obs = venv.reset()
     actions, _ = model.predict(obs, deterministic=True)
     assert venv.action_space.contains(actions[0])
+
+
+@pytest.mark.parametrize("execution", ["packed", "bucketed"])
+def test_amp_runs_the_supernet_in_bf16_with_the_same_episode(fmnist_dir, execution):
+    """amp=True: per-sample configurations run under bf16 autocast (CPU here), observations and rewards keep their
+    dtypes, and the episode is the fp32 one up to bf16 rounding."""
+    episodes = {}
+    for amp in (False, True):
+        envs = make_vec(fmnist_dir, token_mode="prune_merge", amp=amp)
+        envs.unwrapped.inference.execution = execution
+        actions = random_actions(envs.action_space, DEPTH - 1, seed=3)
+        episodes[amp] = run_vector_episode(envs, actions, seed=0, options={"price": PRICE})
+    (fp32_obs, fp32_rewards, _), (bf16_obs, bf16_rewards, _) = episodes[False], episodes[True]
+    assert bf16_obs[-1]["cls"].dtype == np.float32 and bf16_rewards[-1].dtype == fp32_rewards[-1].dtype
+    cls = np.stack([o["cls"] for o in bf16_obs[1:]]), np.stack([o["cls"] for o in fp32_obs[1:]])
+    assert not np.array_equal(*cls)  # autocast took effect
+    np.testing.assert_allclose(*cls, atol=0.1 * np.abs(cls[1]).max())
+    assert np.isfinite(np.stack(bf16_rewards)).all()

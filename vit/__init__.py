@@ -14,7 +14,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, Subnet
 from .data import load_dataset
 from .executor import TokenBatch
-from .flops import block_macs, count_flops
+from .flops import block_macs, count_flops, count_params
 from .packed import PackedBatch
 from .registry import create_supernet, list_supernets, register_supernet
 from .rewire import rewire
@@ -31,6 +31,7 @@ __all__ = [
     "TokenBatch",
     "block_macs",
     "count_flops",
+    "count_params",
     "create_supernet",
     "list_supernets",
     "load_checkpoint",

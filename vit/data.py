@@ -6,19 +6,30 @@ them. Nothing here downloads anything.
 
     data = load_dataset("fashion-mnist", split="test")                  # (1, 28, 28) float images, int labels
     data = load_dataset("imagefolder", split="val", root=DIR, model=m)  # torchvision ImageFolder, timm transforms
+
+An ImageFolder is read through timm's eval transform unless ``augment=True`` (supernet training). The random
+transforms draw from Python's ``random``, numpy's and torch's global generators; :class:`SeededItems` seeds them per
+item, so a seeded run reads the same images whatever the number of loader workers. ``stratified_subset`` picks a
+seeded, class-stratified subset (an ImageNet folder is sorted by class), and ``batch_loader`` /
+``to_device`` feed batches from parallel workers onto the model's device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import math
 import os
+import random
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
@@ -33,6 +44,8 @@ _HOW_TO_GET = (
 )
 # timm data-config keys that load_dataset("imagefolder", ...) accepts as keyword overrides.
 _TIMM_DATA_KEYS = ("input_size", "img_size", "in_chans", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# timm train-transform keys (RandAugment, random erasing) it also accepts; they apply when augmenting only.
+_TIMM_TRAIN_KEYS = ("auto_augment", "re_prob", "re_mode", "re_count")
 
 
 def _find_idx(folder: Path, stem: str) -> Path:
@@ -133,18 +146,35 @@ class FashionMNIST(Dataset):
         return self.normalize(images.unsqueeze(1)), self.targets.to(device)
 
 
+def channel_statistics(values: tuple[float, ...] | list[float], channels: int) -> tuple[float, ...]:
+    """Per-channel statistics (a mean or a std) for images of `channels` channels: `values` when they fit, else
+    their average on every channel (e.g. ImageNet's RGB statistics for grey images)."""
+    values = tuple(float(v) for v in values)
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
+
+
+def _open_image(path: str, mode: str) -> object:
+    """A PIL image of the file at `path` in `mode` (`L`: grey, `RGB`), whatever the file holds."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
+
+
 def _image_folder(
-    split: str, root: str | os.PathLike | None, model: torch.nn.Module | None, **overrides: object
+    split: str, root: str | os.PathLike | None, model: torch.nn.Module | None, augment: bool, **overrides: object
 ) -> Dataset:
-    """torchvision ``ImageFolder(root/split)`` with timm's transforms resolved for ``model``."""
+    """torchvision ``ImageFolder(root/split)`` with timm's transforms resolved for ``model``: the random train
+    transform when ``augment``, else the eval one (resize, centre crop, normalise)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown ImageFolder split {split!r}; expected 'train', 'val' or 'test'")
     if root is None:
         raise ValueError("load_dataset('imagefolder') needs root=, a folder with train/ and val/ subfolders")
-    unknown = sorted(set(overrides) - set(_TIMM_DATA_KEYS))
+    unknown = sorted(set(overrides) - set(_TIMM_DATA_KEYS) - set(_TIMM_TRAIN_KEYS))
     if unknown:
         raise TypeError(
             f"unexpected keyword arguments {unknown}; ImageFolder accepts timm data config keys {list(_TIMM_DATA_KEYS)}"
+            f" and train transform keys {list(_TIMM_TRAIN_KEYS)}"
         )
     folder = Path(root) / split
     if not folder.is_dir():
@@ -156,11 +186,19 @@ def _image_folder(
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
-    args = dict(overrides)
+    args = {k: v for k, v in overrides.items() if k in _TIMM_DATA_KEYS}
+    train_args = {k: v for k, v in overrides.items() if k in _TIMM_TRAIN_KEYS and augment}
     if model is None:
         args.setdefault("img_size", 224)  # timm's defaults (ImageNet mean/std, bicubic, crop 0.875) at 224 px
     config = resolve_data_config(args, model=model)
-    return ImageFolder(str(folder), transform=create_transform(**config, is_training=(split == "train")))
+    channels = config["input_size"][0]
+    if channels not in (1, 3):
+        raise ValueError(f"an ImageFolder is read as grey (1 channel) or RGB (3 channels) images, not {channels}")
+    config["mean"], config["std"] = (channel_statistics(config[key], channels) for key in ("mean", "std"))
+    # timm's transforms keep the channels the loader gives: grey images for a 1-channel model, RGB otherwise
+    loader = functools.partial(_open_image, mode="L" if channels == 1 else "RGB")
+    transform = create_transform(**config, **train_args, is_training=augment)
+    return ImageFolder(str(folder), transform=transform, loader=loader)
 
 
 def load_dataset(
@@ -168,6 +206,7 @@ def load_dataset(
     split: str = "train",
     root: str | os.PathLike | None = None,
     model: torch.nn.Module | None = None,
+    augment: bool = False,
     **kwargs: object,
 ) -> Dataset:
     """Build a dataset of ``(image, label)`` pairs by name.
@@ -182,8 +221,13 @@ def load_dataset(
         model: for an ImageFolder, the model whose ``pretrained_cfg`` sets input size, interpolation, crop and
             normalisation (timm's ``resolve_data_config``); ``None`` uses timm's defaults at 224 px. Fashion-MNIST
             ignores it (its preprocessing is fixed), so generic code may always pass it.
+        augment: for an ImageFolder, timm's random train transform (random resized crop, flip, colour jitter)
+            instead of the eval transform, whatever the split; read it through :class:`SeededItems` to make it
+            reproducible. Fashion-MNIST ignores it (supernet training augments its batches on the device).
         **kwargs: for an ImageFolder, overrides of timm's data config (``input_size``, ``img_size``, ``in_chans``,
-            ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``). Fashion-MNIST takes none.
+            ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``), and, used with ``augment``, timm's
+            ``create_transform`` arguments ``auto_augment`` (e.g. DeiT's ``"rand-m9-mstd0.5-inc1"``), ``re_prob``,
+            ``re_mode``, ``re_count`` (random erasing). Fashion-MNIST takes none.
 
     Raises:
         ValueError: unknown name or split, or an ImageFolder without ``root``; a malformed IDX file.
@@ -193,5 +237,127 @@ def load_dataset(
     if key in FASHION_MNIST_NAMES:
         return FashionMNIST(root=root, split=split, **kwargs)
     if key in IMAGEFOLDER_NAMES:
-        return _image_folder(split, root, model, **kwargs)
+        return _image_folder(split, root, model, augment, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; known names: {', '.join(FASHION_MNIST_NAMES + IMAGEFOLDER_NAMES)}")
+
+
+def default_workers() -> int:
+    """Loader worker processes by default: four, or fewer on a machine with fewer cores."""
+    return min(4, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _seeded(entropy: Sequence[int]) -> Iterator[None]:
+    """Python's ``random``, numpy's global and torch's CPU generator seeded from ``entropy``, restored on exit."""
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    words = np.random.SeedSequence(list(entropy)).generate_state(4)
+    random.seed(int(words[0]))
+    np.random.seed(words[1])
+    torch.default_generator.manual_seed(int(words[2]) << 32 | int(words[3]))  # CPU only: CUDA streams untouched
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+
+class SeededItems(Dataset):
+    """``dataset`` with item ``i`` read under generators seeded from ``(*seed, i)``.
+
+    timm's random transforms draw from Python's ``random``, numpy's and torch's global generators; seeding them per
+    item makes an augmented image a function of (seed, index) alone, the same in the main process or any worker,
+    for any number of workers and any order, and leaves the caller's generators as they were.
+    """
+
+    def __init__(self, dataset: Dataset, seed: Sequence[int]) -> None:
+        self.dataset, self.seed = dataset, tuple(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with _seeded((*self.seed, index)):
+            return self.dataset[index]
+
+
+def _base(dataset: Dataset) -> Dataset:
+    """The dataset under subsets and seeding wrappers."""
+    while isinstance(dataset, Subset | SeededItems):
+        dataset = dataset.dataset
+    return dataset
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """The label of every item (int64): ``targets`` when the dataset keeps them (ImageFolder, Fashion-MNIST and
+    subsets of these), else read item by item."""
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+    return np.asarray(targets, dtype=np.int64)
+
+
+def stratified_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
+    """A seeded subset of ``n`` items with every class in proportion to its share of ``dataset``.
+
+    Each class gets its proportional share rounded down and at least one item (when ``n`` reaches the number of
+    classes); the items left go to the classes furthest below their share, so every class lies within one item of
+    proportional (for any but extremely skewed classes, where the one-item floor wins). Which items of a class are
+    taken, and ties between classes, are drawn from ``seed``. The indices are in dataset order; all of them when
+    ``n`` reaches the dataset's size.
+    """
+    if n < 1:
+        raise ValueError(f"a subset needs at least one item, got n={n}")
+    labels = labels_of(dataset)
+    if n >= len(labels):
+        return Subset(dataset, list(range(len(labels))))
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    quota = n * counts / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    if n >= len(counts):
+        take = np.maximum(take, 1)
+    rng = np.random.default_rng(seed)
+    tie = rng.random(len(counts))
+    while (missing := n - int(take.sum())) != 0:
+        if missing > 0:  # give one more to the classes furthest below their share
+            order = np.lexsort((tie, take - quota))
+            order = order[take[order] < counts[order]][:missing]
+            take[order] += 1
+        else:  # take one back from the classes furthest above it
+            order = np.lexsort((tie, quota - take))
+            order = order[take[order] > 1][:-missing]
+            take[order] -= 1
+    perm = rng.permutation(len(labels))
+    perm = perm[np.argsort(inverse[perm], kind="stable")]  # grouped by class, shuffled within each
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(labels)) - starts[inverse[perm]]
+    return Subset(dataset, np.sort(perm[rank < take[inverse[perm]]]).tolist())
+
+
+def batch_loader(
+    dataset: Dataset, device: torch.device | str, workers: int | None = None, seed: int = 0, **kwargs: object
+) -> DataLoader:
+    """A DataLoader (``kwargs``: its batching arguments) that decodes in ``workers`` processes.
+
+    ``None`` workers means :func:`default_workers`; in-memory Fashion-MNIST is always read in the process, where a
+    batch is one gather. Batches are pinned for a CUDA ``device`` (move them with :func:`to_device`). The loader's
+    own generator, seeded by ``seed``, gives the workers their seeds, so loading draws nothing from torch's global
+    generator.
+    """
+    if isinstance(_base(dataset), FashionMNIST):
+        workers = 0
+    return DataLoader(
+        dataset,
+        num_workers=default_workers() if workers is None else workers,
+        pin_memory=torch.device(device).type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
+
+
+def to_device(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | str) -> Iterator[tuple[Tensor, Tensor]]:
+    """Each ``(images, labels)`` batch on ``device`` (copied asynchronously from pinned memory)."""
+    for images, labels in batches:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -4,7 +4,7 @@ The count covers every matrix product the model runs: patch embedding, q/k/v, at
 output projection, the MLP, the token-reduction overhead (the CLS attention row and, when merging, the key
 similarity of sources and destinations) and the head. Element-wise work (norms, softmax, GELU, residuals) is not
 counted, as in `torch.utils.flop_counter`. Token counts come from `token_schedule`, the same function the model
-uses, so the count is exact for every configuration.
+uses, so the count is exact for every configuration. `count_params` counts the parameters a subnet reads.
 """
 
 from __future__ import annotations
@@ -54,4 +54,21 @@ def count_flops(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = No
     return macs + head_macs(model)
 
 
-__all__ = ["block_macs", "count_flops", "embed_macs", "head_macs"]
+def count_params(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
+    """Parameters `subnet` (largest when None) reads: the whole model less the weight rows and columns of the
+    heads and MLP neurons it leaves out (token reduction reads none); a list of counts for a sequence of subnets."""
+    if subnet is not None and not isinstance(subnet, Subnet):
+        return [count_params(model, s) for s in subnet]
+    subnet = model.search_space.largest() if subnet is None else model.search_space.validate(subnet)
+    total = sum(p.numel() for p in model.parameters())
+    for block, config in zip(model.blocks, subnet):
+        attn, mlp = block.attn, block.mlp
+        unused_inner = (attn.num_heads - config.heads) * attn.head_dim
+        per_inner = attn.qkv.in_features * 3 + (3 if attn.qkv.bias is not None else 0) + attn.proj.out_features
+        unused_hidden = mlp.fc1.out_features - config.mlp_hidden
+        per_hidden = mlp.fc1.in_features + (1 if mlp.fc1.bias is not None else 0) + mlp.fc2.out_features
+        total -= unused_inner * per_inner + unused_hidden * per_hidden  # q, k, v rows and proj columns; fc1, fc2
+    return total
+
+
+__all__ = ["block_macs", "count_flops", "count_params", "embed_macs", "head_macs"]

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .config import BlockConfig
 from .token_ops import _gather_tokens, size_bias, token_schedule
-from .utils import long_tensor, single_threaded
+from .utils import long_tensor, matmul_dtype, single_threaded
 
 if TYPE_CHECKING:
     from .supernet import ElasticBlock, ElasticViT
@@ -154,12 +154,14 @@ class PackedBatch:
         mlp = block.mlp
         y = block.norm2(self.x)
         runs = _runs(self.order, widths, self.lengths)
-        out = torch.empty_like(y) if len(runs) > 1 else None
+        dtype = matmul_dtype(y)  # out= operations are not autocast: their operands are cast here
+        out = y.new_empty(y.shape, dtype=dtype) if len(runs) > 1 else None
         for m, first, n in runs:
             hidden = mlp.act(F.linear(y[first : first + n], mlp.fc1.weight[:m], mlp.fc1.bias[:m]))
             if out is None:
                 return F.linear(hidden, mlp.fc2.weight[:, :m], mlp.fc2.bias)
-            torch.addmm(mlp.fc2.bias, hidden, mlp.fc2.weight[:, :m].t(), out=out[first : first + n])
+            w, b = mlp.fc2.weight[:, :m].to(dtype), mlp.fc2.bias.to(dtype)
+            torch.addmm(b, hidden.to(dtype), w.t(), out=out[first : first + n])
         return out
 
     def _reduce(
@@ -263,11 +265,12 @@ class _Attention:
         self.runs = _runs(batch.order, heads, batch.lengths)
         rows = sum(3 * h * n for h, _, n in self.runs)
         self.pad = rows
-        self.qkv = x.new_empty(rows + 1, d)
+        dtype = matmul_dtype(x)  # out= operations are not autocast: their operands are cast here
+        self.qkv = x.new_empty(rows + 1, d, dtype=dtype)
         self.qkv[rows:] = 0
-        y = block.norm1(x)
-        w, b = attn.qkv.weight.view(3, H * d, C), attn.qkv.bias
-        b = None if b is None else b.view(3, H * d)
+        y = block.norm1(x).to(dtype)
+        w, b = attn.qkv.weight.to(dtype).view(3, H * d, C), attn.qkv.bias
+        b = None if b is None else b.to(dtype).view(3, H * d)
         base, row, head_row = {}, 0, 0
         for h, first, n in self.runs:
             wh = w[:, : h * d].reshape(3 * h * d, C)
@@ -299,7 +302,7 @@ class _Attention:
             w = attn.proj.weight[:, : h * d]
             if result is None:
                 return F.linear(o, w, attn.proj.bias)
-            torch.addmm(attn.proj.bias, o, w.t(), out=result[first : first + n])
+            torch.addmm(attn.proj.bias.to(o.dtype), o, w.to(o.dtype).t(), out=result[first : first + n])
             row += h * n
         return result
 

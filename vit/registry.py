@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -97,6 +98,24 @@ def create_supernet(
         load_checkpoint(model, checkpoint)
     model.pretrained_cfg["architecture"] = name
     return model
+
+
+@dataclass
+class SupernetShape:
+    """The shape arguments of a preset, in timm's names: a base of the command-line configs that build one.
+
+    None keeps the preset's value. The data config follows the model built (`load_dataset(..., model=m)`), so an
+    ImageFolder is read at the size, channel count and statistics these give.
+    """
+
+    num_classes: int | None = field(default=None, metadata={"help": "classes of the head (default: the preset's)"})
+    img_size: int | None = field(default=None, metadata={"help": "image side in pixels (default: the preset's)"})
+    in_chans: int | None = field(default=None, metadata={"help": "image channels, 1 or 3 (default: the preset's)"})
+
+    def shape_kwargs(self) -> dict:
+        """The shape arguments given, as keyword arguments of `create_supernet`."""
+        shape = {"num_classes": self.num_classes, "img_size": self.img_size, "in_chans": self.in_chans}
+        return {key: value for key, value in shape.items() if value is not None}
 
 
 def _build(defaults: dict, kwargs: dict, load: Callable[[ElasticViT], object] | None = None) -> ElasticViT:
@@ -215,4 +234,11 @@ def _load_shipped(model: ElasticViT) -> None:
     load_checkpoint(model, path)
 
 
-__all__ = ["CHECKPOINT_DIR", "create_supernet", "list_supernets", "load_pretrained", "register_supernet"]
+__all__ = [
+    "CHECKPOINT_DIR",
+    "SupernetShape",
+    "create_supernet",
+    "list_supernets",
+    "load_pretrained",
+    "register_supernet",
+]

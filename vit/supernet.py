@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, check_token_mode
+from .data import channel_statistics
 from .executor import TokenBatch
 from .packed import PackedBatch
 from .token_ops import cls_attention, reduce_tokens, size_bias, token_schedule
@@ -163,10 +164,8 @@ def _init_weights(m: nn.Module) -> None:
 def _pretrained_cfg(given: dict | None, num_classes: int, in_chans: int, img_size: int) -> dict:
     """timm's `pretrained_cfg` of a model of these shapes: `given` over `IMAGENET_CFG`, the shape keys the model's."""
     cfg = {**IMAGENET_CFG, **(given or {})}
-    for key in ("mean", "std"):
-        values = tuple(cfg[key])
-        if len(values) != in_chans:  # e.g. RGB statistics for a grey model: their average on every channel
-            cfg[key] = (sum(values) / len(values),) * in_chans
+    for key in ("mean", "std"):  # e.g. RGB statistics for a grey model: their average on every channel
+        cfg[key] = channel_statistics(cfg[key], in_chans)
     return {
         **cfg,
         "num_classes": num_classes,

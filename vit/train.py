@@ -4,6 +4,13 @@ Every step trains the largest subnet on the labels, then the smallest and `num_r
 choices drawn independently, token reduction included) on the largest's predictions. The first
 `largest_only_epochs` train the largest alone: distilling from an untrained teacher stalls the whole supernet.
 AdamW with linear warm-up and a cosine decay, label smoothing, light augmentation, bf16 autocast on CUDA.
+For ImageNet, DeiT's recipe through timm is a set of flags, off by default (the Fashion-MNIST defaults stay):
+
+    --auto-augment rand-m9-mstd0.5-inc1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --drop-path 0.1 \
+        --lr 5e-4 --lr-scale-batch 512 --warmup-epochs 5 --epochs 300 --clip-grad 0
+
+With Mixup/CutMix every subnet trained on labels reads the mixed soft targets (timm's `SoftTargetCrossEntropy`);
+distilled subnets read the largest's predictions on the same mixed images, as before.
 A checkpoint is written atomically after every epoch; `resume` continues from it and, since every epoch reseeds
 its random streams from (seed, epoch, rank), an interrupted run ends with the same weights as an uninterrupted one.
 
@@ -26,20 +33,29 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, save_checkpoint
 from .config import Subnet
-from .data import FashionMNIST, load_dataset
-from .registry import create_supernet, load_pretrained
+from .data import (
+    FashionMNIST,
+    SeededItems,
+    batch_loader,
+    default_workers,
+    load_dataset,
+    stratified_subset,
+    to_device,
+)
+from .registry import SupernetShape, create_supernet, load_pretrained
 from .supernet import ElasticViT
-from .utils import resolve_device
+from .utils import autocast, resolve_device, use_tf32
 
 TRAIN_FORMAT = "prance-vit-train"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SupernetShape):
     """Supernet training with the sandwich rule and in-place distillation."""
 
     supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
@@ -49,25 +65,39 @@ class TrainConfig:
     init: str | None = field(default=None, metadata={"help": "initial weights: timm:NAME or a file; then rewired"})
     epochs: int = field(default=20, metadata={"help": "training epochs"})
     batch_size: int = field(default=128, metadata={"help": "images per step and process"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine decay"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (DeiT: 5e-4 at --lr-scale-batch 512)"})
+    min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine decay (DeiT: 1e-5)"})
+    lr_scale_batch: int = field(
+        default=0,
+        metadata={
+            "help": "scale LR and MIN_LR by the global batch (batch size x processes) over this many images, "
+            "lr = LR x global batch / N (DeiT: 512; 0: as given)"
+        },
+    )
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length (DeiT: 5)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms and biases)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the largest subnet's loss"})
     num_random: int = field(default=2, metadata={"help": "random subnets per step besides largest and smallest"})
     largest_only_epochs: float = field(default=3.0, metadata={"help": "train only the largest subnet at first"})
     distill: bool = field(default=True, metadata={"help": "train the other subnets on the largest's predictions"})
-    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth rate"})
-    clip_grad: float = field(default=5.0, metadata={"help": "gradient norm clipping (0: off)"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth rate (DeiT: 0.1)"})
+    clip_grad: float = field(default=5.0, metadata={"help": "gradient norm clipping (0: off; DeiT: off)"})
     augment: bool = field(default=True, metadata={"help": "random shifts and flips (FMNIST; timm's for ImageNet)"})
+    auto_augment: str | None = field(
+        default=None,
+        metadata={"help": "ImageFolder: timm's RandAugment policy in the train transform (DeiT: rand-m9-mstd0.5-inc1)"},
+    )
+    reprob: float = field(default=0.0, metadata={"help": "ImageFolder: random erasing probability (DeiT: 0.25)"})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha, soft targets (DeiT: 0.8; 0: off)"})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha, soft targets (DeiT: 1.0; 0: off)"})
     steps_per_epoch: int | None = field(default=None, metadata={"help": "cap on steps per epoch (quick runs)"})
     eval_batches: int | None = field(default=None, metadata={"help": "cap on evaluation batches"})
     out: str = field(default="runs/supernet", metadata={"help": "output folder (checkpoints, TensorBoard)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt when it exists"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    workers: int = field(default=4, metadata={"help": "data loader workers (ImageFolder)"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (the CPU trains in fp32)"})
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -97,7 +127,8 @@ def shift_and_flip(x: Tensor, pad: int = 2) -> Tensor:
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
-    """Cross-entropy against a distribution (in-place distillation)."""
+    """Cross-entropy against a distribution: in-place distillation, and Mixup's soft targets (timm's
+    `SoftTargetCrossEntropy`)."""
     return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
@@ -127,9 +158,22 @@ def _is_main() -> bool:
 
 
 class Batches:
-    """Epoch-seeded batches of a dataset for one process of `world` (whole-split tensors for Fashion-MNIST)."""
+    """Epoch-seeded batches of a dataset for one process of `world`, on `device`.
 
-    def __init__(self, dataset, batch_size: int, device: torch.device, rank: int, world: int, workers: int, seed: int):
+    Fashion-MNIST is held on the device whole. Other datasets are read by `workers` loader processes (None: the
+    default number) through `SeededItems` seeded by (seed, epoch), so random transforms repeat with the seed.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        device: torch.device,
+        rank: int,
+        world: int,
+        workers: int | None,
+        seed: int,
+    ) -> None:
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
         self.rank, self.world, self.workers, self.seed = rank, world, workers, seed
         self.tensors = dataset.tensors(device) if isinstance(dataset, FashionMNIST) else None
@@ -152,25 +196,26 @@ class Batches:
                 index = order[b * self.batch_size : (b + 1) * self.batch_size].to(self.device)
                 yield images[index], labels[index]
             return
-        subset = torch.utils.data.Subset(self.dataset, order[: num * self.batch_size].tolist())
-        loader = torch.utils.data.DataLoader(
-            subset, batch_size=self.batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
-        )
-        yield from loader
+        subset = Subset(SeededItems(self.dataset, (self.seed, epoch)), order[: num * self.batch_size].tolist())
+        loader_seed = self.seed * 100_003 + epoch
+        loader = batch_loader(subset, self.device, self.workers, loader_seed, batch_size=self.batch_size)
+        yield from to_device(loader, self.device)
 
 
-def first_batches(dataset, count: int | None, batch_size: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-    """The first `count` samples of `dataset` (all when None), in order, as batches of `batch_size` on `device`."""
+def subset_batches(
+    dataset: Dataset,
+    count: int | None,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    workers: int | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """A seeded, class-stratified subset of `count` images of `dataset` (all when None; `vit.data.stratified_subset`),
+    as batches of `batch_size` on `device`, decoded by `workers` loader processes (None: the default number)."""
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    batches = Batches(dataset, batch_size, device, rank=0, world=1, workers=0, seed=0)
-    out = list(batches.epoch(0, shuffle=False, limit=None if count is None else -(-count // batch_size)))
-    seen = sum(len(y) for _, y in out)
-    if count is not None and count < seen:  # trim the last batch
-        x, y = out[-1]
-        keep = len(y) - (seen - count)
-        out[-1] = (x[:keep], y[:keep])
-    return out
+    subset = dataset if count is None else stratified_subset(dataset, count, seed)
+    return list(Batches(subset, batch_size, device, 0, 1, workers, seed).epoch(0, shuffle=False))
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -220,16 +265,25 @@ def train_supernet(
         on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
     """
     rank, world, device = _setup_distributed(cfg.device)
+    if device.type == "cuda":
+        use_tf32()
+    imagefolder = cfg.data.lower() in ("imagenet", "imagefolder")
+    if not imagefolder and (cfg.auto_augment or cfg.reprob):
+        raise ValueError("auto_augment and reprob are timm transforms of an ImageFolder; Fashion-MNIST has neither")
+    if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
+        raise ValueError(f"Mixup/CutMix mix each batch with its reverse: batch_size must be even, not {cfg.batch_size}")
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     if model is None:
-        model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path)
+        model = create_supernet(
+            cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path, **cfg.shape_kwargs()
+        )
     if cfg.init is not None:
         load_pretrained(model, cfg.init)
     model.to(device)
 
-    imagefolder = cfg.data.lower() in ("imagenet", "imagefolder")
-    train_set = load_dataset(cfg.data, split="train", root=cfg.data_dir, model=model)
+    recipe = {"auto_augment": cfg.auto_augment, "re_prob": cfg.reprob, "re_mode": "pixel"} if imagefolder else {}
+    train_set = load_dataset(cfg.data, split="train", root=cfg.data_dir, model=model, augment=cfg.augment, **recipe)
     test_set = load_dataset(cfg.data, split="val" if imagefolder else "test", root=cfg.data_dir, model=model)
     train_batches = Batches(train_set, cfg.batch_size, device, rank, world, cfg.workers, cfg.seed)
     test_batches = Batches(test_set, cfg.batch_size, device, 0, 1, cfg.workers, cfg.seed)
@@ -238,6 +292,14 @@ def train_supernet(
         raise ValueError(f"the training split has fewer than {cfg.batch_size * world} images: no full batch")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    scale = cfg.batch_size * world / cfg.lr_scale_batch if cfg.lr_scale_batch else 1.0
+    peak_lr, min_lr = cfg.lr * scale, cfg.min_lr * scale
+    mixup = None
+    if cfg.mixup or cfg.cutmix:
+        from timm.data import Mixup
+
+        # label smoothing moves into the soft targets
+        mixup = Mixup(cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=model.num_classes)
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     start_epoch = 0
@@ -257,17 +319,16 @@ def train_supernet(
         if world > 1
         else model
     )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else contextlib.nullcontext()
-    )
     writer = None
     if _is_main():
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
 
+    amp = cfg.amp and device.type == "cuda"
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
+        np.random.seed((cfg.seed * 100_003 + epoch * 1_009 + rank) % 2**32)  # timm's Mixup draws from numpy's
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         model.train()
         started = time.time()
@@ -279,11 +340,16 @@ def train_supernet(
         )
         for b, (x, y) in enumerate(bar):
             step = epoch * steps_per_epoch + b
-            lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if cfg.augment and not imagefolder:
                 x = shift_and_flip(x)
+            if mixup is not None:
+                x, soft_targets = mixup(x, y)
+                label_loss = functools.partial(soft_cross_entropy, target_probs=soft_targets)
+            else:
+                label_loss = functools.partial(F.cross_entropy, target=y, label_smoothing=cfg.label_smoothing)
             subnets = sandwich(model, cfg.num_random, rng)
             if step < cfg.largest_only_epochs * steps_per_epoch:
                 subnets = subnets[:1]
@@ -291,15 +357,11 @@ def train_supernet(
             losses = []
             for j, subnet in enumerate(subnets):
                 sync = world == 1 or j == len(subnets) - 1
-                with contextlib.nullcontext() if sync else net.no_sync(), autocast:
+                with contextlib.nullcontext() if sync else net.no_sync(), autocast(device, amp):
                     logits = net(x, subnet).float()
                     if j == 0:
-                        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                         teacher = logits.detach().softmax(-1)
-                    elif cfg.distill:
-                        loss = soft_cross_entropy(logits, teacher)
-                    else:
-                        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    loss = soft_cross_entropy(logits, teacher) if j and cfg.distill else label_loss(logits)
                 loss.backward()
                 losses.append(loss.item())
             if cfg.clip_grad > 0:
@@ -347,4 +409,14 @@ def train_supernet(
     return model
 
 
-__all__ = ["TrainConfig", "evaluate", "lr_at", "read_train_checkpoint", "sandwich", "shift_and_flip", "train_supernet"]
+__all__ = [
+    "Batches",
+    "TrainConfig",
+    "evaluate",
+    "lr_at",
+    "read_train_checkpoint",
+    "sandwich",
+    "shift_and_flip",
+    "subset_batches",
+    "train_supernet",
+]

@@ -27,6 +27,34 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device`'s type (CUDA or CPU) when `enabled`, a null context otherwise.
+
+    Matmuls, convolutions and attention run in bf16 while weights, norms, softmax statistics and the residual
+    stream stay fp32; torch supports it on CPUs too (fast where the CPU has bf16 instructions).
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` computes in under the autocast in force on its device (`x.dtype` outside one),
+    for buffers written by out= operations, which autocast does not cast."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def use_tf32() -> None:
+    """Let CUDA run fp32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa products, fp32 sums).
+
+    Process-wide and CUDA only (CPU matmuls stay exact fp32); the scripts call it where they start on a CUDA device.
+    Several times faster fp32 matmuls on Ampere and later GPUs.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def long_tensor(values: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """`torch.tensor(values)` as int64 on `device`, built through numpy: several times faster for Python lists of
     a few hundred ints, which the per-sample execution makes every block."""
@@ -147,4 +175,13 @@ def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | N
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-__all__ = ["keep_freed_memory", "parse_dataclass", "resolve_device", "seconds_per_call", "setup_cpu"]
+__all__ = [
+    "autocast",
+    "keep_freed_memory",
+    "matmul_dtype",
+    "parse_dataclass",
+    "resolve_device",
+    "seconds_per_call",
+    "setup_cpu",
+    "use_tf32",
+]

@@ -1,0 +1,79 @@
+"""`scripts/gpu_check.py`: the whole chain runs at tiny sizes on the CPU and reports every stage; a failure fails it."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+from conftest import run_script
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = [
+    "data",
+    "supernet training",
+    "env steps/s, 8 sub-envs",
+    "env steps/s, 32 sub-envs",
+    "PPO",
+    "calibration",
+    "evaluate.py",
+    "benchmark.py fp32",
+    "benchmark.py bf16",
+]
+
+
+def gpu_check(out: Path, *args: str) -> tuple[int, dict[str, tuple[str, float]]]:
+    """Exit status and the printed table: stage -> (result, seconds)."""
+    result = run_script("gpu_check.py", "--device", "cpu", "--tiny", "--out", str(out), *args, check=False)
+    table = result.stdout.split("## gpu check", 1)[1]
+    rows = re.findall(r"^\| (.+?) \| (.+?) \| ([\d.]+) \|$", table, re.M)
+    return result.returncode, {stage: (text, float(seconds)) for stage, text, seconds in rows}
+
+
+def stage(rows: dict, prefix: str) -> str:
+    (found,) = [text for name, (text, _) in rows.items() if name.startswith(prefix)]
+    return found
+
+
+def numbers(text: str) -> list[float]:
+    return [float(n) for n in re.findall(r"\d+(?:\.\d+)?", text)]
+
+
+def after(text: str, label: str) -> float:
+    """The number that follows `label` in `text`."""
+    return float(re.search(re.escape(label) + r" ([\d.]+)", text).group(1))
+
+
+def test_tiny_check_runs_every_stage_and_passes(tmp_path):
+    code, rows = gpu_check(tmp_path)
+    assert code == 0, rows
+    for name in STAGES:
+        assert stage(rows, name).startswith("ok:"), (name, rows)
+    assert all(seconds >= 0 for _, seconds in rows.values())
+    terminal, delta = numbers(stage(rows, "env steps/s, 32"))[:2]
+    assert terminal > delta > 0  # the Result-to-Go completion costs forward passes
+    evaluated = stage(rows, "evaluate.py")
+    top1, top5, ratio = (after(evaluated, label) for label in ("Top-1", "Top-5", "MACs ratio"))
+    params, full_params = (float(n) for n in re.findall(r"([\d.]+) M", evaluated))
+    assert 0 <= top1 <= top5 <= 1 and 0 < ratio < 1 and 0 < params < full_params
+    for precision in ("fp32", "bf16"):
+        batch, full, static, adaptive = numbers(stage(rows, f"benchmark.py {precision}"))[:4]
+        assert batch == 32 and min(full, static, adaptive) > 0
+    assert (tmp_path / "gpu_check.md").read_text().count("| ok:") == len(STAGES)
+
+
+def test_a_failing_stage_fails_the_check_and_the_rest_still_run(tmp_path):
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for split, count in (("train", 16), ("val", 8)):
+        for k in range(4):
+            folder = data / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    (data / "train" / "class0" / "0.jpg").write_bytes(b"not a jpeg")  # the env stages read every training image
+    code, rows = gpu_check(tmp_path / "out", "--data-dir", str(data), "--seed", "1")
+    assert code != 0
+    assert stage(rows, "env steps/s, 32").startswith("FAILED: UnidentifiedImageError")
+    assert len(rows) == len(STAGES) and stage(rows, "data").startswith("ok:")
+    assert stage(rows, "PPO") and stage(rows, "benchmark.py bf16")  # the stages after the failure ran or said why
