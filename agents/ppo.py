@@ -17,7 +17,7 @@ import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Logger
-from stable_baselines3.common.utils import ConstantSchedule
+from stable_baselines3.common.utils import ConstantSchedule, configure_logger
 from stable_baselines3.common.vec_env import VecMonitor
 from tqdm.auto import tqdm
 
@@ -26,7 +26,7 @@ import vit
 from vit.checkpoint import atomic_write
 from vit.registry import SupernetShape
 from vit.train import subset_batches
-from vit.utils import resolve_device, use_tf32
+from vit.utils import resolve_device
 
 from .adaptive import AdaptiveViT, measure
 from .extractor import CLSFeaturesExtractor
@@ -51,7 +51,9 @@ class SelectorConfig(SupernetShape):
     token_mode: str | None = field(default=None, metadata={"help": "prune | merge | prune_merge (default: preset)"})
     data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
-    eval_split: str = field(default="test", metadata={"help": "held-out split for evaluation"})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "split evaluated (default: the held-out one, vit.data.held_out_split)"}
+    )
     algo: str = field(default="ppo", metadata={"help": "ppo | a2c | maskable_ppo | recurrent_ppo"})
     total_steps: int = field(default=800_000, metadata={"help": "environment steps (images x blocks)"})
     num_envs: int = field(default=256, metadata={"help": "images per batch (sub-envs)"})
@@ -276,7 +278,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def held_out_batches(cfg: SelectorConfig, model: vit.ElasticViT, images: int, device: torch.device) -> list:
     """A seeded, class-stratified subset of `images` images of the evaluation split (eval transforms), in batches
     of `num_envs` on `device`."""
-    data = vit.load_dataset(cfg.data, split=cfg.eval_split, root=cfg.data_dir, model=model)
+    split = vit.data.held_out_split(cfg.data) if cfg.eval_split is None else cfg.eval_split
+    data = vit.load_dataset(cfg.data, split=split, root=cfg.data_dir, model=model)
     return subset_batches(data, images, cfg.num_envs, device)
 
 
@@ -287,16 +290,27 @@ def train_selector(cfg: SelectorConfig, callback: BaseCallback | None = None) ->
     evaluation, and TensorBoard logs in `tb/` (the algorithm's, the evaluations at the step they were measured, the
     config as text). `callback` is an SB3 callback run after the built-in ones (to stop early, log more, ...).
     """
-    out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        use_tf32()
     torch.manual_seed(cfg.seed)
-    # the env builds presets at their own shapes: this run's supernet goes in as a module
-    envs = gymnasium.make_vec(
-        "PranceViT-v0", num_envs=cfg.num_envs, **{**cfg.env_kwargs(), "supernet": cfg.build_supernet()}
-    )
+    # the env builds presets at their own shapes: this run's supernet goes in as a module, its weights loaded
+    module = {"supernet": cfg.build_supernet(), "checkpoint": None}
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=cfg.num_envs, **{**cfg.env_kwargs(), **module})
     venv = VecMonitor(prance_env.to_sb3(envs))
+    try:
+        return _train(cfg, envs, venv, device, callback)
+    finally:
+        venv.close()
+
+
+def _train(
+    cfg: SelectorConfig,
+    envs: gymnasium.vector.VectorEnv,
+    venv: VecMonitor,
+    device: torch.device,
+    callback: BaseCallback | None,
+) -> tuple[BaseAlgorithm, list[dict]]:
+    """`train_selector` on its envs (closed by the caller)."""
+    out = Path(cfg.out)
     venv.seed(cfg.seed)
     algo = algorithm(cfg.algo)
     resume_from = latest_checkpoint(out / "checkpoints") if cfg.resume else None
@@ -354,23 +368,26 @@ def train_selector(cfg: SelectorConfig, callback: BaseCallback | None = None) ->
     if resume_from is not None and history_file.is_file():  # keep the evaluations before the interruption
         earlier = json.loads(history_file.read_text())
         evaluation.history = [row for row in earlier if row["steps"] <= model.num_timesteps]
-    model.learn(
-        remaining, callback=CallbackList(callbacks), reset_num_timesteps=resume_from is None, tb_log_name=cfg.algo
-    )
-    save_checkpoint(model, out / "checkpoints")
-    evaluation.init_callback(model)
-    if not evaluation.history or evaluation.history[-1]["steps"] != model.num_timesteps:
-        evaluation.evaluate()
-    settings = {
-        "algo": cfg.algo,
-        "signature": supernet_signature(supernet),
-        "config": asdict(cfg),
-        "env": {**cfg.env_kwargs(), "price_range": [cfg.price_low, cfg.price_high]},
-        "minutes": (time.time() - started) / 60,
-    }
-    save_selector(model, out / "selector", settings)
-    model.logger.close()
-    venv.close()
+    # the logger `learn` would configure, set here so that it is closed however the run ends
+    model.set_logger(configure_logger(model.verbose, model.tensorboard_log, cfg.algo, resume_from is None))
+    try:
+        model.learn(
+            remaining, callback=CallbackList(callbacks), reset_num_timesteps=resume_from is None, tb_log_name=cfg.algo
+        )
+        save_checkpoint(model, out / "checkpoints")
+        evaluation.init_callback(model)
+        if not evaluation.history or evaluation.history[-1]["steps"] != model.num_timesteps:
+            evaluation.evaluate()
+        settings = {
+            "algo": cfg.algo,
+            "signature": supernet_signature(supernet),
+            "config": asdict(cfg),
+            "env": {**cfg.env_kwargs(), "price_range": [cfg.price_low, cfg.price_high]},
+            "minutes": (time.time() - started) / 60,
+        }
+        save_selector(model, out / "selector", settings)
+    finally:
+        model.logger.close()
     return model, evaluation.history
 
 

@@ -149,7 +149,7 @@ def selector_dataset(
     data = data or env.get("data") or "fashion-mnist"
     data_path = data_path or env.get("data_path")
     if split == "held-out":
-        split = "test" if data.lower() in vit.data.FASHION_MNIST_NAMES else "val"
+        split = vit.data.held_out_split(data)
     return vit.load_dataset(data, split=split, root=data_path, model=model)
 
 

@@ -90,7 +90,7 @@ class PranceViTEnv(gym.Env):
     gymnasium.make("PranceViT-v0", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
                    data_path=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
                    quality="logprob", price=None, price_range=(3e-4, 0.3), stem_blocks=1, blocks_per_step=1,
-                   action_type="discrete", render_mode=None, amp=False)
+                   action_type="discrete", render_mode=None, amp=False, workers=0)
     ```
 
     The defaults (those of `prance_env.MDPConfig`) are the MDP the shipped selector was trained on, so
@@ -100,6 +100,8 @@ class PranceViTEnv(gym.Env):
     dataset name for `vit.load_dataset` or a torch Dataset of (image, label); `choices` overrides the per-block
     choices of a named supernet, e.g. `{"keep_ratio": (0.5, 0.75, 1.0)}`. `amp=True` runs the supernet under bf16
     autocast on its device, CUDA or CPU (observations and rewards keep their dtypes; values move by bf16 rounding).
+    `workers` is the number of loader processes decoding an ImageFolder; the default, 0, decodes each reset's one
+    image in the env's own thread (in-memory Fashion-MNIST needs none).
 
     ## Version History
 
@@ -127,6 +129,7 @@ class PranceViTEnv(gym.Env):
         action_type: str = "discrete",
         render_mode: str | None = None,
         amp: bool = False,
+        workers: int = 0,
     ) -> None:
         self.render_mode = check_render_mode(render_mode)
         self.inference, self.source = make_inference(
@@ -144,6 +147,7 @@ class PranceViTEnv(gym.Env):
             stem_blocks,
             blocks_per_step,
             amp,
+            workers,
         )
         self.prices = Prices(price, self.inference.config.price_range)
         self.action_type = action_type
@@ -198,7 +202,9 @@ class PranceViTEnv(gym.Env):
             return None
         if self.inference.step_index < 0:
             raise RuntimeError("call reset() before render()")
-        return render_episode(self.model, self.image, self.inference.choices[0], self.inference.config.stem_blocks)
+        return render_episode(
+            self.model, self.image, self.inference.choices[0], self.inference.config.stem_blocks, self.inference.amp
+        )
 
 
 def _first(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from vit import BlockConfig, ElasticViT
+from vit.utils import autocast
 
 RENDER_MODES = ("rgb_array",)
 RENDER_FPS = 4  # decisions per second when frames are played as a video
@@ -39,15 +40,17 @@ def check_render_mode(render_mode: str | None) -> str | None:
 
 
 @torch.inference_mode()
-def trace_sources(model: ElasticViT, image: Tensor, configs: Sequence[BlockConfig]) -> list[Tensor]:
+def trace_sources(model: ElasticViT, image: Tensor, configs: Sequence[BlockConfig], amp: bool = False) -> list[Tensor]:
     """After each of the first `len(configs)` blocks run at `configs`, which original patches each patch token
-    holds: (tokens, patches), CLS left out. image: (C, H, W) on the model's device."""
-    x, size = model.embed(image[None]), None
-    source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)[None]  # (1, 1 + N, 1 + N)
-    sources = []
-    for i, config in enumerate(configs):
-        x, size, source = model.forward_block(i, x, size, config, source)
-        sources.append(source[0, 1:, 1:])
+    holds: (tokens, patches), CLS left out. image: (C, H, W) on the model's device. `amp`: replay under the bf16
+    autocast the tokens were reduced under (`vit.utils.autocast`), so near-ties rank as they did."""
+    with autocast(image.device, amp):
+        x, size = model.embed(image[None]), None
+        source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)[None]  # (1, 1 + N, 1 + N)
+        sources = []
+        for i, config in enumerate(configs):
+            x, size, source = model.forward_block(i, x, size, config, source)
+            sources.append(source[0, 1:, 1:])
     return sources
 
 
@@ -128,7 +131,9 @@ def draw_grid(picture: np.ndarray, owner: np.ndarray, colours: dict[int, int], g
     return rgb
 
 
-def render_episode(model: ElasticViT, image: Tensor, configs: Sequence[BlockConfig], first_block: int) -> np.ndarray:
+def render_episode(
+    model: ElasticViT, image: Tensor, configs: Sequence[BlockConfig], first_block: int, amp: bool = False
+) -> np.ndarray:
     """The token map of one episode: (H, W, 3) uint8, one row of panels.
 
     The image, then the patch grid after each block from `first_block` (the first decided one) to the last. Blocks
@@ -140,11 +145,12 @@ def render_episode(model: ElasticViT, image: Tensor, configs: Sequence[BlockConf
         image: (C, H, W), normalised, on the model's device.
         configs: the configuration of every block run so far, from block 0.
         first_block: the first block drawn.
+        amp: whether the episode ran under bf16 autocast (its blocks are replayed the same way).
     """
     picture = pictures(model, image[None])[0]
     grid = math.isqrt(model.num_patches)  # patches per side
     scale = max(1, math.ceil(PANEL_PIXELS / picture.shape[0]))
-    owners = [patch_owner(source) for source in trace_sources(model, image, configs)[first_block:]]
+    owners = [patch_owner(source) for source in trace_sources(model, image, configs, amp)[first_block:]]
     panels = [picture.repeat(scale, 0).repeat(scale, 1)]
     panels += [draw_grid(picture, o, c, grid, scale) for o, c in zip(owners, merged_colours(owners))]
     blank = np.full_like(panels[0], UNRUN_GREY)

@@ -35,7 +35,8 @@ class PranceViTVectorEnv(VectorEnv):
     sub-env (see `PranceViTEnv`'s Rendering).
 
     An ImageFolder's images are decoded by parallel loader processes, and each reset starts decoding the next
-    reset's images in the background, so they are ready when these episodes end.
+    reset's images in the background, so they are ready when these episodes end (with `workers=0`, each reset
+    decodes its own images in the env's thread).
 
     Args:
         num_envs: images per batch.
@@ -149,7 +150,7 @@ class PranceViTVectorEnv(VectorEnv):
             raise RuntimeError("call reset() before render()")
         stem = self.inference.config.stem_blocks
         return tuple(
-            render_episode(self.model, image, configs, stem)
+            render_episode(self.model, image, configs, stem, self.inference.amp)
             for image, configs in zip(self.images, self.inference.choices)
         )
 

@@ -12,6 +12,7 @@ import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch load
 
 # isort: split
 
+import contextlib
 from dataclasses import dataclass, field
 
 import gymnasium
@@ -40,20 +41,26 @@ class Args:
 
 def main(args: Args) -> dict[str, float]:
     setup_cpu(args.threads, keep_memory=False)
-    envs = {
-        reward: gymnasium.make_vec(
-            "PranceViT-v0",
-            num_envs=args.num_envs,
-            supernet=args.supernet,
-            checkpoint=args.checkpoint,
-            data=args.data,
-            data_path=args.data_dir,
-            device=args.device,
-            reward=reward,
-            split="test" if args.data.lower() in vit.data.FASHION_MNIST_NAMES else "val",
-        )
-        for reward in ("terminal", "delta")
-    }
+    with contextlib.ExitStack() as closing:  # the envs are closed however the run ends
+        envs = {}
+        for reward in ("terminal", "delta"):
+            envs[reward] = gymnasium.make_vec(
+                "PranceViT-v0",
+                num_envs=args.num_envs,
+                supernet=args.supernet,
+                checkpoint=args.checkpoint,
+                data=args.data,
+                data_path=args.data_dir,
+                device=args.device,
+                reward=reward,
+                split=vit.data.held_out_split(args.data),
+            )
+            closing.callback(envs[reward].close)
+        return _measure(args, envs)
+
+
+def _measure(args: Args, envs: dict) -> dict[str, float]:
+    """The timings of `main` on its two envs (keyed by reward mode)."""
     some = envs["terminal"]
     rng = np.random.default_rng(args.seed)
     nvec = some.single_action_space.nvec

@@ -1,19 +1,18 @@
-"""Top-1 and MACs of static subnets of a supernet on the test split, as a Markdown table.
+"""Top-1 and MACs of static subnets of a supernet on the held-out split, as a Markdown table.
 
 The largest, the smallest, and a grid of uniform width levels x keep ratios, for every token mode (the same
-weights run in each mode). It prints the table and writes it to `OUT/static_grid.md`.
+weights run in each mode), on the whole held-out split or a class-stratified subset of it (`--images`). It prints
+the table and writes it to `OUT/static_grid.md`.
 
     python scripts/eval_supernet.py                                  # the shipped prance_fmnist
     python scripts/eval_supernet.py --checkpoint runs/fmnist_supernet/supernet.safetensors --out runs/grid
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import Tensor
-
 import vit
+from vit.data import default_workers, held_out_split, stratified_subset
 from vit.registry import SupernetShape
 from vit.train import Batches, evaluate
 from vit.utils import parse_dataclass, resolve_device, setup_cpu
@@ -28,25 +27,19 @@ class Args(SupernetShape):
     data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     modes: tuple[str, ...] = field(default=vit.TOKEN_MODES, metadata={"help": "token modes to evaluate"})
-    images: int | None = field(default=None, metadata={"help": "held-out images (default: the whole split)"})
+    images: int | None = field(
+        default=None, metadata={"help": "held-out images, a class-stratified subset (default: the whole split)"}
+    )
     batch_size: int = field(default=500, metadata={"help": "images per forward"})
+    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     out: str = field(default="runs/eval_supernet", metadata={"help": "output folder (static_grid.md)"})
 
 
-def held_out(data: Batches, images: int | None) -> Iterator[tuple[Tensor, Tensor]]:
-    """The first `images` images of `data` (all when None), streamed in order."""
-    left = len(data.dataset) if images is None else images
-    for x, y in data.epoch(0, shuffle=False, limit=-(-left // data.batch_size)):
-        yield x[:left], y[:left]
-        left -= len(y)
-
-
 def main(args: Args) -> str:
     setup_cpu(args.threads, keep_memory=False)
     device = resolve_device(args.device)
-    split = "val" if args.data in ("imagenet", "imagefolder") else "test"
     rows = []
     for mode in args.modes:
         model = vit.create_supernet(
@@ -57,10 +50,13 @@ def main(args: Args) -> str:
             **args.shape_kwargs(),
         ).to(device)
         space = model.search_space
-        data = vit.load_dataset(args.data, split=split, root=args.data_dir, model=model)
-        batches = Batches(data, args.batch_size, device, rank=0, world=1, workers=4, seed=0)
+        data = vit.load_dataset(args.data, split=held_out_split(args.data), root=args.data_dir, model=model)
+        if args.images is not None:
+            data = stratified_subset(data, args.images)
+        # streamed: a whole ImageNet split does not fit in memory as decoded batches
+        batches = Batches(data, args.batch_size, device, rank=0, world=1, workers=args.workers, seed=0)
         subnets = list(dict.fromkeys([space.largest(), space.smallest(), *space.static_grid(tied=True)]))
-        top1 = evaluate(model, lambda b=batches: held_out(b, args.images), subnets, device, desc=mode)
+        top1 = evaluate(model, lambda b=batches: b.epoch(0, shuffle=False), subnets, device, desc=mode)
         full = vit.count_flops(model)
         for subnet, acc in zip(subnets, top1):
             name = "largest" if subnet == space.largest() else "smallest" if subnet == space.smallest() else ""

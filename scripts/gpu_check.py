@@ -26,6 +26,7 @@ import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch load
 
 # isort: split
 
+import contextlib
 import importlib.util
 import math
 import subprocess
@@ -214,7 +215,6 @@ def main(args: Args) -> bool:
         checkpoint=str(weights),
         data="imagenet",
         data_dir=str(data),
-        eval_split="val",
         num_envs=sizes.ppo_envs,
         n_steps=model.depth - 1,
         minibatch_size=sizes.ppo_envs * (model.depth - 1) // 2,
@@ -318,23 +318,23 @@ def env_speed(model: vit.ElasticViT, data: Path, num_envs: int, amp: bool, seed:
             reward=reward,
             amp=amp,
         )
-        envs.action_space.seed(seed)
-        seconds = steps = 0.0
-        for episode in range(3):  # the first is a warm-up
-            started = time.perf_counter()
-            envs.reset(seed=seed + episode)
-            done = False
-            while not done:
-                _, reward_, terminated, _, _ = envs.step(envs.action_space.sample())
-                if not np.all(np.isfinite(reward_)):
-                    raise FloatingPointError(f"non-finite rewards in {reward} mode")
-                done = bool(terminated.all())
-                steps += num_envs * (episode > 0)
-            if model.pos_embed.is_cuda:
-                torch.cuda.synchronize()
-            seconds += (time.perf_counter() - started) * (episode > 0)
+        with contextlib.closing(envs):
+            envs.action_space.seed(seed)
+            seconds = steps = 0.0
+            for episode in range(3):  # the first is a warm-up
+                started = time.perf_counter()
+                envs.reset(seed=seed + episode)
+                done = False
+                while not done:
+                    _, reward_, terminated, _, _ = envs.step(envs.action_space.sample())
+                    if not np.all(np.isfinite(reward_)):
+                        raise FloatingPointError(f"non-finite rewards in {reward} mode")
+                    done = bool(terminated.all())
+                    steps += num_envs * (episode > 0)
+                if model.pos_embed.is_cuda:
+                    torch.cuda.synchronize()
+                seconds += (time.perf_counter() - started) * (episode > 0)
         speed[reward] = steps / seconds
-        envs.close()
     return f"ok: {speed['terminal']:.0f} env steps/s without completion, {speed['delta']:.0f} with Result-to-Go"
 
 

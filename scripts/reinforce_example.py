@@ -82,31 +82,32 @@ def main(args: Args) -> dict:
         price=args.price,
         device=args.device,
     )
-    policy = Reinforce(env.observation_space, env.action_space.nvec)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
-    baseline, returns = 0.0, []
-    obs, _ = env.reset(seed=args.seed)
-    for _ in (bar := tqdm(range(args.episodes), desc="REINFORCE", unit="episode")):
-        log_probs, rewards, done = [], [], False
-        while not done:
-            dists = policy.distributions(obs)
-            action = torch.stack([d.sample() for d in dists])
-            log_probs.append(sum(d.log_prob(a) for d, a in zip(dists, action)))
-            obs, reward, terminated, truncated, _ = env.step(action.numpy())
-            rewards.append(float(reward))
-            done = terminated or truncated
-        to_go = torch.tensor(np.cumsum(rewards[::-1])[::-1].copy(), dtype=torch.float32)
-        loss = -(torch.stack(log_probs) * (to_go - baseline)).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        baseline = 0.95 * baseline + 0.05 * float(to_go[0])
-        returns.append(float(to_go[0]))
-        if len(returns) % 20 == 0:
-            bar.set_postfix(mean_return=f"{np.mean(returns[-100:]):+.3f}")
-        obs, _ = env.reset()
+    with env:  # closed however training ends
+        policy = Reinforce(env.observation_space, env.action_space.nvec)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+        baseline, returns = 0.0, []
+        obs, _ = env.reset(seed=args.seed)
+        for _ in (bar := tqdm(range(args.episodes), desc="REINFORCE", unit="episode")):
+            log_probs, rewards, done = [], [], False
+            while not done:
+                dists = policy.distributions(obs)
+                action = torch.stack([d.sample() for d in dists])
+                log_probs.append(sum(d.log_prob(a) for d, a in zip(dists, action)))
+                obs, reward, terminated, truncated, _ = env.step(action.numpy())
+                rewards.append(float(reward))
+                done = terminated or truncated
+            to_go = torch.tensor(np.cumsum(rewards[::-1])[::-1].copy(), dtype=torch.float32)
+            loss = -(torch.stack(log_probs) * (to_go - baseline)).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            baseline = 0.95 * baseline + 0.05 * float(to_go[0])
+            returns.append(float(to_go[0]))
+            if len(returns) % 20 == 0:
+                bar.set_postfix(mean_return=f"{np.mean(returns[-100:]):+.3f}")
+            obs, _ = env.reset()
 
-    model = env.unwrapped.model
+        model = env.unwrapped.model
     adaptive = agents.AdaptiveViT(model, policy.eval(), price=args.price)
     test = vit.load_dataset("fashion-mnist", split="test", root=args.data_dir, model=model)
     result = agents.measure(adaptive, subset_batches(test, args.images, args.batch_size, model.pos_embed.device))

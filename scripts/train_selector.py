@@ -7,7 +7,10 @@ python scripts/train_selector.py --clip-range 0.1 --target-kl 0.02 --minibatch-s
 """
 
 from agents.ppo import SelectorConfig, train_selector
-from vit.utils import parse_dataclass
+from vit.utils import parse_dataclass, resolve_device, use_tf32
 
 if __name__ == "__main__":
-    train_selector(parse_dataclass(SelectorConfig))
+    cfg = parse_dataclass(SelectorConfig)
+    if resolve_device(cfg.device).type == "cuda":
+        use_tf32()
+    train_selector(cfg)

@@ -7,7 +7,10 @@
 """
 
 from vit.train import TrainConfig, train_supernet
-from vit.utils import parse_dataclass
+from vit.utils import parse_dataclass, resolve_device, use_tf32
 
 if __name__ == "__main__":
-    train_supernet(parse_dataclass(TrainConfig))
+    cfg = parse_dataclass(TrainConfig)
+    if resolve_device(cfg.device).type == "cuda":
+        use_tf32()
+    train_supernet(cfg)

@@ -105,8 +105,7 @@ def held_out(args: Args, model: vit.ElasticViT) -> tuple[torch.utils.data.Datase
         name = args.data or read_settings(resolve_selector(args.selector))["env"].get("data", "fashion-mnist")
         return selector_dataset(args.selector, "held-out", model, args.data, args.data_dir), name
     name = args.data or "fashion-mnist"
-    split = "test" if name.lower() in vit.data.FASHION_MNIST_NAMES else "val"
-    return vit.load_dataset(name, split=split, root=args.data_dir, model=model), name
+    return vit.load_dataset(name, split=vit.data.held_out_split(name), root=args.data_dir, model=model), name
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

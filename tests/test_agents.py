@@ -12,8 +12,9 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 import pytest
+import stable_baselines3.common.logger
 import torch
-from conftest import tiny_supernet
+from conftest import tiny_supernet, write_image_folder
 from sb3_contrib.common.maskable.utils import get_action_masks
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
@@ -32,6 +33,7 @@ from agents import (
     StaticPolicy,
     UniformMergePolicy,
 )
+from agents.ppo import held_out_batches
 from agents.selector import supernet_signature
 from vit.token_ops import kept_tokens
 
@@ -702,3 +704,38 @@ def test_measure_reports_top5_and_the_parameters_each_image_read():
     bf16_adaptive = agents.AdaptiveViT(model, RandomPolicy(adaptive.inference.nvec, seed=0), amp=True)
     bf16 = agents.measure(bf16_adaptive, [(images, labels)])
     assert bf16["flops_ratio"] == row["flops_ratio"]  # the same decisions (random), in bf16
+
+
+def test_held_out_batches_default_to_the_held_out_split_of_an_image_folder(tmp_path):
+    root = write_image_folder(tmp_path, classes=2, per_class={"train": 1, "val": 3}, size=32)
+    model = tiny_supernet(in_chans=3, img_size=32)
+    cfg = agents.SelectorConfig(data="ImageNet", data_dir=str(root), num_envs=4)
+    batches = held_out_batches(cfg, model, 6, torch.device("cpu"))
+    assert [len(y) for _, y in batches] == [4, 2]  # the 6 val images: there is no test split
+
+
+def test_train_selector_closes_its_envs_and_logger_when_training_fails(fmnist_dir, tmp_path, monkeypatch):
+    closed = []
+    for cls in (prance_env.factory.ImageSource, stable_baselines3.common.logger.Logger):
+        monkeypatch.setattr(cls, "close", lambda self, name=cls.__name__: closed.append(name))
+
+    class Fail(BaseCallback):
+        def _on_step(self) -> bool:
+            raise RuntimeError("stopped")
+
+    checkpoint = vit.save_checkpoint(vit.create_supernet("prance_fmnist"), tmp_path / "supernet.safetensors")
+    cfg = agents.SelectorConfig(
+        checkpoint=str(checkpoint),  # the run's supernet goes into the env as a module, without its checkpoint
+        data_dir=str(fmnist_dir),
+        num_envs=4,
+        n_steps=2,
+        minibatch_size=8,
+        hidden=8,
+        total_steps=8,
+        images=4,
+        out=str(tmp_path / "run"),
+        device="cpu",
+    )
+    with pytest.raises(RuntimeError, match="stopped"):
+        agents.train_selector(cfg, callback=Fail())
+    assert {"ImageSource", "Logger"} <= set(closed)

@@ -9,9 +9,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_idx, write_split
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from vit.data import FASHION_MNIST_DIR, FashionMNIST, load_dataset
+from vit.data import (
+    FASHION_MNIST_DIR,
+    FashionMNIST,
+    SeededItems,
+    batch_loader,
+    held_out_split,
+    is_image_folder,
+    load_dataset,
+    memory_tensors,
+)
 
 REAL_ROOT = Path(os.environ.get("FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
 
@@ -200,3 +209,34 @@ def test_imagefolder_errors(image_folder):
         load_dataset("imagefolder", split="val", root=image_folder / "missing")
     with pytest.raises(FileNotFoundError, match="test"):
         load_dataset("imagefolder", split="test", root=image_folder)
+
+
+# --- held-out splits and in-memory subsets -----------------------------------------------------------------------
+
+
+def test_held_out_split_of_every_dataset_name_in_any_case():
+    assert [held_out_split(n) for n in ("fashion-mnist", "FMNIST", "Fashion_MNIST")] == ["test"] * 3
+    assert [held_out_split(n) for n in ("imagefolder", "ImageNet")] == ["val"] * 2
+    assert is_image_folder("ImageNet") and not is_image_folder("fmnist")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
+        held_out_split("cifar10")
+
+
+def test_nested_subsets_of_fashion_mnist_are_gathered_at_once(tmp_path):
+    write_split(tmp_path, "test", n=20, seed=3)
+    data = FashionMNIST(tmp_path, split="test")
+    nested = Subset(SeededItems(Subset(data, list(range(19, -1, -2))), (0,)), [4, 0, 7])
+    images, labels = memory_tensors(nested, "cpu")
+    assert labels.tolist() == [int(data.targets[i]) for i in (11, 19, 5)]
+    assert torch.equal(images, torch.stack([data[i][0] for i in (11, 19, 5)]))
+    assert memory_tensors(Subset(list(zip(images, labels)), [0]), "cpu") is None  # read item by item
+
+
+def test_batch_loader_reads_a_fashion_mnist_subset_in_the_process_whatever_the_worker_options(tmp_path):
+    write_split(tmp_path, "test", n=12, seed=4)
+    subset = Subset(FashionMNIST(tmp_path, split="test"), [3, 1, 8, 5])
+    loader = batch_loader(subset, "cpu", workers=2, batch_size=2, persistent_workers=True, prefetch_factor=4)
+    assert loader.num_workers == 0
+    images, labels = next(iter(loader))
+    first, second = subset[0], subset[1]
+    assert torch.equal(images, torch.stack([first[0], second[0]])) and labels.tolist() == [first[1], second[1]]

@@ -461,6 +461,7 @@ def test_step_after_the_end_raises(discrete_env):
         ({"quality": "accuracy"}, "unknown quality 'accuracy'"),
         ({"action_type": "box"}, "unknown action_type 'box'"),
         ({"token_mode": "prune"}, "token_mode"),  # a module brings its own token mode
+        ({"checkpoint": "w.safetensors"}, "checkpoint applies"),  # and its own weights
         ({"supernet": "prance_fmnist", "token_mode": "drop"}, "unknown token_mode 'drop'"),
         ({"supernet": "prance_fmnist", "choices": {"depth": (1, 2)}, "checkpoint": "x"}, "unknown choices"),
         ({"stem_blocks": 1, "blocks_per_step": 2}, "multiple of blocks_per_step"),
@@ -546,6 +547,22 @@ def test_render_draws_the_token_map_after_reset_and_every_step(fmnist_dir, token
     plain = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_mode))
     plain.reset(seed=0)
     assert data_equivalence(results, [plain.step(action) for action in smallest], exact=True)
+
+
+def test_render_replays_the_episode_under_its_autocast(fmnist_dir, monkeypatch):
+    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, render_mode="rgb_array", amp=True))
+    model = env.unwrapped.model
+    autocast_on, forward_block = [], model.forward_block
+
+    def recorded(*args, **kwargs):
+        autocast_on.append(torch.is_autocast_enabled("cpu"))
+        return forward_block(*args, **kwargs)
+
+    env.reset(seed=0)
+    env.step(np.zeros(env.action_space.shape, dtype=np.int64))
+    monkeypatch.setattr(model, "forward_block", recorded)
+    env.render()
+    assert autocast_on and all(autocast_on)
 
 
 def test_render_of_a_full_width_episode_keeps_every_patch(fmnist_dir):

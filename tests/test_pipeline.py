@@ -12,6 +12,7 @@ from conftest import tiny_supernet, write_image_folder
 from torch.utils.data import Dataset
 
 import prance_env
+from prance_env.factory import ImageSource
 from vit.data import labels_of, load_dataset, stratified_subset
 from vit.train import Batches, TrainConfig, subset_batches, train_supernet
 
@@ -192,31 +193,65 @@ def test_supernet_training_feeds_images_and_labels_on_the_model_device(folder, t
 
 
 class SlowImages(Dataset):
-    """Fashion-MNIST-shaped random images that take `delay` seconds each to read; records the reading threads."""
+    """Fashion-MNIST-shaped images filled with their index that take `delay` seconds each to read; records the
+    threads of this process that read them, and fails to read the indices in `broken`."""
 
-    def __init__(self, n: int = 32, delay: float = 0.05) -> None:
-        self.n, self.delay, self.threads = n, delay, []
+    def __init__(self, n: int = 32, delay: float = 0.05, broken: tuple[int, ...] = ()) -> None:
+        self.n, self.delay, self.broken, self.threads = n, delay, broken, []
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, index: int):
+        if index in self.broken:
+            raise ValueError(f"image {index} is unreadable")
         self.threads.append(threading.current_thread())
         time.sleep(self.delay)
         return torch.full((1, 28, 28), float(index)), index % 10
 
 
 def test_the_env_decodes_the_next_batch_while_the_episodes_run():
-    data = SlowImages()
-    envs = prance_env.PranceViTVectorEnv(num_envs=4, supernet=tiny_supernet(), data=data, device="cpu", workers=0)
+    data = SlowImages(delay=0.1)
+    envs = prance_env.PranceViTVectorEnv(num_envs=4, supernet=tiny_supernet(), data=data, device="cpu", workers=2)
     envs.reset(seed=0)
     for _ in range(envs.inference.num_steps):
         envs.step(np.zeros(envs.action_space.shape, dtype=np.int64))
-    time.sleep(0.5)  # the rest of a rollout: the policy, the learner
+    time.sleep(1.0)  # the rest of a rollout: the policy, the learner
     started = time.perf_counter()
     *_, info = envs.step(np.zeros(envs.action_space.shape, dtype=np.int64))  # autoreset onto the next batch
     waited = time.perf_counter() - started
-    assert waited < 4 * data.delay / 2  # reading the batch now would take 0.2 s
-    assert len(data.threads) >= 8 and all(t is not threading.main_thread() for t in data.threads)
+    assert waited < 0.15  # reading the batch now would take 0.2 s: two images on each of the two workers
+    assert data.threads == []  # every image was read by a loader process
     assert torch.equal(envs.images[:, 0, 0, 0], torch.as_tensor(info["index"], dtype=torch.float32))
     envs.close()
+
+
+def test_without_workers_the_env_reads_each_batch_in_its_own_thread_when_it_needs_it():
+    data = SlowImages(delay=0.0)
+    envs = prance_env.PranceViTVectorEnv(num_envs=4, supernet=tiny_supernet(), data=data, device="cpu", workers=0)
+    envs.reset(seed=0)
+    assert len(data.threads) == 4  # nothing read ahead: reading draws from the generators this thread draws from
+    for _ in range(envs.inference.num_steps + 1):  # the last step autoresets onto the next batch
+        *_, info = envs.step(np.zeros(envs.action_space.shape, dtype=np.int64))
+    assert len(data.threads) == 8 and set(data.threads) == {threading.current_thread()}
+    assert torch.equal(envs.images[:, 0, 0, 0], torch.as_tensor(info["index"], dtype=torch.float32))
+
+
+def test_the_single_env_reads_its_image_in_its_own_thread_by_default():
+    data = SlowImages(delay=0.0)
+    env = prance_env.PranceViTEnv(supernet=tiny_supernet(), data=data, device="cpu")
+    env.reset(seed=0)
+    assert env.source.workers == 0 and data.threads == [threading.current_thread()]
+    with prance_env.PranceViTEnv(supernet=tiny_supernet(), data=data, device="cpu", workers=1) as env:
+        env.reset(seed=0)
+        assert env.source.workers == 1 and len(data.threads) == 1  # read by the loader process
+
+
+def test_a_failed_read_ahead_is_raised_by_the_next_get():
+    source = ImageSource(SlowImages(delay=0.0, broken=(5,)), torch.device("cpu"), workers=1)
+    source.prefetch(np.array([4, 5]))
+    with pytest.raises(ValueError, match="image 5 is unreadable"):
+        source.get(np.array([0, 1]))
+    images, _ = source.get(np.array([0, 1]))  # the source reads on
+    assert images[:, 0, 0, 0].tolist() == [0.0, 1.0]
+    source.close()

@@ -1,5 +1,7 @@
 """Every script runs end to end on a tiny configuration, as a user would start it."""
 
+import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 
@@ -109,6 +111,24 @@ def test_eval_supernet(tmp_path, fmnist_dir, fmnist_weights):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "token mode" not in line]
     assert len(rows) >= 3 * 12 and {"prune", "merge", "prune_merge"} <= {r.split("|")[1].strip() for r in rows}
     assert (tmp_path / "static_grid.md").read_text().strip() == out.strip()
+
+
+def test_eval_supernet_measures_a_class_stratified_subset(tmp_path, fmnist_dir, fmnist_weights, monkeypatch):
+    spec = importlib.util.spec_from_file_location("eval_supernet", ROOT / "scripts" / "eval_supernet.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+
+    def evaluate(model, batches, subnets, device, desc):
+        seen.extend(y for _, y in batches())
+        return [0.0] * len(subnets)
+
+    monkeypatch.setattr(script, "evaluate", evaluate)
+    args = script.Args(checkpoint=str(fmnist_weights), data_dir=str(fmnist_dir), modes=("merge",), images=20)
+    script.main(dataclasses.replace(args, batch_size=8, workers=0, device="cpu", out=str(tmp_path)))
+    test = vit.load_dataset("fashion-mnist", split="test", root=fmnist_dir)
+    stratified = vit.data.labels_of(vit.data.stratified_subset(test, 20))
+    assert torch.cat(seen).tolist() == stratified.tolist() != vit.data.labels_of(test)[:20].tolist()
 
 
 def test_benchmark_supernet():

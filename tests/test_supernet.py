@@ -713,3 +713,10 @@ def test_search_space(name, token_mode):
     assert space.consensus([space.largest(), space.smallest(), space.largest()]) == space.largest()
     with pytest.raises(ValueError, match="empty"):
         space.consensus([])
+
+
+def test_the_model_modules_import_nothing_of_the_data_pipeline():
+    for module in (vit.supernet, vit.config, vit.registry):
+        tree = ast.parse(open(module.__file__).read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "data" not in imported and "vit.data" not in imported, module.__name__

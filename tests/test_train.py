@@ -15,7 +15,16 @@ from PIL import Image
 
 import vit
 from vit.checkpoint import atomic_write
-from vit.train import TrainConfig, lr_at, read_train_checkpoint, sandwich, shift_and_flip, train_supernet
+from vit.data import FashionMNIST
+from vit.train import (
+    TrainConfig,
+    lr_at,
+    read_train_checkpoint,
+    sandwich,
+    shift_and_flip,
+    subset_batches,
+    train_supernet,
+)
 
 
 def tiny_config(out: Path, data: Path, **kwargs) -> TrainConfig:
@@ -203,3 +212,25 @@ def test_mixup_and_cutmix_train_every_subnet_on_soft_targets(tmp_path, fmnist_di
         train_supernet(tiny_config(tmp_path / "odd", fmnist_dir, batch_size=15, mixup=0.8), tiny_supernet())
     with pytest.raises(ValueError, match="ImageFolder"):
         train_supernet(tiny_config(tmp_path / "aa", fmnist_dir, auto_augment="rand-m9-mstd0.5-inc1"), tiny_supernet())
+
+
+def test_fashion_mnist_subset_batches_are_one_gather_equal_to_the_items(fmnist_dir, monkeypatch):
+    data = FashionMNIST(fmnist_dir, split="test")
+    reads = []
+    read_item = FashionMNIST.__getitem__
+    monkeypatch.setattr(FashionMNIST, "__getitem__", lambda self, i: reads.append(i) or read_item(self, i))
+    batches = subset_batches(data, 20, 8, torch.device("cpu"))
+    assert reads == []  # gathered from the tensors in memory, not item by item
+    images, labels = (torch.cat(parts) for parts in zip(*batches))
+    assert [len(y) for _, y in batches] == [8, 8, 4]
+    expected = [read_item(data, i) for i in vit.data.stratified_subset(data, 20).indices]
+    assert torch.equal(images, torch.stack([x for x, _ in expected])) and labels.tolist() == [y for _, y in expected]
+
+
+def test_training_leaves_the_global_numpy_generator_as_it_was(tmp_path, fmnist_dir):
+    np.random.seed(1234)
+    expected = np.random.random(3)
+    np.random.seed(1234)
+    cfg = tiny_config(tmp_path, fmnist_dir, epochs=1, steps_per_epoch=1, num_random=0, mixup=0.8)
+    train_supernet(cfg, tiny_supernet())
+    assert np.array_equal(np.random.random(3), expected)

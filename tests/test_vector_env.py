@@ -8,6 +8,7 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector.utils import batch_space
 from stable_baselines3 import PPO
@@ -24,6 +25,7 @@ from test_env import (
 )
 
 import prance_env
+import vit
 
 N = 4
 
@@ -63,6 +65,21 @@ def test_make_vec_gives_the_native_batched_env(fmnist_dir):
     assert envs.action_space.shape == (N, 4)
     obs, _ = envs.reset(seed=0)
     assert envs.observation_space.contains(obs)
+
+
+@pytest.mark.parametrize("subset", ["every_other", "stratified"])
+def test_make_vec_on_a_fashion_mnist_subset_holds_its_images_in_memory(fmnist_dir, subset):
+    data = vit.load_dataset("fashion-mnist", root=fmnist_dir)
+    picked = (
+        torch.utils.data.Subset(data, list(range(1, len(data), 2)))
+        if subset == "every_other"
+        else vit.data.stratified_subset(data, 24)
+    )
+    envs = gymnasium.make_vec("PranceViT-v0", num_envs=N, **env_kwargs(fmnist_dir, data=picked))
+    assert envs.source.tensors is not None
+    _, info = envs.reset(seed=0)
+    assert torch.equal(envs.images, torch.stack([picked[i][0] for i in info["index"]]))
+    envs.close()
 
 
 @needs_checkpoint

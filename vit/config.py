@@ -3,7 +3,8 @@
 A `BlockConfig` says how much of one block runs: the number of attention heads, the MLP hidden width and the
 token keep ratio(s). A `Subnet` is one `BlockConfig` per block. A `SearchSpace` holds the choices per block and is
 the one place that checks, samples, indexes and reduces configurations, so model, FLOPs and env code only ever
-see valid `Subnet`s.
+see valid `Subnet`s. `channel_statistics` fits a preprocessing config's per-channel mean and std to a model's
+input channels.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ def check_token_mode(token_mode: str) -> str:
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"unknown token_mode {token_mode!r}; expected one of {', '.join(TOKEN_MODES)}")
     return token_mode
+
+
+def channel_statistics(values: tuple[float, ...] | list[float], channels: int) -> tuple[float, ...]:
+    """Per-channel statistics (a mean or a std) for images of `channels` channels: `values` when they fit, else
+    their average on every channel (e.g. ImageNet's RGB statistics for grey images)."""
+    values = tuple(float(v) for v in values)
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
 
 
 class InvalidSubnetError(ValueError):
@@ -255,5 +263,6 @@ __all__ = [
     "InvalidSubnetError",
     "SearchSpace",
     "Subnet",
+    "channel_statistics",
     "check_token_mode",
 ]

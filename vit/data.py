@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .config import channel_statistics
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 IMAGEFOLDER_NAMES = ("imagefolder", "imagenet")
@@ -140,17 +142,16 @@ class FashionMNIST(Dataset):
         images = self.normalize(self.images[index].unsqueeze(1))  # (B, 1, 28, 28)
         return list(zip(images.unbind(0), self.targets[index].tolist(), strict=True))
 
-    def tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as ``(images, labels)``: normalised float32 (N, 1, 28, 28) and int64 (N,) on ``device``."""
-        images = self.images.to(device)  # move the uint8 pixels (4x smaller), then normalise on the device
-        return self.normalize(images.unsqueeze(1)), self.targets.to(device)
-
-
-def channel_statistics(values: tuple[float, ...] | list[float], channels: int) -> tuple[float, ...]:
-    """Per-channel statistics (a mean or a std) for images of `channels` channels: `values` when they fit, else
-    their average on every channel (e.g. ImageNet's RGB statistics for grey images)."""
-    values = tuple(float(v) for v in values)
-    return values if len(values) == channels else (sum(values) / len(values),) * channels
+    def tensors(
+        self, device: torch.device | str | None = None, indices: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split (or the items ``indices``, int64) as ``(images, labels)``: normalised float32
+        (N, 1, 28, 28) and int64 (N,) on ``device``."""
+        images, labels = self.images, self.targets
+        if indices is not None:
+            images, labels = images[indices], labels[indices]
+        images = images.to(device)  # move the uint8 pixels (4x smaller), then normalise on the device
+        return self.normalize(images.unsqueeze(1)), labels.to(device)
 
 
 def _open_image(path: str, mode: str) -> object:
@@ -233,12 +234,30 @@ def load_dataset(
         ValueError: unknown name or split, or an ImageFolder without ``root``; a malformed IDX file.
         FileNotFoundError: the data is not where it was looked for; the message says how to get it.
     """
-    key = name.lower()
-    if key in FASHION_MNIST_NAMES:
+    if name.lower() in FASHION_MNIST_NAMES:
         return FashionMNIST(root=root, split=split, **kwargs)
-    if key in IMAGEFOLDER_NAMES:
+    if is_image_folder(name):
         return _image_folder(split, root, model, augment, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; known names: {', '.join(FASHION_MNIST_NAMES + IMAGEFOLDER_NAMES)}")
+    raise _unknown_dataset(name)
+
+
+def _unknown_dataset(name: str) -> ValueError:
+    return ValueError(f"unknown dataset {name!r}; known names: {', '.join(FASHION_MNIST_NAMES + IMAGEFOLDER_NAMES)}")
+
+
+def is_image_folder(name: str) -> bool:
+    """Whether the dataset name ``name`` (any case) is that of an ImageFolder (``"imagefolder"``, ``"imagenet"``)."""
+    return name.lower() in IMAGEFOLDER_NAMES
+
+
+def held_out_split(name: str) -> str:
+    """The held-out split of the dataset named ``name`` (any case): Fashion-MNIST's ``"test"``, an ImageFolder's
+    ``"val"``. Raises ``ValueError`` for an unknown name."""
+    if is_image_folder(name):
+        return "val"
+    if name.lower() in FASHION_MNIST_NAMES:
+        return "test"
+    raise _unknown_dataset(name)
 
 
 def default_workers() -> int:
@@ -281,11 +300,29 @@ class SeededItems(Dataset):
             return self.dataset[index]
 
 
-def _base(dataset: Dataset) -> Dataset:
-    """The dataset under subsets and seeding wrappers."""
+def _base(dataset: Dataset) -> tuple[Dataset, torch.Tensor | None]:
+    """The dataset under subsets and seeding wrappers, and the index (int64) in it of each item of ``dataset``
+    (None when no subset lies between them)."""
+    index = None
     while isinstance(dataset, Subset | SeededItems):
+        if isinstance(dataset, Subset):
+            inner = torch.as_tensor(dataset.indices, dtype=torch.long)
+            index = inner if index is None else inner[index]  # an outer subset indexes the inner one
         dataset = dataset.dataset
-    return dataset
+    return dataset, index
+
+
+def in_memory(dataset: Dataset) -> bool:
+    """Whether ``dataset`` is held in memory whole: Fashion-MNIST, under any subsets and seeding wrappers (its
+    items draw no random numbers, so seeding changes none of them)."""
+    return isinstance(_base(dataset)[0], FashionMNIST)
+
+
+def memory_tensors(dataset: Dataset, device: torch.device | str) -> tuple[Tensor, Tensor] | None:
+    """All items of an in-memory ``dataset`` (:func:`in_memory`) as ``(images, labels)`` on ``device``, gathered
+    at once through its subsets' indices; None for a dataset read item by item."""
+    base, index = _base(dataset)
+    return base.tensors(device, index) if isinstance(base, FashionMNIST) else None
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:
@@ -346,11 +383,12 @@ def batch_loader(
     own generator, seeded by ``seed``, gives the workers their seeds, so loading draws nothing from torch's global
     generator.
     """
-    if isinstance(_base(dataset), FashionMNIST):
-        workers = 0
+    workers = 0 if in_memory(dataset) else default_workers() if workers is None else workers
+    if workers == 0:  # options of worker processes, which torch refuses without any
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("persistent_workers", "prefetch_factor")}
     return DataLoader(
         dataset,
-        num_workers=default_workers() if workers is None else workers,
+        num_workers=workers,
         pin_memory=torch.device(device).type == "cuda",
         generator=torch.Generator().manual_seed(seed),
         **kwargs,

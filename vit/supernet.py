@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, check_token_mode
-from .data import channel_statistics
+from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, channel_statistics, check_token_mode
 from .executor import TokenBatch
 from .packed import PackedBatch
 from .token_ops import cls_attention, reduce_tokens, size_bias, token_schedule

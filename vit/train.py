@@ -39,17 +39,19 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write, save_checkpoint
 from .config import Subnet
 from .data import (
-    FashionMNIST,
     SeededItems,
     batch_loader,
     default_workers,
+    held_out_split,
+    is_image_folder,
     load_dataset,
+    memory_tensors,
     stratified_subset,
     to_device,
 )
 from .registry import SupernetShape, create_supernet, load_pretrained
 from .supernet import ElasticViT
-from .utils import autocast, resolve_device, use_tf32
+from .utils import autocast, resolve_device
 
 TRAIN_FORMAT = "prance-vit-train"
 
@@ -160,8 +162,9 @@ def _is_main() -> bool:
 class Batches:
     """Epoch-seeded batches of a dataset for one process of `world`, on `device`.
 
-    Fashion-MNIST is held on the device whole. Other datasets are read by `workers` loader processes (None: the
-    default number) through `SeededItems` seeded by (seed, epoch), so random transforms repeat with the seed.
+    Fashion-MNIST (or a subset of it) is held on the device whole. Other datasets are read by `workers` loader
+    processes (None: the default number) through `SeededItems` seeded by (seed, epoch), so random transforms repeat
+    with the seed.
     """
 
     def __init__(
@@ -176,7 +179,7 @@ class Batches:
     ) -> None:
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
         self.rank, self.world, self.workers, self.seed = rank, world, workers, seed
-        self.tensors = dataset.tensors(device) if isinstance(dataset, FashionMNIST) else None
+        self.tensors = memory_tensors(dataset, device)
 
     def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.world)
@@ -216,6 +219,23 @@ def subset_batches(
         raise ValueError(f"count must be at least 1, got {count}")
     subset = dataset if count is None else stratified_subset(dataset, count, seed)
     return list(Batches(subset, batch_size, device, 0, 1, workers, seed).epoch(0, shuffle=False))
+
+
+class _NumpyStream:
+    """A seeded stream of numpy's global generator, in force only inside `with`: timm's Mixup draws from the global
+    generator, and the caller's global stream is left as it was."""
+
+    def seed(self, seed: int) -> None:
+        """Restart the stream as `np.random.seed(seed)` would."""
+        self.state = np.random.RandomState(seed).get_state()
+
+    def __enter__(self) -> None:
+        self.outer = np.random.get_state()
+        np.random.set_state(self.state)
+
+    def __exit__(self, *exc: object) -> None:
+        self.state = np.random.get_state()
+        np.random.set_state(self.outer)
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -265,9 +285,7 @@ def train_supernet(
         on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
     """
     rank, world, device = _setup_distributed(cfg.device)
-    if device.type == "cuda":
-        use_tf32()
-    imagefolder = cfg.data.lower() in ("imagenet", "imagefolder")
+    imagefolder = is_image_folder(cfg.data)
     if not imagefolder and (cfg.auto_augment or cfg.reprob):
         raise ValueError("auto_augment and reprob are timm transforms of an ImageFolder; Fashion-MNIST has neither")
     if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
@@ -284,7 +302,7 @@ def train_supernet(
 
     recipe = {"auto_augment": cfg.auto_augment, "re_prob": cfg.reprob, "re_mode": "pixel"} if imagefolder else {}
     train_set = load_dataset(cfg.data, split="train", root=cfg.data_dir, model=model, augment=cfg.augment, **recipe)
-    test_set = load_dataset(cfg.data, split="val" if imagefolder else "test", root=cfg.data_dir, model=model)
+    test_set = load_dataset(cfg.data, split=held_out_split(cfg.data), root=cfg.data_dir, model=model)
     train_batches = Batches(train_set, cfg.batch_size, device, rank, world, cfg.workers, cfg.seed)
     test_batches = Batches(test_set, cfg.batch_size, device, 0, 1, cfg.workers, cfg.seed)
     steps_per_epoch = min(len(train_batches), cfg.steps_per_epoch or len(train_batches))
@@ -300,6 +318,7 @@ def train_supernet(
 
         # label smoothing moves into the soft targets
         mixup = Mixup(cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=model.num_classes)
+        mixup_stream = _NumpyStream()
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     start_epoch = 0
@@ -328,7 +347,8 @@ def train_supernet(
     amp = cfg.amp and device.type == "cuda"
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        np.random.seed((cfg.seed * 100_003 + epoch * 1_009 + rank) % 2**32)  # timm's Mixup draws from numpy's
+        if mixup is not None:
+            mixup_stream.seed((cfg.seed * 100_003 + epoch * 1_009 + rank) % 2**32)
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         model.train()
         started = time.time()
@@ -346,7 +366,8 @@ def train_supernet(
             if cfg.augment and not imagefolder:
                 x = shift_and_flip(x)
             if mixup is not None:
-                x, soft_targets = mixup(x, y)
+                with mixup_stream:
+                    x, soft_targets = mixup(x, y)
                 label_loss = functools.partial(soft_cross_entropy, target_probs=soft_targets)
             else:
                 label_loss = functools.partial(F.cross_entropy, target=y, label_smoothing=cfg.label_smoothing)
