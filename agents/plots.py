@@ -44,21 +44,22 @@ def pareto_front(rows: Sequence[dict], x: str, higher_x_is_better: bool = False)
 
 def _annotate_budgets(ax, selector: Sequence[dict], x: str) -> None:
     """One label per distinct selector point; budgets landing on the same point share it ("budget 0.3 = 0.5").
-    Labels go right of the points on the GMACs axis and left of them on the images/s axis, where the selector's
-    points are the slowest and the faster rows lie to their right."""
+    Labels sit level with their point, right of it on the GMACs axis and left of it on the images/s axis (where the
+    selector's points are the slowest and the faster rows lie to their right). Level labels do not collide as long
+    as budgets differ in Top-1 by more than a label's height."""
     points: dict[tuple[float, float], list[dict]] = {}
     for row in selector:
         key = (round(row[x], 4 if x == "gmacs" else 0), round(row["top1"] * 100, 2))
         points.setdefault(key, []).append(row)
     side = 1 if x == "gmacs" else -1
-    for k, rows in enumerate(sorted(points.values(), key=lambda rs: rs[0][x])):
-        label = "budget " + " = ".join(f"{r['budget']:g}" for r in rows)
+    for rows in points.values():
         ax.annotate(
-            label,
+            "budget " + " = ".join(f"{r['budget']:g}" for r in rows),
             (rows[0][x], rows[0]["top1"] * 100),
             textcoords="offset points",
-            xytext=(5 * side, -11 if k % 2 == 0 else 6),  # alternate below and above: neighbours do not collide
+            xytext=(6 * side, 0),
             ha="left" if side > 0 else "right",
+            va="center",
             fontsize=7,
             color="tab:blue",
         )
