@@ -1,10 +1,14 @@
-"""The deployable adaptive model: a supernet and a selector deciding, block by block, per image."""
+"""The deployable adaptive model: a supernet and a selector deciding, block by block, per image.
+
+It depends on the model package only: the loop is `vit.inference.InferenceLoop`, which the env runs too.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,28 +19,45 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prance_env import BatchedInference, MDPConfig
 from vit import ElasticViT, Subnet, count_params
+from vit.inference import InferenceLoop, LoopShape
 from vit.utils import single_threaded
 
 EXECUTIONS = ("packed", "bucketed", "consensus")
 
 
+@dataclass(frozen=True)
+class Decisions:
+    """What `AdaptiveViT` decided for a batch of B images.
+
+    Attributes:
+        subnets: the subnet each image ran, stem blocks included (B subnets of `depth` block configurations).
+        indices: (B, steps, fields) int64, the choice indices of every decision.
+        tokens: (B,) int64, the patch tokens alive at the end.
+    """
+
+    subnets: list[Subnet]
+    indices: Tensor
+    tokens: Tensor
+
+
 class AdaptiveViT(nn.Module):
     """A supernet whose per-block widths and token ratios are chosen per image by a policy.
 
-    `forward(images)` returns logits and per-sample MACs. The loop is the env's (`prance_env.BatchedInference`)
-    without rewards: the stem runs, then at every step the policy reads the CLS token, progress and the price,
-    and its choices run per sample, on packed tokens (`packed`) or by bucketing (`bucketed`), or, with
-    `execution="consensus"`, as one median choice for the whole batch.
+    `forward(images, price=...)` returns logits and per-sample MACs (and, with `return_decisions=True`, the
+    `Decisions`). The loop is `vit.inference.InferenceLoop`, the one the env runs, without rewards: the stem runs,
+    then at every step the policy reads the CLS token, progress and the price, and its choices run per sample, on
+    packed tokens (`packed`) or by bucketing (`bucketed`), or, with `execution="consensus"`, as one median choice
+    for the whole batch. The module starts in eval mode and leaves the supernet's `requires_grad` as it is.
 
     Args:
         supernet: the elastic ViT.
         policy: anything with stable-baselines3's `predict(obs, state, episode_start, deterministic)`; an SB3 model
             is called directly on tensors, on the supernet's device.
-        price: the compute price λ the policy sees (set by `calibrate` for a MACs budget).
+        price: the compute price λ the policy sees when `forward` is given none (`calibrate` finds one for a MACs
+            budget).
         price_range: the prices the policy was trained on; `calibrate` searches inside it.
-        stem_blocks, blocks_per_step: as the env the policy was trained on.
+        shape: where the decisions fall, as in the env the policy was trained on.
         execution: `packed`, `bucketed` or `consensus` (see `vit.ElasticViT.forward`).
         amp: run the supernet under bf16 autocast on its device (CUDA or CPU); the policy reads float32.
     """
@@ -47,8 +68,7 @@ class AdaptiveViT(nn.Module):
         policy,
         price: float = 0.1,
         price_range: tuple[float, float] = (0.01, 1.0),
-        stem_blocks: int = 1,
-        blocks_per_step: int = 1,
+        shape: LoopShape = LoopShape(),
         execution: str = "packed",
         amp: bool = False,
     ) -> None:
@@ -57,22 +77,20 @@ class AdaptiveViT(nn.Module):
             raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
         self.supernet = supernet
         self.policy = policy
-        self.price = price
+        self._price = float(price)
         if not 0 < price_range[0] <= price_range[1]:
             raise ValueError(f"price_range must be (low, high) with 0 < low <= high, got {tuple(price_range)}")
         self.price_range = (float(price_range[0]), float(price_range[1]))
+        self.shape = shape
         self.execution = execution
-        self.inference = BatchedInference(
-            supernet,
-            MDPConfig(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step, reward="terminal"),
-            execution="bucketed" if execution == "consensus" else execution,  # one configuration: dense buckets
-            amp=amp,
-        )
+        # one configuration for the whole batch under consensus: dense buckets
+        self._loop = InferenceLoop(supernet, shape, "bucketed" if execution == "consensus" else execution, amp)
         self._check_policy(policy)
         self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")
         if isinstance(policy, BaseAlgorithm):
             policy.policy.set_training_mode(False)
         self._continuous = isinstance(getattr(policy, "action_space", None), spaces.Box)
+        self.eval()  # a deployed model; `train()` switches it back like any module
 
     def _check_policy(self, policy) -> None:
         """A `ValueError` when the policy's spaces (if it has any) are not this supernet's."""
@@ -85,7 +103,7 @@ class AdaptiveViT(nn.Module):
                     f"{self.supernet.embed_dim}: it was trained on another supernet"
                 )
         action_space = getattr(policy, "action_space", None)
-        nvec = tuple(int(n) for n in self.inference.nvec)
+        nvec = self.nvec
         if isinstance(action_space, spaces.MultiDiscrete) and tuple(int(n) for n in action_space.nvec) != nvec:
             raise ValueError(
                 f"the policy chooses among {tuple(int(n) for n in action_space.nvec)} choices per field, but the "
@@ -98,9 +116,19 @@ class AdaptiveViT(nn.Module):
             )
 
     @property
+    def price(self) -> float:
+        """The price `forward` uses when given none."""
+        return self._price
+
+    @property
     def full_macs(self) -> int:
         """MACs of the full model on one image."""
-        return self.inference.full_macs
+        return self._loop.full_macs
+
+    @property
+    def nvec(self) -> tuple[int, ...]:
+        """The number of choices per field of every decision (the env's `action_space.nvec`)."""
+        return self._loop.nvec
 
     def decide(self, obs: dict[str, Tensor], state=None, episode_start=None) -> tuple[Tensor, object]:
         """The policy's deterministic choice indices (B, fields) for a batch of observations, and its state."""
@@ -125,24 +153,53 @@ class AdaptiveViT(nn.Module):
             actions = torch.as_tensor(np.asarray(actions))
         actions = actions.reshape(B, -1)
         if self._continuous:  # Box(-1, 1) actions, decoded by rounding as the env does
-            nvec = torch.tensor(self.inference.nvec, device=actions.device)
+            nvec = torch.tensor(self.nvec, device=actions.device)
             actions = ((actions.clamp(-1, 1) + 1) / 2 * (nvec - 1)).round()
         return actions.long(), state
 
+    def _prices(self, price: float | Tensor | None, B: int, device: torch.device) -> Tensor:
+        """The price (B,) float32 of each image: `price` per image, one price for all, or the default."""
+        if price is None:
+            price = self._price
+        prices = torch.as_tensor(price, dtype=torch.float32, device=device)
+        if prices.dim() == 0:
+            return prices.expand(B)
+        if prices.shape != (B,):
+            raise ValueError(f"price must be a number or one per image, shape ({B},); got shape {tuple(prices.shape)}")
+        return prices
+
     @torch.inference_mode()
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits (B, num_classes) and per-sample MACs (B,) of the adaptive inference of `images`."""
+    def forward(
+        self, images: Tensor, price: float | Tensor | None = None, return_decisions: bool = False
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Decisions]:
+        """The adaptive inference of `images` (B, C, H, W) at compute price `price`.
+
+        Args:
+            images: on the supernet's device.
+            price: one price for every image, a (B,) tensor of one per image, or None for `self.price`.
+            return_decisions: also return the `Decisions`.
+
+        Returns:
+            Logits (B, num_classes) float32 and MACs (B,) float32 per image, then the `Decisions` if asked.
+        """
         B = images.shape[0]
-        obs = self.inference.reset(images, price=torch.full((B,), float(self.price), device=images.device))
-        state, start = None, np.ones(B, dtype=bool)
+        prices = self._prices(price, B, images.device)
+        loop = self._loop
+        loop.start(images)
+        state, start, indices = None, np.ones(B, dtype=bool), []
         while True:
-            actions, state = self.decide(obs, state, start)
+            actions, state = self.decide(loop.observe(prices), state, start)
             start = np.zeros(B, dtype=bool)
             if self.execution == "consensus":
                 actions = actions.median(dim=0).values.expand(B, -1)
-            if self.inference.advance(actions):
-                return self.inference.logits(), self.inference.macs.float()
-            obs = self.inference.observation()
+            indices.append(actions)
+            if loop.advance(loop.configs(actions)):
+                break
+        logits, macs = loop.complete(), loop.macs.float()
+        if not return_decisions:
+            return logits, macs
+        subnets = [Subnet(tuple(c)) for c in loop.choices]
+        return logits, macs, Decisions(subnets, torch.stack(indices, 1), loop.tokens.num_patches())
 
 
 @torch.inference_mode()
@@ -151,27 +208,29 @@ def measure(
     batches: Iterable[tuple[Tensor, Tensor]],
     desc: str | None = None,
     logprob_floor: float = -5.0,
+    price: float | None = None,
 ) -> dict:
-    """Over (images, labels) batches: Top-1, Top-5, mean MACs ratio, mean fraction of tokens kept at the end, mean
-    parameters read per image (`params`: those of the subnet each image ran, `vit.count_params`), and mean
-    log-probability of the true class clipped at `logprob_floor` (the env's `logprob` quality)."""
+    """Over (images, labels) batches at compute price `price` (None: `adaptive.price`): Top-1, Top-5, mean MACs
+    ratio, mean fraction of tokens kept at the end, mean parameters read per image (`params`: those of the subnet
+    each image ran, `vit.count_params`), and mean log-probability of the true class clipped at `logprob_floor` (the
+    env's `logprob` quality)."""
     correct = correct5 = seen = 0
     macs = tokens = logprob = params = 0.0
-    params_of: dict[tuple, int] = {}
+    params_of: dict[Subnet, int] = {}
     device = adaptive.supernet.pos_embed.device
     for images, labels in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         images, labels = images.to(device), labels.to(device)
-        logits, sample_macs = adaptive(images)
+        logits, sample_macs, decisions = adaptive(images, price=price, return_decisions=True)
         correct += int((logits.argmax(-1) == labels).sum())
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         correct5 += int((top5 == labels[:, None]).any(-1).sum())
         seen += len(labels)
-        for choices in map(tuple, adaptive.inference.choices):
-            if choices not in params_of:
-                params_of[choices] = count_params(adaptive.supernet, Subnet(choices))
-            params += params_of[choices]
+        for subnet in decisions.subnets:
+            if subnet not in params_of:
+                params_of[subnet] = count_params(adaptive.supernet, subnet)
+            params += params_of[subnet]
         macs += float(sample_macs.sum())
-        tokens += float(adaptive.inference.tokens.num_patches().sum()) / adaptive.supernet.num_patches
+        tokens += float(decisions.tokens.sum()) / adaptive.supernet.num_patches
         true_class = logits.float().log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
         logprob += float(true_class.clamp_min(logprob_floor).sum())
     if not seen:
@@ -197,8 +256,9 @@ def calibrate(
     """The price at which `adaptive` spends `target_flops_ratio` of the full model's MACs on `loader`, on average.
 
     Bisection on log(price) inside `price_range` (default: `adaptive.price_range`, the range the selector was
-    trained on); the mean MACs ratio falls as the price rises. Sets `adaptive.price` and returns it. When the
-    target is out of reach inside the range, it returns the endpoint nearest the target and warns.
+    trained on); the mean MACs ratio falls as the price rises. Returns the price, for `adaptive(images, price=...)`;
+    `adaptive` is left as it was. When the target is out of reach inside the range, it returns the endpoint nearest
+    the target and warns.
     """
     if not 0.0 < target_flops_ratio <= 1.0:
         raise ValueError(f"target_flops_ratio must lie in (0, 1], got {target_flops_ratio}")
@@ -207,14 +267,11 @@ def calibrate(
     seen: dict[float, float] = {}
 
     def ratio_at(price: float) -> float:
-        adaptive.price = price
-        seen[price] = measure(adaptive, batches)["flops_ratio"]
+        seen[price] = measure(adaptive, batches, price=price)["flops_ratio"]
         return seen[price]
 
     def done() -> float:
-        price = min(seen, key=lambda p: abs(seen[p] - target_flops_ratio))
-        adaptive.price = price
-        return price
+        return min(seen, key=lambda p: abs(seen[p] - target_flops_ratio))
 
     cheapest, dearest = ratio_at(price_range[1]), ratio_at(price_range[0])
     if not cheapest - tolerance <= target_flops_ratio <= dearest + tolerance:
@@ -236,4 +293,4 @@ def calibrate(
     return done()
 
 
-__all__ = ["AdaptiveViT", "calibrate", "measure"]
+__all__ = ["AdaptiveViT", "Decisions", "calibrate", "measure"]

@@ -115,9 +115,12 @@ def pareto_figure(
 
 
 @torch.inference_mode()
-def decision_stats(adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor]]) -> dict:
-    """What `adaptive` decides over `batches`: per decided block, the share of images taking each choice of heads,
-    MLP width and keep ratio, and per class the number of images, the mean MACs ratio and Top-1.
+def decision_stats(
+    adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor]], price: float | None = None
+) -> dict:
+    """What `adaptive` decides over `batches` at compute price `price` (None: `adaptive.price`): per decided block,
+    the share of images taking each choice of heads, MLP width and keep ratio, and per class the number of images,
+    the mean MACs ratio and Top-1.
 
     Returns a JSON-able dict: `blocks` (the decided block indices), `choices[field]` (per block, the values on
     offer), `shares[field]` (per block, the share of images per choice; each row sums to 1), `images`, `classes`
@@ -125,13 +128,13 @@ def decision_stats(adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor
     """
     model = adaptive.supernet
     space = model.search_space
-    blocks = list(range(adaptive.inference.config.stem_blocks, model.depth))
+    blocks = list(range(adaptive.shape.stem_blocks, model.depth))
     choices = {f: [list(getattr(space, f)[i]) for i in blocks] for f in DECISION_FIELDS}
     counts = {f: np.zeros((len(blocks), max(map(len, choices[f])))) for f in DECISION_FIELDS}
     labels, ratios, correct = [], [], []
     for x, y in batches:
-        logits, macs = adaptive(x)
-        for configs in adaptive.inference.choices:  # one list of block configurations per image
+        logits, macs, decisions = adaptive(x, price=price, return_decisions=True)
+        for configs in decisions.subnets:  # one subnet (block configurations) per image
             for row, i in enumerate(blocks):
                 for f in DECISION_FIELDS:
                     counts[f][row, choices[f][row].index(getattr(configs[i], f))] += 1

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 import prance_env
 import vit
 from vit.checkpoint import atomic_write
+from vit.inference import LoopShape
 from vit.registry import SupernetShape
 from vit.train import subset_batches
 from vit.utils import resolve_device
@@ -74,8 +75,8 @@ class SelectorConfig(SupernetShape):
     quality: str = field(default=MDP.quality, metadata={"help": "correct | logprob | agree"})
     price_low: float = field(default=MDP.price_range[0], metadata={"help": "lowest price of the log-uniform range"})
     price_high: float = field(default=MDP.price_range[1], metadata={"help": "highest compute price"})
-    stem_blocks: int = field(default=MDP.stem_blocks, metadata={"help": "full-width blocks before the first decision"})
-    blocks_per_step: int = field(default=MDP.blocks_per_step, metadata={"help": "blocks per decision"})
+    stem_blocks: int = field(default=LoopShape.stem_blocks, metadata={"help": "full-width blocks before any decision"})
+    blocks_per_step: int = field(default=LoopShape.blocks_per_step, metadata={"help": "blocks per decision"})
     hidden: int = field(default=128, metadata={"help": "width of the CLS extractor's MLP"})
     eval_prices: tuple[float, ...] = field(default=(0.001, 0.003, 0.01, 0.03), metadata={"help": "prices evaluated"})
     images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
@@ -205,14 +206,12 @@ class SelectorEval(BaseCallback):
             self.supernet,
             self.model,
             price_range=(self.cfg.price_low, self.cfg.price_high),
-            stem_blocks=self.cfg.stem_blocks,
-            blocks_per_step=self.cfg.blocks_per_step,
+            shape=LoopShape(self.cfg.stem_blocks, self.cfg.blocks_per_step),
             amp=self.cfg.amp,
         )
         rows = []
         for price in self.prices:
-            adaptive.price = price
-            rows.append({"steps": self.num_timesteps, "price": price, **measure(adaptive, self.batches)})
+            rows.append({"steps": self.num_timesteps, "price": price, **measure(adaptive, self.batches, price=price)})
         self.model.policy.set_training_mode(True)
         scalars = {f"eval/{key}@{r['price']:g}": r[key] for r in rows for key in ("top1", "flops_ratio", "tokens_kept")}
         write_now(self.logger, scalars, self.num_timesteps)

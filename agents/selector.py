@@ -17,6 +17,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 import vit
 from vit.checkpoint import atomic_write
+from vit.inference import LoopShape
 
 from .adaptive import AdaptiveViT
 
@@ -189,8 +190,7 @@ def load_adaptive(
         model,
         price=settings.get("price", 0.1) if price is None else price,
         price_range=tuple(env["price_range"]),
-        stem_blocks=env["stem_blocks"],
-        blocks_per_step=env["blocks_per_step"],
+        shape=LoopShape(env["stem_blocks"], env["blocks_per_step"]),
         execution=execution,
         amp=amp,
     )

@@ -1,8 +1,8 @@
 """ViT inference as a batched MDP, on torch tensors: the one implementation of reset and step.
 
-`BatchedInference` holds a frozen supernet and the state of a batch of episodes (one image each). The single
-env is a batch of one and the vector env a batch of N; both convert to and from numpy at their boundary. The
-decision loop of a deployed selector (`agents.AdaptiveViT`) runs the same object with no reward.
+`BatchedInference` is `vit.inference.InferenceLoop` with rewards: it holds a frozen supernet and the state of a batch
+of episodes (one image each), decodes actions into per-sample configurations and pays the Result-to-Go. The single
+env is a batch of one and the vector env a batch of N; both convert to and from numpy at their boundary.
 
 Result-to-Go: after the action of step t the rest of the inference is completed from the current tokens with the
 reference subnet (full width, no token reduction), and scored,
@@ -17,15 +17,13 @@ the final result alone, no intermediate credit and no completion, so an episode 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from vit import BlockConfig, ElasticViT, InvalidSubnetError
-from vit.flops import block_macs, count_flops, embed_macs, head_macs
-from vit.supernet import TOKEN_BATCHES
-from vit.utils import autocast, long_tensor, single_threaded
+from vit.inference import InferenceLoop, LoopShape
 
 REWARD_MODES = ("delta", "direct", "terminal")
 QUALITIES = ("correct", "logprob", "agree")
@@ -33,15 +31,14 @@ QUALITIES = ("correct", "logprob", "agree")
 
 @dataclass(frozen=True)
 class MDPConfig:
-    """The shape of the MDP over a supernet.
+    """The MDP over a supernet.
 
     The defaults are the one source of PranceViT-v0's registered defaults (the env's keyword arguments and the
     selector training config read them): the MDP the shipped selector (`agents/checkpoints/prance_fmnist`) was
     trained on.
 
     Attributes:
-        stem_blocks: blocks run at full width at reset, so the first observation depends on the image.
-        blocks_per_step: blocks decided by one action (all run at the action's configuration).
+        shape: where the decisions fall (`vit.inference.LoopShape`: stem blocks, blocks per step).
         reward: `delta`, `direct` or `terminal` (see the module docstring). The full model runs at reset only
             for `delta` (its result is R_{-1}) and for quality `agree`.
         quality: q of the result: `correct` (1 if right), `logprob` (log-prob of the true class, clipped at
@@ -51,8 +48,7 @@ class MDPConfig:
             bounded by it, so a policy reads only the prices it was trained on.
     """
 
-    stem_blocks: int = 1
-    blocks_per_step: int = 1
+    shape: LoopShape = field(default_factory=LoopShape)
     reward: str = "delta"
     quality: str = "logprob"
     logprob_floor: float = -5.0
@@ -63,20 +59,13 @@ class MDPConfig:
             raise ValueError(f"unknown reward {self.reward!r}; expected one of {', '.join(REWARD_MODES)}")
         if self.quality not in QUALITIES:
             raise ValueError(f"unknown quality {self.quality!r}; expected one of {', '.join(QUALITIES)}")
-        if self.stem_blocks < 0 or self.blocks_per_step < 1:
-            raise ValueError("stem_blocks must be >= 0 and blocks_per_step >= 1")
 
 
-def log_price(price: Tensor) -> Tensor:
-    """The observed log-price, float32 (the observation space's bounds are computed with it too)."""
-    return price.float().clamp_min(1e-12).log()
-
-
-class BatchedInference:
+class BatchedInference(InferenceLoop):
     """A batch of synchronised inference episodes on a frozen supernet.
 
     Args:
-        model: the supernet (put in eval mode; it is never trained here).
+        model: the supernet (put in eval mode and frozen; it is never trained here).
         config: the MDP's settings.
         execution: how a batch of per-sample configurations runs: `packed` (`vit.PackedBatch`) or `bucketed`
             (`vit.TokenBatch`); the results are the same.
@@ -87,61 +76,8 @@ class BatchedInference:
     def __init__(
         self, model: ElasticViT, config: MDPConfig = MDPConfig(), execution: str = "packed", amp: bool = False
     ) -> None:
-        if execution not in TOKEN_BATCHES:
-            raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(TOKEN_BATCHES)}")
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model.eval().requires_grad_(False), config.shape, execution, amp)
         self.config = config
-        self.execution = execution
-        self.amp = amp
-        self.space = model.search_space
-        decided = model.depth - config.stem_blocks
-        if decided < 1 or decided % config.blocks_per_step:
-            raise ValueError(
-                f"{model.depth} blocks minus {config.stem_blocks} stem blocks must be a positive multiple of "
-                f"blocks_per_step={config.blocks_per_step}"
-            )
-        self.num_steps = decided // config.blocks_per_step
-        counts = {self.space.num_choices(i) for i in range(config.stem_blocks, model.depth)}
-        if len(counts) != 1:
-            raise ValueError("the decided blocks must share their number of choices per field")
-        self.nvec = counts.pop()
-        self.reference = self.space.largest()
-        self.full_macs = count_flops(model)
-        self._block_cache: dict[tuple[int, BlockConfig], int] = {}
-        self._rest_cache: dict[tuple[int, int], int] = {}
-        self._by_tokens: dict[BlockConfig, Tensor] = {}
-        self.step_index = -1  # -1: not reset; num_steps: done
-
-    # --- MACs bookkeeping: exact per-sample counts from (tokens, config), memoised ---------------------------------
-
-    def _block(self, n: int, config: BlockConfig) -> int:
-        """MACs of a block entered with `n` patch tokens at `config`."""
-        if (n, config) not in self._block_cache:
-            self._block_cache[n, config] = block_macs(self.model, n, config)[0]
-        return self._block_cache[n, config]
-
-    def _block_macs(self, n: Tensor, configs: list[BlockConfig], code: Tensor) -> Tensor:
-        """MACs (B,) float64 of a block entered with n (B,) patch tokens, sample b at `configs[code[b]]`."""
-        for c in configs:
-            if c not in self._by_tokens:
-                counts = [self._block(m, c) for m in range(self.model.num_patches + 1)]
-                self._by_tokens[c] = torch.tensor(counts, dtype=torch.float64, device=n.device)
-        table = torch.stack([self._by_tokens[c] for c in configs])  # (distinct configs, N + 1)
-        return table[code, n]
-
-    def _rest(self, start: int, n: int) -> int:
-        """MACs of blocks `start:` at the reference subnet (no reduction: tokens stay `n`) and the head."""
-        if (start, n) not in self._rest_cache:
-            blocks = sum(self._block(n, self.reference[i]) for i in range(start, self.model.depth))
-            self._rest_cache[start, n] = blocks + head_macs(self.model)
-        return self._rest_cache[start, n]
-
-    # --- episode ------------------------------------------------------------------------------------------------------
-
-    @property
-    def next_block(self) -> int:
-        """The first block the next action decides."""
-        return self.config.stem_blocks + self.step_index * self.config.blocks_per_step
 
     @torch.inference_mode()
     def reset(self, images: Tensor, labels: Tensor | None = None, price: Tensor | None = None) -> dict[str, Tensor]:
@@ -155,66 +91,26 @@ class BatchedInference:
         B = images.shape[0]
         if B == 0:
             raise ValueError("no images: an episode batch needs at least one image")
-        device = images.device
         self.labels = labels
-        self.price = torch.zeros(B, device=device) if price is None else price.to(device, torch.float32)
-        with autocast(device, self.amp):
-            tokens = TOKEN_BATCHES[self.execution](self.model.embed(images))
-            for i in range(self.config.stem_blocks):
-                tokens = tokens.apply_block(self.model, i, self.reference[i])
-        self.tokens = tokens
-        n0 = self.model.num_patches
-        stem = embed_macs(self.model) + sum(self._block(n0, self.reference[i]) for i in range(self.config.stem_blocks))
-        self.macs = torch.full((B,), float(stem), dtype=torch.float64, device=device)
-        self.choices: list[list[BlockConfig]] = [list(self.reference[: self.config.stem_blocks]) for _ in range(B)]
-        self.step_index = 0
+        self.price = torch.zeros(B, device=images.device) if price is None else price.to(images.device, torch.float32)
+        self.start(images)
         self.full_pred = self.result = None
         if self.config.reward == "delta" or self.config.quality == "agree":  # the full model's result is needed
-            with autocast(device, self.amp):
-                full_logits = self.model.forward_tokens(tokens, self.config.stem_blocks)
+            full_logits = self.complete()
             self.full_pred = full_logits.argmax(-1)
-            self.result = self._result(full_logits, torch.ones(B, dtype=torch.float64, device=device))
+            self.result = self._result(full_logits, torch.ones(B, dtype=torch.float64, device=images.device))
         return self.observation()
 
     def observation(self) -> dict[str, Tensor]:
         """`cls` (B, C): CLS entering the next block; `progress` (B, 3): step fraction, MACs spent / full MACs,
-        patch tokens alive / initial; `price` (B, 1): log of the episode's price."""
-        with single_threaded(self.macs.device):  # small operations: one thread is faster
-            tokens = self.tokens.num_patches().float() / self.model.num_patches
-            B = tokens.shape[0]
-            progress = torch.stack(
-                [
-                    torch.full_like(tokens, self.step_index / self.num_steps),
-                    (self.macs / self.full_macs).float(),
-                    tokens,
-                ],
-                dim=1,
-            )
-            return {
-                "cls": self.tokens.cls().float(),
-                "progress": progress,
-                "price": log_price(self.price).view(B, 1),
-            }
+        patch tokens alive / initial; `price` (B, 1): log of the episode's price (`InferenceLoop.observe`)."""
+        return self.observe(self.price)
 
     def decode(self, actions: Tensor | Sequence) -> list[BlockConfig]:
         """Per-sample `BlockConfig`s from choice indices (B, fields); raises `InvalidSubnetError` if invalid."""
-        return self._decode(actions)[0]
-
-    def _decode(self, actions: Tensor | Sequence) -> tuple[list[BlockConfig], list[BlockConfig], Tensor]:
-        """`decode`'s configurations, the distinct ones, and the index (B,) of each sample's among them."""
         actions = torch.as_tensor(actions)
         self._check_actions(actions)
-        actions = actions.long()
-        block = self.next_block
-        codes: dict[tuple, int] = {}
-        distinct, out, code = [], [], []
-        for row in map(tuple, actions.tolist()):
-            if row not in codes:
-                codes[row] = len(distinct)
-                distinct.append(self.space.config(block, row))
-            code.append(codes[row])
-            out.append(distinct[code[-1]])
-        return out, distinct, long_tensor(code, self.macs.device)
+        return self.configs(actions.long())
 
     def _check_actions(self, actions: Tensor) -> None:
         """Raise `InvalidSubnetError` unless `actions` are (B, fields) whole choice indices in range."""
@@ -240,36 +136,22 @@ class BatchedInference:
 
     @torch.inference_mode()
     def advance(self, actions: Tensor | Sequence) -> bool:
-        """Run the next `blocks_per_step` blocks at the decoded configurations, with no reward; True at the end.
+        """Run the next `blocks_per_step` blocks at the decoded actions, with no reward; True at the end.
 
         At the end `self.macs` includes the head, so it is the episode's whole cost.
         """
         if self.step_index < 0:
             raise RuntimeError("call reset() before step()")
-        if self.step_index >= self.num_steps:
+        if self.done:
             raise RuntimeError("the episodes have ended; call reset() to start new ones")
-        configs, distinct, code = self._decode(actions)
-        start = self.next_block
-        for i in range(start, start + self.config.blocks_per_step):
-            with single_threaded(self.macs.device):
-                self.macs += self._block_macs(self.tokens.num_patches(), distinct, code)
-            with autocast(self.macs.device, self.amp):
-                self.tokens = self.tokens.apply_block(self.model, i, configs)
-            for choice, c in zip(self.choices, configs):
-                choice.append(c)
-        self.step_index += 1
-        done = self.step_index == self.num_steps
-        if done:
-            self.macs += head_macs(self.model)
-        return done
+        return super().advance(self.decode(actions))
 
     @torch.inference_mode()
     def logits(self) -> Tensor:
         """Class logits (B, num_classes), float32, of the finished episodes."""
-        if self.step_index != self.num_steps:
+        if not self.done:
             raise RuntimeError("logits() needs finished episodes")
-        with autocast(self.macs.device, self.amp):
-            return self.model.forward_tokens(self.tokens, self.model.depth).float()
+        return self.complete()
 
     @torch.inference_mode()
     def step(self, actions: Tensor | Sequence) -> tuple[dict[str, Tensor], Tensor, bool, dict]:
@@ -296,18 +178,8 @@ class BatchedInference:
         cfg = self.config
         if cfg.reward == "terminal" and not done:
             return torch.zeros_like(self.macs)
-        end = self.next_block
-        with autocast(self.macs.device, self.amp):
-            logits = self.model.forward_tokens(self.tokens, end)
-        if done:
-            cost = self.macs
-        else:
-            rest = torch.tensor(
-                [self._rest(end, n) for n in self.tokens.num_patches().tolist()],
-                dtype=torch.float64,
-                device=self.macs.device,
-            )
-            cost = self.macs + rest
+        logits = self.complete()
+        cost = self.macs + self.completion_macs()  # spent so far plus the reference cost of the rest
         self.pred = logits.argmax(-1)
         result = self._result(logits, cost / self.full_macs)
         previous, self.result = self.result, result

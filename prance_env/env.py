@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 import vit
+from vit.inference import LoopShape
 
 from .core import MDPConfig
 from .factory import Prices, action_indices, make_inference, single_spaces, to_numpy
@@ -93,7 +94,8 @@ class PranceViTEnv(gym.Env):
                    action_type="discrete", render_mode=None, amp=False, workers=0)
     ```
 
-    The defaults (those of `prance_env.MDPConfig`) are the MDP the shipped selector was trained on, so
+    The defaults (those of `prance_env.MDPConfig` and its `vit.inference.LoopShape`) are the MDP the shipped
+    selector was trained on, so
     `PPO.load("agents/checkpoints/prance_fmnist.zip", env=gymnasium.make("PranceViT-v0"))` runs it.
 
     `supernet` is a registered name (its shipped weights, or `checkpoint`) or a `vit.ElasticViT`; `data` a
@@ -124,8 +126,8 @@ class PranceViTEnv(gym.Env):
         quality: str = MDPConfig.quality,
         price: float | None = None,
         price_range: Sequence[float] = MDPConfig.price_range,
-        stem_blocks: int = MDPConfig.stem_blocks,
-        blocks_per_step: int = MDPConfig.blocks_per_step,
+        stem_blocks: int = LoopShape.stem_blocks,
+        blocks_per_step: int = LoopShape.blocks_per_step,
         action_type: str = "discrete",
         render_mode: str | None = None,
         amp: bool = False,
@@ -203,7 +205,7 @@ class PranceViTEnv(gym.Env):
         if self.inference.step_index < 0:
             raise RuntimeError("call reset() before render()")
         return render_episode(
-            self.model, self.image, self.inference.choices[0], self.inference.config.stem_blocks, self.inference.amp
+            self.model, self.image, self.inference.choices[0], self.inference.shape.stem_blocks, self.inference.amp
         )
 
 

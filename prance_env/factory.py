@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import vit
 from vit.data import SeededItems, batch_loader, default_workers, memory_tensors, to_device
+from vit.inference import LoopShape, log_price
 from vit.utils import resolve_device
 
-from .core import BatchedInference, MDPConfig, log_price
+from .core import BatchedInference, MDPConfig
 
 ACTION_TYPES = ("discrete", "continuous")
 CHOICE_KEYS = {
@@ -278,15 +279,14 @@ def make_inference(
     reward: str = MDPConfig.reward,
     quality: str = MDPConfig.quality,
     price_range: Sequence[float] = MDPConfig.price_range,
-    stem_blocks: int = MDPConfig.stem_blocks,
-    blocks_per_step: int = MDPConfig.blocks_per_step,
+    stem_blocks: int = LoopShape.stem_blocks,
+    blocks_per_step: int = LoopShape.blocks_per_step,
     amp: bool = False,
     workers: int | None = None,
 ) -> tuple[BatchedInference, ImageSource]:
     """The MDP over a supernet and its image source, from the env's keyword arguments."""
     config = MDPConfig(
-        stem_blocks=stem_blocks,
-        blocks_per_step=blocks_per_step,
+        shape=LoopShape(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step),
         reward=reward,
         quality=quality,
         price_range=tuple(price_range),

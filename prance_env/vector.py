@@ -148,7 +148,7 @@ class PranceViTVectorEnv(VectorEnv):
             return None
         if self.inference.step_index < 0:
             raise RuntimeError("call reset() before render()")
-        stem = self.inference.config.stem_blocks
+        stem = self.inference.shape.stem_blocks
         return tuple(
             render_episode(self.model, image, configs, stem, self.inference.amp)
             for image, configs in zip(self.images, self.inference.choices)

@@ -86,13 +86,12 @@ def score(cfg: SelectorConfig, checkpoint: Path, adaptive: agents.AdaptiveViT, t
     """Held-out return at the fixed price and Top-1 at the calibrated budget of one checkpoint."""
     adaptive.policy = algorithm(cfg.algo).load(checkpoint, device=adaptive.supernet.pos_embed.device)
     adaptive.policy.policy.set_training_mode(False)
-    adaptive.price = args.price
-    fixed = agents.measure(adaptive, test)
+    fixed = agents.measure(adaptive, test, price=args.price)
     quality = fixed["logprob"] if cfg.quality == "logprob" else fixed["top1"]
     with warnings.catch_warnings():  # early checkpoints may not reach the budget: the MACs ratio column says so
         warnings.simplefilter("ignore")
         price = agents.calibrate(adaptive, calibration, args.budget, tolerance=0.01, max_iter=6)
-    budget = agents.measure(adaptive, test)
+    budget = agents.measure(adaptive, test, price=price)
     return {
         "return": quality - args.price * fixed["flops_ratio"],
         "flops_ratio_at_price": fixed["flops_ratio"],

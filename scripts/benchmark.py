@@ -95,8 +95,7 @@ def main(args: Args) -> dict[str, float]:
             model,
             packed.policy,
             price_range=packed.price_range,
-            stem_blocks=packed.inference.config.stem_blocks,
-            blocks_per_step=packed.inference.config.blocks_per_step,
+            shape=packed.shape,
             execution=execution,
             amp=args.amp,
         )
@@ -105,12 +104,10 @@ def main(args: Args) -> dict[str, float]:
     prices = {"packed": agents.calibrate(adaptive["packed"], calibration, args.budget)}
     prices["bucketed"] = prices["packed"]  # the same decisions, executed otherwise
     prices["consensus"] = agents.calibrate(adaptive["consensus"], calibration, args.budget)
-    for execution, a in adaptive.items():
-        a.price = prices[execution]
     dataset = selector_dataset(args.selector, "held-out", model, args.data, args.data_dir)
     images = subset_batches(dataset, args.batch_size, args.batch_size, device, workers=args.workers)[0][0]
     full_macs = vit.count_flops(model)
-    ratio = {name: float(a(images)[1].mean()) / full_macs for name, a in adaptive.items()}
+    ratio = {name: float(a(images, price=prices[name])[1].mean()) / full_macs for name, a in adaptive.items()}
     grid = model.search_space.static_grid(tied=True)
     static = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full_macs - ratio["packed"]))
     ratio |= {"full": 1.0, "static": vit.count_flops(model, static) / full_macs}
@@ -122,7 +119,7 @@ def main(args: Args) -> dict[str, float]:
     runs = {
         "full": plain,
         "static": lambda: plain(static),
-        **{name: (lambda a=a: a(images)) for name, a in adaptive.items()},
+        **{name: (lambda a=a, p=prices[name]: a(images, price=p)) for name, a in adaptive.items()},
     }
     timer = DecisionTimer(adaptive["packed"], device)
     for fn in runs.values():  # warm-up

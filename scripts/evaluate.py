@@ -108,9 +108,10 @@ def measure_static(model: vit.ElasticViT, subnet: vit.Subnet, batches: list, ful
     }
 
 
-def measure_adaptive(adaptive: agents.AdaptiveViT, batches: list) -> dict:
-    """`agents.measure` with GMACs and images/s."""
-    row, seconds = timed(lambda: agents.measure(adaptive, batches), adaptive.supernet.pos_embed.device)
+def measure_adaptive(adaptive: agents.AdaptiveViT, batches: list, price: float | None = None) -> dict:
+    """`agents.measure` at `price` (None: `adaptive.price`) with GMACs and images/s."""
+    device = adaptive.supernet.pos_embed.device
+    row, seconds = timed(lambda: agents.measure(adaptive, batches, price=price), device)
     seen = sum(len(y) for _, y in batches)
     return {**row, "gmacs": row["flops_ratio"] * adaptive.full_macs / 1e9, "images_per_s": seen / seconds}
 
@@ -181,7 +182,7 @@ def main(args: Args) -> list[dict]:
             "setting": f"budget {budget:g}, price {price:.3g}",
             "budget": budget,
             "price": price,
-            **measure_adaptive(adaptive, test),
+            **measure_adaptive(adaptive, test, price),
         }
         selector.append(row)
         table += [
@@ -189,14 +190,7 @@ def main(args: Args) -> list[dict]:
             {**matched(grid, row["flops_ratio"]), "method": "best static subnet at matched MACs"},
             {**matched(uniform, row["flops_ratio"]), "method": "uniform merging at matched MACs"},
         ]
-    random_policy = RandomPolicy(adaptive.inference.nvec, seed=args.seed)
-    random = agents.AdaptiveViT(
-        model,
-        random_policy,
-        amp=args.amp,
-        stem_blocks=adaptive.inference.config.stem_blocks,
-        blocks_per_step=adaptive.inference.config.blocks_per_step,
-    )
+    random = agents.AdaptiveViT(model, RandomPolicy(adaptive.nvec, seed=args.seed), shape=adaptive.shape, amp=args.amp)
     table.append(
         {"method": "random decisions", "setting": "uniform over the choices", **measure_adaptive(random, test)}
     )

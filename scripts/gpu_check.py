@@ -248,7 +248,7 @@ def main(args: Args) -> bool:
         dataset = vit.load_dataset("imagenet", split="train", root=data, model=adaptive.supernet)
         batches = subset_batches(dataset, sizes.batch, sizes.batch, device)
         price = agents.calibrate(adaptive, batches, 0.5, tolerance=0.02)
-        ratio = agents.measure(adaptive, batches)["flops_ratio"]
+        ratio = agents.measure(adaptive, batches, price=price)["flops_ratio"]
         if not math.isfinite(ratio):
             raise FloatingPointError(f"MACs ratio {ratio}")
         return f"ok: price {price:.3g} gives a MACs ratio of {ratio:.3f} (target 0.5)"

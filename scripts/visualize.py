@@ -134,11 +134,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     items = [data[i] for i in range(min(args.images or TOKEN_MAP_ROWS, len(data)))]
     images = torch.stack([image for image, _ in items]).to(device)
     labels = [label for _, label in items]
-    logits, macs = adaptive(images)
+    logits, macs, decisions = adaptive(images, return_decisions=True)
     preds = logits.argmax(-1).tolist()
     ratios = (macs / adaptive.full_macs).tolist()
-    subnets = [vit.Subnet(tuple(c)) for c in adaptive.inference.choices]
-    shown = list(range(adaptive.inference.config.stem_blocks, model.depth, args.every))
+    subnets = decisions.subnets
+    shown = list(range(adaptive.shape.stem_blocks, model.depth, args.every))
     if shown[-1] != model.depth - 1:
         shown.append(model.depth - 1)
     name = (lambda k: classes[k]) if classes else str

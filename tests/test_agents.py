@@ -1,6 +1,7 @@
 """agents: the CLS features extractor under SB3 algorithms, selector files, baselines, AdaptiveViT against the env
 image by image, calibration, and selector training end to end. Tiny supernets on a generated Fashion-MNIST folder."""
 
+import ast
 import dataclasses
 import json
 import math
@@ -297,8 +298,10 @@ def test_adaptive_vit_matches_the_single_env_image_by_image(trained, fmnist_dir,
     images, _ = env.source.get(indices)
     policy = make_policy(name, env.action_space.nvec, trained[0], model, images)
     price = 0.05
-    logits, macs = AdaptiveViT(model, policy, price=price)(images)
+    logits, macs, decisions = AdaptiveViT(model, policy)(images, price=price, return_decisions=True)
     assert logits.shape == (len(indices), 10) and macs.shape == (len(indices),)
+    steps = model.depth - 1  # the registered shape: one stem block, one block per decision
+    assert decisions.indices.shape == (len(indices), steps, len(env.action_space.nvec))
     bucketed_logits, bucketed_macs = AdaptiveViT(model, policy, price=price, execution="bucketed")(images)
     torch.testing.assert_close(bucketed_logits, logits, atol=1e-5, rtol=0)
     assert torch.equal(bucketed_macs, macs)
@@ -306,6 +309,12 @@ def test_adaptive_vit_matches_the_single_env_image_by_image(trained, fmnist_dir,
     for i in indices:
         info = single_env_episode(env, policy, int(i), price)
         subnets.append(info["subnet"])
+        assert decisions.subnets[i] == vit.Subnet(info["subnet"])  # the env decides as the deployed model
+        assert int(decisions.tokens[i]) == int(info["tokens"])
+        space = model.search_space
+        assert [space.config(1 + t, row) for t, row in enumerate(decisions.indices[i].tolist())] == list(
+            info["subnet"][1:]
+        )
         assert int(logits[i].argmax()) == info["pred"]
         assert float(macs[i]) == info["macs"] == vit.count_flops(model, info["subnet"])
         with torch.no_grad():
@@ -353,14 +362,12 @@ def test_consensus_execution_runs_one_subnet_for_the_batch(trained):
     nvec = trained[1].action_space.nvec
     images, _ = trained[1].envs.source.get(np.arange(12))
     policy = ImagePolicy.for_images(model, images, nvec)
-    bucketed = AdaptiveViT(model, policy)
-    bucketed(images)
-    assert len({tuple(c) for c in bucketed.inference.choices}) > 1
-    adaptive = AdaptiveViT(model, policy, execution="consensus")
-    logits, macs = adaptive(images)
-    chosen = {tuple(c) for c in adaptive.inference.choices}
+    _, _, bucketed = AdaptiveViT(model, policy)(images, return_decisions=True)
+    assert len(set(bucketed.subnets)) > 1
+    logits, macs, decisions = AdaptiveViT(model, policy, execution="consensus")(images, return_decisions=True)
+    chosen = set(decisions.subnets)
     assert len(chosen) == 1
-    subnet = vit.Subnet(chosen.pop())
+    subnet = chosen.pop()
     with torch.no_grad():
         torch.testing.assert_close(logits, model(images, subnet=subnet), atol=1e-5, rtol=0)
     assert torch.all(macs == vit.count_flops(model, subnet))
@@ -445,8 +452,7 @@ def test_measure_reports_fractions(price_setup):
     adaptive, loader = price_setup
     ratios = []
     for price in (0.01, 0.05, 1.0):
-        adaptive.price = price
-        result = agents.measure(adaptive, loader)
+        result = agents.measure(adaptive, loader, price=price)
         assert set(result) == {"top1", "top5", "flops_ratio", "tokens_kept", "params", "logprob"}
         assert all(0.0 <= result[k] <= 1.0 for k in ("top1", "top5", "flops_ratio", "tokens_kept")), result
         assert -5.0 <= result["logprob"] <= 0.0
@@ -457,9 +463,9 @@ def test_measure_reports_fractions(price_setup):
         tokens = kept_tokens(tokens, 0.25)
     assert result["tokens_kept"] == pytest.approx(tokens / 49)
     images, labels = loader[0]
-    top1 = float((adaptive(images)[0].argmax(-1) == labels).float().mean())
-    logprob = adaptive(images)[0].log_softmax(-1).gather(1, labels[:, None]).clamp_min(-5.0).mean()
-    first = agents.measure(adaptive, loader[:1])
+    top1 = float((adaptive(images, price=1.0)[0].argmax(-1) == labels).float().mean())
+    logprob = adaptive(images, price=1.0)[0].log_softmax(-1).gather(1, labels[:, None]).clamp_min(-5.0).mean()
+    first = agents.measure(adaptive, loader[:1], price=1.0)
     assert first["top1"] == pytest.approx(top1) and first["logprob"] == pytest.approx(float(logprob), abs=1e-5)
     with pytest.raises(ValueError, match="no images"):
         agents.measure(adaptive, [])
@@ -468,12 +474,12 @@ def test_measure_reports_fractions(price_setup):
 @pytest.mark.parametrize("reached_at", [0.03, 0.3])
 def test_calibrate_finds_the_price_of_a_target(price_setup, reached_at):
     adaptive, loader = price_setup
-    adaptive.price = reached_at
-    target = agents.measure(adaptive, loader)["flops_ratio"]
-    adaptive.price = 0.5
+    target = agents.measure(adaptive, loader, price=reached_at)["flops_ratio"]
+    default = adaptive.price
     price = agents.calibrate(adaptive, loader, target)
-    assert adaptive.price == price and 0.01 <= price <= 1.0
-    assert abs(agents.measure(adaptive, loader)["flops_ratio"] - target) <= 0.02
+    assert adaptive.price == default  # the price is returned, not written into the model
+    assert 0.01 <= price <= 1.0
+    assert abs(agents.measure(adaptive, loader, price=price)["flops_ratio"] - target) <= 0.02
 
 
 def test_calibrate_rejects_an_impossible_target(price_setup):
@@ -481,6 +487,66 @@ def test_calibrate_rejects_an_impossible_target(price_setup):
     for target in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="target_flops_ratio"):
             agents.calibrate(adaptive, loader, target)
+
+
+def test_price_is_an_argument_one_per_image_or_the_default(price_setup):
+    adaptive, loader = price_setup
+    images = loader[0][0][:6]
+    prices = torch.tensor([0.01, 1.0, 0.05, 0.3, 0.01, 1.0])
+    logits, macs, decisions = adaptive(images, price=prices, return_decisions=True)
+    for i, price in enumerate(prices.tolist()):
+        alone, alone_macs, alone_decisions = adaptive(images[i : i + 1], price=price, return_decisions=True)
+        torch.testing.assert_close(logits[i : i + 1], alone, atol=1e-5, rtol=0)
+        assert float(macs[i]) == float(alone_macs[0]) and decisions.subnets[i] == alone_decisions.subnets[0]
+    assert len(set(decisions.subnets)) > 1  # the prices were seen: cheap images ran other subnets
+    default, _ = adaptive(images)
+    assert torch.equal(default, adaptive(images, price=adaptive.price)[0])
+    with pytest.raises(ValueError, match="one per image"):
+        adaptive(images, price=torch.ones(5))
+
+
+def test_calibrate_returns_the_price_and_leaves_the_model_as_it_was(price_setup):
+    adaptive, loader = price_setup
+    images = loader[0][0]
+    before = adaptive(images)
+    price = agents.calibrate(adaptive, loader, 0.5)
+    assert price != adaptive.price
+    after = adaptive(images)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(AttributeError):
+        adaptive.price = price  # the default is set at construction; a caller passes the price instead
+
+
+def test_adaptive_vit_leaves_the_supernet_trainable():
+    model = tiny_supernet()
+    adaptive = AdaptiveViT(model, FullModelPolicy(vit.InferenceLoop(model).nvec))
+    logits, _ = adaptive(torch.randn(3, 1, 28, 28))
+    assert all(p.requires_grad for p in model.parameters())
+    assert logits.shape == (3, 10) and not logits.requires_grad  # decided under inference mode only
+    model.train()
+    loss = model(torch.randn(2, 1, 28, 28), subnet=model.search_space.smallest()).sum()
+    loss.backward()  # the supernet trains on as before
+    assert model.head.weight.grad is not None
+
+
+def test_adaptive_vit_depends_on_the_model_package_only():
+    """agents.adaptive imports no env module, and vit imports neither the env nor the agents (no arrow back up)."""
+    root = Path(agents.__file__).parent.parent
+
+    def imported(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+        return names
+
+    assert "vit" in imported(root / "agents" / "adaptive.py")  # the check sees imports
+    assert "prance_env" not in imported(root / "agents" / "adaptive.py")
+    for path in (root / "vit").glob("*.py"):
+        assert not imported(path) & {"prance_env", "agents"}, path
 
 
 # --- selector training end to end -------------------------------------------------------------------------------------
@@ -606,11 +672,10 @@ def test_train_selector_with_other_algorithms(selector_run, tmp_path, algo):
 
 def test_calibrate_warns_and_takes_the_nearest_endpoint_out_of_reach(price_setup):
     adaptive, loader = price_setup
-    adaptive.price = 1.0
-    cheapest = agents.measure(adaptive, loader)["flops_ratio"]
+    cheapest = agents.measure(adaptive, loader, price=1.0)["flops_ratio"]
     with pytest.warns(UserWarning, match="out of reach"):
         price = agents.calibrate(adaptive, loader, cheapest / 2)
-    assert price == adaptive.price == 1.0
+    assert price == 1.0
     with pytest.warns(UserWarning, match="out of reach"):
         assert agents.calibrate(adaptive, loader, 0.01, price_range=(0.01, 0.1)) == 0.1
 
@@ -692,16 +757,17 @@ def test_measure_reports_top5_and_the_parameters_each_image_read():
     torch.manual_seed(0)
     model = tiny_supernet()
     images, labels = torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,))
-    adaptive = agents.AdaptiveViT(model, RandomPolicy(prance_env.BatchedInference(model).nvec, seed=0))
+    adaptive = agents.AdaptiveViT(model, RandomPolicy(vit.InferenceLoop(model).nvec, seed=0))
     row = agents.measure(adaptive, [(images, labels)])
-    choices = [vit.Subnet(tuple(c)) for c in adaptive.inference.choices]
+    adaptive.policy = RandomPolicy(adaptive.nvec, seed=0)  # the same draws again
+    choices = adaptive(images, return_decisions=True)[2].subnets
     assert len(set(choices)) > 1  # per-image subnets: the average is over different counts
     assert row["params"] == pytest.approx(np.mean(vit.count_params(model, choices)))
     assert row["params"] < vit.count_params(model)
     top5 = model(images, choices).topk(5, dim=-1).indices
     assert row["top5"] == pytest.approx(float((top5 == labels[:, None]).any(-1).float().mean()))
     assert row["top1"] <= row["top5"]
-    bf16_adaptive = agents.AdaptiveViT(model, RandomPolicy(adaptive.inference.nvec, seed=0), amp=True)
+    bf16_adaptive = agents.AdaptiveViT(model, RandomPolicy(adaptive.nvec, seed=0), amp=True)
     bf16 = agents.measure(bf16_adaptive, [(images, labels)])
     assert bf16["flops_ratio"] == row["flops_ratio"]  # the same decisions (random), in bf16
 

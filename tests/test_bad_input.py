@@ -119,7 +119,7 @@ def test_empty_batch_gives_empty_logits(token_mode):
 
 
 def test_empty_batch_raises_in_adaptive_vit(model):
-    with pytest.raises(ValueError, match="no images: an episode batch needs at least one image"):
+    with pytest.raises(ValueError, match="no images: a batch needs at least one image"):
         adaptive(model)(images(model, 0))
 
 

@@ -602,7 +602,8 @@ def test_registered_defaults_are_the_mdp_the_shipped_selector_was_trained_on():
     mdp, training = prance_env.MDPConfig(), agents.SelectorConfig()
     defaults = {k: p.default for k, p in inspect.signature(prance_env.PranceViTEnv).parameters.items()}
     for key in MDP_FIELDS:
-        assert settings["env"][key] == getattr(mdp, key) == defaults[key] == getattr(training, key), key
+        owner = mdp.shape if key in ("stem_blocks", "blocks_per_step") else mdp  # the loop's shape is vit's
+        assert settings["env"][key] == getattr(owner, key) == defaults[key] == getattr(training, key), key
     price_range = tuple(settings["env"]["price_range"])
     assert price_range == mdp.price_range == defaults["price_range"] == (training.price_low, training.price_high)
     for key in ("supernet", "checkpoint", "token_mode", "data", "data_path", "split"):

@@ -172,10 +172,9 @@ def test_decision_stats_of_random_decisions_match_the_forward():
         assert (shares < 1).any()  # random decisions: more than one choice taken somewhere
     # the same decisions again (a fresh generator of the same seed), image by image
     adaptive.policy = agents.RandomPolicy(nvec, seed=0)
-    _, macs5 = adaptive(x[:5])
-    first = [list(c) for c in adaptive.inference.choices]
-    _, macs7 = adaptive(x[5:])
-    configs = first + [list(c) for c in adaptive.inference.choices]
+    _, macs5, first = adaptive(x[:5], return_decisions=True)
+    _, macs7, then = adaptive(x[5:], return_decisions=True)
+    configs = first.subnets + then.subnets
     ratios = torch.cat([macs5, macs7]).double() / adaptive.full_macs
     for k in range(3):
         assert stats["macs_ratio_per_class"][k] == pytest.approx(float(ratios[y == k].mean()))

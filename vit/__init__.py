@@ -1,4 +1,5 @@
-"""vit: the elastic ViT supernet of PRANCE — widths, token reduction, FLOPs, per-sample execution, data.
+"""vit: the elastic ViT supernet of PRANCE — widths, token reduction, FLOPs, per-sample execution, the
+block-by-block inference loop, data.
 
 Importing vit registers its presets with timm, so `timm.create_model("prance_deit_small")` builds one too.
 """
@@ -15,6 +16,7 @@ from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, S
 from .data import load_dataset
 from .executor import TokenBatch
 from .flops import block_macs, count_flops, count_params
+from .inference import InferenceLoop, LoopShape
 from .packed import PackedBatch
 from .registry import create_supernet, list_supernets, register_supernet
 from .rewire import rewire
@@ -24,7 +26,9 @@ __all__ = [
     "TOKEN_MODES",
     "BlockConfig",
     "ElasticViT",
+    "InferenceLoop",
     "InvalidSubnetError",
+    "LoopShape",
     "PackedBatch",
     "SearchSpace",
     "Subnet",

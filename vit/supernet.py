@@ -23,7 +23,7 @@ from .packed import PackedBatch
 from .token_ops import cls_attention, reduce_tokens, size_bias, token_schedule
 
 EXECUTIONS = ("packed", "bucketed", "consensus")
-#: How `ElasticViT.forward` and `prance_env.BatchedInference` hold a batch for each per-sample execution.
+#: How `ElasticViT.forward` and `vit.inference.InferenceLoop` hold a batch for each per-sample execution.
 TOKEN_BATCHES = {"packed": PackedBatch, "bucketed": TokenBatch}
 #: The data config a model's `pretrained_cfg` starts from: DeiT's ImageNet evaluation (224/256 centre crop, bicubic,
 #: ImageNet statistics) and the license of DeiT's weights and of this package.
