@@ -115,9 +115,7 @@ def pareto_figure(
 
 
 @torch.inference_mode()
-def decision_stats(
-    adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor]], price: float | None = None
-) -> dict:
+def decision_stats(adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor]], price: float | None = None) -> dict:
     """What `adaptive` decides over `batches` at compute price `price` (None: `adaptive.price`): per decided block,
     the share of images taking each choice of heads, MLP width and keep ratio, and per class the number of images,
     the mean MACs ratio and Top-1.

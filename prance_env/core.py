@@ -68,7 +68,7 @@ class BatchedInference(InferenceLoop):
         model: the supernet (put in eval mode and frozen; it is never trained here).
         config: the MDP's settings.
         execution: how a batch of per-sample configurations runs: `packed` (`vit.PackedBatch`) or `bucketed`
-            (`vit.TokenBatch`); the results are the same.
+            (`vit.BucketedBatch`); the results are the same.
         amp: run the supernet under bf16 autocast on its device (CUDA or CPU; `vit.utils.autocast`); observations,
             logits and rewards stay float32/float64.
     """

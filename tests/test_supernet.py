@@ -487,12 +487,13 @@ def test_every_parameter_gets_a_gradient(name):
         assert p.grad.abs().sum() > 0, key
 
 
-def test_per_sample_subnets_train():
+@pytest.mark.parametrize("execution", ["packed", "bucketed"])
+def test_per_sample_subnets_train(execution):
     """With gradients enabled, per-sample subnets give the gradients of each sample run alone."""
     model = copy.deepcopy(supernet("prance_fmnist")).train()
-    subnets = [model.search_space.sample(seed) for seed in range(3)]
-    x, labels = images(model, 3), torch.tensor([0, 1, 2])
-    F.cross_entropy(model(x, subnets), labels, reduction="sum").backward()
+    subnets = [model.search_space.sample(seed) for seed in range(5)]
+    x, labels = images(model, 5), torch.tensor([0, 1, 2, 3, 4])
+    F.cross_entropy(model(x, subnets, execution=execution), labels, reduction="sum").backward()
     batched = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     for i, s in enumerate(subnets):

@@ -1,11 +1,23 @@
-"""Token reduction on hand-checkable inputs: kept counts, schedules, pruning, merging, proportional attention."""
+"""Token reduction on hand-checkable inputs: kept counts, schedules, ranking and assignment, pruning, merging,
+proportional attention."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vit import TOKEN_MODES, BlockConfig
-from vit.token_ops import cls_attention, kept_tokens, merge, prune, reduce_tokens, size_bias, token_schedule
+from vit.token_ops import assign_tokens, cls_attention, kept_tokens, reduce_tokens, size_bias, token_schedule
+
+
+def prune(x, size, scores, k):
+    """Keep CLS and the k patch tokens of highest score; also return the kept patch positions."""
+    keep = (assign_tokens(scores, None, k, k) >= 0).nonzero()[:, 1].view(x.shape[0], k)
+    return *reduce_tokens(x, size, scores, None, (k, k)), keep
+
+
+def merge(x, size, scores, keys, k, source=None):
+    """Merge the patch tokens into the k of highest score."""
+    return reduce_tokens(x, size, scores, keys, (x.shape[1] - 1, k), source=source)
 
 
 def tokens(batch: int, n: int, dim: int) -> torch.Tensor:
@@ -223,8 +235,8 @@ def test_proportional_attention_equals_attention_over_duplicated_tokens():
     dup = F.scaled_dot_product_attention(q, k[:, :, copies], v[:, :, copies])
     torch.testing.assert_close(out, dup)
 
-    scores = cls_attention(q, k, scale, size_bias(size))  # (1, 3): attention to the patch tokens
-    dup_scores = cls_attention(q, k[:, :, copies], scale)  # (1, 6)
+    scores = cls_attention(q[:, :, 0], k, scale, size.log())  # (1, 3): attention to the patch tokens
+    dup_scores = cls_attention(q[:, :, 0], k[:, :, copies], scale)  # (1, 6)
     merged = torch.stack([dup_scores[:, :3].sum(1), dup_scores[:, 3], dup_scores[:, 4:].sum(1)], dim=1)
     torch.testing.assert_close(scores, merged)
 
@@ -233,4 +245,40 @@ def test_cls_attention_is_the_head_mean_of_the_cls_row():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
     expected = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1)[:, :, 0, 1:].mean(1)
-    torch.testing.assert_close(cls_attention(q, k, 0.5), expected)
+    torch.testing.assert_close(cls_attention(q[:, :, 0], k, 0.5), expected)
+
+
+def test_cls_attention_of_fewer_heads_and_padding_is_that_of_the_sample_alone():
+    """Heads a sample does not run and padded keys (bias -inf) change nothing of its CLS attention."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 3, 6, 4, generator=g), torch.randn(2, 3, 6, 4, generator=g)
+    bias = torch.zeros(2, 6)
+    bias[1, 4:] = float("-inf")  # sample 1 holds 4 tokens, padded to 6
+    scores = cls_attention(q[:, :, 0], k, 0.5, bias, heads=torch.tensor([3, 2]))
+    torch.testing.assert_close(scores[0], cls_attention(q[:1, :, 0], k[:1], 0.5)[0])
+    torch.testing.assert_close(scores[1, :3], cls_attention(q[1:, :2, 0], k[1:, :2, :4], 0.5)[0])
+    assert torch.all(scores[1, 3:] == 0)
+
+
+# --- assign_tokens ------------------------------------------------------------------------------------------------
+
+
+def test_assign_tokens_slots_kept_merged_and_pruned_tokens():
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.05]])  # ranks: 0, 3, 1, 2, 4
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0], [1.0, 0.0]]])
+    # keep the best 2 (slots 0 and 1 in position order), merge ranks 2-3 into their most similar, prune rank 4
+    assert assign_tokens(scores, keys, 4, 2).tolist() == [[0, 0, 1, 1, -1]]
+    assert assign_tokens(scores, None, 3, 3).tolist() == [[0, -1, 1, 2, -1]]  # pruning only needs no keys
+
+
+def test_assign_tokens_on_padded_samples_is_each_sample_alone():
+    """Per-sample counts and padding: every sample gets the slots it gets alone, padding none."""
+    g = torch.Generator().manual_seed(3)
+    n, pruned, final = [9, 6, 4], [7, 6, 2], [3, 2, 2]
+    scores, keys = torch.rand(3, 9, generator=g), torch.randn(3, 9, 5, generator=g)
+    valid = torch.arange(9) < torch.tensor(n)[:, None]
+    slot = assign_tokens(scores, keys, torch.tensor(pruned), torch.tensor(final), valid)
+    for b in range(3):
+        alone = assign_tokens(scores[b : b + 1, : n[b]], keys[b : b + 1, : n[b]], pruned[b], final[b])
+        assert slot[b, : n[b]].tolist() == alone[0].tolist()
+        assert torch.all(slot[b, n[b] :] == -1)

@@ -11,10 +11,10 @@ import os
 # torch; set OMP_WAIT_POLICY yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .bucketed import BucketedBatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, Subnet
 from .data import load_dataset
-from .executor import TokenBatch
 from .flops import block_macs, count_flops, count_params
 from .inference import InferenceLoop, LoopShape
 from .packed import PackedBatch
@@ -32,7 +32,7 @@ __all__ = [
     "PackedBatch",
     "SearchSpace",
     "Subnet",
-    "TokenBatch",
+    "BucketedBatch",
     "block_macs",
     "count_flops",
     "count_params",

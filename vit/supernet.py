@@ -17,14 +17,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .bucketed import BucketedBatch
 from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, channel_statistics, check_token_mode
-from .executor import TokenBatch
-from .packed import PackedBatch
-from .token_ops import cls_attention, reduce_tokens, size_bias, token_schedule
+from .packed import (
+    AttentionRun,
+    BlockPlan,
+    PackedBatch,
+    attention_core,
+    cls_ranking,
+    packed_reduction,
+    sample_runs,
+    stack_linear,
+)
+from .token_ops import assign_tokens, dense_reduction, token_schedule
+from .utils import long_tensor
 
 EXECUTIONS = ("packed", "bucketed", "consensus")
 #: How `ElasticViT.forward` and `vit.inference.InferenceLoop` hold a batch for each per-sample execution.
-TOKEN_BATCHES = {"packed": PackedBatch, "bucketed": TokenBatch}
+TOKEN_BATCHES = {"packed": PackedBatch, "bucketed": BucketedBatch}
 #: The data config a model's `pretrained_cfg` starts from: DeiT's ImageNet evaluation (224/256 centre crop, bicubic,
 #: ImageNet statistics) and the license of DeiT's weights and of this package.
 IMAGENET_CFG = {
@@ -41,7 +51,7 @@ class ElasticAttention(nn.Module):
     """Multi-head self-attention whose first `heads` heads run; the head dim stays fixed.
 
     Slicing keeps the first `heads * head_dim` rows of each of the q, k and v blocks of `qkv` and the same
-    columns of `proj`, so a narrower attention is a real, smaller computation.
+    columns of `proj`, so a narrower attention is a real, smaller computation. `ElasticBlock` runs it.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
@@ -54,33 +64,22 @@ class ElasticAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: Tensor, heads: int, bias: Tensor | None = None, need_scores: bool = False
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Attention of x (B, T, C) with `heads` heads; `bias` is the proportional-attention bias.
-
-        Returns the output (B, T, C) and, when `need_scores`, the CLS attention to the patches (B, T - 1) and the
-        patch keys (B, T - 1, heads * head_dim) that token reduction ranks and matches tokens by.
-        """
-        B, T, C = x.shape
-        inner = heads * self.head_dim
+    def qkv_params(self, heads: int) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias of `qkv` at `heads` heads: the prefix of each of its q, k, v row blocks."""
         w, b = self.qkv.weight, self.qkv.bias
-        if heads < self.num_heads:  # prefix of each of the q, k, v row blocks
-            w = w.view(3, C, C)[:, :inner].reshape(3 * inner, C)
-            b = None if b is None else b.view(3, C)[:, :inner].reshape(3 * inner)
-        qkv = F.linear(x, w, b).reshape(B, T, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, h, T, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = F.linear(out.transpose(1, 2).reshape(B, T, inner), self.proj.weight[:, :inner], self.proj.bias)
-        if not need_scores:
-            return out, None, None
-        scores = cls_attention(q, k, self.scale, bias)
-        keys = k[:, :, 1:].transpose(1, 2).reshape(B, T - 1, inner)
-        return out, scores, keys
+        if heads == self.num_heads:
+            return w, b
+        C, inner = w.shape[1], heads * self.head_dim
+        b = None if b is None else b.view(3, C)[:, :inner].reshape(-1)
+        return w.view(3, C, C)[:, :inner].reshape(3 * inner, C), b
+
+    def proj_params(self, heads: int) -> tuple[Tensor, Tensor]:
+        """Weight and bias of `proj` at `heads` heads."""
+        return self.proj.weight[:, : heads * self.head_dim], self.proj.bias
 
 
 class ElasticMlp(nn.Module):
-    """Two-layer MLP whose first `hidden` neurons run (rows of `fc1`, columns of `fc2`)."""
+    """Two-layer MLP whose first `hidden` neurons run (rows of `fc1`, columns of `fc2`). `ElasticBlock` runs it."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -88,27 +87,39 @@ class ElasticMlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, hidden: int) -> Tensor:
-        x = self.act(F.linear(x, self.fc1.weight[:hidden], self.fc1.bias[:hidden]))
-        return F.linear(x, self.fc2.weight[:, :hidden], self.fc2.bias)
+    def hidden(self, x: Tensor, hidden: int) -> Tensor:
+        """The first `hidden` neurons' activations."""
+        return self.act(F.linear(x, self.fc1.weight[:hidden], self.fc1.bias[:hidden]))
+
+    def fc2_params(self, hidden: int) -> tuple[Tensor, Tensor]:
+        """Weight and bias of `fc2` at `hidden` neurons."""
+        return self.fc2.weight[:, :hidden], self.fc2.bias
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (training only)."""
+    """Stochastic depth per sample (training only), on a packed batch's rows."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, batch: PackedBatch) -> Tensor:
+        """x (T, C): rows of `batch`'s samples, in its order."""
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        keep = x.new_empty(batch.batch_size).bernoulli_(1.0 - self.p) / (1.0 - self.p)
+        order = torch.as_tensor(batch.order, device=x.device)
+        lengths = torch.as_tensor([batch.lengths[s] for s in batch.order], device=x.device)
+        return x * keep[order].repeat_interleave(lengths, output_size=x.shape[0])[:, None]
 
 
 class ElasticBlock(nn.Module):
-    """Pre-norm transformer block: attention, then token reduction, then MLP."""
+    """Pre-norm transformer block: attention, then token reduction, then MLP.
+
+    One implementation for a dense batch and for a batch whose samples run different configurations and hold
+    different numbers of tokens (`vit.PackedBatch`; a dense batch is its case of one run, and runs as timm's
+    block does).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool = True, drop_path: float = 0.0):
         super().__init__()
@@ -119,20 +130,51 @@ class ElasticBlock(nn.Module):
         self.mlp = ElasticMlp(dim, mlp_hidden)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(
-        self, x: Tensor, size: Tensor | None, config: BlockConfig, token_mode: str, source: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
-        """x: (B, 1 + N, C), size: token sizes (B, 1 + N) or None. Returns both after the block, and the `source`
-        (B, 1 + N, S) reduced as the tokens were when one is given (see `token_ops.reduce_tokens`)."""
-        schedule = token_schedule(x.shape[1] - 1, config, token_mode)
-        reduce = schedule[1] < x.shape[1] - 1
-        attn, scores, keys = self.attn(self.norm1(x), config.heads, size_bias(size), need_scores=reduce)
-        x = x + self.drop_path1(attn)
-        if reduce:  # (B, 1 + N', C); the source comes back only when one is traced
-            x, size, *traced = reduce_tokens(x, size, scores, keys, schedule, token_mode, source)
-            source = traced[0] if traced else None
-        x = x + self.drop_path2(self.mlp(self.norm2(x), config.mlp_hidden))
-        return (x, size) if source is None else (x, size, source)
+    def forward(self, batch: PackedBatch, configs: BlockConfig | Sequence[BlockConfig], token_mode: str) -> PackedBatch:
+        """The batch after the block, sample b at `configs[b]` (or every sample at one `BlockConfig`).
+
+        Token sizes and the source map (`PackedBatch.size`, `.source`) follow the tokens."""
+        plan = BlockPlan(batch, configs, token_mode)
+        batch = batch.reordered(plan.attention_order)
+        attn, d = self.attn, self.attn.head_dim
+        y = self.norm1(batch.x)
+        runs, cores = [], []
+        log_size = None if batch.size is None else batch.size.log()
+        for h, first, n, samples in sample_runs(batch.order, plan.heads, batch.lengths):
+            run = AttentionRun(
+                F.linear(y[first : first + n], *attn.qkv_params(h)),
+                h,
+                first,
+                samples,
+                [batch.lengths[s] for s in samples],
+            )
+            runs.append(run)
+            cores.append((attention_core(run, log_size, d), *attn.proj_params(h)))
+        x = batch.x + self.drop_path1(stack_linear(cores), batch)
+        order = batch.order if plan.uniform else sorted(batch.order, key=plan.widths.__getitem__)
+        if plan.reduced:
+            scores, keys, valid = cls_ranking(runs, batch, plan.reduced, d, attn.scale, plan.uniform)
+            pruned, final = ([plan.schedules[s][k] for s in plan.reduced] for k in (0, 1))
+            merges = pruned != final
+            if plan.uniform:
+                slot = assign_tokens(scores, keys if merges else None, pruned[0], final[0])
+                reduction, lengths = dense_reduction(slot, final[0], merges), [1 + final[0]] * batch.batch_size
+            else:
+                p, f = long_tensor(pruned, x.device), long_tensor(final, x.device)
+                slot = assign_tokens(scores, keys if merges else None, p, f, valid)
+                reduction, lengths = packed_reduction(batch, plan, slot, order)
+            x, size = reduction.mean(x, batch.size)
+            source = None if batch.source is None else reduction.sum(batch.source)
+            batch = PackedBatch(x, lengths, size, order, source)
+        else:
+            batch = PackedBatch(x, batch.lengths, batch.size, batch.order, batch.source).reordered(order)
+        y = self.norm2(batch.x)
+        parts = [
+            (self.mlp.hidden(y[first : first + n], m), *self.mlp.fc2_params(m))
+            for m, first, n, _ in sample_runs(batch.order, plan.widths, batch.lengths)
+        ]
+        x = batch.x + self.drop_path2(stack_linear(parts), batch)
+        return PackedBatch(x, batch.lengths, batch.size, batch.order, batch.source)
 
 
 class PatchEmbed(nn.Module):
@@ -181,7 +223,7 @@ class ElasticViT(nn.Module):
 
     `forward(x)` runs the largest subnet; `forward(x, subnet)` one subnet for the batch; `forward(x, [s_0, ...])`
     one subnet per sample, executed on packed tokens (`vit.PackedBatch`), by bucketing samples of equal
-    configuration and token count (`execution="bucketed"`, `vit.TokenBatch`), or as one subnet chosen from the
+    configuration and token count (`execution="bucketed"`, `vit.BucketedBatch`), or as one subnet chosen from the
     per-sample ones (`execution="consensus"`).
 
     Args:
@@ -340,16 +382,25 @@ class ElasticViT(nn.Module):
     def forward_block(
         self, i: int, x: Tensor, size: Tensor | None, config: BlockConfig, source: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
-        """Run block `i` at `config` on tokens x (B, 1 + N, C) with sizes (B, 1 + N) or None.
+        """Run block `i` at `config` on a dense batch: tokens x (B, 1 + N, C) with sizes (B, 1 + N) or None.
 
         With a `source` (B, 1 + N, S), also returns it reduced as the tokens were: which original tokens each
-        token holds (start from the identity at `embed`; see `token_ops.reduce_tokens`). Every execution that records
-        gradients runs its blocks here, so `set_grad_checkpointing` covers one subnet and per-sample subnets alike.
+        token holds (start from the identity at `embed`; see `token_ops.reduce_tokens`).
         """
+        if x.shape[0] == 0:  # no samples: only the shape changes
+            final = token_schedule(x.shape[1] - 1, config, self.token_mode)[1]
+            x = x[:, : 1 + final]
+            return (x, size) if source is None else (x, size, source[:, : 1 + final])
+        x, size, traced = self.run_block(i, PackedBatch(x, size=size, source=source), config).dense()
+        return (x, size) if source is None else (x, size, traced)
+
+    def run_block(self, i: int, batch: PackedBatch, configs: BlockConfig | Sequence[BlockConfig]) -> PackedBatch:
+        """Run block `i` on a `PackedBatch`, at one configuration or one per sample (batch order). Every execution
+        runs its blocks here, so `set_grad_checkpointing` covers one subnet and per-sample subnets alike."""
         block = self.blocks[i]
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, size, config, self.token_mode, source, use_reentrant=False)
-        return block(x, size, config, self.token_mode, source)
+            return checkpoint(block, batch, configs, self.token_mode, use_reentrant=False)
+        return block(batch, configs, self.token_mode)
 
     def forward_features(self, x: Tensor, subnet: Subnet | None = None) -> Tensor:
         """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch (largest when None)."""
@@ -367,9 +418,9 @@ class ElasticViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward_tokens(
-        self, tokens: PackedBatch | TokenBatch, start: int, subnets: Sequence[Subnet] | Subnet | None = None
+        self, tokens: PackedBatch | BucketedBatch, start: int, subnets: Sequence[Subnet] | Subnet | None = None
     ) -> Tensor:
-        """Logits (B, num_classes) of a `PackedBatch` or `TokenBatch` run from block `start` to the end.
+        """Logits (B, num_classes) of a `PackedBatch` or `BucketedBatch` run from block `start` to the end.
 
         `subnets` gives the configuration of the remaining blocks: one `Subnet` for all samples, one per sample,
         or None for the full width with no token reduction. Only blocks `start:` of each subnet are used.
@@ -389,7 +440,7 @@ class ElasticViT(nn.Module):
             subnet: None (largest subnet), a `Subnet` for the whole batch, or a sequence of B subnets.
             execution: for per-sample subnets, `packed` or `bucketed` (each the exact per-sample result; `packed`
                 runs a block in a few dense operations whatever the mixture, `bucketed` one dense group per
-                configuration and token count; with gradients enabled, per-sample subnets always run bucketed) or
+                configuration and token count; both record gradients when enabled) or
                 `consensus` (one subnet for the batch: per block and field the median choice of the samples).
         """
         if subnet is None or isinstance(subnet, Subnet):
@@ -407,12 +458,7 @@ class ElasticViT(nn.Module):
             return self.forward_head(self.forward_features(x))
         if execution == "consensus":
             return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
-        tokens = TOKEN_BATCHES[execution]
-        # packed execution writes into preallocated buffers, which autograd cannot follow
-        if tokens is PackedBatch and torch.is_grad_enabled():
-            if x.requires_grad or any(p.requires_grad for p in self.parameters()):
-                tokens = TokenBatch
-        return self.forward_tokens(tokens(self.embed(x)), 0, subnets)
+        return self.forward_tokens(TOKEN_BATCHES[execution](self.embed(x)), 0, subnets)
 
 
 __all__ = [

@@ -1,9 +1,9 @@
-"""Per-sample execution by bucketing.
+"""Per-sample execution by bucketing: a grouping strategy over the one block (`vit.supernet.ElasticBlock`).
 
 Samples whose configurations differ soon hold different numbers of tokens, so a batch is kept as buckets: each
 bucket is a dense tensor of the samples that share a token count. A block regroups the samples by (configuration,
-token count), runs every group on its sliced weights as one dense batch, and the buckets it returns are the new
-state. Nothing is padded or masked: each sample costs exactly what its configuration costs.
+token count), runs every group through the block as one dense batch, and the buckets it returns are the new state.
+Nothing is padded or masked: each sample costs exactly what its configuration costs.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def _cat_sizes(parts: list[Bucket]) -> Tensor | None:
     return torch.cat([p.x.new_ones(p.x.shape[:2]) if p.size is None else p.size for p in parts])
 
 
-class TokenBatch:
+class BucketedBatch:
     """A batch of token sequences of per-sample length, held as `Bucket`s of equal length.
 
-    Functional: `apply_block` returns a new `TokenBatch` and leaves this one as it was, so a caller can branch
+    Functional: `apply_block` returns a new `BucketedBatch` and leaves this one as it was, so a caller can branch
     (run the rest of the network from here) without copying.
     """
 
@@ -64,7 +64,7 @@ class TokenBatch:
         self._order: Tensor | None = None
         self._num_patches: Tensor | None = None
 
-    def apply_block(self, model: ElasticViT, i: int, configs: BlockConfig | Sequence[BlockConfig]) -> TokenBatch:
+    def apply_block(self, model: ElasticViT, i: int, configs: BlockConfig | Sequence[BlockConfig]) -> BucketedBatch:
         """Run block `i` of `model`, at one `BlockConfig` for all samples or one per sample (batch order)."""
         groups: dict[tuple[BlockConfig, int], list[Bucket]] = {}
         for bucket in self.buckets:
@@ -76,7 +76,7 @@ class TokenBatch:
             x = parts[0].x if len(parts) == 1 else torch.cat([p.x for p in parts])
             x, size = model.forward_block(i, x, _cat_sizes(parts), config)
             out.append(Bucket(index, x, size))
-        return TokenBatch(buckets=out, batch_size=self.batch_size)
+        return BucketedBatch(buckets=out, batch_size=self.batch_size)
 
     @staticmethod
     def _split(bucket: Bucket, configs: BlockConfig | Sequence[BlockConfig]) -> list[tuple[BlockConfig, Bucket]]:
@@ -118,4 +118,4 @@ class TokenBatch:
         return self._num_patches
 
 
-__all__ = ["Bucket", "TokenBatch"]
+__all__ = ["Bucket", "BucketedBatch"]
