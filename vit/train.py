@@ -312,7 +312,8 @@ def train_supernet(
     if model is None:
         kwargs = cfg.shape_kwargs() | shape.supernet_kwargs()
         model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path, **kwargs)
-    shape.check(model.search_space)
+    if shape.grouped:  # the sampled subnets must be the model's (per-block sampling draws from its own space)
+        shape.check(model.search_space)
     if cfg.init is not None:
         load_pretrained(model, cfg.init)
     model.to(device)
