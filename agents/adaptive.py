@@ -57,7 +57,8 @@ class AdaptiveViT(nn.Module):
         price: the compute price λ the policy sees when `forward` is given none (`calibrate` finds one for a MACs
             budget).
         price_range: the prices the policy was trained on; `calibrate` searches inside it.
-        shape: where the decisions fall, as in the env the policy was trained on.
+        shape: where the decisions fall and what each sets (per block, grouped, one-shot: `LoopShape.named`), as in
+            the env the policy was trained on.
         execution: `packed`, `bucketed` or `consensus` (see `vit.ElasticViT.forward`).
         amp: run the supernet under bf16 autocast on its device (CUDA or CPU); the policy reads float32.
     """

@@ -56,7 +56,7 @@ class SelectorConfig(SupernetShape):
         default=None, metadata={"help": "split evaluated (default: the held-out one, vit.data.held_out_split)"}
     )
     algo: str = field(default="ppo", metadata={"help": "ppo | a2c | maskable_ppo | recurrent_ppo"})
-    total_steps: int = field(default=800_000, metadata={"help": "environment steps (images x blocks)"})
+    total_steps: int = field(default=800_000, metadata={"help": "environment steps (images x decisions)"})
     num_envs: int = field(default=256, metadata={"help": "images per batch (sub-envs)"})
     n_steps: int = field(default=22, metadata={"help": "rollout length per sub-env (two episodes by default)"})
     minibatch_size: int = field(default=1408, metadata={"help": "env steps per PPO minibatch"})
@@ -75,8 +75,16 @@ class SelectorConfig(SupernetShape):
     quality: str = field(default=MDP.quality, metadata={"help": "correct | logprob | agree"})
     price_low: float = field(default=MDP.price_range[0], metadata={"help": "lowest price of the log-uniform range"})
     price_high: float = field(default=MDP.price_range[1], metadata={"help": "highest compute price"})
-    stem_blocks: int = field(default=LoopShape.stem_blocks, metadata={"help": "full-width blocks before any decision"})
-    blocks_per_step: int = field(default=LoopShape.blocks_per_step, metadata={"help": "blocks per decision"})
+    decisions: str = field(
+        default="per-block",
+        metadata={"help": "per-block | grouped (PRANCE's: decisions at blocks 3, 6, 9) | one-shot (LoopShape.named)"},
+    )
+    stem_blocks: int | None = field(
+        default=None, metadata={"help": "full-width blocks before any decision (default: the decisions' own)"}
+    )
+    blocks_per_step: int | None = field(
+        default=None, metadata={"help": "blocks per decision (default: the decisions' own)"}
+    )
     hidden: int = field(default=128, metadata={"help": "width of the CLS extractor's MLP"})
     eval_prices: tuple[float, ...] = field(default=(0.001, 0.003, 0.01, 0.03), metadata={"help": "prices evaluated"})
     images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
@@ -92,17 +100,24 @@ class SelectorConfig(SupernetShape):
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     amp: bool = field(default=False, metadata={"help": "run the supernet under bf16 autocast (CUDA or CPU)"})
 
+    def loop_shape(self) -> LoopShape:
+        """Where the decisions of this run fall and what each sets."""
+        return LoopShape.named(self.decisions, self.stem_blocks, self.blocks_per_step)
+
     def build_supernet(self) -> vit.ElasticViT:
         """The supernet of this run: the preset `supernet` at the shapes given, with the weights of `checkpoint`
-        (default: the preset's reference weights)."""
-        kwargs = self.shape_kwargs() | ({} if self.token_mode is None else {"token_mode": self.token_mode})
+        (default: the preset's reference weights), offering the ratios the decisions choose."""
+        kwargs = self.shape_kwargs() | self.loop_shape().supernet_kwargs()
+        kwargs |= {} if self.token_mode is None else {"token_mode": self.token_mode}
         return vit.create_supernet(
             self.supernet, pretrained=self.checkpoint is None, checkpoint=self.checkpoint, **kwargs
         )
 
     def env_kwargs(self) -> dict:
-        """Keyword arguments of PranceViT-v0 for this run (training split), the supernet given by name."""
+        """Keyword arguments of PranceViT-v0 for this run (training split), the supernet given by name and the loop's
+        shape in full."""
         checkpoint = None if self.checkpoint is None else str(Path(self.checkpoint).resolve())
+        shape = self.loop_shape()
         return dict(
             supernet=self.supernet,
             checkpoint=checkpoint,
@@ -114,8 +129,9 @@ class SelectorConfig(SupernetShape):
             reward=self.reward,
             quality=self.quality,
             price_range=(self.price_low, self.price_high),
-            stem_blocks=self.stem_blocks,
-            blocks_per_step=self.blocks_per_step,
+            decisions=self.decisions,
+            stem_blocks=shape.stem_blocks,
+            blocks_per_step=shape.blocks_per_step,
             amp=self.amp,
         )
 
@@ -206,7 +222,7 @@ class SelectorEval(BaseCallback):
             self.supernet,
             self.model,
             price_range=(self.cfg.price_low, self.cfg.price_high),
-            shape=LoopShape(self.cfg.stem_blocks, self.cfg.blocks_per_step),
+            shape=self.cfg.loop_shape(),
             amp=self.cfg.amp,
         )
         rows = []

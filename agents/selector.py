@@ -1,8 +1,9 @@
 """Trained selectors on disk: the SB3 model (`.zip`) and, beside it, the env settings it was trained with (`.json`).
 
 The settings name the supernet, its shape arguments (`num_classes`, `img_size`, `in_chans`) and weights file, and the
-shape of the MDP (embedding width, action choices, token mode, stem and blocks per step, price range): `load_adaptive`
-rebuilds the supernet from them alone, and a selector is never silently run on a supernet it was not trained for.
+shape of the MDP (embedding width, action choices, token mode, decisions, stem and blocks per step, price range):
+`load_adaptive` rebuilds the supernet and the loop from them alone, and a selector is never silently run on a
+supernet it was not trained for.
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def supernet_signature(model: vit.ElasticViT) -> dict:
         "token_mode": model.token_mode,
         "choices": [[list(c) for c in space.choices(i)] for i in range(space.depth)],
     }
+
+
+def recorded_space(signature: dict) -> vit.SearchSpace:
+    """The search space a supernet signature records (its per-block choices, e.g. the keep ratios grouped decisions
+    widened it with)."""
+    fields = [list(map(tuple, f)) for f in zip(*signature["choices"])]  # per field, per block
+    merge = fields[3] if len(fields) > 3 else [(1.0,)] * len(fields[0])
+    return vit.SearchSpace(*fields[:3], merge, token_mode=signature["token_mode"])
 
 
 def save_selector(model: BaseAlgorithm, path: str | os.PathLike, settings: dict) -> Path:
@@ -180,6 +189,7 @@ def load_adaptive(
             pretrained=checkpoint is None,
             checkpoint=checkpoint,
             token_mode=signature["token_mode"],
+            search_space=recorded_space(signature),
             **shape,
         )
     supernet = supernet.to(vit.utils.resolve_device(device))
@@ -190,7 +200,7 @@ def load_adaptive(
         model,
         price=settings.get("price", 0.1) if price is None else price,
         price_range=tuple(env["price_range"]),
-        shape=LoopShape(env["stem_blocks"], env["blocks_per_step"]),
+        shape=LoopShape.named(env.get("decisions", "per-block"), env["stem_blocks"], env["blocks_per_step"]),
         execution=execution,
         amp=amp,
     )
@@ -202,6 +212,7 @@ __all__ = [
     "check_supernet",
     "load_adaptive",
     "load_selector",
+    "recorded_space",
     "resolve_selector",
     "save_selector",
     "selector_dataset",

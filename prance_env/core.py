@@ -38,7 +38,8 @@ class MDPConfig:
     trained on.
 
     Attributes:
-        shape: where the decisions fall (`vit.inference.LoopShape`: stem blocks, blocks per step).
+        shape: where the decisions fall and what each sets (`vit.inference.LoopShape`: stem blocks, blocks per
+            step, per-block or grouped decisions).
         reward: `delta`, `direct` or `terminal` (see the module docstring). The full model runs at reset only
             for `delta` (its result is R_{-1}) and for quality `agree`.
         quality: q of the result: `correct` (1 if right), `logprob` (log-prob of the true class, clipped at
@@ -106,8 +107,9 @@ class BatchedInference(InferenceLoop):
         patch tokens alive / initial; `price` (B, 1): log of the episode's price (`InferenceLoop.observe`)."""
         return self.observe(self.price)
 
-    def decode(self, actions: Tensor | Sequence) -> list[BlockConfig]:
-        """Per-sample `BlockConfig`s from choice indices (B, fields); raises `InvalidSubnetError` if invalid."""
+    def decode(self, actions: Tensor | Sequence) -> list[tuple[BlockConfig, ...]]:
+        """Per sample, the `BlockConfig` of each block of the step from choice indices (B, fields); raises
+        `InvalidSubnetError` if invalid."""
         actions = torch.as_tensor(actions)
         self._check_actions(actions)
         return self.configs(actions.long())
@@ -117,7 +119,7 @@ class BatchedInference(InferenceLoop):
         B = self.tokens.batch_size
         if actions.shape != (B, len(self.nvec)):
             raise InvalidSubnetError(
-                f"expected actions of shape ({B}, {len(self.nvec)}) for fields {self.space.fields}, "
+                f"expected actions of shape ({B}, {len(self.nvec)}) for fields {self.fields}, "
                 f"got {tuple(actions.shape)}"
             )
         if actions.is_floating_point():
@@ -130,7 +132,7 @@ class BatchedInference(InferenceLoop):
         if bad.any():
             sample, field = (int(v) for v in bad.nonzero()[0])
             raise InvalidSubnetError(
-                f"action {actions[sample].tolist()} (sample {sample}): {self.space.fields[field]} index "
+                f"action {actions[sample].tolist()} (sample {sample}): {self.fields[field]} index "
                 f"{actions[sample, field].item()} out of range [0, {self.nvec[field]})"
             )
 

@@ -29,9 +29,15 @@ class PranceViTEnv(gym.Env):
     ratio) and runs them. The reward is Result-to-Go: after every action, the inference is completed from the
     current tokens with the full-width network and scored, so every step is credited with the result it leads to.
 
+    Two decision structures (`decisions`, a name of `vit.inference.LoopShape.named`): `per-block` (the default: a
+    1-block stem, then one decision before every block) and `grouped` (PRANCE's: a 3-block stem, then decisions at
+    blocks 3, 6 and 9, each setting the widths of the 3 blocks of its group and one token reduction at the group's
+    first block, keep ratios 0.1 to 1.0); `one-shot` makes the grouped choices of all groups in one step.
+
     ## Action Space
 
-    `MultiDiscrete(nvec)`: indices into the block's choices, in the order of `search_space.fields`:
+    `MultiDiscrete(nvec)`: indices into the choices. Per-block decisions: one per field of `search_space.fields`,
+    for every block of the step:
 
     | index | field       | meaning                                                          |
     |-------|-------------|------------------------------------------------------------------|
@@ -39,6 +45,10 @@ class PranceViTEnv(gym.Env):
     | 1     | mlp_hidden  | active MLP hidden width (a prefix)                              |
     | 2     | keep_ratio  | fraction of patch tokens kept (pruned or merged by CLS attention)|
     | 3     | merge_ratio | `prune_merge` only: fraction of the survivors kept after merging |
+
+    Grouped decisions: per group, `heads[j]` and `mlp_hidden[j]` for each of its blocks (j: the block's place in the
+    step), then `keep_ratio[j]` (and `merge_ratio[j]`) of the reduction at its first block: 7 fields for groups of
+    3 blocks (8 in `prune_merge` mode), 21 for `one-shot`. The names are `env.unwrapped.inference.fields`.
 
     The largest index of every field is the full block. With `action_type="continuous"` the action is a
     `Box(-1, 1, (fields,))` decoded by rounding `(a + 1) / 2 * (n - 1)`. Invalid actions (another shape, even a
@@ -71,7 +81,8 @@ class PranceViTEnv(gym.Env):
 
     ## Episode End
 
-    Terminates after the last block (`(depth − stem_blocks) / blocks_per_step` steps). Never truncated.
+    Terminates after the last block (`(depth − stem_blocks) / blocks_per_step` steps: 11 per block, 3 grouped, 1
+    one-shot on a 12-block supernet). Never truncated.
 
     ## Info
 
@@ -90,9 +101,14 @@ class PranceViTEnv(gym.Env):
     ```python
     gymnasium.make("PranceViT-v0", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
                    data_path=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
-                   quality="logprob", price=None, price_range=(3e-4, 0.3), stem_blocks=1, blocks_per_step=1,
-                   action_type="discrete", render_mode=None, amp=False, workers=0)
+                   quality="logprob", price=None, price_range=(3e-4, 0.3), decisions="per-block",
+                   stem_blocks=None, blocks_per_step=None, action_type="discrete", render_mode=None, amp=False,
+                   workers=0)
     ```
+
+    `decisions` is `per-block`, `grouped`, `one-shot` or a `vit.inference.LoopShape`; `stem_blocks` and
+    `blocks_per_step` replace its values when given. A supernet given by name is built with the ratios the decisions
+    choose (grouped: keep ratios 0.1 to 1.0 at every block); a module must offer them already.
 
     The defaults (those of `prance_env.MDPConfig` and its `vit.inference.LoopShape`) are the MDP the shipped
     selector was trained on, so
@@ -107,7 +123,8 @@ class PranceViTEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: initial version; the `decisions` argument (grouped and one-shot decisions) added, its default the
+      per-block MDP of before.
     """
 
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": RENDER_FPS}
@@ -126,8 +143,9 @@ class PranceViTEnv(gym.Env):
         quality: str = MDPConfig.quality,
         price: float | None = None,
         price_range: Sequence[float] = MDPConfig.price_range,
-        stem_blocks: int = LoopShape.stem_blocks,
-        blocks_per_step: int = LoopShape.blocks_per_step,
+        decisions: str | LoopShape = "per-block",
+        stem_blocks: int | None = None,
+        blocks_per_step: int | None = None,
         action_type: str = "discrete",
         render_mode: str | None = None,
         amp: bool = False,
@@ -146,6 +164,7 @@ class PranceViTEnv(gym.Env):
             reward,
             quality,
             price_range,
+            decisions,
             stem_blocks,
             blocks_per_step,
             amp,

@@ -35,8 +35,10 @@ def build_supernet(
     token_mode: str | None,
     choices: Mapping[str, Sequence] | None,
     device: torch.device,
+    shape: LoopShape = LoopShape(),
 ) -> vit.ElasticViT:
-    """A supernet module as given, or the registered preset `supernet` with its shipped or given weights."""
+    """A supernet module as given, or the registered preset `supernet` with its shipped or given weights, offering
+    the ratios the decisions of `shape` choose (`LoopShape.supernet_kwargs`) unless `choices` says otherwise."""
     if isinstance(supernet, vit.ElasticViT):
         if token_mode not in (None, supernet.token_mode) or choices:
             raise ValueError("token_mode and choices apply to a supernet built by name; configure your module instead")
@@ -48,7 +50,7 @@ def build_supernet(
     unknown = set(choices or {}) - set(CHOICE_KEYS)
     if unknown:
         raise ValueError(f"unknown choices {sorted(unknown)}; expected keys among {sorted(CHOICE_KEYS)}")
-    kwargs = {CHOICE_KEYS[k]: tuple(v) for k, v in (choices or {}).items()}
+    kwargs = shape.supernet_kwargs() | {CHOICE_KEYS[k]: tuple(v) for k, v in (choices or {}).items()}
     if token_mode is not None:
         kwargs["token_mode"] = token_mode
     model = vit.create_supernet(supernet, pretrained=checkpoint is None, checkpoint=checkpoint, **kwargs)
@@ -232,7 +234,7 @@ def action_indices(inference: BatchedInference, actions, action_type: str, shape
     if given.dtype.kind not in "iuf":
         raise ValueError(f"actions must be numbers (choice indices or values in [-1, 1]), got dtype {given.dtype}")
     if given.shape != shape:
-        raise ValueError(f"expected actions of shape {shape} for fields {inference.space.fields}, got {given.shape}")
+        raise ValueError(f"expected actions of shape {shape} for fields {inference.fields}, got {given.shape}")
     rows = given.reshape(-1, len(inference.nvec))
     nvec = np.array(inference.nvec)
     if given.dtype.kind == "f" and not np.all(np.isfinite(rows)):
@@ -259,7 +261,7 @@ def _first_offender(inference: BatchedInference, given: np.ndarray, mask: np.nda
     sample, field = (int(i) for i in np.argwhere(mask)[0])
     row = "[" + ", ".join(map(str, rows[sample])) + "]"
     action = f"action {row}" if given.ndim == 1 else f"actions[{sample}] = {row}"
-    return f"{action}: {inference.space.fields[field]}", str(rows[sample, field]), inference.nvec[field]
+    return f"{action}: {inference.fields[field]}", str(rows[sample, field]), inference.nvec[field]
 
 
 def to_numpy(obs: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
@@ -279,20 +281,21 @@ def make_inference(
     reward: str = MDPConfig.reward,
     quality: str = MDPConfig.quality,
     price_range: Sequence[float] = MDPConfig.price_range,
-    stem_blocks: int = LoopShape.stem_blocks,
-    blocks_per_step: int = LoopShape.blocks_per_step,
+    decisions: str | LoopShape = "per-block",
+    stem_blocks: int | None = None,
+    blocks_per_step: int | None = None,
     amp: bool = False,
     workers: int | None = None,
 ) -> tuple[BatchedInference, ImageSource]:
     """The MDP over a supernet and its image source, from the env's keyword arguments."""
     config = MDPConfig(
-        shape=LoopShape(stem_blocks=stem_blocks, blocks_per_step=blocks_per_step),
+        shape=LoopShape.named(decisions, stem_blocks, blocks_per_step),
         reward=reward,
         quality=quality,
         price_range=tuple(price_range),
     )
     device = resolve_device(device)
-    model = build_supernet(supernet, checkpoint, token_mode, choices, device)
+    model = build_supernet(supernet, checkpoint, token_mode, choices, device, config.shape)
     return BatchedInference(model, config, amp=amp), build_source(data, data_path, split, model, device, workers)
 
 

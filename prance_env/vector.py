@@ -20,6 +20,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from vit import Subnet
+from vit.inference import RATIO_FIELDS
 
 from .factory import Prices, action_indices, make_inference, single_spaces, to_numpy
 from .render import RENDER_FPS, RENDER_MODES, check_render_mode, render_episode
@@ -163,9 +164,10 @@ class PranceViTVectorEnv(VectorEnv):
         nvec = self.inference.nvec
         masks = np.ones((self.num_envs, sum(nvec)), dtype=bool)
         spent = self.inference.tokens.num_patches().cpu().numpy() <= 1
-        offset = nvec[0] + nvec[1]
-        for n in nvec[2:]:
-            masks[spent, offset : offset + n - 1] = False
+        offset = 0
+        for n, name in zip(nvec, self.inference.fields):
+            if name.startswith(RATIO_FIELDS):
+                masks[spent, offset : offset + n - 1] = False
             offset += n
         return masks
 

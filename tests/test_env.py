@@ -23,6 +23,7 @@ import vit
 from agents.selector import SHIPPED as SHIPPED_SELECTORS
 from prance_env.render import GAP, PANEL_PIXELS, UNRUN_GREY
 from vit.flops import embed_macs
+from vit.inference import LoopShape
 from vit.registry import CHECKPOINT_DIR
 from vit.token_ops import token_schedule
 
@@ -594,7 +595,7 @@ def test_render_before_reset_raises(fmnist_dir):
 # --- the registered defaults: the MDP of the shipped selector ---------------------------------------------------------
 
 SELECTOR = SHIPPED_SELECTORS / "prance_fmnist"
-MDP_FIELDS = ("reward", "quality", "stem_blocks", "blocks_per_step")
+MDP_FIELDS = ("reward", "quality")
 
 
 def test_registered_defaults_are_the_mdp_the_shipped_selector_was_trained_on():
@@ -602,8 +603,12 @@ def test_registered_defaults_are_the_mdp_the_shipped_selector_was_trained_on():
     mdp, training = prance_env.MDPConfig(), agents.SelectorConfig()
     defaults = {k: p.default for k, p in inspect.signature(prance_env.PranceViTEnv).parameters.items()}
     for key in MDP_FIELDS:
-        owner = mdp.shape if key in ("stem_blocks", "blocks_per_step") else mdp  # the loop's shape is vit's
-        assert settings["env"][key] == getattr(owner, key) == defaults[key] == getattr(training, key), key
+        assert settings["env"][key] == getattr(mdp, key) == defaults[key] == getattr(training, key), key
+    # the loop's shape is vit's: per-block decisions, each default resolved as the env resolves it
+    env = settings["env"]
+    recorded = LoopShape.named(env.get("decisions", "per-block"), env["stem_blocks"], env["blocks_per_step"])
+    registered = LoopShape.named(defaults["decisions"], defaults["stem_blocks"], defaults["blocks_per_step"])
+    assert recorded == mdp.shape == registered == training.loop_shape() == LoopShape(stem_blocks=1, blocks_per_step=1)
     price_range = tuple(settings["env"]["price_range"])
     assert price_range == mdp.price_range == defaults["price_range"] == (training.price_low, training.price_high)
     for key in ("supernet", "checkpoint", "token_mode", "data", "data_path", "split"):

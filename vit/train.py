@@ -1,7 +1,8 @@
 """Supernet training: the sandwich rule with in-place distillation, on one process or many (DDP via torchrun).
 
 Every step trains the largest subnet on the labels, then the smallest and `num_random` random subnets (per-block
-choices drawn independently, token reduction included) on the largest's predictions. The first
+choices drawn independently, token reduction included; with `--decisions grouped`, the subnets PRANCE's grouped
+decisions reach) on the largest's predictions. The first
 `largest_only_epochs` train the largest alone: distilling from an untrained teacher stalls the whole supernet.
 AdamW with linear warm-up and a cosine decay, label smoothing, light augmentation, bf16 autocast on CUDA.
 For ImageNet, DeiT's recipe through timm is a set of flags, off by default (the Fashion-MNIST defaults stay):
@@ -49,6 +50,7 @@ from .data import (
     stratified_subset,
     to_device,
 )
+from .inference import LoopShape
 from .registry import SupernetShape, create_supernet, load_pretrained
 from .supernet import ElasticViT
 from .utils import autocast, resolve_device
@@ -80,6 +82,13 @@ class TrainConfig(SupernetShape):
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms and biases)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the largest subnet's loss"})
     num_random: int = field(default=2, metadata={"help": "random subnets per step besides largest and smallest"})
+    decisions: str = field(
+        default="per-block",
+        metadata={
+            "help": "subnets sampled: per-block (the search space's, every block drawn alone) | grouped | one-shot "
+            "(those grouped decisions reach: full-width stem, a reduction at blocks 3, 6, 9, keep ratios down to 0.1)"
+        },
+    )
     largest_only_epochs: float = field(default=3.0, metadata={"help": "train only the largest subnet at first"})
     distill: bool = field(default=True, metadata={"help": "train the other subnets on the largest's predictions"})
     drop_path: float = field(default=0.0, metadata={"help": "stochastic depth rate (DeiT: 0.1)"})
@@ -110,10 +119,17 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def sandwich(model: ElasticViT, num_random: int, rng: np.random.Generator) -> list[Subnet]:
-    """The subnets of one step: largest first (the teacher), smallest, then `num_random` random ones."""
+def sandwich(
+    model: ElasticViT, num_random: int, rng: np.random.Generator, shape: LoopShape = LoopShape()
+) -> list[Subnet]:
+    """The subnets of one step: largest first (the teacher), smallest, then `num_random` random ones.
+
+    Per-block decisions (`shape`'s default) draw from the whole search space, each block alone; grouped ones draw
+    the subnets their decisions reach (`LoopShape.sample`): the stem at full width, one reduction per group."""
     space = model.search_space
-    return [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(num_random))]
+    if not shape.grouped:
+        return [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(num_random))]
+    return [space.largest(), shape.smallest(space), *(shape.sample(space, rng) for _ in range(num_random))]
 
 
 def shift_and_flip(x: Tensor, pad: int = 2) -> Tensor:
@@ -292,10 +308,12 @@ def train_supernet(
         raise ValueError(f"Mixup/CutMix mix each batch with its reverse: batch_size must be even, not {cfg.batch_size}")
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
+    shape = LoopShape.named(cfg.decisions)
     if model is None:
-        model = create_supernet(
-            cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path, **cfg.shape_kwargs()
-        )
+        kwargs = cfg.shape_kwargs() | shape.supernet_kwargs()
+        model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path, **kwargs)
+    if shape.grouped:  # the sampled subnets must be the model's (per-block sampling draws from its own space)
+        shape.check(model.search_space)
     if cfg.init is not None:
         load_pretrained(model, cfg.init)
     model.to(device)
@@ -371,7 +389,7 @@ def train_supernet(
                 label_loss = functools.partial(soft_cross_entropy, target_probs=soft_targets)
             else:
                 label_loss = functools.partial(F.cross_entropy, target=y, label_smoothing=cfg.label_smoothing)
-            subnets = sandwich(model, cfg.num_random, rng)
+            subnets = sandwich(model, cfg.num_random, rng, shape)
             if step < cfg.largest_only_epochs * steps_per_epoch:
                 subnets = subnets[:1]
             optimizer.zero_grad(set_to_none=True)
@@ -397,11 +415,10 @@ def train_supernet(
 
         metrics = {"epoch": epoch + 1, "minutes": (time.time() - started) / 60}
         if _is_main():
-            space = model.search_space
             top1 = evaluate(
                 model,
                 lambda: test_batches.epoch(0, shuffle=False, limit=cfg.eval_batches),
-                [space.largest(), space.smallest()],
+                sandwich(model, 0, rng, shape),  # the largest and the smallest subnet
                 device,
             )
             metrics.update(top1_largest=top1[0], top1_smallest=top1[1])
@@ -421,7 +438,13 @@ def train_supernet(
             save_checkpoint(
                 model,
                 out / "supernet.safetensors",
-                {"model": cfg.supernet, "token_mode": model.token_mode, "epoch": epoch + 1, **metrics},
+                {
+                    "model": cfg.supernet,
+                    "token_mode": model.token_mode,
+                    "decisions": cfg.decisions,
+                    "epoch": epoch + 1,
+                    **metrics,
+                },
             )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
