@@ -12,6 +12,11 @@ It writes `OUT/ablation.json`, `OUT/ablation.md` (a table of the curves) and `OU
 
     python scripts/ablate_rtg.py                       # 3 modes x 240k steps x seed 0 on prance_fmnist
     python scripts/ablate_rtg.py --seeds 0 1 2 --steps 200000
+    python scripts/ablate_rtg.py --decisions grouped --rewards delta terminal --one-shot --seeds 0 1
+
+`--decisions` picks the MDP (per-block, or PRANCE's grouped decisions at blocks 3, 6, 9); `--one-shot` adds, per
+seed, a selector that takes every decision at once from the stem's features (one step: the no-MDP baseline),
+trained with the first reward mode.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class Args:
     steps: int = field(default=240_000, metadata={"help": "environment steps per run"})
     every: int = field(default=40_000, metadata={"help": "steps between scored checkpoints"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (every mode runs every seed)"})
+    decisions: str = field(default="per-block", metadata={"help": "per-block | grouped (the MDP of every mode)"})
+    one_shot: bool = field(default=False, metadata={"help": "add a one-shot selector per seed (no MDP)"})
     price: float = field(default=0.01, metadata={"help": "fixed price of the held-out return"})
     budget: float = field(default=0.5, metadata={"help": "MACs ratio of the Top-1 curve"})
     images: int = field(default=1000, metadata={"help": "held-out images per score"})
@@ -61,12 +68,19 @@ class Args:
     resume: bool = field(default=False, metadata={"help": "reuse finished runs and resume unfinished ones"})
 
 
-def run_config(args: Args, reward: str, seed: int) -> SelectorConfig:
+ONE_SHOT = "one-shot"
+
+
+def run_config(args: Args, label: str, seed: int) -> SelectorConfig:
+    """The selector run of a curve: a reward mode on `args.decisions`, or the one-shot baseline."""
+    one_shot = label == ONE_SHOT
+    reward = args.rewards[0] if one_shot else label
     return SelectorConfig(
         supernet=args.supernet,
         checkpoint=args.checkpoint,
         data_dir=args.data_dir,
         reward=reward,
+        decisions=ONE_SHOT if one_shot else args.decisions,
         total_steps=args.steps,
         num_envs=args.num_envs,
         n_steps=args.n_steps,
@@ -75,7 +89,7 @@ def run_config(args: Args, reward: str, seed: int) -> SelectorConfig:
         images=min(args.images, 512),
         eval_every=10 * args.steps,  # scored from the checkpoints afterwards
         save_every=args.every,
-        out=str(Path(args.out) / f"{reward}_seed{seed}"),
+        out=str(Path(args.out) / f"{label}_seed{seed}"),
         resume=args.resume,
         seed=seed,
         device=args.device,
@@ -137,7 +151,7 @@ def plot(curves: dict, args: Args, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(title="reward")
     seeds = ", ".join(map(str, args.seeds))
-    fig.suptitle(f"Result-to-Go ablation ({args.supernet}, seeds {seeds})")
+    fig.suptitle(f"Result-to-Go ablation ({args.supernet}, {args.decisions} decisions, seeds {seeds})")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -149,7 +163,8 @@ def main(args: Args) -> dict:
     setup_cpu(args.threads, keep_memory=False)
     device = resolve_device(args.device)
     curves: dict[str, list[dict]] = {}
-    runs = [(reward, seed) for seed in args.seeds for reward in args.rewards]
+    labels = [*args.rewards, *([ONE_SHOT] if args.one_shot else [])]
+    runs = [(label, seed) for seed in args.seeds for label in labels]
     for reward, seed in tqdm(runs, desc="ablation runs"):
         cfg = run_config(args, reward, seed)
         if not (args.resume and (Path(cfg.out) / "selector.zip").is_file()):
@@ -174,16 +189,16 @@ def main(args: Args) -> dict:
             curves.setdefault(reward, []).append({"reward": reward, "seed": seed, "steps": steps, **scores})
 
     lines = [
-        f"Held-out return at price {args.price:g} / Top-1 (%) at MACs ratio {args.budget:g}, "
-        f"{args.images} held-out images, mean over seeds {', '.join(map(str, args.seeds))}",
+        f"{args.decisions} decisions; held-out return at price {args.price:g} / Top-1 (%) at MACs ratio "
+        f"{args.budget:g}, {args.images} held-out images, mean over seeds {', '.join(map(str, args.seeds))}",
         "",
-        "| steps | " + " | ".join(args.rewards) + " |",
-        "|---|" + "---|" * len(args.rewards),
+        "| steps | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
     ]
     all_steps = sorted({r["steps"] for rows in curves.values() for r in rows})
     for steps in all_steps:
         cells = []
-        for reward in args.rewards:
+        for reward in labels:
             rows = [r for r in curves.get(reward, []) if r["steps"] == steps]
             if rows:
                 ret = np.mean([r["return"] for r in rows])

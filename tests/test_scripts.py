@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import run_script
 
+import agents
 import vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,6 +264,21 @@ def test_ablate_rtg(tmp_path, fmnist_dir, fmnist_weights):
     table = [line for line in out.splitlines() if line.startswith("| ") and "steps" not in line]
     assert len(table) >= 2 and all(line.count("/") == 3 for line in table)
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_ablate_rtg_on_grouped_decisions_with_the_one_shot_baseline(tmp_path, fmnist_dir, fmnist_weights):
+    out = run(
+        "ablate_rtg.py",
+        *("--checkpoint", str(fmnist_weights), "--data-dir", str(fmnist_dir)),
+        *("--decisions", "grouped", "--rewards", "delta", "terminal", "--one-shot"),
+        *("--steps", "48", "--every", "48", "--num-envs", "8", "--n-steps", "6", "--minibatch-size", "16"),
+        *("--images", "16", "--calib-images", "16", "--device", "cpu", "--out", str(tmp_path)),
+    )
+    assert "| steps | delta | terminal | one-shot |" in out and "grouped decisions" in out
+    for label, decisions, steps in (("delta", "grouped", 3), ("terminal", "grouped", 3), ("one-shot", "one-shot", 1)):
+        saved = json.loads((tmp_path / f"{label}_seed0" / "selector.json").read_text())
+        assert saved["env"]["decisions"] == decisions, label
+        assert agents.load_adaptive(tmp_path / f"{label}_seed0" / "selector")._loop.num_steps == steps
 
 
 def test_reinforce_example(fmnist_dir, fmnist_weights):
