@@ -72,7 +72,7 @@ class SelectorConfig(SupernetShape):
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
     ent_coef: float = field(default=0.005, metadata={"help": "entropy bonus"})
     reward: str = field(default=MDP.reward, metadata={"help": "delta | direct | terminal"})
-    quality: str = field(default=MDP.quality, metadata={"help": "correct | logprob | agree"})
+    quality: str = field(default=MDP.quality, metadata={"help": "correct | logprob | agree | no_worse"})
     price_low: float = field(default=MDP.price_range[0], metadata={"help": "lowest price of the log-uniform range"})
     price_high: float = field(default=MDP.price_range[1], metadata={"help": "highest compute price"})
     decisions: str = field(

@@ -26,7 +26,7 @@ from vit import BlockConfig, ElasticViT, InvalidSubnetError
 from vit.inference import InferenceLoop, LoopShape
 
 REWARD_MODES = ("delta", "direct", "terminal")
-QUALITIES = ("correct", "logprob", "agree")
+QUALITIES = ("correct", "logprob", "agree", "no_worse")
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,10 @@ class MDPConfig:
         shape: where the decisions fall and what each sets (`vit.inference.LoopShape`: stem blocks, blocks per
             step, per-block or grouped decisions).
         reward: `delta`, `direct` or `terminal` (see the module docstring). The full model runs at reset only
-            for `delta` (its result is R_{-1}) and for quality `agree`.
+            for `delta` (its result is R_{-1}) and for qualities `agree` and `no_worse`.
         quality: q of the result: `correct` (1 if right), `logprob` (log-prob of the true class, clipped at
-            `logprob_floor`) or `agree` (1 if the prediction is the full model's; needs no labels).
+            `logprob_floor`), `agree` (1 if the prediction is the full model's; needs no labels) or `no_worse` (the
+            official code's: 1 unless the full model is right and this prediction wrong).
         logprob_floor: lower clip of `logprob`.
         price_range: (low, high) of the log-uniform compute price drawn per episode; the observed log-price is
             bounded by it, so a policy reads only the prices it was trained on.
@@ -96,7 +97,7 @@ class BatchedInference(InferenceLoop):
         self.price = torch.zeros(B, device=images.device) if price is None else price.to(images.device, torch.float32)
         self.start(images)
         self.full_pred = self.result = None
-        if self.config.reward == "delta" or self.config.quality == "agree":  # the full model's result is needed
+        if self.config.reward == "delta" or self.config.quality in ("agree", "no_worse"):  # the full model's is needed
             full_logits = self.complete()
             self.full_pred = full_logits.argmax(-1)
             self.result = self._result(full_logits, torch.ones(B, dtype=torch.float64, device=images.device))
@@ -204,6 +205,8 @@ class BatchedInference(InferenceLoop):
             )
         elif q == "agree":
             quality = (logits.argmax(-1) == self.full_pred).float()
+        elif q == "no_worse":
+            quality = ((logits.argmax(-1) == self.labels) | (self.full_pred != self.labels)).float()
         else:
             quality = (logits.argmax(-1) == self.labels).float()
         return quality.double() - self.price.double() * flops_ratio

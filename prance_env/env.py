@@ -69,7 +69,8 @@ class PranceViTEnv(gym.Env):
 
     `R_t = q(prediction_t) − λ · F_t / F_full`, where prediction_t is that of the completion after step t and F_t
     the MACs spent plus the completion's. `q` is `logprob` (default: log-prob of the true class, clipped at -5),
-    `correct` (1 if right) or `agree` (1 if it equals the full model's prediction; no labels needed). `reward="delta"`
+    `correct` (1 if right), `agree` (1 if it equals the full model's prediction; no labels needed) or `no_worse` (the
+    official code's: 1 unless the full model is right and this prediction wrong). `reward="delta"`
     (default) gives `R_t − R_{t−1}` with `R_{−1}` the full model's result, so the return is the final result
     relative to the full model (0 when every action is the maximum); `"direct"` gives `R_t`; `"terminal"` gives 0
     but at the last step, `R_T` (no completion is run: the ablation without Result-to-Go).

@@ -95,6 +95,8 @@ def quality(logits: torch.Tensor, label: int, full_pred: int, kind: str, floor: 
     """q of a result, computed from the model's logits (C,)."""
     if kind == "logprob":
         return max(float(logits.log_softmax(-1)[label]), floor)
+    if kind == "no_worse":
+        return float(int(logits.argmax()) == label or full_pred != label)
     return float(int(logits.argmax()) == (label if kind == "correct" else full_pred))
 
 
@@ -636,3 +638,21 @@ def test_shipped_selector_loads_on_the_registered_env_and_decides_as_load_adapti
     other = gymnasium.make("PranceViT-v0", data_path=fmnist_dir, device="cpu", price_range=(0.01, 1.0))
     with pytest.raises(ValueError, match="Observation spaces do not match"):
         PPO.load(SELECTOR.with_suffix(".zip"), env=other, device="cpu")
+
+
+def test_no_worse_quality_is_one_unless_the_full_model_is_right_and_the_prediction_wrong():
+    """The official code's quality: labels are the full model's prediction for the first half of the images (so a
+    differing prediction scores 0) and another class for the rest (so every prediction scores 1)."""
+    model = supernet("merge")
+    images = torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(images).argmax(-1)
+    labels = torch.cat([full[:20], (full[20:] + 1) % 10])
+    inference = prance_env.BatchedInference(model, prance_env.MDPConfig(reward="direct", quality="no_worse"))
+    inference.reset(images, labels)  # price 0: the reward is the quality
+    done, smallest = False, torch.zeros(40, len(inference.nvec), dtype=torch.long)
+    while not done:
+        _, reward, done, info = inference.step(smallest)
+    expected = torch.cat([(info["pred"][:20] == full[:20]).double(), torch.ones(20, dtype=torch.float64)])
+    assert torch.equal(reward, expected)
+    assert 0 < reward[:20].sum() < 20  # the smallest subnet keeps some predictions and changes others
