@@ -7,8 +7,9 @@ mixture of configurations, with the helpers here:
 
 - `BlockPlan` orders the samples by number of heads, then by decreasing token count, so that every width's linear
   layers run once on a contiguous slice of the tokens and on prefix slices of the weights (`stack_linear`); the
-  attention core runs once per number of heads and *length class* (samples whose lengths differ by little, padded
-  to the longest and masked: `attention_core`), so the number of calls stays small whatever the lengths;
+  attention core runs once per number of heads and *length class* (samples padded to the longest of the class and
+  masked, a class growing while the padding wastes less than one more call costs: `attention_core`), so the number
+  of calls stays small whatever the lengths;
 - token reduction ranks and assigns the tokens of every reducing sample at once (`vit.token_ops.assign_tokens`,
   padded to the longest of them) and writes the survivors straight into the order by MLP width
   (`packed_reduction`), so that the MLP too runs once per width on a contiguous slice.
@@ -31,9 +32,9 @@ from .config import BlockConfig
 from .token_ops import Reduction, cls_attention, token_schedule
 from .utils import long_tensor, matmul_dtype
 
-#: A length class of the attention core pads its samples to its longest, and admits samples down to this fraction
-#: of it: at most (1 / 0.8)^2 = 1.56x the core's arithmetic for its shortest sample, in a few calls.
-PAD_RATIO = 0.8
+#: The padding a length class of the attention core may waste, in MACs: about what one more attention call costs on
+#: a CPU core (see `length_classes`).
+PAD_WASTE_MACS = 1_000_000
 
 
 class PackedBatch:
@@ -174,9 +175,12 @@ def stack_linear(parts: Sequence[tuple[Tensor, Tensor, Tensor | None]]) -> Tenso
     dtype = matmul_dtype(x)  # out= operations are not autocast: their operands are cast here
     out = x.new_empty(sum(p[0].shape[0] for p in parts), parts[0][1].shape[0], dtype=dtype)
     row = 0
+    cast = dtype != x.dtype or dtype != parts[0][1].dtype
     for y, w, b in parts:
-        target, y, wt = out[row : row + y.shape[0]], y.to(dtype), w.to(dtype).t()
-        torch.mm(y, wt, out=target) if b is None else torch.addmm(b.to(dtype), y, wt, out=target)
+        if cast:
+            y, w, b = y.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        target = out[row : row + y.shape[0]]
+        torch.mm(y, w.t(), out=target) if b is None else torch.addmm(b, y, w.t(), out=target)
         row += y.shape[0]
     return out
 
@@ -194,13 +198,19 @@ def sample_runs(order: Sequence[int], key: Sequence, lengths: Sequence[int]) -> 
     return [tuple(r) for r in runs]
 
 
-def length_classes(lengths: Sequence[int]) -> list[tuple[int, int]]:
-    """Split samples sorted by decreasing length into classes padded to their first: (first sample, samples)."""
-    classes, first = [], 0
+def length_classes(lengths: Sequence[int], width: int) -> list[tuple[int, int]]:
+    """Split samples sorted by decreasing length into classes padded to their first: (first sample, samples).
+
+    A class grows until the arithmetic its padding wastes (QK and AV products of `width` = heads x head_dim) passes
+    `PAD_WASTE_MACS`, about the cost of one more attention call: short sequences share one call, long ones of
+    differing lengths get their own."""
+    classes, first, waste = [], 0, 0
     for j in range(1, len(lengths) + 1):
-        if j == len(lengths) or lengths[j] < PAD_RATIO * lengths[first]:
+        if j < len(lengths):
+            waste += 2 * (lengths[first] ** 2 - lengths[j] ** 2) * width
+        if j == len(lengths) or waste > PAD_WASTE_MACS:
             classes.append((first, j - first))
-            first = j
+            first, waste = j, 0
     return classes
 
 
@@ -217,7 +227,7 @@ def attention_core(run: AttentionRun, log_size: Tensor | None, d: int) -> Tensor
     h, qkv, lengths = run.h, run.qkv, run.lengths
     outs, row = [], 0
     device = qkv.device
-    for first, m in length_classes(lengths):
+    for first, m in length_classes(lengths, h * d):
         L = lengths[first]
         members = lengths[first : first + m]
         tokens = sum(members)
