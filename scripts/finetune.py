@@ -1,9 +1,9 @@
 """Joint fine-tuning (PRANCE's stage three): the supernet on the subnets its selector picks, then the selector.
 
-    python scripts/finetune.py --out runs/finetune                        # prance_fmnist under the shipped selector
-    python scripts/finetune.py --out runs/finetune --resume               # continue after an interruption
-    python scripts/finetune.py --rounds 2 --selector-steps 100000 --out runs/finetune2   # alternate twice
-    torchrun --nproc_per_node 2 scripts/finetune.py --out runs/finetune   # DDP (gloo on CPU, nccl on CUDA)
+python scripts/finetune.py --out runs/finetune                        # prance_fmnist under the shipped selector
+python scripts/finetune.py --out runs/finetune --resume               # continue after an interruption
+python scripts/finetune.py --rounds 2 --selector-steps 100000 --out runs/finetune2   # alternate twice
+torchrun --nproc_per_node 2 scripts/finetune.py --out runs/finetune   # DDP (gloo on CPU, nccl on CUDA)
 """
 
 from agents.finetune import FinetuneConfig, joint_finetune
