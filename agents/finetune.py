@@ -209,7 +209,6 @@ class _Run:
         self.settings = read_settings(self.selector, required=("algo", "signature", "env"))
         model = supernet if supernet is not None else recorded_supernet(self.settings, cfg.checkpoint, cfg.supernet)
         self.model = model.to(self.device)
-        self.name = cfg.supernet or self.settings["signature"]["supernet"]
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.largest = self.model.search_space.largest()
         data, data_dir = cfg.data_source(self.settings)
@@ -302,7 +301,7 @@ class _Run:
     def metadata(self, r: int, step: int) -> dict:
         """What a weights file of this run records."""
         return {
-            "model": self.name,
+            "model": self.model.pretrained_cfg.get("architecture"),
             "token_mode": self.model.token_mode,
             "selector": self.cfg.selector,
             "round": r,

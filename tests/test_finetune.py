@@ -201,25 +201,66 @@ def test_a_supernet_module_and_a_checkpoint_or_selector_fine_tuning_are_refused(
         joint_finetune(config(selector, tmp_path, selector_steps=100), supernet=tiny_supernet())
 
 
-def test_the_script_fine_tunes_prance_fmnist_and_its_selector(fmnist_dir, tmp_path):
-    out = tmp_path / "run"
-    args = ["--data-dir", str(fmnist_dir), "--steps", "2", "--batch-size", "16", "--images", "16", "--save-every", "1"]
-    args += ["--selector-steps", "176", "--num-envs", "16", "--threads", "1", "--device", "cpu", "--out", str(out)]
-    run_script("finetune.py", *args)
+TWO_ROUNDS = dict(steps=2, batch_size=16, images=16, rounds=2, selector_steps=176, num_envs=16, threads=1)
+
+
+@pytest.fixture(scope="module")
+def two_rounds(fmnist_dir, tmp_path_factory) -> Path:
+    """`scripts/finetune.py` on prance_fmnist under the shipped selector, two rounds of 2 supernet steps and 176
+    selector steps: its output folder."""
+    out = tmp_path_factory.mktemp("two_rounds") / "run"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TWO_ROUNDS.items()]
+    run_script("finetune.py", *args, "--data-dir", str(fmnist_dir), "--device", "cpu", "--out", str(out))
+    return out
+
+
+def test_the_script_alternates_supernet_and_selector_fine_tuning_of_prance_fmnist(two_rounds):
+    out = two_rounds
     shipped = vit.create_supernet("prance_fmnist", pretrained=True)
     tuned = vit.create_supernet("prance_fmnist", checkpoint=out / "supernet.safetensors")
-    assert not torch.equal(tuned.head.weight, shipped.head.weight)
+    first = vit.create_supernet("prance_fmnist", checkpoint=out / "round1" / "supernet.safetensors")
+    assert not torch.equal(first.head.weight, shipped.head.weight)
+    assert not torch.equal(tuned.head.weight, first.head.weight)  # the second round trained on
     state = torch.load(out / "finetune_state.pt", weights_only=True)
-    assert (state["round"], state["step"]) == (1, 2)
+    assert (state["round"], state["step"]) == (2, 2)
     history = json.loads((out / "eval_history.json").read_text())
-    assert {(row["round"], row["step"]) for row in history} == {(0, 0), (1, 2)}
-    # the last round's selector, on the fine-tuned weights: the deployable pair
+    assert {(row["round"], row["step"]) for row in history} == {(0, 0), (1, 2), (2, 2)}
+
+    def policy(path) -> dict[str, torch.Tensor]:
+        return agents.load_selector(path, device="cpu")[0].policy.state_dict()
+
+    # each round's selector fine-tunes the one before; the last, on the fine-tuned weights, is the deployable pair
+    shipped_policy, first_policy, second_policy = (
+        policy(p) for p in ("shipped:prance_fmnist", out / "round1" / "selector", out / "round2" / "selector")
+    )
+    assert not all(torch.equal(v, shipped_policy[k]) for k, v in first_policy.items())
+    assert not all(torch.equal(v, first_policy[k]) for k, v in second_policy.items())
     adaptive = agents.load_adaptive(out / "selector", device="cpu")
     assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in adaptive.supernet.state_dict().items())
-    round_selector, _ = agents.load_selector(out / "round1" / "selector", device="cpu")
-    shipped_selector, _ = agents.load_selector("shipped:prance_fmnist", device="cpu")
-    tuned_policy, original = adaptive.policy.policy.state_dict(), shipped_selector.policy.state_dict()
-    assert all(torch.equal(v, round_selector.policy.state_dict()[k]) for k, v in tuned_policy.items())
-    assert not all(torch.equal(v, original[k]) for k, v in tuned_policy.items())
+    assert all(torch.equal(v, second_policy[k]) for k, v in adaptive.policy.policy.state_dict().items())
     on_tuned = agents.load_adaptive("shipped:prance_fmnist", checkpoint=out / "supernet.safetensors", device="cpu")
     assert torch.equal(on_tuned.supernet.head.weight, tuned.head.weight)
+
+
+def test_a_run_interrupted_in_its_second_round_resumes_to_the_same_supernet_and_selector(
+    two_rounds, fmnist_dir, tmp_path
+):
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(r: int, step: int, losses: dict) -> None:
+        if (r, step) == (2, 1):
+            raise Interrupted
+
+    cfg = FinetuneConfig(**TWO_ROUNDS, data_dir=str(fmnist_dir), device="cpu", save_every=1, out=str(tmp_path))
+    with pytest.raises(Interrupted):
+        joint_finetune(cfg, on_step=interrupt)
+    first_selector = (tmp_path / "round1" / "selector.zip").stat().st_mtime_ns
+    steps = []
+    adaptive, _ = joint_finetune(dataclasses.replace(cfg, resume=True), on_step=lambda *a: steps.append(a[:2]))
+    assert steps == [(2, 2)]  # round 2 went on from its checkpoint
+    assert (tmp_path / "round1" / "selector.zip").stat().st_mtime_ns == first_selector  # round 1 was done
+    expected = vit.checkpoint.read_state_dict(two_rounds / "supernet.safetensors")
+    assert all(torch.equal(v, expected[k]) for k, v in adaptive.supernet.state_dict().items())
+    policy = agents.load_selector(two_rounds / "selector", device="cpu")[0].policy.state_dict()
+    assert all(torch.equal(v, policy[k]) for k, v in adaptive.policy.policy.state_dict().items())
