@@ -1,16 +1,19 @@
-"""agents: the decision side of PRANCE — the CLS features extractor, selector training, baselines, AdaptiveViT."""
+"""agents: the decision side of PRANCE — the CLS features extractor, selector training, baselines, AdaptiveViT,
+joint fine-tuning."""
 
 import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 
 from .adaptive import AdaptiveViT, calibrate, measure
 from .baselines import FullModelPolicy, RandomPolicy, StaticPolicy, UniformMergePolicy
 from .extractor import CLSFeaturesExtractor
+from .finetune import FinetuneConfig, joint_finetune
 from .ppo import SelectorConfig, train_selector
 from .selector import algorithm, check_supernet, load_adaptive, load_selector, resolve_selector, save_selector
 
 __all__ = [
     "AdaptiveViT",
     "CLSFeaturesExtractor",
+    "FinetuneConfig",
     "FullModelPolicy",
     "RandomPolicy",
     "SelectorConfig",
@@ -19,6 +22,7 @@ __all__ = [
     "algorithm",
     "calibrate",
     "check_supernet",
+    "joint_finetune",
     "load_adaptive",
     "load_selector",
     "measure",

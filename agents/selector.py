@@ -163,6 +163,31 @@ def selector_dataset(
     return vit.load_dataset(data, split=split, root=data_path, model=model)
 
 
+def recorded_supernet(
+    settings: dict, checkpoint: str | os.PathLike | None = None, name: str | None = None
+) -> vit.ElasticViT:
+    """The supernet a selector's `settings` record, rebuilt at its shape arguments and search space: the preset
+    `name` (default: the recorded one) with the weights of `checkpoint` (default: the recorded ones, else the
+    preset's reference weights)."""
+    signature = settings["signature"]
+    name = name or signature["supernet"]
+    if name is None:
+        raise ValueError(
+            "the selector's settings record no supernet name (it was trained on a module built without "
+            "vit.create_supernet): pass supernet="
+        )
+    checkpoint = settings["env"].get("checkpoint") if checkpoint is None else checkpoint
+    shape = {key: signature[key] for key in SHAPE_KEYS if key in signature}  # older files record none
+    return vit.create_supernet(
+        name,
+        pretrained=checkpoint is None,
+        checkpoint=checkpoint,
+        token_mode=signature["token_mode"],
+        search_space=recorded_space(signature),
+        **shape,
+    )
+
+
 def load_adaptive(
     path: str | os.PathLike,
     supernet: vit.ElasticViT | None = None,
@@ -170,28 +195,17 @@ def load_adaptive(
     execution: str = "packed",
     device: str = "auto",
     amp: bool = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> AdaptiveViT:
     """An `AdaptiveViT` from a saved selector, on `supernet` (default: the recorded supernet, rebuilt at its shape
-    arguments with its recorded or shipped weights; a preset of `vit.register_supernet` must be registered first).
-    `execution` and `amp` are `AdaptiveViT`'s."""
+    arguments with the weights of `checkpoint`, default its recorded or shipped weights; a preset of
+    `vit.register_supernet` must be registered first). `execution` and `amp` are `AdaptiveViT`'s."""
     path = resolve_selector(path)
     settings = read_settings(path, required=("algo", "signature", "env"))
     if supernet is None:
-        signature, checkpoint = settings["signature"], settings["env"].get("checkpoint")
-        if signature["supernet"] is None:
-            raise ValueError(
-                f"{path.with_suffix('.json')} records no supernet name (it was trained on a module built without "
-                "vit.create_supernet): pass supernet="
-            )
-        shape = {key: signature[key] for key in SHAPE_KEYS if key in signature}  # older files record none
-        supernet = vit.create_supernet(
-            signature["supernet"],
-            pretrained=checkpoint is None,
-            checkpoint=checkpoint,
-            token_mode=signature["token_mode"],
-            search_space=recorded_space(signature),
-            **shape,
-        )
+        supernet = recorded_supernet(settings, checkpoint)
+    elif checkpoint is not None:
+        raise ValueError("pass the supernet or the checkpoint to build it with, not both")
     supernet = supernet.to(vit.utils.resolve_device(device))
     model, settings = load_selector(path, supernet, device=device)
     env = settings["env"]
@@ -213,6 +227,7 @@ __all__ = [
     "load_adaptive",
     "load_selector",
     "recorded_space",
+    "recorded_supernet",
     "resolve_selector",
     "save_selector",
     "selector_dataset",

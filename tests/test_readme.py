@@ -33,6 +33,7 @@ TINY = {
     "eval_supernet.py": ["--images", "8", "--batch-size", "8"],
     "benchmark_supernet.py": ["--batch-size", "8", "--repeats", "1"],
     "benchmark_env.py": ["--num-envs", "4", "--repeats", "1"],
+    "finetune.py": ["--steps", "2", "--batch-size", "8", "--images", "8", "--selector-steps", "88", "--num-envs", "8"],
 }
 IMAGENET = "/data/imagenet"  # the README's ImageFolder, replaced by a generated one
 SMALL_IMAGES = ["--img-size", "32"]  # DeiT shapes at 32 px: 4 patch tokens

@@ -200,8 +200,11 @@ class Batches:
     def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.world)
 
-    def epoch(self, epoch: int, shuffle: bool = True, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """The batches of this process in `epoch`: a shuffle seeded by (seed, epoch), sharded by rank."""
+    def epoch(
+        self, epoch: int, shuffle: bool = True, limit: int | None = None, start: int = 0
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of this process in `epoch`: a shuffle seeded by (seed, epoch), sharded by rank; from batch
+        `start` on (a run resumed mid-epoch reads the batches it had not reached, the same images)."""
         n = len(self.dataset)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -211,11 +214,12 @@ class Batches:
         num = num if limit is None else min(num, limit)
         if self.tensors is not None:
             images, labels = self.tensors
-            for b in range(num):
+            for b in range(start, num):
                 index = order[b * self.batch_size : (b + 1) * self.batch_size].to(self.device)
                 yield images[index], labels[index]
             return
-        subset = Subset(SeededItems(self.dataset, (self.seed, epoch)), order[: num * self.batch_size].tolist())
+        items = order[start * self.batch_size : num * self.batch_size].tolist()
+        subset = Subset(SeededItems(self.dataset, (self.seed, epoch)), items)
         loader_seed = self.seed * 100_003 + epoch
         loader = batch_loader(subset, self.device, self.workers, loader_seed, batch_size=self.batch_size)
         yield from to_device(loader, self.device)
@@ -277,14 +281,15 @@ def _param_groups(model: ElasticViT, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def read_train_checkpoint(path: Path) -> dict:
-    """A training checkpoint written by `train_supernet`; a clear `ValueError` when it is broken or foreign."""
+def read_train_checkpoint(path: Path, tag: str = TRAIN_FORMAT) -> dict:
+    """A training checkpoint written by `train_supernet` (or with format tag `tag`, by another trainer); a clear
+    `ValueError` when it is broken or foreign."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling a foreign file fails in many ways (KeyError, UnpicklingError, ...)
         raise ValueError(f"{path} is not a readable training checkpoint (truncated or foreign): {e}") from e
-    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint of this package (no {TRAIN_FORMAT!r} format tag)")
+    if not isinstance(state, dict) or state.get("format") != tag:
+        raise ValueError(f"{path} is not a training checkpoint of this package (no {tag!r} format tag)")
     return state
 
 
