@@ -161,10 +161,14 @@ def load_adaptive(
     execution: str = "packed",
     device: str = "auto",
     amp: bool = False,
+    prototypes: int = 1,
+    precision: str = "fp32",
 ) -> AdaptiveViT:
     """An `AdaptiveViT` from a saved selector, on `supernet` (default: the recorded supernet, rebuilt at its shape
     arguments with its recorded or shipped weights; a preset of `vit.register_supernet` must be registered first).
-    `execution` and `amp` are `AdaptiveViT`'s."""
+    `execution`, `amp` and `prototypes` are `AdaptiveViT`'s; `precision` (`fp32` or `bf16`) is the dtype the
+    supernet's weights are cast to (`vit.utils.weights_dtype`), like `device` in place when `supernet` is given."""
+    dtype = vit.utils.weights_dtype(precision)
     path = resolve_selector(path)
     settings = read_settings(path, required=("algo", "signature", "env"))
     if supernet is None:
@@ -182,7 +186,7 @@ def load_adaptive(
             token_mode=signature["token_mode"],
             **shape,
         )
-    supernet = supernet.to(vit.utils.resolve_device(device))
+    supernet = supernet.to(vit.utils.resolve_device(device), dtype)
     model, settings = load_selector(path, supernet, device=device)
     env = settings["env"]
     return AdaptiveViT(
@@ -193,6 +197,7 @@ def load_adaptive(
         shape=LoopShape(env["stem_blocks"], env["blocks_per_step"]),
         execution=execution,
         amp=amp,
+        prototypes=prototypes,
     )
 
 

@@ -271,7 +271,7 @@ def main(args: Args) -> bool:
                 out=str(out / "evaluate"),
             )
         )
-        full, row = table[0], next(r for r in table if r["method"] == "PRANCE selector")
+        full, row = table[0], next(r for r in table if r["method"].startswith("PRANCE selector"))
         return (
             f"ok: selector Top-1 {row['top1']:.3f}, Top-5 {row['top5']:.3f}, MACs ratio {row['flops_ratio']:.3f}, "
             f"{row['params'] / 1e6:.2f} M params (full {full['params'] / 1e6:.2f} M)"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -196,6 +197,13 @@ def test_evaluate(tmp_path, fmnist_dir, selector):
         "16",
         "--batch-size",
         "16",
+        "--executions",
+        "packed",
+        "bucketed",
+        "prototypes",
+        "--prototypes",
+        "1",
+        "2",
         "--device",
         "cpu",
         "--out",
@@ -203,11 +211,25 @@ def test_evaluate(tmp_path, fmnist_dir, selector):
     )
     rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
     methods = [r.split("|")[1].strip() for r in rows]
-    assert methods[0] == "full model" and methods.count("PRANCE selector") == 2 and methods[-1] == "random decisions"
-    assert "best static subnet at matched MACs" in methods and "uniform merging at matched MACs" in methods
+    modes = ("packed", "bucketed", "prototypes K=1", "prototypes K=2")
+    assert methods[0] == "full model" and methods[-1] == "random decisions"
+    assert all(methods.count(f"PRANCE selector, {mode}") == 2 for mode in modes)
+    assert methods.count("best static subnet at matched MACs") == methods.count("uniform merging at matched MACs") == 2
     assert "40 images" in out
     assert (tmp_path / "results.md").read_text().strip() in out
-    assert (tmp_path / "pareto.png").stat().st_size > 10_000 and (tmp_path / "results.json").is_file()
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    results = json.loads((tmp_path / "results.json").read_text())
+    table = results["table"]
+    assert table[0]["speedup"] == 1.0 and table[0]["speedup_range"] == [1.0, 1.0]  # the full model is the reference
+    for budget in (0.4, 0.8):
+        selector_rows = {r["mode"]: r for r in table if r.get("budget") == budget}
+        assert list(selector_rows) == list(modes)
+        packed, bucketed = selector_rows["packed"], selector_rows["bucketed"]
+        assert packed["price"] == bucketed["price"] == selector_rows["prototypes K=2"]["price"]  # one calibration
+        for key in ("top1", "top5", "flops_ratio", "tokens_kept", "params"):  # the same decisions, run otherwise
+            assert packed[key] == pytest.approx(bucketed[key])
+    for row in table:
+        assert row["images_per_s"] > 0 and row["images_per_cpu_s"] > 0 and row["speedup"] > 0
 
 
 def test_benchmark(tmp_path, fmnist_dir, selector):
