@@ -100,6 +100,7 @@ class AdaptiveViT(nn.Module):
         self.shape = shape
         self.execution = execution
         self.prototypes = prototypes
+        self.amp = amp
         self._loop = InferenceLoop(supernet, shape, PROTOTYPES_LOOP if execution == "prototypes" else execution, amp)
         self._check_policy(policy)
         self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")

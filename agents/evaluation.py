@@ -93,7 +93,7 @@ def in_execution_mode(adaptive: AdaptiveViT, execution: str, prototypes: int = 1
         price_range=adaptive.price_range,
         shape=adaptive.shape,
         execution=execution,
-        amp=adaptive._loop.amp,
+        amp=adaptive.amp,
         prototypes=prototypes,
     )
 

@@ -243,16 +243,46 @@ def test_benchmark(tmp_path, fmnist_dir, selector):
         "16",
         "--calib-images",
         "16",
-        "--rounds",
+        "--prototypes",
         "1",
+        "2",
+        "--supernet",
+        "prance_fmnist",
+        "--supernet-batch-size",
+        "4",
+        "--rounds",
+        "2",
         "--device",
         "cpu",
         "--out",
         str(tmp_path),
     )
-    assert all(f"AdaptiveViT, {e}" in out for e in ("packed", "bucketed", "consensus")) and "deciding" in out
-    assert "per-round range" in out and "freed memory kept" in out
+    assert "freed memory kept" in out and "deciding" in out
     assert (tmp_path / "benchmark.md").read_text().strip() in out
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    timed = [r for r in rows if r["run"] != "deciding"]
+    runs = {}
+    for r in timed:
+        runs.setdefault((r["part"], r["precision"]), []).append(r["run"])
+    modes = ["packed", "bucketed", "prototypes K=1", "prototypes K=2"]
+    assert runs == {
+        **{("selector", p): ["full", "static", *modes] for p in ("fp32", "bf16")},
+        **{("supernet", p): ["full", "static", "packed"] for p in ("fp32", "bf16")},
+    }
+    by = {(r["part"], r["precision"], r["run"]): r for r in timed}
+    for r in timed:
+        assert r["images_per_s"] > 0 and r["speedup"] > 0 and r["cpu_speedup"] > 0
+        low, high = r["speedup_range"]
+        assert low <= r["speedup"] <= high
+        if r["run"] == "full":  # each precision's full model is its own reference
+            assert r["speedup"] == r["cpu_speedup"] == 1.0
+    for precision in ("fp32", "bf16"):
+        packed, bucketed = by["selector", precision, "packed"], by["selector", precision, "bucketed"]
+        assert packed["flops_ratio"] == bucketed["flops_ratio"]  # the same decisions at the same price
+        assert 0.45 <= by["supernet", precision, "packed"]["flops_ratio"] <= 0.55  # random subnets near the budget
+    assert by["supernet", "fp32", "packed"]["flops_ratio"] == by["supernet", "bf16", "packed"]["flops_ratio"]
+    (deciding,) = [r for r in rows if r["run"] == "deciding"]
+    assert 0 < deciding["share"] < 1
 
 
 def test_ablate_rtg(tmp_path, fmnist_dir, fmnist_weights):
