@@ -109,27 +109,29 @@ def evaluate_methods(
     """Every method on every (images, labels) batch, batch by batch: the `Tally` row of each, with its speed.
 
     Each batch is one round of interleaved timing: every method runs on it once, starting one further along the
-    list than on the batch before. With `warmup`, every method runs once on the first batch untimed first. Speed
-    keys of each row: `images_per_s` (wall clock) and `images_per_cpu_s` (process CPU time) over all batches and,
-    against `reference` (default: the first method), `speedup` and `cpu_speedup`, the median of the per-batch
-    ratios of the reference's seconds to the method's, with their range (`speedup_range`, `cpu_speedup_range`).
-    `model` is the supernet the methods run (parameters and MACs are counted on it).
+    list than on the batch before. With `warmup` and more than one batch, the first batch warms every method up
+    (first calls pay one-off costs): it counts for accuracy and MACs, not for speed. Speed keys of each row:
+    `images_per_s` (wall clock) and `images_per_cpu_s` (process CPU time) over the timed batches and, against
+    `reference` (default: the first method), `speedup` and `cpu_speedup`, the median of the per-batch ratios of the
+    reference's seconds to the method's, with their range (`speedup_range`, `cpu_speedup_range`). `model` is the
+    supernet the methods run (parameters and MACs are counted on it).
     """
     names = list(methods)
     reference = names[0] if reference is None else reference
     batches = list(batches)
+    untimed = 1 if warmup and len(batches) > 1 else 0
     device = model.pos_embed.device
     tallies = {name: Tally(model) for name in names}
     seconds = {name: {"wall": [], "cpu": []} for name in names}
-    if warmup and batches:
-        for name in names:
-            methods[name](batches[0][0])
+    timed_images = 0
     for b, (images, labels) in enumerate(tqdm(batches, desc=desc, leave=False, disable=desc is None)):
         for name in names[b % len(names) :] + names[: b % len(names)]:
             outcome, wall, cpu = clocked(lambda run=methods[name], x=images: run(x), device)
             tallies[name].add(outcome, labels)
-            seconds[name]["wall"].append(wall)
-            seconds[name]["cpu"].append(cpu)
+            if b >= untimed:
+                seconds[name]["wall"].append(wall)
+                seconds[name]["cpu"].append(cpu)
+        timed_images += len(labels) * (b >= untimed)
     rows = {}
     for name in names:
         row = tallies[name].result()
@@ -137,7 +139,7 @@ def evaluate_methods(
         for clock, prefix in (("wall", ""), ("cpu", "cpu_")):
             spent = [max(s, 1e-9) for s in seconds[name][clock]]
             median, low, high = round_ratios(seconds[reference][clock], spent)
-            row["images_per_s" if clock == "wall" else "images_per_cpu_s"] = tallies[name].seen / sum(spent)
+            row["images_per_s" if clock == "wall" else "images_per_cpu_s"] = timed_images / sum(spent)
             row[f"{prefix}speedup"], row[f"{prefix}speedup_range"] = median, (low, high)
         rows[name] = row
     return rows

@@ -53,10 +53,9 @@ class Tally:
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         self.correct5 += int((top5 == labels[:, None]).any(-1).sum())
         self.seen += len(labels)
-        for subnet in outcome.subnets:
-            if subnet not in self._params_of:
-                self._params_of[subnet] = count_params(self.model, subnet)
-            self.params += self._params_of[subnet]
+        new = list(dict.fromkeys(s for s in outcome.subnets if s not in self._params_of))
+        self._params_of.update(zip(new, count_params(self.model, new)))
+        self.params += sum(self._params_of[s] for s in outcome.subnets)
         self.macs += float(outcome.macs.double().sum())
         self.tokens += float(outcome.tokens.sum()) / self.model.num_patches
         true_class = logits.float().log_softmax(-1).gather(1, labels[:, None]).squeeze(1)

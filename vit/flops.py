@@ -59,10 +59,15 @@ def count_flops(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = No
 def count_params(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
     """Parameters `subnet` (largest when None) reads: the whole model less the weight rows and columns of the
     heads and MLP neurons it leaves out (token reduction reads none); a list of counts for a sequence of subnets."""
+    total = sum(p.numel() for p in model.parameters())  # once for a whole sequence of subnets
     if subnet is not None and not isinstance(subnet, Subnet):
-        return [count_params(model, s) for s in subnet]
+        return [_params(model, total, s) for s in subnet]
+    return _params(model, total, subnet)
+
+
+def _params(model: ElasticViT, total: int, subnet: Subnet | None) -> int:
+    """`count_params` of one subnet, `total` being the whole model's parameter count."""
     subnet = model.search_space.largest() if subnet is None else model.search_space.validate(subnet)
-    total = sum(p.numel() for p in model.parameters())
     for block, config in zip(model.blocks, subnet):
         attn, mlp = block.attn, block.mlp
         unused_inner = (attn.num_heads - config.heads) * attn.head_dim
