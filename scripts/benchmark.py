@@ -16,10 +16,14 @@ time (`time.process_time`, which other processes on a shared machine disturb les
    subnet nearest in MACs, on `--supernet-batch-size` random images.
 
 Each part runs in every precision of `--precisions`: `fp32`, `bf16` (the weights cast to bfloat16, images cast on
-entry; logits float32). `--amp` runs every model under bf16 autocast besides; on CUDA, fp32 matmuls use TF32. The
-share of the packed adaptive forward spent deciding (the selector's forward passes) is reported for the first
-precision. Freed memory is kept in the process (`vit.utils.keep_freed_memory`; `--no-keep-freed-memory` to leave
-glibc's default), so that no model pays page faults that depend on the allocation history of the process.
+entry; logits float32). `--amp` runs every model under bf16 autocast besides; on CUDA, fp32 matmuls use TF32. On
+CPUs, bf16 matmuls run as oneDNN primitives built for each new shape (about 1 ms each; fp32 matmuls run in MKL):
+per-sample execution's matmuls take as many rows as a batch's images of one width hold tokens, so each new batch
+builds over 200 of them (`prance_fmnist`, batch 256), and so does a batch seen before once the runs interleaved
+with it have filled oneDNN's primitive cache (1024 by default), as they do here: the cost on a stream of new
+batches. The share of the packed adaptive forward spent deciding (the selector's forward passes) is reported for
+the first precision. Freed memory is kept in the process (`vit.utils.keep_freed_memory`; `--no-keep-freed-memory`
+to leave glibc's default), so that no model pays page faults that depend on the allocation history of the process.
 
 It writes the tables to `OUT/benchmark.md` and every number to `OUT/benchmark.json`.
 
