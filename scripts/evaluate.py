@@ -151,9 +151,10 @@ def main(args: Args) -> list[dict]:
     prices = {}
     for budget in tqdm(args.budgets, desc="budgets"):
         for i, mode in enumerate(runs):
-            if i == 0 or args.calibrate_each:
+            same_decisions = mode == ("bucketed", 1) and ("packed", 1) in runs[:i]
+            if i == 0 or (args.calibrate_each and not same_decisions):
                 price = agents.calibrate(selectors[mode], calibration, budget, tolerance=args.tolerance)
-            prices[budget, mode] = price
+            prices[budget, mode] = prices[budget, ("packed", 1)] if same_decisions else price
 
     subnets = list(dict.fromkeys([space.largest(), space.smallest(), *space.static_grid(tied=True)]))
     methods = {f"static {s}": static_method(model, s, args.amp) for s in subnets}
@@ -200,7 +201,7 @@ def main(args: Args) -> list[dict]:
         ]
     table.append({"method": "random decisions", "setting": "uniform over the choices", **measured["random"]})
 
-    precision = args.precision + (" weights, bf16 autocast" if args.amp else "")
+    precision = f"{args.precision} weights" + (", bf16 autocast" if args.amp else "")
     text = markdown(table, args.batch_size, images, precision)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"table": table, "grid": grid}, indent=2))
