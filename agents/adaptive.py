@@ -19,11 +19,15 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vit import ElasticViT, Subnet, count_params
+from vit import ElasticViT, Subnet
 from vit.inference import InferenceLoop, LoopShape
 from vit.utils import single_threaded
 
-EXECUTIONS = ("packed", "bucketed", "consensus")
+from .metrics import Outcome, Tally
+from .prototypes import snap_to_prototypes
+
+EXECUTIONS = ("packed", "bucketed", "prototypes", "consensus")
+PROTOTYPES_LOOP = "packed"  # how a batch of K prototype configurations runs (measured faster than bucketed on CPU)
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,13 @@ class AdaptiveViT(nn.Module):
     `forward(images, price=...)` returns logits and per-sample MACs (and, with `return_decisions=True`, the
     `Decisions`). The loop is `vit.inference.InferenceLoop`, the one the env runs, without rewards: the stem runs,
     then at every step the policy reads the CLS token, progress and the price, and its choices run per sample, on
-    packed tokens (`packed`) or by bucketing (`bucketed`), or, with `execution="consensus"`, as one median choice
-    for the whole batch. The module starts in eval mode and leaves the supernet's `requires_grad` as it is.
+    packed tokens (`packed`) or by bucketing (`bucketed`). With `execution="prototypes"`, each step's choices are
+    first snapped to at most `prototypes` configurations for the batch (`agents.prototypes.snap_to_prototypes`:
+    less diversity, fewer distinct configurations to run); `consensus` is its K=1 case, one median choice for the
+    whole batch. The module starts in eval mode and leaves the supernet's `requires_grad` as it is.
+
+    The supernet runs in the dtype of its weights: `adaptive.to(torch.bfloat16)` (or a bf16 supernet) gives bf16
+    weights, float32 images cast on entry, and logits, MACs and the policy's observations float32.
 
     Args:
         supernet: the elastic ViT.
@@ -59,8 +68,10 @@ class AdaptiveViT(nn.Module):
         price_range: the prices the policy was trained on; `calibrate` searches inside it.
         shape: where the decisions fall and what each sets (per block, grouped, one-shot: `LoopShape.named`), as in
             the env the policy was trained on.
-        execution: `packed`, `bucketed` or `consensus` (see `vit.ElasticViT.forward`).
+        execution: `packed`, `bucketed` (see `vit.ElasticViT.forward`), `prototypes`, or `consensus` (the same as
+            `prototypes` with `prototypes=1`).
         amp: run the supernet under bf16 autocast on its device (CUDA or CPU); the policy reads float32.
+        prototypes: K, the most configurations a step of `execution="prototypes"` runs for the batch.
     """
 
     def __init__(
@@ -72,10 +83,15 @@ class AdaptiveViT(nn.Module):
         shape: LoopShape = LoopShape(),
         execution: str = "packed",
         amp: bool = False,
+        prototypes: int = 1,
     ) -> None:
         super().__init__()
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
+        if execution == "consensus":
+            execution, prototypes = "prototypes", 1
+        if prototypes < 1:
+            raise ValueError(f"prototypes must be at least 1, got {prototypes}")
         self.supernet = supernet
         self.policy = policy
         self._price = float(price)
@@ -84,8 +100,9 @@ class AdaptiveViT(nn.Module):
         self.price_range = (float(price_range[0]), float(price_range[1]))
         self.shape = shape
         self.execution = execution
-        # one configuration for the whole batch under consensus: dense buckets
-        self._loop = InferenceLoop(supernet, shape, "bucketed" if execution == "consensus" else execution, amp)
+        self.prototypes = prototypes
+        self.amp = amp
+        self._loop = InferenceLoop(supernet, shape, PROTOTYPES_LOOP if execution == "prototypes" else execution, amp)
         self._check_policy(policy)
         self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")
         if isinstance(policy, BaseAlgorithm):
@@ -158,6 +175,12 @@ class AdaptiveViT(nn.Module):
             actions = ((actions.clamp(-1, 1) + 1) / 2 * (nvec - 1)).round()
         return actions.long(), state
 
+    def snap(self, actions: Tensor) -> Tensor:
+        """The choice indices (B, fields) a step runs: `actions` as decided, or snapped to the batch's prototypes."""
+        if self.execution != "prototypes":
+            return actions
+        return snap_to_prototypes(actions, self.prototypes)
+
     def _prices(self, price: float | Tensor | None, B: int, device: torch.device) -> Tensor:
         """The price (B,) float32 of each image: `price` per image, one price for all, or the default."""
         if price is None:
@@ -185,14 +208,15 @@ class AdaptiveViT(nn.Module):
         """
         B = images.shape[0]
         prices = self._prices(price, B, images.device)
+        if images.dtype == torch.float32 and self.supernet.pos_embed.dtype != torch.float32:
+            images = images.to(self.supernet.pos_embed.dtype)  # bf16 weights: float32 images cast on entry
         loop = self._loop
         loop.start(images)
         state, start, indices = None, np.ones(B, dtype=bool), []
         while True:
             actions, state = self.decide(loop.observe(prices), state, start)
             start = np.zeros(B, dtype=bool)
-            if self.execution == "consensus":
-                actions = actions.median(dim=0).values.expand(B, -1)
+            actions = self.snap(actions)
             indices.append(actions)
             if loop.advance(loop.configs(actions)):
                 break
@@ -214,36 +238,14 @@ def measure(
     """Over (images, labels) batches at compute price `price` (None: `adaptive.price`): Top-1, Top-5, mean MACs
     ratio, mean fraction of tokens kept at the end, mean parameters read per image (`params`: those of the subnet
     each image ran, `vit.count_params`), and mean log-probability of the true class clipped at `logprob_floor` (the
-    env's `logprob` quality)."""
-    correct = correct5 = seen = 0
-    macs = tokens = logprob = params = 0.0
-    params_of: dict[Subnet, int] = {}
+    env's `logprob` quality). See `agents.metrics.Tally`."""
+    tally = Tally(adaptive.supernet, logprob_floor)
     device = adaptive.supernet.pos_embed.device
     for images, labels in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         images, labels = images.to(device), labels.to(device)
-        logits, sample_macs, decisions = adaptive(images, price=price, return_decisions=True)
-        correct += int((logits.argmax(-1) == labels).sum())
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        correct5 += int((top5 == labels[:, None]).any(-1).sum())
-        seen += len(labels)
-        for subnet in decisions.subnets:
-            if subnet not in params_of:
-                params_of[subnet] = count_params(adaptive.supernet, subnet)
-            params += params_of[subnet]
-        macs += float(sample_macs.sum())
-        tokens += float(decisions.tokens.sum()) / adaptive.supernet.num_patches
-        true_class = logits.float().log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
-        logprob += float(true_class.clamp_min(logprob_floor).sum())
-    if not seen:
-        raise ValueError("no images to measure")
-    return {
-        "top1": correct / seen,
-        "top5": correct5 / seen,
-        "flops_ratio": macs / seen / adaptive.full_macs,
-        "tokens_kept": tokens / seen,
-        "params": params / seen,
-        "logprob": logprob / seen,
-    }
+        logits, macs, decisions = adaptive(images, price=price, return_decisions=True)
+        tally.add(Outcome(logits, macs, decisions.subnets, decisions.tokens), labels)
+    return tally.result()
 
 
 def calibrate(

@@ -26,6 +26,8 @@ from .adaptive import AdaptiveViT
 DECISION_FIELDS = ("heads", "mlp_hidden", "keep_ratio")
 FIELD_TITLES = {"heads": "attention heads", "mlp_hidden": "MLP width", "keep_ratio": "keep ratio"}
 OTHER_MARKERS = {"random decisions": ("x", "tab:red"), "full model": ("*", "black")}
+# the selector's execution modes, in the order given: the first solid and annotated with its budgets
+MODE_STYLES = (("o-", "tab:blue"), ("^--", "tab:purple"), ("v-.", "tab:cyan"), ("D:", "tab:olive"), ("<--", "brown"))
 PRUNED_HATCH = dict(hatch="////", edgecolor="0.6", linewidth=0)  # the legend's swatch of a pruned patch
 TOKEN_MAP_SCALE = 4  # a token map is drawn 4 times the image size, so the lines between tokens stay thin
 
@@ -65,16 +67,27 @@ def _annotate_budgets(ax, selector: Sequence[dict], x: str) -> None:
         )
 
 
+def selector_modes(selector: Sequence[dict]) -> dict[str, list[dict]]:
+    """The selector's rows by execution mode (`mode`; rows without one form the mode ""), in order of appearance."""
+    modes: dict[str, list[dict]] = {}
+    for row in selector:
+        modes.setdefault(row.get("mode") or "", []).append(row)
+    return modes
+
+
 def _pareto_panel(ax, grid: list[dict], uniform: list[dict], selector: list[dict], others: list[dict], x: str) -> None:
     """One panel of the Pareto figure: Top-1 against `x` (`gmacs` or `images_per_s`)."""
     faster_is_better = x == "images_per_s"
     ax.scatter([r[x] for r in grid], [r["top1"] * 100 for r in grid], c="0.65", s=16, label="static subnets (grid)")
     front = pareto_front(grid, x, faster_is_better)
     ax.plot([r[x] for r in front], [r["top1"] * 100 for r in front], ":", c="0.35", lw=1.2, label="grid Pareto front")
-    for rows, style, line_colour, width, label in (
-        (uniform, "s--", "tab:orange", 1.2, "uniform merging"),
-        (selector, "o-", "tab:blue", 2, "PRANCE selector"),
-    ):
+    modes = selector_modes(selector)
+    lines = [(uniform, "s--", "tab:orange", 1.2, "uniform merging")]
+    for k, (mode, rows) in enumerate(modes.items()):
+        style, line_colour = MODE_STYLES[k % len(MODE_STYLES)]
+        label = "PRANCE selector" + (f", {mode}" if mode else "")
+        lines.append((rows, style, line_colour, 2 if k == 0 else 1.2, label))
+    for rows, style, line_colour, width, label in lines:
         ordered = sorted(rows, key=lambda r: r[x])
         ax.plot(
             [r[x] for r in ordered],
@@ -85,7 +98,7 @@ def _pareto_panel(ax, grid: list[dict], uniform: list[dict], selector: list[dict
             ms=4,
             label=label,
         )
-    _annotate_budgets(ax, selector, x)
+    _annotate_budgets(ax, next(iter(modes.values()), []), x)
     for row in others:
         marker, line_colour = OTHER_MARKERS.get(row["method"], ("d", "tab:green"))
         ax.scatter([row[x]], [row["top1"] * 100], marker=marker, c=line_colour, s=70, label=row["method"], zorder=3)
@@ -100,8 +113,10 @@ def pareto_figure(
     grid: list[dict], uniform: list[dict], selector: list[dict], others: list[dict], title: str
 ) -> Figure:
     """Top-1 against mean GMACs per image (left) and against measured images/s (right), for the static grid (with
-    its Pareto front), uniform merging, the selector's budgets and single rows such as the full model and random
-    decisions. Rows carry `top1` (a fraction), `gmacs`, `images_per_s` and, for the selector, `budget`."""
+    its Pareto front), uniform merging, the selector's budgets (one line per execution mode, the first annotated
+    with its budgets) and single rows such as the full model and random decisions. Rows carry `top1` (a fraction),
+    `gmacs`, `images_per_s` and, for the selector, `budget` and optionally `mode` (e.g. `packed`,
+    `prototypes K=4`)."""
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     left, right = fig.subplots(1, 2)
     _pareto_panel(left, grid, uniform, selector, others, "gmacs")
@@ -109,7 +124,8 @@ def pareto_figure(
     _pareto_panel(right, grid, uniform, selector, others, "images_per_s")
     right.set_xlabel("images/s measured in this run (higher is faster)")
     handles, labels = left.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
+    columns = len(labels) if len(labels) <= 7 else (len(labels) + 1) // 2
+    fig.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -253,5 +269,6 @@ __all__ = [
     "pareto_figure",
     "pareto_front",
     "save_figure",
+    "selector_modes",
     "token_map_figure",
 ]

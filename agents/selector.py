@@ -196,17 +196,22 @@ def load_adaptive(
     device: str = "auto",
     amp: bool = False,
     checkpoint: str | os.PathLike | None = None,
+    prototypes: int = 1,
+    precision: str = "fp32",
 ) -> AdaptiveViT:
     """An `AdaptiveViT` from a saved selector, on `supernet` (default: the recorded supernet, rebuilt at its shape
     arguments with the weights of `checkpoint`, default its recorded or shipped weights; a preset of
-    `vit.register_supernet` must be registered first). `execution` and `amp` are `AdaptiveViT`'s."""
+    `vit.register_supernet` must be registered first). `execution`, `amp` and `prototypes` are `AdaptiveViT`'s;
+    `precision` (`fp32` or `bf16`) is the dtype the supernet's weights are cast to (`vit.utils.weights_dtype`), like
+    `device` in place when `supernet` is given."""
+    dtype = vit.utils.weights_dtype(precision)
     path = resolve_selector(path)
     settings = read_settings(path, required=("algo", "signature", "env"))
     if supernet is None:
         supernet = recorded_supernet(settings, checkpoint)
     elif checkpoint is not None:
         raise ValueError("pass the supernet or the checkpoint to build it with, not both")
-    supernet = supernet.to(vit.utils.resolve_device(device))
+    supernet = supernet.to(vit.utils.resolve_device(device), dtype)
     model, settings = load_selector(path, supernet, device=device)
     env = settings["env"]
     return AdaptiveViT(
@@ -217,6 +222,7 @@ def load_adaptive(
         shape=LoopShape.named(env.get("decisions", "per-block"), env["stem_blocks"], env["blocks_per_step"]),
         execution=execution,
         amp=amp,
+        prototypes=prototypes,
     )
 
 

@@ -1,26 +1,34 @@
-"""Real speed of the adaptive model: `AdaptiveViT` against the full model and the static subnet of equal MACs.
+"""Real speed of the adaptive model, as speed-ups over the full model of the same precision, in one run.
 
-The selector is calibrated to a MACs budget on training images, then one batch of test images goes through, in
-interleaved rounds (this machine's speed drifts, so every ratio is a median of per-round ratios):
+Two parts, each timed in interleaved rounds (every round runs every model once, the order rotating; this machine
+drifts, so every speed-up is the median of per-round ratios, with their range), by wall clock and by process CPU
+time (`time.process_time`, which other processes on a shared machine disturb less):
 
-- the full model and the static grid subnet nearest to the selector's measured MACs ratio (plain forwards);
-- `AdaptiveViT` with per-sample decisions executed on packed tokens (the default) and by bucketing (the same
-  decisions and results), and with `consensus` execution (one median choice per step for the whole batch),
-  calibrated to the same budget on its own.
+1. The trained selector's supernet (`prance_fmnist` with `--selector shipped:prance_fmnist`) on one batch of
+   held-out images: the full model, the static grid subnet nearest to the selector's MACs ratio (plain forwards),
+   and `AdaptiveViT` in each execution mode of `--executions`: `packed` (per-image decisions on packed tokens),
+   `bucketed` (the same decisions, one dense group per configuration and token count) and `prototypes` (each
+   step's decisions snapped to at most K configurations for the batch, one row per K of `--prototypes`; K=1 is the
+   batch's median choice, formerly `consensus`). `packed` and each K are calibrated to `--budget` on training
+   images on their own (`bucketed` runs packed's price), in fp32; the bf16 rows run the same prices.
+2. `--supernet` (DeiT-Small shapes by default) with random weights, no download: random per-sample subnets of mean
+   MACs ratio about `--budget` (`vit.flops.sample_subnets`) executed packed, the full model and the static grid
+   subnet nearest in MACs, on `--supernet-batch-size` random images.
 
-It reports images/s, the realised speed-up (median and range of the per-round values) next to the MACs ratio,
-and the share of the packed adaptive forward spent deciding (the selector's forward passes, observation to
-action).
+Each part runs in every precision of `--precisions`: `fp32`, `bf16` (the weights cast to bfloat16, images cast on
+entry; logits float32). `--amp` runs every model under bf16 autocast besides; on CUDA, fp32 matmuls use TF32. On
+CPUs, bf16 matmuls run as oneDNN primitives built for each new shape (about 1 ms each; fp32 matmuls run in MKL):
+per-sample execution's matmuls take as many rows as a batch's images of one width hold tokens, so each new batch
+builds over 200 of them (`prance_fmnist`, batch 256), and so does a batch seen before once the runs interleaved
+with it have filled oneDNN's primitive cache (1024 by default), as they do here: the cost on a stream of new
+batches. The share of the packed adaptive forward spent deciding (the selector's forward passes) is reported for
+the first precision. Freed memory is kept in the process (`vit.utils.keep_freed_memory`; `--no-keep-freed-memory`
+to leave glibc's default), so that no model pays page faults that depend on the allocation history of the process.
 
-Freed memory is kept in the process (`vit.utils.keep_freed_memory`; `--no-keep-freed-memory` to leave glibc's
-default), so that no model pays page faults that depend on the allocation history of the process.
+It writes the tables to `OUT/benchmark.md` and every number to `OUT/benchmark.json`.
 
-`--amp` runs every model under bf16 autocast (`vit.utils.autocast`); on CUDA, fp32 matmuls use TF32.
-
-It writes the table to `OUT/benchmark.md`.
-
-    python scripts/benchmark.py                         # runs/selector/selector, budget 0.5, batch 256
-    python scripts/benchmark.py --device cpu --threads 1 --out runs/benchmark_1thread
+    python scripts/benchmark.py --selector shipped:prance_fmnist --threads 1     # both parts, fp32 and bf16
+    python scripts/benchmark.py --precisions fp32 --supernet none                # the selector in fp32 only
 """
 
 from __future__ import annotations
@@ -29,26 +37,52 @@ import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch load
 
 # isort: split
 
+import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import agents
+from agents.evaluation import execution_modes, in_execution_mode, mode_name
 from agents.selector import selector_dataset
 from vit.data import default_workers
+from vit.flops import sample_subnets
 from vit.train import subset_batches
-from vit.utils import autocast, parse_dataclass, resolve_device, setup_cpu, timed, use_tf32
+from vit.utils import (
+    autocast,
+    interleaved_rounds,
+    parse_dataclass,
+    resolve_device,
+    round_ratios,
+    setup_cpu,
+    timed,
+    use_tf32,
+    weights_dtype,
+)
 
 
 @dataclass
 class Args:
-    """Throughput of AdaptiveViT against the full model and a static subnet of equal MACs."""
+    """Speed-ups of AdaptiveViT's execution modes and of per-sample subnets over the full model, fp32 and bf16."""
 
     selector: str = field(default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + .json)"})
-    budget: float = field(default=0.5, metadata={"help": "mean MACs ratio the selector is calibrated to"})
-    batch_size: int = field(default=256, metadata={"help": "images per forward"})
+    budget: float = field(default=0.5, metadata={"help": "mean MACs ratio of the selector and the random subnets"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward of the selector's supernet"})
+    executions: tuple[str, ...] = field(
+        default=("packed", "bucketed", "prototypes"),
+        metadata={"help": "AdaptiveViT execution modes: packed | bucketed | prototypes"},
+    )
+    prototypes: tuple[int, ...] = field(
+        default=(1, 4), metadata={"help": "K of each prototypes row: at most K configurations per decision and batch"}
+    )
+    precisions: tuple[str, ...] = field(default=("fp32", "bf16"), metadata={"help": "weights: fp32 | bf16"})
+    supernet: str = field(
+        default="prance_deit_small",
+        metadata={"help": "registered supernet name of part 2, random weights ('none' skips the part)"},
+    )
+    supernet_batch_size: int = field(default=32, metadata={"help": "images per forward of part 2"})
     workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     rounds: int = field(default=9, metadata={"help": "interleaved timing rounds (medians are reported)"})
@@ -60,7 +94,8 @@ class Args:
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     amp: bool = field(default=False, metadata={"help": "every model under bf16 autocast (CUDA or CPU)"})
-    out: str = field(default="runs/benchmark", metadata={"help": "output folder (benchmark.md)"})
+    seed: int = field(default=0, metadata={"help": "seed of part 2's weights, images and subnets"})
+    out: str = field(default="runs/benchmark", metadata={"help": "output folder (benchmark.md, benchmark.json)"})
 
 
 class DecisionTimer:
@@ -76,100 +111,178 @@ class DecisionTimer:
         return out
 
 
-@torch.inference_mode()
-def wall_seconds(fn, device: torch.device) -> float:
-    return timed(fn, device)[1]
+def in_precision(model: vit.ElasticViT, precision: str) -> vit.ElasticViT:
+    """`model` itself in fp32, else a copy with its weights cast."""
+    dtype = weights_dtype(precision)
+    return model if dtype == model.pos_embed.dtype else copy.deepcopy(model).to(dtype)
 
 
-def main(args: Args) -> dict[str, float]:
+def plain(model: vit.ElasticViT, images: torch.Tensor, subnet, amp: bool, execution: str = "packed"):
+    """A forward of `model` on `images` (cast to its weights) at one subnet or per-sample subnets."""
+    x = images.to(model.pos_embed.dtype)
+
+    @torch.inference_mode()
+    def run():
+        with autocast(x.device, amp):
+            return model(x, subnet, execution)
+
+    return run
+
+
+def speed_rows(part: str, keys: list[str], ratios: dict[str, float], seconds: dict, batch: int, names: dict) -> list:
+    """A row per run of `keys` ("precision name"): MACs ratio, images/s and speed-ups over the full model of its
+    precision (median and range of the per-round ratios), by wall clock and by CPU time."""
+    rows = []
+    for key in keys:
+        precision, name = key.split(" ", 1)
+        full = seconds[f"{precision} full"]
+        row = {"part": part, "run": name, "model": names[name], "precision": precision, "flops_ratio": ratios[key]}
+        row["images_per_s"] = batch * len(seconds[key]["wall"]) / sum(seconds[key]["wall"])
+        for clock, prefix in (("wall", ""), ("cpu", "cpu_")):
+            median, low, high = round_ratios(full[clock], seconds[key][clock])
+            row[f"{prefix}speedup"], row[f"{prefix}speedup_range"] = median, (low, high)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], title: str) -> list[str]:
+    lines = [
+        title,
+        "",
+        "| model | precision | MACs ratio | images/s | speed-up, wall | per-round range | speed-up, CPU time "
+        "| per-round range | predicted by MACs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['flops_ratio']:.3f} | {r['images_per_s']:.0f} "
+            f"| {r['speedup']:.2f}x | {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x "
+            f"| {r['cpu_speedup']:.2f}x | {r['cpu_speedup_range'][0]:.2f}-{r['cpu_speedup_range'][1]:.2f}x "
+            f"| {1 / r['flops_ratio']:.2f}x |"
+        )
+    return lines + [""]
+
+
+def selector_part(args: Args, device: torch.device) -> tuple[list[dict], list[str]]:
+    """Part 1: the selector's supernet, its execution modes against the full model and a static subnet."""
+    modes = execution_modes(args.executions, args.prototypes)
+    def load(precision: str) -> agents.AdaptiveViT:
+        return agents.load_adaptive(args.selector, device=str(device), amp=args.amp, precision=precision)
+
+    base = {p: load(p) for p in args.precisions}
+    fp32 = base["fp32"] if "fp32" in base else load("fp32")  # calibration, MACs ratios and the static subnet
+    model = fp32.supernet
+    dataset = selector_dataset(args.selector, "train", model, args.data, args.data_dir)
+    calibration = subset_batches(dataset, args.calib_images, args.batch_size, device, workers=args.workers)
+    prices = {}
+    for mode in modes:
+        same = ("packed", 1) if mode == ("bucketed", 1) and ("packed", 1) in modes else mode  # the same decisions
+        if same not in prices:
+            prices[same] = agents.calibrate(in_execution_mode(fp32, *same), calibration, args.budget)
+        prices[mode] = prices[same]
+    dataset = selector_dataset(args.selector, "held-out", model, args.data, args.data_dir)
+    images = subset_batches(dataset, args.batch_size, args.batch_size, device, workers=args.workers)[0][0]
+    full_macs = vit.count_flops(model)
+
+    runs, ratios, timers = {}, {}, {}
+    static = None
+    for precision in args.precisions:
+        for mode in modes:
+            adaptive = in_execution_mode(base[precision], *mode)
+            key = f"{precision} {mode_name(*mode)}"
+            runs[key] = lambda a=adaptive, p=prices[mode]: a(images, price=p)
+            ratios[key] = float(adaptive(images, price=prices[mode])[1].mean()) / full_macs
+            if mode == ("packed", 1) and not timers:
+                timers[key] = DecisionTimer(adaptive, device)
+        if static is None:  # the grid subnet nearest to the selector's MACs ratio (its first mode's), in fp32
+            target = ratios[f"{precision} {mode_name(*modes[0])}"]
+            grid = model.search_space.static_grid(tied=True)
+            static = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full_macs - target))
+        for name, subnet in (("full", None), ("static", static)):
+            runs[f"{precision} {name}"] = plain(base[precision].supernet, images, subnet, args.amp)
+            ratios[f"{precision} {name}"] = vit.count_flops(model, subnet) / full_macs
+    for run in runs.values():  # warm-up, then the decision timer counts the timed rounds only
+        run()
+    for timer in timers.values():
+        timer.seconds = 0.0
+    seconds = interleaved_rounds(runs, args.rounds, device, warmup=0)
+    names = {
+        "full": "full model",
+        "static": f"static `{static.blocks[-1]}` every block (nearest grid subnet in MACs)",
+        **{mode_name(*m): f"AdaptiveViT, {mode_name(*m)} (price {prices[m]:.3g})" for m in modes},
+    }
+    order = ["full", "static", *(mode_name(*m) for m in modes)]
+    keys = [f"{p} {n}" for p in args.precisions for n in order]
+    rows = speed_rows("selector", keys, ratios, seconds, args.batch_size, names)
+    title = f"**{args.selector}** ({model.pretrained_cfg['architecture']}), batch {args.batch_size}, budget "
+    title += f"{args.budget:g} (prices calibrated in fp32 on {args.calib_images} training images):"
+    lines = table(rows, title)
+    for key, timer in timers.items():
+        share = timer.seconds / sum(seconds[key]["wall"])
+        rows.append({"part": "selector", "run": "deciding", "precision": key.split()[0], "share": share})
+        lines += [f"deciding (the selector's forward passes): {share * 100:.1f}% of the packed adaptive forward", ""]
+    return rows, lines
+
+
+def supernet_part(args: Args, device: torch.device) -> tuple[list[dict], list[str]]:
+    """Part 2: random per-sample subnets on random weights, packed, against the full model and a static subnet."""
+    torch.manual_seed(args.seed)
+    model = vit.create_supernet(args.supernet).to(device).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.supernet_batch_size, *model.pretrained_cfg["input_size"], generator=generator)
+    images = images.to(device)
+    subnets = sample_subnets(model, args.supernet_batch_size, args.budget, rng=args.seed)
+    full_macs = vit.count_flops(model)
+    mean = sum(vit.count_flops(model, subnets)) / len(subnets) / full_macs
+    grid = model.search_space.static_grid(tied=True)
+    static = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full_macs - mean))
+    runs, ratios = {}, {}
+    for precision in args.precisions:
+        weighted = in_precision(model, precision)
+        for name, subnet, ratio in (
+            ("full", None, 1.0),
+            ("static", static, vit.count_flops(model, static) / full_macs),
+            ("packed", subnets, mean),
+        ):
+            runs[f"{precision} {name}"] = plain(weighted, images, subnet, args.amp)
+            ratios[f"{precision} {name}"] = ratio
+    seconds = interleaved_rounds(runs, args.rounds, device)
+    distinct = len(set(subnets))
+    names = {
+        "full": "full model",
+        "static": f"static `{static.blocks[-1]}` every block (nearest grid subnet in MACs)",
+        "packed": f"random per-sample subnets ({distinct} distinct), packed",
+    }
+    rows = speed_rows("supernet", list(runs), ratios, seconds, args.supernet_batch_size, names)
+    title = f"**{args.supernet}** (random weights), batch {args.supernet_batch_size}, per-sample subnets drawn to a "
+    title += f"MACs ratio of {args.budget:g} each (mean {mean:.3f}):"
+    return rows, table(rows, title)
+
+
+def main(args: Args) -> dict:
     kept = setup_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
     if device.type == "cuda":
         use_tf32()
-    packed = agents.load_adaptive(args.selector, device=str(device), amp=args.amp)
-    model = packed.supernet
-    dataset = selector_dataset(args.selector, "train", model, args.data, args.data_dir)
-    calibration = subset_batches(dataset, args.calib_images, args.batch_size, device, workers=args.workers)
-    adaptive = {
-        execution: agents.AdaptiveViT(
-            model,
-            packed.policy,
-            price_range=packed.price_range,
-            shape=packed.shape,
-            execution=execution,
-            amp=args.amp,
-        )
-        for execution in agents.adaptive.EXECUTIONS
-    }
-    prices = {"packed": agents.calibrate(adaptive["packed"], calibration, args.budget)}
-    prices["bucketed"] = prices["packed"]  # the same decisions, executed otherwise
-    prices["consensus"] = agents.calibrate(adaptive["consensus"], calibration, args.budget)
-    dataset = selector_dataset(args.selector, "held-out", model, args.data, args.data_dir)
-    images = subset_batches(dataset, args.batch_size, args.batch_size, device, workers=args.workers)[0][0]
-    full_macs = vit.count_flops(model)
-    ratio = {name: float(a(images, price=prices[name])[1].mean()) / full_macs for name, a in adaptive.items()}
-    grid = model.search_space.static_grid(tied=True)
-    static = min(grid, key=lambda s: abs(vit.count_flops(model, s) / full_macs - ratio["packed"]))
-    ratio |= {"full": 1.0, "static": vit.count_flops(model, static) / full_macs}
-
-    def plain(subnet: vit.Subnet | None = None):
-        with autocast(device, args.amp):
-            return model(images, subnet)
-
-    runs = {
-        "full": plain,
-        "static": lambda: plain(static),
-        **{name: (lambda a=a, p=prices[name]: a(images, price=p)) for name, a in adaptive.items()},
-    }
-    timer = DecisionTimer(adaptive["packed"], device)
-    for fn in runs.values():  # warm-up
-        wall_seconds(fn, device)
-    rounds, deciding = [], []
-    for _ in range(args.rounds):
-        row = {}
-        for name, fn in runs.items():
-            before = timer.seconds
-            row[name] = wall_seconds(fn, device)
-            if name == "packed":
-                deciding.append((timer.seconds - before) / row[name])
-        rounds.append(row)
-    seconds = {name: float(np.median([r[name] for r in rounds])) for name in runs}
-    per_round = {name: [r["full"] / r[name] for r in rounds] for name in runs}
-    speedup = {name: float(np.median(v)) for name, v in per_round.items()}
-    names = {
-        "full": "full model",
-        "static": f"static `{static.blocks[-1]}` every block (nearest grid subnet in MACs)",
-        "packed": f"AdaptiveViT, packed (budget {args.budget:g}, price {prices['packed']:.3g})",
-        "bucketed": "AdaptiveViT, bucketed (same decisions)",
-        "consensus": f"AdaptiveViT, consensus (budget {args.budget:g}, price {prices['consensus']:.3g})",
-    }
-    lines = [
-        f"{device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-        f"{'bf16 autocast' if args.amp else 'fp32'}, "
-        f"median of {args.rounds} interleaved rounds, freed memory {'kept' if kept else 'returned (glibc default)'}",
-        "",
-        "| model | MACs ratio | images/s | speed-up vs full | per-round range | speed-up predicted by MACs |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {names[n]} | {ratio[n]:.3f} | {args.batch_size / seconds[n]:.0f} | {speedup[n]:.2f}x "
-        f"| {min(per_round[n]):.2f}-{max(per_round[n]):.2f}x | {1 / ratio[n]:.2f}x |"
-        for n in runs
-    ]
-    share = float(np.median(deciding))
-    lines += ["", f"deciding (the selector's forward passes): {share * 100:.1f}% of the packed adaptive forward"]
-    text = "\n".join(lines)
+    for precision in args.precisions:
+        weights_dtype(precision)  # an unknown precision fails before any work
+    rows, lines = selector_part(args, device)
+    if args.supernet != "none":
+        more, more_lines = supernet_part(args, device)
+        rows, lines = rows + more, lines + more_lines
+    header = (
+        f"{device}, {torch.get_num_threads()} threads, {'bf16 autocast, ' if args.amp else ''}median of {args.rounds} "
+        f"interleaved rounds, speed-ups over the full model of the same precision, freed memory "
+        f"{'kept' if kept else 'returned (glibc default)'}"
+    )
+    text = "\n".join([header, "", *lines]).rstrip()
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(text + "\n")
-    print(f"\nwrote {out / 'benchmark.md'}")
-    return {
-        **{f"speedup_{n}": speedup[n] for n in runs},
-        **{f"ratio_{n}": ratio[n] for n in runs},
-        **{f"images_per_s_{n}": args.batch_size / seconds[n] for n in runs},
-        "deciding": share,
-    }
+    (out / "benchmark.json").write_text(json.dumps({"rows": rows}, indent=2))
+    print(f"\nwrote {out / 'benchmark.md'} and {out / 'benchmark.json'}")
+    return {"rows": rows}
 
 
 if __name__ == "__main__":

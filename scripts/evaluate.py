@@ -3,12 +3,23 @@
 Rows, all measured in this run on the same images with the same batch size:
 
 - the full model;
-- the selector at a few MACs budgets, each calibrated (`agents.calibrate`) on training images, not test ones;
+- the selector at a few MACs budgets, each calibrated (`agents.calibrate`) on training images, not test ones, in
+  each execution mode of `--executions`: `packed` (per-image decisions on packed tokens), `bucketed` (the same
+  decisions, one dense group per configuration and token count) and `prototypes` (each step's decisions snapped to
+  at most K configurations for the batch, one row per K of `--prototypes`; K=1 is the batch's median choice, the
+  former `consensus`). The price is calibrated with the first mode listed and shared by the others, so each mode's
+  MACs ratio shows what it does to the cost at that price (`--calibrate-each` calibrates every mode on its own);
 - the static subnet of the grid of `scripts/eval_supernet.py` (uniform width level x keep ratio) with the best
   Top-1 at matched MACs, and uniform token merging (full widths, one keep ratio at every block, like ToMe) at
-  matched MACs. "Matched" means the best baseline whose MACs ratio lies in [m - 0.02, m + 0.10], m being the
-  selector's; when none does, the nearest one;
+  matched MACs, both matched to the first mode. "Matched" means the best baseline whose MACs ratio lies in
+  [m - 0.02, m + 0.10], m being the selector's; when none does, the nearest one;
 - random decisions.
+
+Speed is measured on the same pass (`agents.evaluation.evaluate_methods`): every batch runs every row in turn, the
+order rotating from batch to batch, so each batch is one round of interleaved timing; images/s is by wall clock and
+"speed-up" the median of the per-batch ratios to the full model (process CPU time in `results.json`). Use
+`--threads 1` for per-sample execution on a small CPU. `--precision bf16` runs every row with bf16 weights (images
+cast on entry), `--amp` under bf16 autocast.
 
 Held-out images are Fashion-MNIST's test split or an ImageFolder's val split (the selector's dataset by default).
 It writes `OUT/results.md` (the table), `OUT/results.json` (every row, the whole static grid included) and
@@ -17,6 +28,7 @@ table.
 
     python scripts/evaluate.py                                   # runs/selector/selector on Fashion-MNIST
     python scripts/evaluate.py --selector runs/demo/selector/selector --budgets 0.4 0.5 0.6 --out runs/demo
+    python scripts/evaluate.py --executions packed bucketed prototypes --prototypes 1 4 --threads 1
 """
 
 from __future__ import annotations
@@ -29,18 +41,23 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 import agents
 from agents.baselines import RandomPolicy
+from agents.evaluation import (
+    adaptive_method,
+    evaluate_methods,
+    execution_modes,
+    in_execution_mode,
+    mode_name,
+    static_method,
+)
 from agents.plots import pareto_figure, save_figure
 from agents.selector import read_settings, resolve_selector, selector_dataset
 from vit.data import default_workers
-from vit.token_ops import token_schedule
 from vit.train import subset_batches
-from vit.utils import autocast, parse_dataclass, resolve_device, setup_cpu, timed, use_tf32
+from vit.utils import parse_dataclass, resolve_device, setup_cpu, use_tf32
 
 MATCH_BELOW, MATCH_ABOVE = 0.02, 0.10
 
@@ -66,6 +83,17 @@ class Args:
         default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the random-decision baseline"})
+    executions: tuple[str, ...] = field(
+        default=("packed", "prototypes"),
+        metadata={"help": "selector execution modes, one row each per budget: packed | bucketed | prototypes"},
+    )
+    prototypes: tuple[int, ...] = field(
+        default=(1,), metadata={"help": "K of each prototypes row: at most K configurations per decision and batch"}
+    )
+    calibrate_each: bool = field(
+        default=False, metadata={"help": "calibrate every execution mode on its own, not only the first"}
+    )
+    precision: str = field(default="fp32", metadata={"help": "weights of every row: fp32 | bf16"})
     amp: bool = field(default=False, metadata={"help": "every row under bf16 autocast (CUDA or CPU)"})
     out: str = field(default="runs/evaluate", metadata={"help": "output folder (results.md, results.json, pareto.png)"})
 
@@ -77,45 +105,6 @@ def load_batches(args, model: vit.ElasticViT, split: str, images: int | None, de
     return subset_batches(dataset, images, args.batch_size, device, workers=args.workers)
 
 
-def final_tokens(model: vit.ElasticViT, subnet: vit.Subnet) -> int:
-    """Patch tokens left after the last block of a static subnet."""
-    n = model.num_patches
-    for config in subnet:
-        n = token_schedule(n, config, model.token_mode)[1]
-    return n
-
-
-@torch.inference_mode()
-def measure_static(model: vit.ElasticViT, subnet: vit.Subnet, batches: list, full_macs: int, amp: bool = False) -> dict:
-    """Top-1, Top-5, MACs ratio, tokens kept, parameters and images/s of a plain forward pass of one subnet."""
-    device = model.pos_embed.device
-
-    def run() -> list[tuple[Tensor, Tensor]]:
-        with autocast(device, amp):
-            return [(model(x, subnet).topk(min(5, model.num_classes), dim=-1).indices, y) for x, y in batches]
-
-    top5, seconds = timed(run, device)
-    seen = sum(len(y) for _, y in batches)
-    macs = vit.count_flops(model, subnet)
-    return {
-        "top1": sum(int((k[:, 0] == y).sum()) for k, y in top5) / seen,
-        "top5": sum(int((k == y[:, None]).any(-1).sum()) for k, y in top5) / seen,
-        "params": vit.count_params(model, subnet),
-        "flops_ratio": macs / full_macs,
-        "gmacs": macs / 1e9,
-        "tokens_kept": final_tokens(model, subnet) / model.num_patches,
-        "images_per_s": seen / seconds,
-    }
-
-
-def measure_adaptive(adaptive: agents.AdaptiveViT, batches: list, price: float | None = None) -> dict:
-    """`agents.measure` at `price` (None: `adaptive.price`) with GMACs and images/s."""
-    device = adaptive.supernet.pos_embed.device
-    row, seconds = timed(lambda: agents.measure(adaptive, batches, price=price), device)
-    seen = sum(len(y) for _, y in batches)
-    return {**row, "gmacs": row["flops_ratio"] * adaptive.full_macs / 1e9, "images_per_s": seen / seconds}
-
-
 def matched(rows: list[dict], ratio: float) -> dict:
     """The best-Top-1 row whose MACs ratio lies in [ratio - 0.02, ratio + 0.10]; else the nearest in MACs."""
     window = [r for r in rows if ratio - MATCH_BELOW <= r["flops_ratio"] <= ratio + MATCH_ABOVE]
@@ -124,19 +113,21 @@ def matched(rows: list[dict], ratio: float) -> dict:
     return min(rows, key=lambda r: abs(r["flops_ratio"] - ratio))
 
 
-def markdown(rows: list[dict], batch_size: int, images: int, amp: bool = False) -> str:
+def markdown(rows: list[dict], batch_size: int, images: int, precision: str) -> str:
     """The table of `rows`; params are those each image's subnet reads, averaged over the images."""
-    precision = "bf16 autocast" if amp else "fp32"
     lines = [
-        f"Held-out split, {images} images, batch {batch_size}, {precision}; images/s measured in the same run.",
+        f"Held-out split, {images} images, batch {batch_size}, {precision}; images/s measured in the same run, every "
+        "batch running every row in turn; speed-up: the median over batches of the full model's time over the row's.",
         "",
-        "| method | setting | Top-1 (%) | Top-5 (%) | GMACs | MACs ratio | params (M) | tokens kept | images/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | setting | Top-1 (%) | Top-5 (%) | GMACs | MACs ratio | params (M) | tokens kept | images/s "
+        "| speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['setting']} | {r['top1'] * 100:.2f} | {r['top5'] * 100:.2f} | {r['gmacs']:.4f} "
-            f"| {r['flops_ratio']:.3f} | {r['params'] / 1e6:.3f} | {r['tokens_kept']:.3f} | {r['images_per_s']:.0f} |"
+            f"| {r['flops_ratio']:.3f} | {r['params'] / 1e6:.3f} | {r['tokens_kept']:.3f} | {r['images_per_s']:.0f} "
+            f"| {r['speedup']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -148,24 +139,38 @@ def main(args: Args) -> list[dict]:
     device = resolve_device(args.device)
     if device.type == "cuda":
         use_tf32()
-    adaptive = agents.load_adaptive(args.selector, device=str(device), amp=args.amp)
+    runs = execution_modes(args.executions, args.prototypes)
+    adaptive = agents.load_adaptive(args.selector, device=str(device), amp=args.amp, precision=args.precision)
     model = adaptive.supernet
     test = load_batches(args, model, "held-out", args.images, device)
     calibration = load_batches(args, model, "train", args.calib_images, device)
     images = sum(len(y) for _, y in test)
-    full_macs = vit.count_flops(model)
     space = model.search_space
 
-    grid = []
+    selectors = {mode: in_execution_mode(adaptive, *mode) for mode in runs}
+    prices = {}
+    for budget in tqdm(args.budgets, desc="budgets"):
+        for i, mode in enumerate(runs):
+            same_decisions = mode == ("bucketed", 1) and ("packed", 1) in runs[:i]
+            if i == 0 or (args.calibrate_each and not same_decisions):
+                price = agents.calibrate(selectors[mode], calibration, budget, tolerance=args.tolerance)
+            prices[budget, mode] = prices[budget, ("packed", 1)] if same_decisions else price
+
     subnets = list(dict.fromkeys([space.largest(), space.smallest(), *space.static_grid(tied=True)]))
-    for subnet in tqdm(subnets, desc="static subnets"):
-        grid.append(
-            {
-                "method": "static subnet",
-                "setting": f"`{subnet.blocks[-1]}` every block",
-                **measure_static(model, subnet, test, full_macs, args.amp),
-            }
-        )
+    methods = {f"static {s}": static_method(model, s, args.amp) for s in subnets}
+    methods |= {
+        f"selector {budget} {mode}": adaptive_method(selectors[mode], prices[budget, mode])
+        for budget in args.budgets
+        for mode in runs
+    }
+    random = agents.AdaptiveViT(model, RandomPolicy(adaptive.nvec, seed=args.seed), shape=adaptive.shape, amp=args.amp)
+    methods["random"] = adaptive_method(random)
+    measured = evaluate_methods(methods, test, model, desc="evaluating every row, batch by batch")
+
+    grid = [
+        {"method": "static subnet", "setting": f"`{s.blocks[-1]}` every block", **measured[f"static {s}"]}
+        for s in subnets
+    ]
     full = {**grid[0], "method": "full model", "setting": f"`{space.largest().blocks[-1]}` every block"}
     widest = space.largest().blocks[-1]
     uniform = [
@@ -173,34 +178,39 @@ def main(args: Args) -> list[dict]:
         for r, s in zip(grid, subnets)
         if all(c.heads == widest.heads and c.mlp_hidden == widest.mlp_hidden for c in s) and r is not grid[0]
     ]
-
-    selector, table = [], [full]
-    for budget in tqdm(args.budgets, desc="budgets"):
-        price = agents.calibrate(adaptive, calibration, budget, tolerance=args.tolerance)
-        row = {
-            "method": "PRANCE selector",
-            "setting": f"budget {budget:g}, price {price:.3g}",
-            "budget": budget,
-            "price": price,
-            **measure_adaptive(adaptive, test, price),
-        }
-        selector.append(row)
+    selector_rows, table = [], [full]
+    for budget in args.budgets:
+        for mode in runs:
+            price = prices[budget, mode]
+            row = {
+                "method": f"PRANCE selector, {mode_name(*mode)}",
+                "setting": f"budget {budget:g}, price {price:.3g}",
+                "mode": mode_name(*mode),
+                "execution": mode[0],
+                "prototypes": mode[1] if mode[0] == "prototypes" else None,
+                "budget": budget,
+                "price": price,
+                **measured[f"selector {budget} {mode}"],
+            }
+            selector_rows.append(row)
+            table.append(row)
+        first = selector_rows[-len(runs)]
         table += [
-            row,
-            {**matched(grid, row["flops_ratio"]), "method": "best static subnet at matched MACs"},
-            {**matched(uniform, row["flops_ratio"]), "method": "uniform merging at matched MACs"},
+            {**matched(grid, first["flops_ratio"]), "method": "best static subnet at matched MACs"},
+            {**matched(uniform, first["flops_ratio"]), "method": "uniform merging at matched MACs"},
         ]
-    random = agents.AdaptiveViT(model, RandomPolicy(adaptive.nvec, seed=args.seed), shape=adaptive.shape, amp=args.amp)
-    table.append(
-        {"method": "random decisions", "setting": "uniform over the choices", **measure_adaptive(random, test)}
-    )
+    table.append({"method": "random decisions", "setting": "uniform over the choices", **measured["random"]})
 
-    text = markdown(table, args.batch_size, images, args.amp)
+    precision = f"{args.precision} weights" + (", bf16 autocast" if args.amp else "")
+    text = markdown(table, args.batch_size, images, precision)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"table": table, "grid": grid}, indent=2))
     dataset = args.data or read_settings(resolve_selector(args.selector))["env"].get("data", "fashion-mnist")
-    title = f"{dataset} held-out split, {images} images: {model.pretrained_cfg['architecture']} ({model.token_mode})"
-    save_figure(pareto_figure(grid, uniform, selector, [full, table[-1]], title), out / "pareto.png")
+    title = (
+        f"{dataset} held-out split, {images} images: {model.pretrained_cfg['architecture']} ({model.token_mode}), "
+        f"{precision}"
+    )
+    save_figure(pareto_figure(grid, uniform, selector_rows, [full, table[-1]], title), out / "pareto.png")
     print(text)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'pareto.png'}")
     return table

@@ -8,8 +8,9 @@ On a CUDA machine (at most about 8 minutes), at DeiT-Small shapes on a generated
 3. a few thousand PPO steps (`agents.train_selector`);
 4. calibration of the selector to half the full model's MACs;
 5. `scripts/evaluate.py` (Top-1, Top-5, parameters);
-6. `scripts/benchmark.py`: `AdaptiveViT` against the full model and the static subnet of equal MACs, images/s at
-   batch 256, fp32 (TF32 matmuls) and bf16 autocast.
+6. `scripts/benchmark.py`: `AdaptiveViT` in each execution mode against the full model and the static subnet of
+   equal MACs, and random per-sample subnets at DeiT-Small shapes, images/s at batch 256, fp32 (TF32 matmuls) and
+   bf16 weights.
 
 Every stage runs even when an earlier one failed, where it can (a failed training leaves randomly initialised
 weights to the stages after it; the selector's stages need PPO). The exit status is non-zero when any stage failed.
@@ -271,7 +272,7 @@ def main(args: Args) -> bool:
                 out=str(out / "evaluate"),
             )
         )
-        full, row = table[0], next(r for r in table if r["method"] == "PRANCE selector")
+        full, row = table[0], next(r for r in table if r["method"].startswith("PRANCE selector"))
         return (
             f"ok: selector Top-1 {row['top1']:.3f}, Top-5 {row['top5']:.3f}, MACs ratio {row['flops_ratio']:.3f}, "
             f"{row['params'] / 1e6:.2f} M params (full {full['params'] / 1e6:.2f} M)"
@@ -279,9 +280,9 @@ def main(args: Args) -> bool:
 
     check.run("evaluate.py", evaluate)
 
-    for precision, bf16 in (("fp32", False), ("bf16", True)):
+    for precision in ("fp32", "bf16"):
 
-        def benchmark(bf16: bool = bf16) -> str:
+        def benchmark(precision: str = precision) -> str:
             script = load_script("benchmark")
             speed = script.main(
                 script.Args(
@@ -291,14 +292,17 @@ def main(args: Args) -> bool:
                     rounds=sizes.rounds,
                     threads=args.threads,
                     device=str(device),
-                    amp=bf16,
-                    out=str(out / f"benchmark_{'bf16' if bf16 else 'fp32'}"),
+                    precisions=(precision,),
+                    supernet="none" if args.tiny else sizes.supernet,
+                    supernet_batch_size=sizes.batch,
+                    out=str(out / f"benchmark_{precision}"),
                 )
             )
+            row = {r["run"]: r for r in speed["rows"] if r["part"] == "selector"}
             return (
-                f"ok: images/s at batch {sizes.batch}: full {speed['images_per_s_full']:.0f}, static "
-                f"{speed['images_per_s_static']:.0f}, AdaptiveViT {speed['images_per_s_packed']:.0f} "
-                f"({speed['speedup_packed']:.2f}x full at MACs ratio {speed['ratio_packed']:.3f})"
+                f"ok: images/s at batch {sizes.batch}: full {row['full']['images_per_s']:.0f}, static "
+                f"{row['static']['images_per_s']:.0f}, AdaptiveViT {row['packed']['images_per_s']:.0f} "
+                f"({row['packed']['speedup']:.2f}x full at MACs ratio {row['packed']['flops_ratio']:.3f})"
             )
 
         check.run(f"benchmark.py {precision}", benchmark)

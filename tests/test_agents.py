@@ -2,6 +2,7 @@
 image by image, calibration, and selector training end to end. Tiny supernets on a generated Fashion-MNIST folder."""
 
 import ast
+import copy
 import dataclasses
 import json
 import math
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import stable_baselines3.common.logger
 import torch
-from conftest import tiny_supernet, write_image_folder
+from conftest import images, tiny_supernet, write_image_folder
 from sb3_contrib.common.maskable.utils import get_action_masks
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
@@ -35,6 +36,7 @@ from agents import (
     UniformMergePolicy,
 )
 from agents.ppo import held_out_batches
+from agents.prototypes import snap_to_prototypes
 from agents.selector import supernet_signature
 from vit.token_ops import kept_tokens
 
@@ -373,6 +375,132 @@ def test_consensus_execution_runs_one_subnet_for_the_batch(trained):
     assert torch.all(macs == vit.count_flops(model, subnet))
     with pytest.raises(ValueError, match="execution"):
         AdaptiveViT(model, policy, execution="per_sample")
+
+
+# --- execution modes: K prototypes per batch, bf16 weights ------------------------------------------------------------
+
+
+def modes_supernet() -> vit.ElasticViT:
+    """A tiny supernet of 4 blocks (3 decisions) with 2 x 2 x 3 choices per decision, its parameters perturbed so
+    that images differ; a random batch holds many of its 12 configurations at every step."""
+    model = tiny_supernet(depth=4, keep_ratio_choices=(0.5, 0.75, 1.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+class Recorded:
+    """A policy that keeps the actions its wrapped policy returns, step by step."""
+
+    def __init__(self, policy) -> None:
+        self.policy, self.actions = policy, []
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        actions, state = self.policy.predict(observation, state, episode_start, deterministic)
+        self.actions.append(torch.as_tensor(np.array(actions)))
+        return actions, state
+
+
+def test_snapping_keeps_at_most_k_prototypes_each_row_moving_to_its_nearest():
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 2, 7, 64):
+        rows = torch.stack([torch.randint(0, n, (B,), generator=g) for n in (4, 4, 5)], 1)
+        distinct = len(rows.unique(dim=0))
+        assert torch.equal(snap_to_prototypes(rows, 1), rows.median(dim=0).values.expand(B, -1))  # the lower median
+        assert torch.equal(snap_to_prototypes(rows, distinct), rows)
+        for k in (2, 3, 5):
+            snapped = snap_to_prototypes(rows, k)
+            prototypes = snapped.unique(dim=0)
+            assert len(prototypes) <= k and snapped.dtype == rows.dtype
+            if k < distinct:
+                assert not torch.equal(snapped, rows)
+            # every row moved to a prototype at the least L1 distance from it
+            distance = (rows[:, None] - prototypes[None]).abs().sum(2)
+            assert torch.equal((rows - snapped).abs().sum(1), distance.min(1).values)
+            order = torch.randperm(B, generator=g)  # the images' order does not change the prototypes
+            assert torch.equal(snap_to_prototypes(rows[order], k), snapped[order])
+    with pytest.raises(ValueError, match="at least 1"):
+        snap_to_prototypes(rows, 0)
+
+
+def test_one_prototype_is_the_consensus_of_the_batch():
+    model = modes_supernet()
+    x = images(model, 12)
+    nvec = vit.InferenceLoop(model).nvec
+    policy = Recorded(RandomPolicy(nvec, seed=0))
+    logits, macs, decisions = AdaptiveViT(model, policy, execution="prototypes", prototypes=1)(
+        x, return_decisions=True
+    )
+    assert len(policy.actions) == decisions.indices.shape[1] == 3
+    for t, actions in enumerate(policy.actions):
+        assert len(actions.unique(dim=0)) > 1  # the policy's own choices differ between images
+        median = actions.median(dim=0).values  # per field the lower median choice: what consensus has always run
+        assert (decisions.indices[:, t] == median).all()
+    (subnet,) = set(decisions.subnets)
+    torch.testing.assert_close(logits, model(x, subnet), atol=1e-5, rtol=0)
+    assert torch.all(macs == vit.count_flops(model, subnet))
+    consensus = AdaptiveViT(model, RandomPolicy(nvec, seed=0), execution="consensus")(x, return_decisions=True)
+    assert torch.equal(consensus[2].indices, decisions.indices) and torch.equal(consensus[0], logits)
+
+
+def test_as_many_prototypes_as_decisions_run_the_packed_decisions():
+    model = modes_supernet()
+    x = images(model, 16)
+    nvec = vit.InferenceLoop(model).nvec
+    packed = AdaptiveViT(model, RandomPolicy(nvec, seed=0))(x, return_decisions=True)
+    k = int(np.prod(nvec))  # as many as there are configurations: nothing to snap
+    logits, macs, decisions = AdaptiveViT(model, RandomPolicy(nvec, seed=0), execution="prototypes", prototypes=k)(
+        x, return_decisions=True
+    )
+    assert torch.equal(decisions.indices, packed[2].indices) and decisions.subnets == packed[2].subnets
+    assert len(set(decisions.subnets)) > 8  # per-image decisions, not a handful
+    torch.testing.assert_close(logits, packed[0], atol=1e-5, rtol=0)
+    assert torch.equal(macs, packed[1])
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_prototypes_run_at_most_k_configurations_per_step_and_return_them(k):
+    model = modes_supernet()
+    x = images(model, 16)
+    nvec = vit.InferenceLoop(model).nvec
+    policy = Recorded(RandomPolicy(nvec, seed=0))
+    adaptive = AdaptiveViT(model, policy, execution="prototypes", prototypes=k)
+    runs = []
+    adaptive._loop.advance = lambda configs, advance=adaptive._loop.advance: runs.append(set(configs)) or advance(
+        configs
+    )
+    logits, macs, decisions = adaptive(x, return_decisions=True)
+    assert [len(r) for r in runs] == [len(decisions.indices[:, t].unique(dim=0)) for t in range(3)]
+    assert all(len(r) <= k for r in runs) and max(len(r) for r in runs) == k
+    for t, actions in enumerate(policy.actions):
+        assert len(actions.unique(dim=0)) > k  # the policy asked for more
+        assert torch.equal(decisions.indices[:, t], snap_to_prototypes(actions, k))
+    assert len(set(decisions.subnets)) > k  # over the steps, images still take different paths
+    # the decisions returned are the ones that ran, image by image
+    torch.testing.assert_close(logits, model(x, decisions.subnets), atol=1e-5, rtol=0)
+    assert macs.tolist() == [float(m) for m in vit.count_flops(model, decisions.subnets)]
+    with pytest.raises(ValueError, match="prototypes must be at least 1"):
+        AdaptiveViT(model, policy, execution="prototypes", prototypes=0)
+
+
+@pytest.mark.parametrize("execution", ["packed", "bucketed", "prototypes"])
+def test_bf16_weights_give_float32_logits_and_the_fp32_predictions(execution):
+    model = modes_supernet()
+    x = images(model, 32)
+    nvec = vit.InferenceLoop(model).nvec
+    fp32 = AdaptiveViT(model, RandomPolicy(nvec, seed=0), execution=execution, prototypes=3)
+    bf16 = AdaptiveViT(copy.deepcopy(model), RandomPolicy(nvec, seed=0), execution=execution, prototypes=3)
+    bf16.to(torch.bfloat16)
+    assert bf16.supernet.pos_embed.dtype == torch.bfloat16 and model.pos_embed.dtype == torch.float32
+    expected, expected_macs, decisions = fp32(x, return_decisions=True)
+    logits, macs, bf16_decisions = bf16(x, return_decisions=True)  # float32 images, cast on entry
+    assert logits.dtype == torch.float32 and macs.dtype == torch.float32
+    assert torch.equal(bf16_decisions.indices, decisions.indices) and torch.equal(macs, expected_macs)
+    assert (logits - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 rounding, not another model
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    assert not torch.equal(logits, expected)  # it did run in bf16
 
 
 # --- baselines --------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import flop_counter, images, release_shared_supernets, shared_supernet
+from conftest import flop_counter, images, release_shared_supernets, shared_supernet, tiny_supernet
 
 import vit
 
@@ -158,3 +158,17 @@ def test_count_params_are_the_parameters_a_subnet_reads():
         vit.count_params(model, space.smallest()),
         vit.count_params(model),
     ]
+
+
+def test_sampled_subnets_cost_the_ratio_asked_for_and_differ():
+    model = tiny_supernet(depth=4, keep_ratio_choices=(0.5, 0.75, 1.0))
+    full = vit.count_flops(model)
+    subnets = vit.flops.sample_subnets(model, 32, 0.6, rng=0, tolerance=0.05)
+    ratios = [m / full for m in vit.count_flops(model, subnets)]
+    assert all(abs(r - 0.6) <= 0.05 for r in ratios)
+    assert any(r < 0.6 for r in ratios) and any(r > 0.6 for r in ratios)  # both sides of the target
+    assert len(set(subnets)) > 8
+    assert vit.flops.sample_subnets(model, 32, 0.6, rng=0, tolerance=0.05) == subnets  # seeded
+    smallest = vit.count_flops(model, model.search_space.smallest()) / full
+    with pytest.raises(ValueError, match="outside"):
+        vit.flops.sample_subnets(model, 1, smallest - 0.1, tolerance=0.05)

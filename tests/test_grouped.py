@@ -378,7 +378,8 @@ def test_evaluate_and_visualize_a_grouped_selector(grouped_selector, fmnist_dir,
     ).stdout
     table = json.loads((tmp_path / "evaluate" / "results.json").read_text())["table"]
     methods = [row["method"] for row in table]
-    assert methods[0] == "full model" and "PRANCE selector" in methods and methods[-1] == "random decisions"
+    assert methods[0] == "full model" and methods[-1] == "random decisions"
+    assert any(m.startswith("PRANCE selector") for m in methods)
     assert all(0 < row["flops_ratio"] <= 1 for row in table) and "16 images" in out
     run_script("visualize.py", *common, "--images", "2", "--out", str(tmp_path / "visualize"))
     assert (tmp_path / "visualize" / "tokens.png").stat().st_size > 10_000

@@ -27,7 +27,7 @@ TINY = {
     "train_selector.py": [*PPO, "--total-steps", "88", "--eval-every", "88"],
     "evaluate.py": ["--images", "16", "--calib-images", "8", "--batch-size", "16", "--budgets", "0.5"],
     "visualize.py": ["--images", "4"],
-    "benchmark.py": ["--batch-size", "8", "--calib-images", "8", "--rounds", "1"],
+    "benchmark.py": ["--batch-size", "8", "--calib-images", "8", "--rounds", "1", "--supernet-batch-size", "2"],
     "ablate_rtg.py": [*PPO, "--steps", "88", "--every", "88", "--seeds", "0", "--calib-images", "8"],
     "reinforce_example.py": ["--episodes", "2", "--images", "8"],
     "eval_supernet.py": ["--images", "8", "--batch-size", "8"],

@@ -198,6 +198,13 @@ def test_evaluate(tmp_path, fmnist_dir, selector):
         "16",
         "--batch-size",
         "16",
+        "--executions",
+        "packed",
+        "bucketed",
+        "prototypes",
+        "--prototypes",
+        "1",
+        "2",
         "--device",
         "cpu",
         "--out",
@@ -205,11 +212,25 @@ def test_evaluate(tmp_path, fmnist_dir, selector):
     )
     rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
     methods = [r.split("|")[1].strip() for r in rows]
-    assert methods[0] == "full model" and methods.count("PRANCE selector") == 2 and methods[-1] == "random decisions"
-    assert "best static subnet at matched MACs" in methods and "uniform merging at matched MACs" in methods
+    modes = ("packed", "bucketed", "prototypes K=1", "prototypes K=2")
+    assert methods[0] == "full model" and methods[-1] == "random decisions"
+    assert all(methods.count(f"PRANCE selector, {mode}") == 2 for mode in modes)
+    assert methods.count("best static subnet at matched MACs") == methods.count("uniform merging at matched MACs") == 2
     assert "40 images" in out
     assert (tmp_path / "results.md").read_text().strip() in out
-    assert (tmp_path / "pareto.png").stat().st_size > 10_000 and (tmp_path / "results.json").is_file()
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    results = json.loads((tmp_path / "results.json").read_text())
+    table = results["table"]
+    assert table[0]["speedup"] == 1.0 and table[0]["speedup_range"] == [1.0, 1.0]  # the full model is the reference
+    for budget in (0.4, 0.8):
+        selector_rows = {r["mode"]: r for r in table if r.get("budget") == budget}
+        assert list(selector_rows) == list(modes)
+        packed, bucketed = selector_rows["packed"], selector_rows["bucketed"]
+        assert packed["price"] == bucketed["price"] == selector_rows["prototypes K=2"]["price"]  # one calibration
+        for key in ("top1", "top5", "flops_ratio", "tokens_kept", "params"):  # the same decisions, run otherwise
+            assert packed[key] == pytest.approx(bucketed[key])
+    for row in table:
+        assert row["images_per_s"] > 0 and row["images_per_cpu_s"] > 0 and row["speedup"] > 0
 
 
 def test_benchmark(tmp_path, fmnist_dir, selector):
@@ -223,16 +244,46 @@ def test_benchmark(tmp_path, fmnist_dir, selector):
         "16",
         "--calib-images",
         "16",
-        "--rounds",
+        "--prototypes",
         "1",
+        "2",
+        "--supernet",
+        "prance_fmnist",
+        "--supernet-batch-size",
+        "4",
+        "--rounds",
+        "2",
         "--device",
         "cpu",
         "--out",
         str(tmp_path),
     )
-    assert all(f"AdaptiveViT, {e}" in out for e in ("packed", "bucketed", "consensus")) and "deciding" in out
-    assert "per-round range" in out and "freed memory kept" in out
+    assert "freed memory kept" in out and "deciding" in out
     assert (tmp_path / "benchmark.md").read_text().strip() in out
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    timed = [r for r in rows if r["run"] != "deciding"]
+    runs = {}
+    for r in timed:
+        runs.setdefault((r["part"], r["precision"]), []).append(r["run"])
+    modes = ["packed", "bucketed", "prototypes K=1", "prototypes K=2"]
+    assert runs == {
+        **{("selector", p): ["full", "static", *modes] for p in ("fp32", "bf16")},
+        **{("supernet", p): ["full", "static", "packed"] for p in ("fp32", "bf16")},
+    }
+    by = {(r["part"], r["precision"], r["run"]): r for r in timed}
+    for r in timed:
+        assert r["images_per_s"] > 0 and r["speedup"] > 0 and r["cpu_speedup"] > 0
+        low, high = r["speedup_range"]
+        assert low <= r["speedup"] <= high
+        if r["run"] == "full":  # each precision's full model is its own reference
+            assert r["speedup"] == r["cpu_speedup"] == 1.0
+    for precision in ("fp32", "bf16"):
+        packed, bucketed = by["selector", precision, "packed"], by["selector", precision, "bucketed"]
+        assert packed["flops_ratio"] == bucketed["flops_ratio"]  # the same decisions at the same price
+        assert 0.45 <= by["supernet", precision, "packed"]["flops_ratio"] <= 0.55  # random subnets near the budget
+    assert by["supernet", "fp32", "packed"]["flops_ratio"] == by["supernet", "bf16", "packed"]["flops_ratio"]
+    (deciding,) = [r for r in rows if r["run"] == "deciding"]
+    assert 0 < deciding["share"] < 1
 
 
 def test_ablate_rtg(tmp_path, fmnist_dir, fmnist_weights):

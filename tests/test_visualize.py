@@ -210,3 +210,27 @@ def test_pareto_figure_shows_the_whole_grid_its_front_and_one_label_per_point():
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert list(lines["grid Pareto front"].get_xdata()) == [r[x] for r in front]
         assert sorted(t.get_text() for t in ax.texts) == ["budget 0.3 = 0.5", "budget 0.7"]
+
+
+def test_pareto_figure_draws_every_execution_mode_against_gmacs_and_measured_speed():
+    grid = [row(0.2 + 0.03 * k, 0.1 * (k + 1), 1000 / (k + 1)) for k in range(20)]
+    speeds = {"packed": (500, 400), "bucketed": (300, 250), "prototypes K=1": (900, 800)}
+    selector = [
+        row(0.88 + 0.01 * b, 1.0 + 0.5 * b, speeds[mode][b], budget=budget, mode=mode)
+        for b, budget in enumerate((0.3, 0.7))
+        for mode in speeds
+    ]
+    others = [row(0.91, 2.0, 90, method="full model")]
+    fig = pareto_figure(grid, grid[5:], selector, others, "modes")
+    left, right = fig.axes
+    assert right.get_xlabel().startswith("images/s")
+    for ax, x in ((left, "gmacs"), (right, "images_per_s")):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for mode in speeds:
+            rows = sorted((r for r in selector if r["mode"] == mode), key=lambda r: r[x])
+            line = lines[f"PRANCE selector, {mode}"]
+            assert list(line.get_xdata()) == [r[x] for r in rows]
+            assert list(line.get_ydata()) == [r["top1"] * 100 for r in rows]
+        assert sorted(t.get_text() for t in ax.texts) == ["budget 0.3", "budget 0.7"]  # the first mode's budgets
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [f"PRANCE selector, {mode}" for mode in speeds] == [t for t in legend if t.startswith("PRANCE")]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from .config import BlockConfig, Subnet
 from .supernet import ElasticViT
 from .token_ops import token_schedule
@@ -57,10 +59,15 @@ def count_flops(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = No
 def count_params(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
     """Parameters `subnet` (largest when None) reads: the whole model less the weight rows and columns of the
     heads and MLP neurons it leaves out (token reduction reads none); a list of counts for a sequence of subnets."""
+    total = sum(p.numel() for p in model.parameters())  # once for a whole sequence of subnets
     if subnet is not None and not isinstance(subnet, Subnet):
-        return [count_params(model, s) for s in subnet]
+        return [_params(model, total, s) for s in subnet]
+    return _params(model, total, subnet)
+
+
+def _params(model: ElasticViT, total: int, subnet: Subnet | None) -> int:
+    """`count_params` of one subnet, `total` being the whole model's parameter count."""
     subnet = model.search_space.largest() if subnet is None else model.search_space.validate(subnet)
-    total = sum(p.numel() for p in model.parameters())
     for block, config in zip(model.blocks, subnet):
         attn, mlp = block.attn, block.mlp
         unused_inner = (attn.num_heads - config.heads) * attn.head_dim
@@ -71,4 +78,46 @@ def count_params(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = N
     return total
 
 
-__all__ = ["block_macs", "count_flops", "count_params", "embed_macs", "head_macs"]
+def sample_subnets(
+    model: ElasticViT,
+    n: int,
+    flops_ratio: float,
+    rng: np.random.Generator | int | None = None,
+    tolerance: float = 0.05,
+    max_steps: int = 10_000,
+) -> list[Subnet]:
+    """`n` random subnets, each within `tolerance` of `flops_ratio` of the full model's MACs (so their mean is
+    about `flops_ratio`): per-sample decisions of a given cost, without a selector.
+
+    Each starts as `SearchSpace.sample` (choices drawn uniformly per block and field) and walks towards the target:
+    a random field of a random block moves one choice up while the subnet is too cheap, one choice down while it is
+    too dear, until a step crosses the target and lands within `tolerance` of it (so that the subnets fall on both
+    sides of the target, not on the edge they start from). Raises a `ValueError` when the target lies outside the
+    search space's range of MACs.
+    """
+    space, rng = model.search_space, np.random.default_rng(rng)
+    full = count_flops(model)
+    ratios = [count_flops(model, s) / full for s in (space.smallest(), space.largest())]
+    if not ratios[0] - tolerance <= flops_ratio <= ratios[1] + tolerance:
+        raise ValueError(f"a MACs ratio of {flops_ratio} lies outside this search space's {ratios[0]:.3f} to 1")
+    subnets = []
+    for _ in range(n):
+        indices = [list(space.indices(i, c)) for i, c in enumerate(space.sample(rng))]
+        side = None
+        for _ in range(max_steps):
+            ratio = count_flops(model, space.from_indices(indices)) / full
+            crossed = side is not None and (ratio >= flops_ratio) != side
+            if ratio == flops_ratio or (crossed and abs(ratio - flops_ratio) <= tolerance):
+                break
+            side = ratio >= flops_ratio
+            block = int(rng.integers(space.depth))
+            field = int(rng.integers(len(space.fields)))
+            step = 1 if ratio < flops_ratio else -1
+            indices[block][field] = min(max(indices[block][field] + step, 0), space.num_choices(block)[field] - 1)
+        else:
+            raise RuntimeError(f"no subnet within {tolerance} of a MACs ratio of {flops_ratio} in {max_steps} steps")
+        subnets.append(space.from_indices(indices))
+    return subnets
+
+
+__all__ = ["block_macs", "count_flops", "count_params", "embed_macs", "head_macs", "sample_subnets"]

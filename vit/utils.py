@@ -129,6 +129,58 @@ def seconds_per_call(fn, repeats: int = 5, warmup: int = 1, device: torch.device
     return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
+def clocked(fn, device: torch.device | str | None = None):
+    """`fn()`'s result, the wall-clock seconds it took (CUDA synchronised on a CUDA `device`) and the process CPU
+    seconds (`time.process_time`: every thread of the process, none of other processes, so it drifts less than wall
+    clock on a shared machine)."""
+    cpu = time.process_time()
+    out, wall = timed(fn, device)
+    return out, wall, time.process_time() - cpu
+
+
+def interleaved_rounds(
+    runs: dict[str, typing.Callable[[], object]],
+    rounds: int,
+    device: torch.device | str | None = None,
+    warmup: int = 1,
+) -> dict[str, dict[str, list[float]]]:
+    """Wall-clock and process CPU seconds of each of `runs` in each of `rounds` rounds: {name: {"wall": [...],
+    "cpu": [...]}}.
+
+    Every round calls each run once, starting one further along the list than the round before, so that a machine's
+    drift and the effects of call order (caches, allocations) spread over all runs; `warmup` untimed rounds come
+    first. Ratios of two runs are best taken per round (`round_ratios`).
+    """
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    seconds = {name: {"wall": [], "cpu": []} for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            _, wall, cpu = clocked(runs[name], device)
+            seconds[name]["wall"].append(wall)
+            seconds[name]["cpu"].append(cpu)
+    return seconds
+
+
+def round_ratios(reference: Sequence[float], other: Sequence[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest of the per-round ratios reference / other (of seconds: the speed-up of `other`)."""
+    ratios = [a / b for a, b in zip(reference, other)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype of a model's weights at `precision` (`fp32` or `bf16`; bf16 autocast over fp32 weights is `amp`,
+    a separate switch)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
 def _arg_type(annotation) -> tuple[type, bool]:
     """The scalar type of a field annotation, and whether the field is a list."""
     origin = typing.get_origin(annotation)
@@ -177,12 +229,17 @@ def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | N
 
 
 __all__ = [
+    "PRECISIONS",
     "autocast",
+    "clocked",
+    "interleaved_rounds",
     "keep_freed_memory",
     "matmul_dtype",
     "parse_dataclass",
     "resolve_device",
+    "round_ratios",
     "seconds_per_call",
     "setup_cpu",
     "use_tf32",
+    "weights_dtype",
 ]
