@@ -164,25 +164,48 @@ class BlockPlan:
         self.reduced = [s for s in range(B) if self.schedules[s][1] < lengths[s] - 1]
 
 
-def stack_linear(parts: Sequence[tuple[Tensor, Tensor, Tensor | None]]) -> Tensor:
-    """Several linear layers of one output width, each on its own rows: (input, weight, bias) each, the outputs
-    stacked in order. Without gradients they write into one buffer (no copy); with them, they are concatenated."""
+def stack_linear(parts: Sequence[tuple[Tensor, Tensor, Tensor | None, int]]) -> Tensor:
+    """Several linear layers of one output width, each on its own rows: (input, weight, bias, rows) each, the first
+    `rows` outputs of each stacked in order (an input may hold padding rows beyond them, see `repeat_shapes`).
+    Without gradients or padding they write into one buffer (no copy); otherwise the outputs are concatenated."""
     if len(parts) == 1:
-        return F.linear(*parts[0])
-    if torch.is_grad_enabled():
-        return torch.cat([F.linear(*part) for part in parts])
+        y, w, b, n = parts[0]
+        return F.linear(y, w, b)[:n]
+    if torch.is_grad_enabled() or any(p[0].shape[0] != p[3] for p in parts):
+        return torch.cat([F.linear(y, w, b)[:n] for y, w, b, n in parts])
     x = parts[0][0]
     dtype = matmul_dtype(x)  # out= operations are not autocast: their operands are cast here
-    out = x.new_empty(sum(p[0].shape[0] for p in parts), parts[0][1].shape[0], dtype=dtype)
-    row = 0
+    out = x.new_empty(sum(p[3] for p in parts), parts[0][1].shape[0], dtype=dtype)
     cast = dtype != x.dtype or dtype != parts[0][1].dtype
-    for y, w, b in parts:
+    row = 0
+    for y, w, b, n in parts:
         if cast:
             y, w, b = y.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        target = out[row : row + y.shape[0]]
+        target = out[row : row + n]
         torch.mm(y, w.t(), out=target) if b is None else torch.addmm(b, y, w.t(), out=target)
-        row += y.shape[0]
+        row += n
     return out
+
+
+def repeat_shapes(x: Tensor) -> bool:
+    """Whether the matmuls on x should run at repeating row counts: on CPU in bf16 or fp16 (weights or autocast),
+    where oneDNN builds a kernel for every new matrix shape (about a millisecond each) and per-sample execution
+    would meet new row counts at every batch. They then run on `shape_ladder` rows, padding included."""
+    return x.device.type == "cpu" and matmul_dtype(x) in (torch.bfloat16, torch.float16)
+
+
+def shape_ladder(n: int) -> int:
+    """n rounded up to a size of a fixed ladder: multiples of 8 up to 64, then four sizes per octave (at most a
+    quarter more rows), so that a few dozen row counts serve every batch."""
+    if n <= 64:
+        return -(-n // 8) * 8
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+def pad_rows(t: Tensor, rows: int) -> Tensor:
+    """t (n, ...) with zero rows appended up to `rows`."""
+    return t if t.shape[0] >= rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 def sample_runs(order: Sequence[int], key: Sequence, lengths: Sequence[int]) -> list[tuple]:

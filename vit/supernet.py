@@ -26,7 +26,10 @@ from .packed import (
     attention_core,
     cls_ranking,
     packed_reduction,
+    pad_rows,
+    repeat_shapes,
     sample_runs,
+    shape_ladder,
     stack_linear,
 )
 from .token_ops import assign_tokens, dense_reduction, token_schedule
@@ -137,19 +140,20 @@ class ElasticBlock(nn.Module):
         plan = BlockPlan(batch, configs, token_mode)
         batch = batch.reordered(plan.attention_order)
         attn, d = self.attn, self.attn.head_dim
+        ladder = repeat_shapes(batch.x) and not plan.uniform  # a dense batch's shapes repeat already
+        rows = shape_ladder if ladder else int
+        heads_runs = sample_runs(batch.order, plan.heads, batch.lengths)
         y = self.norm1(batch.x)
+        if ladder:  # room for the last run's padding rows
+            y = pad_rows(y, max(first + rows(n) for _, first, n, _ in heads_runs))
         runs, cores = [], []
         log_size = None if batch.size is None else batch.size.log()
-        for h, first, n, samples in sample_runs(batch.order, plan.heads, batch.lengths):
-            run = AttentionRun(
-                F.linear(y[first : first + n], *attn.qkv_params(h)),
-                h,
-                first,
-                samples,
-                [batch.lengths[s] for s in samples],
-            )
+        for h, first, n, samples in heads_runs:
+            qkv = F.linear(y[first : first + rows(n)], *attn.qkv_params(h))[:n]
+            run = AttentionRun(qkv, h, first, samples, [batch.lengths[s] for s in samples])
             runs.append(run)
-            cores.append((attention_core(run, log_size, d), *attn.proj_params(h)))
+            core = attention_core(run, log_size, d)
+            cores.append((pad_rows(core, rows(n)), *attn.proj_params(h), n))
         x = batch.x + self.drop_path1(stack_linear(cores), batch)
         order = batch.order if plan.uniform else sorted(batch.order, key=plan.widths.__getitem__)
         if plan.reduced:
@@ -168,10 +172,13 @@ class ElasticBlock(nn.Module):
             batch = PackedBatch(x, lengths, size, order, source)
         else:
             batch = PackedBatch(x, batch.lengths, batch.size, batch.order, batch.source).reordered(order)
+        width_runs = sample_runs(batch.order, plan.widths, batch.lengths)
         y = self.norm2(batch.x)
+        if ladder:
+            y = pad_rows(y, max(first + rows(n) for _, first, n, _ in width_runs))
         parts = [
-            (self.mlp.hidden(y[first : first + n], m), *self.mlp.fc2_params(m))
-            for m, first, n, _ in sample_runs(batch.order, plan.widths, batch.lengths)
+            (self.mlp.hidden(y[first : first + rows(n)], m), *self.mlp.fc2_params(m), n)
+            for m, first, n, _ in width_runs
         ]
         x = batch.x + self.drop_path2(stack_linear(parts), batch)
         return PackedBatch(x, batch.lengths, batch.size, batch.order, batch.source)
