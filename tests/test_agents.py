@@ -430,9 +430,7 @@ def test_one_prototype_is_the_consensus_of_the_batch():
     x = images(model, 12)
     nvec = vit.InferenceLoop(model).nvec
     policy = Recorded(RandomPolicy(nvec, seed=0))
-    logits, macs, decisions = AdaptiveViT(model, policy, execution="prototypes", prototypes=1)(
-        x, return_decisions=True
-    )
+    logits, macs, decisions = AdaptiveViT(model, policy, execution="prototypes", prototypes=1)(x, return_decisions=True)
     assert len(policy.actions) == decisions.indices.shape[1] == 3
     for t, actions in enumerate(policy.actions):
         assert len(actions.unique(dim=0)) > 1  # the policy's own choices differ between images
@@ -468,8 +466,8 @@ def test_prototypes_run_at_most_k_configurations_per_step_and_return_them(k):
     policy = Recorded(RandomPolicy(nvec, seed=0))
     adaptive = AdaptiveViT(model, policy, execution="prototypes", prototypes=k)
     runs = []
-    adaptive._loop.advance = lambda configs, advance=adaptive._loop.advance: runs.append(set(configs)) or advance(
-        configs
+    adaptive._loop.advance = lambda configs, advance=adaptive._loop.advance: (
+        runs.append(set(configs)) or advance(configs)
     )
     logits, macs, decisions = adaptive(x, return_decisions=True)
     assert [len(r) for r in runs] == [len(decisions.indices[:, t].unique(dim=0)) for t in range(3)]

@@ -721,3 +721,23 @@ def test_the_model_modules_import_nothing_of_the_data_pipeline():
         tree = ast.parse(open(module.__file__).read())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert "data" not in imported and "vit.data" not in imported, module.__name__
+
+
+def test_shape_ladder_covers_every_row_count_with_few_sizes():
+    sizes = [vit.packed.shape_ladder(n) for n in range(1, 20001)]
+    assert all(n <= s <= max(8 * -(-n // 8), n + n // 4) for n, s in zip(range(1, 20001), sizes))
+    assert len(set(sizes)) < 60  # oneDNN keeps 1,024 kernels: a few dozen row counts per weight shape fit
+
+
+def test_bf16_per_sample_matmuls_on_the_ladder_give_the_unpadded_results(monkeypatch):
+    """The padding rows of the ladder never reach a sample's tokens: the same logits as without it."""
+    model = copy.deepcopy(supernet("prance_fmnist")).to(torch.bfloat16)
+    subnets = [model.search_space.sample(seed) for seed in range(8)]
+    x = images(model, 8).to(torch.bfloat16)
+    assert vit.packed.repeat_shapes(x)
+    with torch.no_grad():
+        laddered = model(x, subnets)
+        monkeypatch.setattr(vit.supernet, "repeat_shapes", lambda x: False)
+        plain = model(x, subnets)
+    torch.testing.assert_close(laddered.float(), plain.float(), atol=2e-2, rtol=0)
+    assert not vit.packed.repeat_shapes(x.float())  # fp32 runs through MKL, which builds no kernels per shape
