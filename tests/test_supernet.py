@@ -741,3 +741,28 @@ def test_bf16_per_sample_matmuls_on_the_ladder_give_the_unpadded_results(monkeyp
         plain = model(x, subnets)
     torch.testing.assert_close(laddered.float(), plain.float(), atol=2e-2, rtol=0)
     assert not vit.packed.repeat_shapes(x.float())  # fp32 runs through MKL, which builds no kernels per shape
+
+
+@pytest.mark.parametrize("token_mode", ["merge", "prune_merge"])
+def test_official_merge_variant_takes_plain_means_of_hidden_states_per_sample_as_alone(token_mode):
+    """The PRANCE release's merging: no sizes are kept (plain means, unweighted attention), tokens differ from ToMe's
+    variant, and per-sample subnets get what each image gets alone."""
+    official = copy.deepcopy(supernet("prance_fmnist", token_mode))
+    official.merge_variant = "official"
+    tome = supernet("prance_fmnist", token_mode)
+    space = official.search_space
+    subnets = [s for s in (space.sample(seed) for seed in range(40)) if reduces_tokens(s)][:6]
+    x = images(official, len(subnets))
+    with torch.no_grad():
+        tokens = vit.PackedBatch(official.embed(x))
+        merged = tokens.apply_block(official, 0, space.smallest()[0])
+        assert (
+            merged.size is None
+            and vit.PackedBatch(tome.embed(x)).apply_block(tome, 0, space.smallest()[0]).size is not None
+        )
+        batched = official(x, subnets)
+        alone = torch.cat([official(x[i : i + 1], s) for i, s in enumerate(subnets)])
+        torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
+        assert not torch.allclose(batched, tome(x, subnets), atol=1e-3)
+    with pytest.raises(ValueError, match="merge_variant"):
+        vit.create_supernet("prance_fmnist", merge_variant="cosine")

@@ -38,8 +38,8 @@ def block_macs(model: ElasticViT, num_patches: int, config: BlockConfig) -> tupl
     macs = T * C * 3 * inner + 2 * T * T * inner + T * inner * C  # qkv, QK^T and AV, proj
     if final < num_patches:
         macs += T * inner  # the CLS attention row
-    if final < pruned:
-        macs += (pruned - final) * final * inner  # key similarity of merged sources and destinations
+    if final < pruned:  # similarity of merged sources and destinations: of keys, or of hidden states (`official`)
+        macs += (pruned - final) * final * (C if model.merge_variant == "official" else inner)
     macs += 2 * (final + 1) * C * config.mlp_hidden  # fc1, fc2
     return macs, final
 

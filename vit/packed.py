@@ -344,6 +344,12 @@ def _index(rows: np.ndarray, device: torch.device) -> Tensor:
     return long_tensor(rows.reshape(-1), device)
 
 
+def sample_tokens(batch: PackedBatch, x: Tensor, samples: list[int], L: int) -> Tensor:
+    """The rows of x (T, C), stored as `batch`, of the `samples`' tokens, padded to L (repeating each sample's last
+    token): (b, L, C)."""
+    return x.index_select(0, _sample_rows(batch, samples, L)).view(len(samples), L, x.shape[1])
+
+
 def _sample_rows(batch: PackedBatch, samples: list[int], L: int) -> Tensor:
     """(b * L,) rows of the `samples`' tokens in `batch`, padded to L by repeating each sample's last row."""
     starts = np.asarray([batch._start_list()[s] for s in samples])

@@ -29,6 +29,7 @@ from .packed import (
     pad_rows,
     repeat_shapes,
     sample_runs,
+    sample_tokens,
     shape_ladder,
     stack_linear,
 )
@@ -36,6 +37,7 @@ from .token_ops import assign_tokens, dense_reduction, token_schedule
 from .utils import long_tensor
 
 EXECUTIONS = ("packed", "bucketed", "consensus")
+MERGE_VARIANTS = ("tome", "official")
 #: How `ElasticViT.forward` and `vit.inference.InferenceLoop` hold a batch for each per-sample execution.
 TOKEN_BATCHES = {"packed": PackedBatch, "bucketed": BucketedBatch}
 #: The data config a model's `pretrained_cfg` starts from: DeiT's ImageNet evaluation (224/256 centre crop, bicubic,
@@ -133,10 +135,18 @@ class ElasticBlock(nn.Module):
         self.mlp = ElasticMlp(dim, mlp_hidden)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, batch: PackedBatch, configs: BlockConfig | Sequence[BlockConfig], token_mode: str) -> PackedBatch:
+    def forward(
+        self,
+        batch: PackedBatch,
+        configs: BlockConfig | Sequence[BlockConfig],
+        token_mode: str,
+        merge_variant: str = "tome",
+    ) -> PackedBatch:
         """The batch after the block, sample b at `configs[b]` (or every sample at one `BlockConfig`).
 
-        Token sizes and the source map (`PackedBatch.size`, `.source`) follow the tokens."""
+        Token sizes and the source map (`PackedBatch.size`, `.source`) follow the tokens. `merge_variant`: `tome`
+        matches tokens by the cosine of their keys and merges them into size-weighted means (sizes then bias later
+        attention); `official` (the PRANCE release's) by the cosine of their hidden states, into plain means."""
         plan = BlockPlan(batch, configs, token_mode)
         batch = batch.reordered(plan.attention_order)
         attn, d = self.attn, self.attn.head_dim
@@ -160,6 +170,10 @@ class ElasticBlock(nn.Module):
             scores, keys, valid = cls_ranking(runs, batch, plan.reduced, d, attn.scale, plan.uniform)
             pruned, final = ([plan.schedules[s][k] for s in plan.reduced] for k in (0, 1))
             merges = pruned != final
+            if merges and merge_variant == "official":  # match by the hidden states instead of the keys
+                L = scores.shape[1] + 1
+                hidden = x.view(batch.batch_size, L, -1) if plan.uniform else sample_tokens(batch, x, plan.reduced, L)
+                keys = hidden[:, 1:]
             if plan.uniform:
                 slot = assign_tokens(scores, keys if merges else None, pruned[0], final[0])
                 reduction, lengths = dense_reduction(slot, final[0], merges), [1 + final[0]] * batch.batch_size
@@ -167,7 +181,10 @@ class ElasticBlock(nn.Module):
                 p, f = long_tensor(pruned, x.device), long_tensor(final, x.device)
                 slot = assign_tokens(scores, keys if merges else None, p, f, valid)
                 reduction, lengths = packed_reduction(batch, plan, slot, order)
-            x, size = reduction.mean(x, batch.size)
+            if merge_variant == "official":  # plain means, no sizes: attention stays unweighted
+                x, size = reduction.mean(x, None)[0], None
+            else:
+                x, size = reduction.mean(x, batch.size)
             source = None if batch.source is None else reduction.sum(batch.source)
             batch = PackedBatch(x, lengths, size, order, source)
         else:
@@ -237,6 +254,8 @@ class ElasticViT(nn.Module):
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the
             shape of the full model, as in timm.
         token_mode: `prune`, `merge` or `prune_merge`.
+        merge_variant: how tokens merge: `tome` (cosine of keys, size-weighted means, proportional attention) or
+            `official` (the PRANCE release's: cosine of the hidden states, plain means).
         head_choices, mlp_hidden_choices, keep_ratio_choices, merge_ratio_choices: ascending choices, the same
             at every block, ending with the full width and 1.0; or pass a whole `search_space`.
         drop_rate: dropout before the head, as timm's `drop_rate`.
@@ -261,6 +280,7 @@ class ElasticViT(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         token_mode: str = "merge",
+        merge_variant: str = "tome",
         head_choices: Sequence[int] | None = None,
         mlp_hidden_choices: Sequence[int] | None = None,
         keep_ratio_choices: Sequence[float] = (1.0,),
@@ -272,6 +292,8 @@ class ElasticViT(nn.Module):
     ) -> None:
         super().__init__()
         check_token_mode(token_mode)
+        if merge_variant not in MERGE_VARIANTS:
+            raise ValueError(f"unknown merge_variant {merge_variant!r}; expected one of {', '.join(MERGE_VARIANTS)}")
         mlp_hidden = int(embed_dim * mlp_ratio)
         if search_space is None:
             search_space = SearchSpace.uniform(
@@ -289,6 +311,7 @@ class ElasticViT(nn.Module):
             raise ValueError(f"search space choices must end with the full widths: {num_heads} heads, {mlp_hidden}")
         self.search_space = search_space
         self.token_mode = token_mode
+        self.merge_variant = merge_variant
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = 1
@@ -406,8 +429,8 @@ class ElasticViT(nn.Module):
         runs its blocks here, so `set_grad_checkpointing` covers one subnet and per-sample subnets alike."""
         block = self.blocks[i]
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, batch, configs, self.token_mode, use_reentrant=False)
-        return block(batch, configs, self.token_mode)
+            return checkpoint(block, batch, configs, self.token_mode, self.merge_variant, use_reentrant=False)
+        return block(batch, configs, self.token_mode, self.merge_variant)
 
     def forward_features(self, x: Tensor, subnet: Subnet | None = None) -> Tensor:
         """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch (largest when None)."""
@@ -470,6 +493,7 @@ class ElasticViT(nn.Module):
 
 __all__ = [
     "EXECUTIONS",
+    "MERGE_VARIANTS",
     "IMAGENET_CFG",
     "TOKEN_BATCHES",
     "ElasticAttention",
