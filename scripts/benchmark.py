@@ -166,6 +166,7 @@ def table(rows: list[dict], title: str) -> list[str]:
 def selector_part(args: Args, device: torch.device) -> tuple[list[dict], list[str]]:
     """Part 1: the selector's supernet, its execution modes against the full model and a static subnet."""
     modes = execution_modes(args.executions, args.prototypes)
+
     def load(precision: str) -> agents.AdaptiveViT:
         return agents.load_adaptive(args.selector, device=str(device), amp=args.amp, precision=precision)
 

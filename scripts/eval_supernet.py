@@ -1,11 +1,13 @@
 """Top-1 and MACs of static subnets of a supernet on the held-out split, as a Markdown table.
 
 The largest, the smallest, and a grid of uniform width levels x keep ratios, for every token mode (the same
-weights run in each mode), on the whole held-out split or a class-stratified subset of it (`--images`). It prints
-the table and writes it to `OUT/static_grid.md`.
+weights run in each mode) and, in the modes that merge, every merge variant asked (`--merge-variants`: ToMe's, and
+the PRANCE release's), on the whole held-out split or a class-stratified subset of it (`--images`). It prints the
+table and writes it to `OUT/static_grid.md`.
 
     python scripts/eval_supernet.py                                  # the shipped prance_fmnist
     python scripts/eval_supernet.py --checkpoint runs/fmnist_supernet/supernet.safetensors --out runs/grid
+    python scripts/eval_supernet.py --modes merge --merge-variants tome official   # the two ways of merging
 """
 
 from dataclasses import dataclass, field
@@ -27,6 +29,9 @@ class Args(SupernetShape):
     data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     modes: tuple[str, ...] = field(default=vit.TOKEN_MODES, metadata={"help": "token modes to evaluate"})
+    merge_variants: tuple[str, ...] = field(
+        default=("tome",), metadata={"help": "merge variants of the modes that merge: tome | official"}
+    )
     images: int | None = field(
         default=None, metadata={"help": "held-out images, a class-stratified subset (default: the whole split)"}
     )
@@ -41,12 +46,14 @@ def main(args: Args) -> str:
     setup_cpu(args.threads, keep_memory=False)
     device = resolve_device(args.device)
     rows = []
-    for mode in args.modes:
+    runs = [(m, v) for m in args.modes for v in (args.merge_variants if m != "prune" else args.merge_variants[:1])]
+    for mode, variant in runs:
         model = vit.create_supernet(
             args.supernet,
             pretrained=args.checkpoint is None,
             checkpoint=args.checkpoint,
             token_mode=mode,
+            merge_variant=variant,
             **args.shape_kwargs(),
         ).to(device)
         space = model.search_space
@@ -56,12 +63,13 @@ def main(args: Args) -> str:
         # streamed: a whole ImageNet split does not fit in memory as decoded batches
         batches = Batches(data, args.batch_size, device, rank=0, world=1, workers=args.workers, seed=0)
         subnets = list(dict.fromkeys([space.largest(), space.smallest(), *space.static_grid(tied=True)]))
-        top1 = evaluate(model, lambda b=batches: b.epoch(0, shuffle=False), subnets, device, desc=mode)
+        label = mode if mode == "prune" else f"{mode} ({variant})"
+        top1 = evaluate(model, lambda b=batches: b.epoch(0, shuffle=False), subnets, device, desc=label)
         full = vit.count_flops(model)
         for subnet, acc in zip(subnets, top1):
             name = "largest" if subnet == space.largest() else "smallest" if subnet == space.smallest() else ""
             macs = vit.count_flops(model, subnet)
-            rows.append((mode, name, str(subnet.blocks[-1]), macs, macs / full, acc))
+            rows.append((label, name, str(subnet.blocks[-1]), macs, macs / full, acc))
     rows.sort(key=lambda r: (r[0], r[3]))
     lines = ["| token mode | subnet | every block | MMACs | MACs ratio | Top-1 |", "|---|---|---|---|---|---|"]
     lines += [

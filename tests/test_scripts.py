@@ -111,8 +111,23 @@ def test_eval_supernet(tmp_path, fmnist_dir, fmnist_weights):
         str(tmp_path),
     )
     rows = [line for line in out.splitlines() if line.startswith("| ") and "token mode" not in line]
-    assert len(rows) >= 3 * 12 and {"prune", "merge", "prune_merge"} <= {r.split("|")[1].strip() for r in rows}
+    assert len(rows) >= 3 * 12
+    assert {"prune", "merge (tome)", "prune_merge (tome)"} == {r.split("|")[1].strip() for r in rows}
     assert (tmp_path / "static_grid.md").read_text().strip() == out.strip()
+
+
+def test_eval_supernet_compares_the_merge_variants(tmp_path, fmnist_dir, fmnist_weights):
+    out = run(
+        "eval_supernet.py",
+        *("--checkpoint", str(fmnist_weights), "--data-dir", str(fmnist_dir), "--modes", "merge"),
+        *("--merge-variants", "tome", "official", "--batch-size", "16", "--images", "20", "--device", "cpu"),
+        *("--out", str(tmp_path)),
+    )
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "token mode" not in line]
+    by_variant = {v: {r[2]: r[4] for r in rows if r[0].strip() == f"merge ({v})"} for v in ("tome", "official")}
+    assert by_variant["tome"].keys() == by_variant["official"].keys() and len(by_variant["tome"]) >= 12
+    # the official variant matches by hidden states (64 wide) rather than keys: merging subnets cost more MACs
+    assert any(float(by_variant["official"][b]) > float(by_variant["tome"][b]) for b in by_variant["tome"])
 
 
 def test_eval_supernet_measures_a_class_stratified_subset(tmp_path, fmnist_dir, fmnist_weights, monkeypatch):
