@@ -75,6 +75,10 @@ class SelectorConfig(SupernetShape):
     quality: str = field(default=MDP.quality, metadata={"help": "correct | logprob | agree | no_worse"})
     price_low: float = field(default=MDP.price_range[0], metadata={"help": "lowest price of the log-uniform range"})
     price_high: float = field(default=MDP.price_range[1], metadata={"help": "highest compute price"})
+    token_penalty: float = field(
+        default=MDP.token_penalty,
+        metadata={"help": "direct reward only: minus this times the fraction of tokens alive (official: 0.1)"},
+    )
     decisions: str = field(
         default="per-block",
         metadata={"help": "per-block | grouped (PRANCE's: decisions at blocks 3, 6, 9) | one-shot (LoopShape.named)"},
@@ -129,6 +133,7 @@ class SelectorConfig(SupernetShape):
             reward=self.reward,
             quality=self.quality,
             price_range=(self.price_low, self.price_high),
+            token_penalty=self.token_penalty,
             decisions=self.decisions,
             stem_blocks=shape.stem_blocks,
             blocks_per_step=shape.blocks_per_step,

@@ -48,6 +48,8 @@ class MDPConfig:
         logprob_floor: lower clip of `logprob`.
         price_range: (low, high) of the log-uniform compute price drawn per episode; the observed log-price is
             bounded by it, so a policy reads only the prices it was trained on.
+        token_penalty: `direct` only, the official code's extra term: each step's reward also loses
+            `token_penalty` times the fraction of patch tokens alive after it (the release uses 0.1).
     """
 
     shape: LoopShape = field(default_factory=LoopShape)
@@ -55,8 +57,11 @@ class MDPConfig:
     quality: str = "logprob"
     logprob_floor: float = -5.0
     price_range: tuple[float, float] = (3e-4, 0.3)
+    token_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.token_penalty < 0 or (self.token_penalty and self.reward != "direct"):
+            raise ValueError(f"token_penalty must be >= 0 and needs reward='direct', got {self.token_penalty}")
         if self.reward not in REWARD_MODES:
             raise ValueError(f"unknown reward {self.reward!r}; expected one of {', '.join(REWARD_MODES)}")
         if self.quality not in QUALITIES:
@@ -186,7 +191,12 @@ class BatchedInference(InferenceLoop):
         self.pred = logits.argmax(-1)
         result = self._result(logits, cost / self.full_macs)
         previous, self.result = self.result, result
-        return result - previous if cfg.reward == "delta" else result
+        if cfg.reward == "delta":
+            return result - previous
+        if cfg.token_penalty:
+            alive = self.tokens.num_patches().to(result) / self.model.num_patches
+            return result - cfg.token_penalty * alive
+        return result
 
     def _correct(self, pred: Tensor) -> Tensor:
         return (pred == self.labels) if self.labels is not None else (pred == self.full_pred)

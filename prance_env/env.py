@@ -72,7 +72,8 @@ class PranceViTEnv(gym.Env):
     `correct` (1 if right), `agree` (1 if it equals the full model's prediction; no labels needed) or `no_worse` (the
     official code's: 1 unless the full model is right and this prediction wrong). `reward="delta"`
     (default) gives `R_t − R_{t−1}` with `R_{−1}` the full model's result, so the return is the final result
-    relative to the full model (0 when every action is the maximum); `"direct"` gives `R_t`; `"terminal"` gives 0
+    relative to the full model (0 when every action is the maximum); `"direct"` gives `R_t` (less `token_penalty`
+    times the fraction of patch tokens alive, the official code's extra term, when given); `"terminal"` gives 0
     but at the last step, `R_T` (no completion is run: the ablation without Result-to-Go).
 
     ## Starting State
@@ -102,7 +103,7 @@ class PranceViTEnv(gym.Env):
     ```python
     gymnasium.make("PranceViT-v0", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
                    data_path=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
-                   quality="logprob", price=None, price_range=(3e-4, 0.3), decisions="per-block",
+                   quality="logprob", price=None, price_range=(3e-4, 0.3), token_penalty=0.0, decisions="per-block",
                    stem_blocks=None, blocks_per_step=None, action_type="discrete", render_mode=None, amp=False,
                    workers=0)
     ```
@@ -144,6 +145,7 @@ class PranceViTEnv(gym.Env):
         quality: str = MDPConfig.quality,
         price: float | None = None,
         price_range: Sequence[float] = MDPConfig.price_range,
+        token_penalty: float = MDPConfig.token_penalty,
         decisions: str | LoopShape = "per-block",
         stem_blocks: int | None = None,
         blocks_per_step: int | None = None,
@@ -154,22 +156,23 @@ class PranceViTEnv(gym.Env):
     ) -> None:
         self.render_mode = check_render_mode(render_mode)
         self.inference, self.source = make_inference(
-            supernet,
-            checkpoint,
-            data,
-            data_path,
-            split,
-            device,
-            token_mode,
-            choices,
-            reward,
-            quality,
-            price_range,
-            decisions,
-            stem_blocks,
-            blocks_per_step,
-            amp,
-            workers,
+            supernet=supernet,
+            checkpoint=checkpoint,
+            data=data,
+            data_path=data_path,
+            split=split,
+            device=device,
+            token_mode=token_mode,
+            choices=choices,
+            reward=reward,
+            quality=quality,
+            price_range=price_range,
+            token_penalty=token_penalty,
+            decisions=decisions,
+            stem_blocks=stem_blocks,
+            blocks_per_step=blocks_per_step,
+            amp=amp,
+            workers=workers,
         )
         self.prices = Prices(price, self.inference.config.price_range)
         self.action_type = action_type

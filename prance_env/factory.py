@@ -281,6 +281,7 @@ def make_inference(
     reward: str = MDPConfig.reward,
     quality: str = MDPConfig.quality,
     price_range: Sequence[float] = MDPConfig.price_range,
+    token_penalty: float = MDPConfig.token_penalty,
     decisions: str | LoopShape = "per-block",
     stem_blocks: int | None = None,
     blocks_per_step: int | None = None,
@@ -293,6 +294,7 @@ def make_inference(
         reward=reward,
         quality=quality,
         price_range=tuple(price_range),
+        token_penalty=token_penalty,
     )
     device = resolve_device(device)
     model = build_supernet(supernet, checkpoint, token_mode, choices, device, config.shape)

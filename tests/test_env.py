@@ -656,3 +656,19 @@ def test_no_worse_quality_is_one_unless_the_full_model_is_right_and_the_predicti
     expected = torch.cat([(info["pred"][:20] == full[:20]).double(), torch.ones(20, dtype=torch.float64)])
     assert torch.equal(reward, expected)
     assert 0 < reward[:20].sum() < 20  # the smallest subnet keeps some predictions and changes others
+
+
+def test_direct_reward_token_penalty_is_the_fraction_of_tokens_alive(fmnist_dir):
+    """The official code's extra term: the same episode's direct rewards, less 0.1 x the tokens alive after each
+    step; refused with another reward."""
+    envs = {
+        penalty: gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, reward="direct", token_penalty=penalty))
+        for penalty in (0.0, 0.1)
+    }
+    actions = random_actions(envs[0.0].action_space, num_steps(envs[0.0]), seed=1)
+    (_, plain, infos), (_, penalised, _) = (run_episode(env, actions, 1, {"price": PRICE}) for env in envs.values())
+    alive = np.array([info["tokens"] for info in infos[1:]]) / envs[0.0].unwrapped.model.num_patches
+    assert alive.min() < 1  # the episode reduces tokens
+    np.testing.assert_allclose(np.array(penalised), np.array(plain) - 0.1 * alive, atol=1e-9)
+    with pytest.raises(ValueError, match="token_penalty"):
+        gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_penalty=0.1))
