@@ -175,7 +175,9 @@ def test_sampled_subnets_cost_the_ratio_asked_for_and_differ():
     assert vit.flops.sample_subnets(model, 32, 0.6, rng=0, tolerance=0.05) == subnets  # seeded
     smallest = vit.count_flops(model, model.search_space.smallest()) / full
     with pytest.raises(ValueError, match="outside"):
-        vit.flops.sample_subnets(model, 1, smallest - 0.1, tolerance=0.05)
+        vit.flops.sample_subnets(model, 1, smallest - 0.02, tolerance=0.05)  # within tolerance, still unreachable
+    with pytest.raises(ValueError, match="outside"):
+        vit.flops.sample_subnets(model, 1, 1.02, tolerance=0.05)
 
 
 @pytest.mark.parametrize("token_mode", ["merge", "prune_merge"])

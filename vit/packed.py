@@ -287,7 +287,7 @@ def cls_ranking(
     runs: list[AttentionRun], batch: PackedBatch, samples: list[int], d: int, scale: float, uniform: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """CLS attention to the patches (b, N) and patch keys (b, N, H d) of the `samples` that reduce, padded to the
-    longest of them, with their validity mask (b, N) (None when nothing is padded)."""
+    longest of them, with their validity mask (b, N) (None for a uniform batch, which has no padding)."""
     if uniform:  # one run, every sample alike: views of its q, k, v
         run = runs[0]
         B, L = batch.batch_size, batch.lengths[0]
@@ -333,7 +333,7 @@ def cls_ranking(
     valid_t = torch.from_numpy(valid).to(device)
     bias = torch.zeros(b, L, dtype=keys.dtype, device=device)
     if batch.size is not None:
-        bias = batch.size.index_select(0, _sample_rows(batch, samples, L)).view(b, L).log().to(keys.dtype)
+        bias = batch.size.index_select(0, _sample_rows(batch, samples, L)).view(b, L).log()
     bias = bias.masked_fill(~valid_t, float("-inf"))
     heads_t = None if (heads == H).all() else long_tensor(heads, device)
     scores = cls_attention(query, keys.transpose(1, 2), scale, bias, heads_t)

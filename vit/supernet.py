@@ -167,19 +167,23 @@ class ElasticBlock(nn.Module):
         x = batch.x + self.drop_path1(stack_linear(cores), batch)
         order = batch.order if plan.uniform else sorted(batch.order, key=plan.widths.__getitem__)
         if plan.reduced:
-            scores, keys, valid = cls_ranking(runs, batch, plan.reduced, d, attn.scale, plan.uniform)
             pruned, final = ([plan.schedules[s][k] for s in plan.reduced] for k in (0, 1))
             merges = pruned != final
-            if merges and merge_variant == "official":  # match by the hidden states instead of the keys
-                L = scores.shape[1] + 1
-                hidden = x.view(batch.batch_size, L, -1) if plan.uniform else sample_tokens(batch, x, plan.reduced, L)
-                keys = hidden[:, 1:]
+            with torch.no_grad():  # ranking and matching are not differentiated
+                scores, keys, valid = cls_ranking(runs, batch, plan.reduced, d, attn.scale, plan.uniform)
+                if merges and merge_variant == "official":  # match by the hidden states instead of the keys
+                    L = scores.shape[1] + 1
+                    uniform = plan.uniform
+                    hidden = x.view(batch.batch_size, L, -1) if uniform else sample_tokens(batch, x, plan.reduced, L)
+                    keys = hidden[:, 1:]
             if plan.uniform:
-                slot = assign_tokens(scores, keys if merges else None, pruned[0], final[0])
+                bounds = pruned[0] - final[0], final[0]
+                slot = assign_tokens(scores, keys if merges else None, pruned[0], final[0], bounds=bounds)
                 reduction, lengths = dense_reduction(slot, final[0], merges), [1 + final[0]] * batch.batch_size
             else:
                 p, f = long_tensor(pruned, x.device), long_tensor(final, x.device)
-                slot = assign_tokens(scores, keys if merges else None, p, f, valid)
+                bounds = max(a - b for a, b in zip(pruned, final)), max(final)
+                slot = assign_tokens(scores, keys if merges else None, p, f, valid, bounds)
                 reduction, lengths = packed_reduction(batch, plan, slot, order)
             if merge_variant == "official":  # plain means, no sizes: attention stays unweighted
                 x, size = reduction.mean(x, None)[0], None

@@ -50,7 +50,8 @@ def token_schedule(n: int, config: BlockConfig, token_mode: str) -> tuple[int, i
 
 
 def size_bias(size: Tensor | None) -> Tensor | None:
-    """Additive attention bias log(size) for proportional attention, shaped (B, 1, 1, T); None when unmerged."""
+    """Additive attention bias log(size) for proportional attention, as an `F.scaled_dot_product_attention` mask
+    (B, 1, 1, T); None when unmerged. (`cls_attention` takes the (B, T) log-sizes themselves.)"""
     return None if size is None else size.log()[:, None, None, :]
 
 
@@ -85,7 +86,12 @@ def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 @torch.no_grad()
 def assign_tokens(
-    scores: Tensor, keys: Tensor | None, pruned: Tensor | int, final: Tensor | int, valid: Tensor | None = None
+    scores: Tensor,
+    keys: Tensor | None,
+    pruned: Tensor | int,
+    final: Tensor | int,
+    valid: Tensor | None = None,
+    bounds: tuple[int, int] | None = None,
 ) -> Tensor:
     """Rank the patch tokens and assign each its slot in the reduced sequence: (B, N) int64.
 
@@ -94,7 +100,8 @@ def assign_tokens(
     and padding, get -1 (pruned).
 
     scores: (B, N) CLS attention; keys: (B, N, D), needed when some sample merges (`pruned > final`); pruned, final:
-    per-sample counts (B,) or one int for all; valid: (B, N) bool, False at padding (None: no padding).
+    per-sample counts (B,) or one int for all; valid: (B, N) bool, False at padding (None: no padding); bounds: the
+    largest `pruned - final` and `final` when the caller knows them (no device-to-host copies on a GPU).
     """
     B, N = scores.shape
     device = scores.device
@@ -105,11 +112,10 @@ def assign_tokens(
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=device).expand(B, N))
     kept = rank < final[:, None]
     slot = torch.where(kept, kept.cumsum(1) - 1, -1)
-    S = int((pruned - final).max())
+    S, K = (int((pruned - final).max()), int(final.max())) if bounds is None else bounds
     if S == 0:
         return slot
     # the merged tokens (ranks final..pruned-1) and the kept ones (position order, so a slot is an index here)
-    K = int(final.max())
     targets = torch.arange(K, device=device) < final[:, None]
     targets_at = torch.where(targets, order[:, :K], N).sort(dim=-1).values.clamp_(max=N - 1)
     source_rank = final[:, None] + torch.arange(S, device=device)
@@ -128,13 +134,13 @@ class Reduction:
 
     Rows are those of a (T, ...) tensor of tokens: a dense batch flattened, or a packed one. `dst[r]` is the output
     row of input row r, `rows` (the number of output rows) for a pruned token. Every output row receives at least one
-    input row, the first of which (by input row) keeps its place: a gather of those, plus a scatter-add of the merged
-    rest.
+    input row, the first of which (by input row) keeps its place: `sum` and `mean` gather those, then scatter-add the
+    merged rest.
 
     Args:
         dst: (T,) int64 output row of every input row.
         rows: number of output rows.
-        merges: whether two input rows may share an output row (else `apply` is a plain gather).
+        merges: whether two input rows may share an output row (else `sum` and `mean` are plain gathers).
     """
 
     def __init__(self, dst: Tensor, rows: int, merges: bool) -> None:
