@@ -14,6 +14,7 @@ import torch
 from conftest import flop_counter, run_script, tiny_supernet
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3 import PPO
+from test_train import tiny_config
 
 import agents
 import prance_env
@@ -413,16 +414,8 @@ def test_train_supernet_with_grouped_decisions_trains_reachable_subnets(tmp_path
         return subnets
 
     monkeypatch.setattr(vit.train, "sandwich", recording)
-    cfg = vit.train.TrainConfig(
-        data_dir=str(fmnist_dir),
-        out=str(tmp_path),
-        epochs=1,
-        batch_size=16,
-        steps_per_epoch=2,
-        eval_batches=1,
-        largest_only_epochs=0,
-        device="cpu",
-        decisions="grouped",
+    cfg = tiny_config(
+        tmp_path, fmnist_dir, epochs=1, steps_per_epoch=2, num_random=2, largest_only_epochs=0, decisions="grouped"
     )
     model = grouped_supernet().train()
     vit.train.train_supernet(cfg, model)
