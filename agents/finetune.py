@@ -114,6 +114,13 @@ class FinetuneConfig:
     num_envs: int | None = field(
         default=None, metadata={"help": "sub-envs of selector fine-tuning (default: the selector's)"}
     )
+    price_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "highest compute price of both fine-tunings (default: the selector's); raise it when the "
+            "cheapest budget is out of the selector's reach"
+        },
+    )
     eval_prices: tuple[float, ...] = field(default=(0.001, 0.003, 0.01, 0.03), metadata={"help": "prices evaluated"})
     images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
     save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
@@ -178,7 +185,7 @@ def selector_config(
         reward=env.get("reward", base.reward),
         quality=env.get("quality", base.quality),
         price_low=env["price_range"][0],
-        price_high=env["price_range"][1],
+        price_high=cfg.price_high or env["price_range"][1],
         decisions=env.get("decisions", "per-block"),
         stem_blocks=env["stem_blocks"],
         blocks_per_step=env["blocks_per_step"],
@@ -321,7 +328,7 @@ class _Run:
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-        prices = Prices(None, adaptive.price_range)
+        prices = Prices(None, (adaptive.price_range[0], cfg.price_high or adaptive.price_range[1]))
         passes = [("subnets", None, 1.0)] + (
             [("largest", self.largest, cfg.largest_weight)] if cfg.largest_weight else []
         )

@@ -348,7 +348,12 @@ def _train(
             env=venv,
             device=device,
             tensorboard_log=str(out / "tb"),
-            custom_objects={"learning_rate": cfg.lr, "lr_schedule": ConstantSchedule(cfg.lr)},
+            # this run's price range may differ: only the bounds of the observed price change
+            custom_objects={
+                "learning_rate": cfg.lr,
+                "lr_schedule": ConstantSchedule(cfg.lr),
+                "observation_space": venv.observation_space,
+            },
             **cfg.algo_kwargs(),  # this run's hyperparameters apply, not those the selector was trained with
         )
         model.set_random_seed(cfg.seed)

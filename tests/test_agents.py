@@ -814,6 +814,9 @@ def test_fine_tuning_starts_from_the_saved_selector(selector_run, tmp_path):
     assert tuned.num_timesteps == 176
     before, after = model.policy.state_dict(), tuned.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: the weights are the saved ones
+    wider, _ = agents.train_selector(dataclasses.replace(tuned_cfg, out=str(tmp_path / "wider"), price_high=1.0))
+    assert wider.observation_space["price"].high[0] == pytest.approx(math.log(1.0))  # a new price range fine-tunes
+    assert json.loads((tmp_path / "wider" / "selector.json").read_text())["env"]["price_range"][1] == 1.0
     with pytest.raises(ValueError, match="trained with 'ppo'"):
         agents.train_selector(dataclasses.replace(tuned_cfg, algo="a2c"))
     with pytest.raises(FileNotFoundError, match="no shipped selector for 'nope'"):
