@@ -24,9 +24,9 @@ from vit.inference import InferenceLoop, LoopShape
 from vit.utils import single_threaded
 
 from .metrics import Outcome, Tally
-from .prototypes import snap_to_prototypes
+from .prototypes import snap_to_mean, snap_to_prototypes
 
-EXECUTIONS = ("packed", "bucketed", "prototypes", "consensus")
+EXECUTIONS = ("packed", "bucketed", "prototypes", "consensus", "batch-mean")
 PROTOTYPES_LOOP = "packed"  # how a batch of K prototype configurations runs (measured faster than bucketed on CPU)
 
 
@@ -54,7 +54,9 @@ class AdaptiveViT(nn.Module):
     packed tokens (`packed`) or by bucketing (`bucketed`). With `execution="prototypes"`, each step's choices are
     first snapped to at most `prototypes` configurations for the batch (`agents.prototypes.snap_to_prototypes`:
     less diversity, fewer distinct configurations to run); `consensus` is its K=1 case, one median choice for the
-    whole batch. The module starts in eval mode and leaves the supernet's `requires_grad` as it is.
+    whole batch. `batch-mean` is the official evaluation protocol's: one choice for the batch per step and field,
+    the mean of the images' choices snapped to the nearest (`agents.prototypes.snap_to_mean`). The module starts in
+    eval mode and leaves the supernet's `requires_grad` as it is.
 
     The supernet runs in the dtype of its weights: `adaptive.to(torch.bfloat16)` (or a bf16 supernet) gives bf16
     weights, float32 images cast on entry, and logits, MACs and the policy's observations float32.
@@ -68,8 +70,8 @@ class AdaptiveViT(nn.Module):
         price_range: the prices the policy was trained on; `calibrate` searches inside it.
         shape: where the decisions fall and what each sets (per block, grouped, one-shot: `LoopShape.named`), as in
             the env the policy was trained on.
-        execution: `packed`, `bucketed` (see `vit.ElasticViT.forward`), `prototypes`, or `consensus` (the same as
-            `prototypes` with `prototypes=1`).
+        execution: `packed`, `bucketed` (see `vit.ElasticViT.forward`), `prototypes`, `consensus` (the same as
+            `prototypes` with `prototypes=1`), or `batch-mean`.
         amp: run the supernet under bf16 autocast on its device (CUDA or CPU); the policy reads float32.
         prototypes: K, the most configurations a step of `execution="prototypes"` runs for the batch.
     """
@@ -102,7 +104,8 @@ class AdaptiveViT(nn.Module):
         self.execution = execution
         self.prototypes = prototypes
         self.amp = amp
-        self._loop = InferenceLoop(supernet, shape, PROTOTYPES_LOOP if execution == "prototypes" else execution, amp)
+        snapped = execution in ("prototypes", "batch-mean")
+        self._loop = InferenceLoop(supernet, shape, PROTOTYPES_LOOP if snapped else execution, amp)
         self._check_policy(policy)
         self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")
         if isinstance(policy, BaseAlgorithm):
@@ -176,7 +179,10 @@ class AdaptiveViT(nn.Module):
         return actions.long(), state
 
     def snap(self, actions: Tensor) -> Tensor:
-        """The choice indices (B, fields) a step runs: `actions` as decided, or snapped to the batch's prototypes."""
+        """The choice indices (B, fields) a step runs: `actions` as decided, or snapped to the batch's prototypes or
+        its mean choice."""
+        if self.execution == "batch-mean":
+            return snap_to_mean(actions)
         if self.execution != "prototypes":
             return actions
         return snap_to_prototypes(actions, self.prototypes)

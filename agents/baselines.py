@@ -1,14 +1,35 @@
-"""Baseline policies with stable-baselines3's `predict` signature, for PranceViT-v0 and `AdaptiveViT`.
+"""Baselines for the selector.
 
-Each acts on a single observation or a batch (a leading dimension on `cls`) and returns choice indices for the
-fields of the env's action space (heads, MLP width, keep ratio[, merge ratio]).
+Policies with stable-baselines3's `predict` signature, for PranceViT-v0 and `AdaptiveViT`: each acts on a single
+observation or a batch (a leading dimension on `cls`) and returns choice indices for the fields of the env's action
+space (heads, MLP width, keep ratio[, merge ratio]).
+
+Token-reduction heuristics from the work PRANCE compares with, at full width on the supernet's blocks (any token
+mode it was trained in: they prune and merge through its `prune_merge` path), as `agents.evaluation` methods
+(images to an `Outcome`):
+
+- `PruneMergeSchedule`, Prune-and-Merge style: a static schedule, every block from `start` pruning to a fixed
+  keep rate, then merging the survivors to another.
+- `PPTHeuristic`, PPT style: at every block from `start`, per image, prune when the CLS token's attention over the
+  patches is spread out (its variance above a threshold: a few tokens clearly matter) and merge when it is flat,
+  the same number of tokens either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vit import BlockConfig, ElasticViT, PackedBatch, block_macs
+from vit.flops import embed_macs, head_macs
+from vit.token_ops import cls_attention
+
+from .metrics import Outcome
 
 
 class StaticPolicy:
@@ -61,4 +82,134 @@ class RandomPolicy:
         return self.rng.integers(0, self.nvec, size=shape), state
 
 
-__all__ = ["FullModelPolicy", "RandomPolicy", "StaticPolicy", "UniformMergePolicy"]
+class _FullWidthReduction:
+    """Full width at every block, tokens pruned and merged as `configs` says, block by block on dense tokens."""
+
+    def __init__(self, model: ElasticViT, start: int) -> None:
+        if not 0 <= start < model.depth:
+            raise ValueError(f"start must be a block index in [0, {model.depth}), got {start}")
+        self.model, self.start = model, start
+        self.largest = model.search_space.largest()
+
+    def configs(self, i: int, x: Tensor, size: Tensor | None) -> tuple[list[BlockConfig], Tensor]:
+        """Block `i`'s configuration of each image of the dense tokens x (B, 1 + N, C), and the MACs (B,) spent on
+        choosing them."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> Outcome:
+        model = self.model
+        x, size = model.embed(images.to(model.pos_embed.dtype)), None
+        B, device = x.shape[0], x.device
+        macs = torch.full((B,), float(embed_macs(model) + head_macs(model)), dtype=torch.float64, device=device)
+        for i, block in enumerate(model.blocks):
+            n = x.shape[1] - 1
+            configs, spent = self.configs(i, x, size)
+            cost = {c: block_macs(model, n, c, "prune_merge")[0] for c in set(configs)}
+            macs += spent + torch.tensor([cost[c] for c in configs], dtype=torch.float64, device=device)
+            one = configs[0] if len(set(configs)) == 1 else configs
+            x, size, _ = block(PackedBatch(x, size=size), one, "prune_merge", model.merge_variant).dense()
+        logits = model.forward_head(model.norm(x)).float()
+        tokens = torch.full((B,), x.shape[1] - 1, device=device)
+        return Outcome(logits, macs.float(), [self.largest] * B, tokens)
+
+
+class PruneMergeSchedule(_FullWidthReduction):
+    """Prune-and-Merge-style static token schedule: at every block from `start`, the patch tokens pruned to
+    `prune_keep` of them (lowest CLS attention first), then the survivors merged to `merge_keep` (into their most
+    similar kept token), full widths throughout. `prune_keep=1` is uniform merging, `merge_keep=1` uniform pruning.
+    """
+
+    def __init__(self, model: ElasticViT, prune_keep: float, merge_keep: float, start: int = 0) -> None:
+        super().__init__(model, start)
+        if not (0 < prune_keep <= 1 and 0 < merge_keep <= 1):
+            raise ValueError(f"keep rates must lie in (0, 1], got {prune_keep} and {merge_keep}")
+        self.prune_keep, self.merge_keep = prune_keep, merge_keep
+
+    def __str__(self) -> str:
+        return f"prune {self.prune_keep:g}, merge {self.merge_keep:g} from block {self.start}"
+
+    def configs(self, i: int, x: Tensor, size: Tensor | None) -> tuple[list[BlockConfig], Tensor]:
+        config = self.largest[i]
+        if i >= self.start:
+            config = replace(config, keep_ratio=self.prune_keep, merge_ratio=self.merge_keep)
+        return [config] * x.shape[0], torch.zeros((), dtype=torch.float64, device=x.device)
+
+
+class PPTHeuristic(_FullWidthReduction):
+    """PPT-style adaptive token reduction: at every block from `start`, each image keeps `keep_ratio` of its patch
+    tokens, by pruning (lowest CLS attention first) when the variance of the CLS token's attention over its patch
+    tokens exceeds the block's threshold, else by merging (into the most similar kept token). Full widths.
+
+    The attention is the block's own, at all heads, computed on the tokens entering the block: its keys and the
+    CLS query cost MACs that are counted with the image's. `calibrate` sets each block's threshold to a quantile of
+    the variances met on some images (by default the median: half of them prune).
+    """
+
+    def __init__(self, model: ElasticViT, keep_ratio: float, start: int = 0, thresholds: Sequence[float] | None = None):
+        super().__init__(model, start)
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
+        if thresholds is not None and len(thresholds) != model.depth:
+            raise ValueError(f"expected one threshold per block ({model.depth}), got {len(thresholds)}")
+        self.keep_ratio = keep_ratio
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
+        self._quantile: float | None = None  # set while calibrating
+
+    def __str__(self) -> str:
+        return f"keep {self.keep_ratio:g} from block {self.start}"
+
+    def variance(self, i: int, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per image, the (population) variance of block `i`'s CLS attention over the patch tokens x (B, 1 + N, C)
+        (all heads, averaged), float32 (B,), and the MACs of computing it (keys, CLS query, its attention row)."""
+        block = self.model.blocks[i]
+        attn = block.attn
+        B, T, C = x.shape
+        weight, bias = attn.qkv_params(attn.num_heads)
+        inner = attn.num_heads * attn.head_dim
+        y = block.norm1(x)
+        query = F.linear(y[:, 0], weight[:inner], None if bias is None else bias[:inner])
+        keys = F.linear(y, weight[inner : 2 * inner], None if bias is None else bias[inner : 2 * inner])
+        query = query.view(B, attn.num_heads, attn.head_dim)
+        keys = keys.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+        scores = cls_attention(query, keys, attn.scale, None if size is None else size.log())
+        macs = T * C * inner + C * inner + T * inner
+        return scores.float().var(dim=1, correction=0), torch.tensor(float(macs), dtype=torch.float64, device=x.device)
+
+    @torch.inference_mode()
+    def calibrate(self, batches: Iterable[Tensor | tuple[Tensor, ...]], quantile: float = 0.5) -> PPTHeuristic:
+        """Set each block's threshold to the `quantile` of the variances that the images of `batches` (images, or
+        tuples of images and more) meet there, block by block, each threshold applied before the next is measured.
+        Returns self."""
+        if not 0 <= quantile <= 1:
+            raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
+        images = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])
+        self.thresholds, self._quantile = [float("inf")] * self.model.depth, quantile
+        try:
+            self(images)  # all the images as one batch: each threshold is set from all of them
+        finally:
+            self._quantile = None
+        return self
+
+    def configs(self, i: int, x: Tensor, size: Tensor | None) -> tuple[list[BlockConfig], Tensor]:
+        full = self.largest[i]
+        if i < self.start:
+            return [full] * x.shape[0], torch.zeros((), dtype=torch.float64, device=x.device)
+        if self.thresholds is None:
+            raise RuntimeError("PPTHeuristic needs thresholds: pass them or call calibrate(images) first")
+        var, macs = self.variance(i, x, size)
+        if self._quantile is not None:
+            self.thresholds[i] = float(torch.quantile(var.double(), self._quantile))
+        by_prune = replace(full, keep_ratio=self.keep_ratio, merge_ratio=1.0)
+        by_merge = replace(full, keep_ratio=1.0, merge_ratio=self.keep_ratio)
+        return [by_prune if p else by_merge for p in (var > self.thresholds[i]).tolist()], macs
+
+
+__all__ = [
+    "FullModelPolicy",
+    "PPTHeuristic",
+    "PruneMergeSchedule",
+    "RandomPolicy",
+    "StaticPolicy",
+    "UniformMergePolicy",
+]

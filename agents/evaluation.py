@@ -65,8 +65,8 @@ def static_method(model: ElasticViT, subnet: Subnet | None = None, amp: bool = F
 
 def execution_modes(executions: Sequence[str], prototypes: Sequence[int] = (1,)) -> list[tuple[str, int]]:
     """(execution, K) of each `AdaptiveViT` execution mode named in `executions` (`packed`, `bucketed`,
-    `prototypes`, `consensus`), one per K of `prototypes` for `prototypes`, `consensus` as K=1; K is 1 for the
-    others. In the order given, without repeats."""
+    `prototypes`, `consensus`, `batch-mean`), one per K of `prototypes` for `prototypes`, `consensus` as K=1; K is
+    1 for the others. In the order given, without repeats."""
     modes = []
     for execution in executions:
         if execution not in EXECUTIONS:

@@ -28,6 +28,7 @@ FIELD_TITLES = {"heads": "attention heads", "mlp_hidden": "MLP width", "keep_rat
 OTHER_MARKERS = {"random decisions": ("x", "tab:red"), "full model": ("*", "black")}
 # the selector's execution modes, in the order given: the first solid and annotated with its budgets
 MODE_STYLES = (("o-", "tab:blue"), ("^--", "tab:purple"), ("v-.", "tab:cyan"), ("D:", "tab:olive"), ("<--", "brown"))
+HEURISTIC_STYLES = (("P-.", "tab:brown"), ("X:", "tab:pink"), ("h--", "tab:gray"))  # each heuristic's Pareto front
 PRUNED_HATCH = dict(hatch="////", edgecolor="0.6", linewidth=0)  # the legend's swatch of a pruned patch
 TOKEN_MAP_SCALE = 4  # a token map is drawn 4 times the image size, so the lines between tokens stay thin
 
@@ -75,7 +76,15 @@ def selector_modes(selector: Sequence[dict]) -> dict[str, list[dict]]:
     return modes
 
 
-def _pareto_panel(ax, grid: list[dict], uniform: list[dict], selector: list[dict], others: list[dict], x: str) -> None:
+def _pareto_panel(
+    ax,
+    grid: list[dict],
+    uniform: list[dict],
+    selector: list[dict],
+    others: list[dict],
+    x: str,
+    heuristics: dict[str, list[dict]],
+) -> None:
     """One panel of the Pareto figure: Top-1 against `x` (`gmacs` or `images_per_s`)."""
     faster_is_better = x == "images_per_s"
     ax.scatter([r[x] for r in grid], [r["top1"] * 100 for r in grid], c="0.65", s=16, label="static subnets (grid)")
@@ -83,6 +92,9 @@ def _pareto_panel(ax, grid: list[dict], uniform: list[dict], selector: list[dict
     ax.plot([r[x] for r in front], [r["top1"] * 100 for r in front], ":", c="0.35", lw=1.2, label="grid Pareto front")
     modes = selector_modes(selector)
     lines = [(uniform, "s--", "tab:orange", 1.2, "uniform merging")]
+    for k, (name, rows) in enumerate(heuristics.items()):  # a sweep each: its best settings
+        style, line_colour = HEURISTIC_STYLES[k % len(HEURISTIC_STYLES)]
+        lines.append((pareto_front(rows, x, faster_is_better), style, line_colour, 1.2, f"{name} (Pareto front)"))
     for k, (mode, rows) in enumerate(modes.items()):
         style, line_colour = MODE_STYLES[k % len(MODE_STYLES)]
         label = "PRANCE selector" + (f", {mode}" if mode else "")
@@ -104,24 +116,31 @@ def _pareto_panel(ax, grid: list[dict], uniform: list[dict], selector: list[dict
         ax.scatter([row[x]], [row["top1"] * 100], marker=marker, c=line_colour, s=70, label=row["method"], zorder=3)
     top1 = [r["top1"] * 100 for r in grid + uniform + selector + others]
     margin = max(0.5, 0.04 * (max(top1) - min(top1)))
-    ax.set_ylim(min(top1) - margin, max(top1) + margin)  # every point visible, the static grid's included
+    # every point visible, the static grid's included; a heuristic's fronts may fall below it
+    ax.set_ylim(min(top1) - margin, max(top1) + margin)
     ax.set_ylabel("Top-1 (%)")
     ax.grid(alpha=0.3)
 
 
 def pareto_figure(
-    grid: list[dict], uniform: list[dict], selector: list[dict], others: list[dict], title: str
+    grid: list[dict],
+    uniform: list[dict],
+    selector: list[dict],
+    others: list[dict],
+    title: str,
+    heuristics: dict[str, list[dict]] | None = None,
 ) -> Figure:
     """Top-1 against mean GMACs per image (left) and against measured images/s (right), for the static grid (with
     its Pareto front), uniform merging, the selector's budgets (one line per execution mode, the first annotated
-    with its budgets) and single rows such as the full model and random decisions. Rows carry `top1` (a fraction),
-    `gmacs`, `images_per_s` and, for the selector, `budget` and optionally `mode` (e.g. `packed`,
-    `prototypes K=4`)."""
+    with its budgets), the Pareto front of each heuristic's sweep in `heuristics` (name: rows) and single rows such
+    as the full model and random decisions. Rows carry `top1` (a fraction), `gmacs`, `images_per_s` and, for the
+    selector, `budget` and optionally `mode` (e.g. `packed`, `prototypes K=4`)."""
+    heuristics = heuristics or {}
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     left, right = fig.subplots(1, 2)
-    _pareto_panel(left, grid, uniform, selector, others, "gmacs")
+    _pareto_panel(left, grid, uniform, selector, others, "gmacs", heuristics)
     left.set_xlabel("mean GMACs per image (lower is cheaper)")
-    _pareto_panel(right, grid, uniform, selector, others, "images_per_s")
+    _pareto_panel(right, grid, uniform, selector, others, "images_per_s", heuristics)
     right.set_xlabel("images/s measured in this run (higher is faster)")
     handles, labels = left.get_legend_handles_labels()
     columns = len(labels) if len(labels) <= 7 else (len(labels) + 1) // 2

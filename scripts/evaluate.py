@@ -13,7 +13,14 @@ Rows, all measured in this run on the same images with the same batch size:
   Top-1 at matched MACs, and uniform token merging (full widths, one keep ratio at every block, like ToMe) at
   matched MACs, both matched to the first mode. "Matched" means the best baseline whose MACs ratio lies in
   [m - 0.02, m + 0.10], m being the selector's; when none does, the nearest one;
+- the token-reduction heuristics of `agents.baselines` at full width, each swept over a small grid and matched
+  the same way (`--no-heuristics` leaves them out): PPT-style (per image, prune when the CLS attention's variance
+  is high, merge when it is low; thresholds calibrated on the training images) and Prune-and-Merge-style static
+  schedules (prune, then merge, at fixed keep rates);
 - random decisions.
+
+`--protocol official` evaluates as the PRANCE release does: batch 64, each step's decisions averaged over the batch
+and snapped to the nearest choice (the `batch-mean` execution); Top-1, Top-5 and parameter counts are in every table.
 
 Speed is measured on the same pass (`agents.evaluation.evaluate_methods`): every batch runs every row in turn, the
 order rotating from batch to batch, so each batch is one round of interleaved timing; images/s is by wall clock and
@@ -29,6 +36,7 @@ table.
     python scripts/evaluate.py                                   # runs/selector/selector on Fashion-MNIST
     python scripts/evaluate.py --selector runs/demo/selector/selector --budgets 0.4 0.5 0.6 --out runs/demo
     python scripts/evaluate.py --executions packed bucketed prototypes --prototypes 1 4 --threads 1
+    python scripts/evaluate.py --protocol official --out runs/evaluate_official
 """
 
 from __future__ import annotations
@@ -38,13 +46,14 @@ import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch load
 # isort: split
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 import agents
-from agents.baselines import RandomPolicy
+from agents.baselines import PPTHeuristic, PruneMergeSchedule, RandomPolicy
 from agents.evaluation import (
     adaptive_method,
     evaluate_methods,
@@ -60,6 +69,11 @@ from vit.train import subset_batches
 from vit.utils import parse_dataclass, resolve_device, setup_cpu, use_tf32
 
 MATCH_BELOW, MATCH_ABOVE = 0.02, 0.10
+# the heuristics' sweeps: PPT-style (keep ratio, first block); Prune-and-Merge-style (prune keep, merge keep, first
+# block), pure merging (prune keep 1) being the uniform merging rows
+PPT_SWEEP = [(r, start) for r in (0.7, 0.8, 0.9) for start in (0, 3, 6)]
+PRUNE_MERGE_SWEEP = [(p, m, start) for p in (0.8, 0.9) for m in (0.8, 0.9, 1.0) for start in (0, 3, 6)]
+PROTOCOLS = {"ours": {}, "official": {"batch_size": 64, "executions": ("batch-mean",)}}
 
 
 @dataclass
@@ -95,6 +109,11 @@ class Args:
     )
     precision: str = field(default="fp32", metadata={"help": "weights of every row: fp32 | bf16"})
     amp: bool = field(default=False, metadata={"help": "every row under bf16 autocast (CUDA or CPU)"})
+    heuristics: bool = field(default=True, metadata={"help": "rows of the PPT- and Prune-and-Merge-style heuristics"})
+    protocol: str = field(
+        default="ours",
+        metadata={"help": "ours | official: batch 64 and batch-mean decisions (overrides --batch-size, --executions)"},
+    )
     out: str = field(default="runs/evaluate", metadata={"help": "output folder (results.md, results.json, pareto.png)"})
 
 
@@ -132,7 +151,22 @@ def markdown(rows: list[dict], batch_size: int, images: int, precision: str) -> 
     return "\n".join(lines)
 
 
+def heuristic_methods(model: vit.ElasticViT, calibration: list) -> dict[str, tuple[str, object]]:
+    """The heuristics' sweeps as methods, by key: (heuristic name, method); PPT's thresholds calibrated on (at most
+    1024 of) the `calibration` batches."""
+    images = torch.cat([x for x, _ in calibration])[:1024]
+    methods = {}
+    for r, start in PPT_SWEEP:
+        methods[f"ppt {r} {start}"] = ("PPT-style heuristic", PPTHeuristic(model, r, start).calibrate([images]))
+    for p, m, start in PRUNE_MERGE_SWEEP:
+        methods[f"prune-merge {p} {m} {start}"] = ("Prune-and-Merge schedule", PruneMergeSchedule(model, p, m, start))
+    return methods
+
+
 def main(args: Args) -> list[dict]:
+    if args.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {args.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    args = replace(args, **PROTOCOLS[args.protocol])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_cpu(args.threads, args.keep_freed_memory)
@@ -165,6 +199,8 @@ def main(args: Args) -> list[dict]:
     }
     random = agents.AdaptiveViT(model, RandomPolicy(adaptive.nvec, seed=args.seed), shape=adaptive.shape, amp=args.amp)
     methods["random"] = adaptive_method(random)
+    heuristics = heuristic_methods(model, calibration) if args.heuristics else {}
+    methods |= {key: method for key, (_, method) in heuristics.items()}
     measured = evaluate_methods(methods, test, model, desc="evaluating every row, batch by batch")
 
     grid = [
@@ -178,6 +214,9 @@ def main(args: Args) -> list[dict]:
         for r, s in zip(grid, subnets)
         if all(c.heads == widest.heads and c.mlp_hidden == widest.mlp_hidden for c in s) and r is not grid[0]
     ]
+    swept: dict[str, list[dict]] = {}
+    for key, (name, method) in heuristics.items():
+        swept.setdefault(name, []).append({"method": name, "setting": str(method), **measured[key]})
     selector_rows, table = [], [full]
     for budget in args.budgets:
         for mode in runs:
@@ -199,18 +238,22 @@ def main(args: Args) -> list[dict]:
             {**matched(grid, first["flops_ratio"]), "method": "best static subnet at matched MACs"},
             {**matched(uniform, first["flops_ratio"]), "method": "uniform merging at matched MACs"},
         ]
+        table += [
+            {**matched(rows, first["flops_ratio"]), "method": f"{name} at matched MACs"} for name, rows in swept.items()
+        ]
     table.append({"method": "random decisions", "setting": "uniform over the choices", **measured["random"]})
 
     precision = f"{args.precision} weights" + (", bf16 autocast" if args.amp else "")
     text = markdown(table, args.batch_size, images, precision)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"table": table, "grid": grid}, indent=2))
+    (out / "results.json").write_text(json.dumps({"table": table, "grid": grid, "heuristics": swept}, indent=2))
     dataset = args.data or read_settings(resolve_selector(args.selector))["env"].get("data", "fashion-mnist")
     title = (
         f"{dataset} held-out split, {images} images: {model.pretrained_cfg['architecture']} ({model.token_mode}), "
         f"{precision}"
     )
-    save_figure(pareto_figure(grid, uniform, selector_rows, [full, table[-1]], title), out / "pareto.png")
+    others = [full, next(r for r in table if r["method"] == "random decisions")]
+    save_figure(pareto_figure(grid, uniform, selector_rows, others, title, swept), out / "pareto.png")
     print(text)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'pareto.png'}")
     return table

@@ -36,7 +36,7 @@ from agents import (
     UniformMergePolicy,
 )
 from agents.ppo import held_out_batches
-from agents.prototypes import snap_to_prototypes
+from agents.prototypes import snap_to_mean, snap_to_prototypes
 from agents.selector import supernet_signature
 from vit.token_ops import kept_tokens
 
@@ -441,6 +441,23 @@ def test_one_prototype_is_the_consensus_of_the_batch():
     assert torch.all(macs == vit.count_flops(model, subnet))
     consensus = AdaptiveViT(model, RandomPolicy(nvec, seed=0), execution="consensus")(x, return_decisions=True)
     assert torch.equal(consensus[2].indices, decisions.indices) and torch.equal(consensus[0], logits)
+
+
+def test_the_official_protocol_runs_the_batch_mean_choice_rounded_for_every_image():
+    rows = torch.tensor([[0, 3, 1], [1, 3, 4], [1, 0, 2], [3, 1, 2]])  # means 1.25, 1.75, 2.25
+    assert torch.equal(snap_to_mean(rows), torch.tensor([[1, 2, 2]]).expand(4, -1))
+    assert torch.equal(snap_to_mean(torch.tensor([[0, 1], [1, 2]])), torch.tensor([[1, 2], [1, 2]]))  # halves up
+    model = modes_supernet()
+    x = images(model, 12)
+    nvec = vit.InferenceLoop(model).nvec
+    policy = Recorded(RandomPolicy(nvec, seed=0))
+    logits, macs, decisions = AdaptiveViT(model, policy, execution="batch-mean")(x, return_decisions=True)
+    for t, actions in enumerate(policy.actions):
+        assert len(actions.unique(dim=0)) > 1
+        assert (decisions.indices[:, t] == torch.floor(actions.double().mean(0) + 0.5).long()).all()
+    (subnet,) = set(decisions.subnets)
+    torch.testing.assert_close(logits, model(x, subnet), atol=1e-5, rtol=0)
+    assert torch.all(macs == vit.count_flops(model, subnet))
 
 
 def test_as_many_prototypes_as_decisions_run_the_packed_decisions():

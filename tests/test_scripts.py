@@ -231,6 +231,8 @@ def test_evaluate(tmp_path, fmnist_dir, selector):
     assert methods[0] == "full model" and methods[-1] == "random decisions"
     assert all(methods.count(f"PRANCE selector, {mode}") == 2 for mode in modes)
     assert methods.count("best static subnet at matched MACs") == methods.count("uniform merging at matched MACs") == 2
+    assert methods.count("PPT-style heuristic at matched MACs") == 2
+    assert methods.count("Prune-and-Merge schedule at matched MACs") == 2
     assert "40 images" in out
     assert (tmp_path / "results.md").read_text().strip() in out
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
@@ -246,6 +248,24 @@ def test_evaluate(tmp_path, fmnist_dir, selector):
             assert packed[key] == pytest.approx(bucketed[key])
     for row in table:
         assert row["images_per_s"] > 0 and row["images_per_cpu_s"] > 0 and row["speedup"] > 0
+    swept = results["heuristics"]  # each heuristic's whole sweep, the matched rows among them
+    assert len(swept["PPT-style heuristic"]) == 9 and len(swept["Prune-and-Merge schedule"]) == 18
+    for name, rows in swept.items():
+        assert all(r["params"] == table[0]["params"] for r in rows)  # full widths
+        assert len({r["flops_ratio"] for r in rows}) > 5
+        assert all({**r, "method": name} in rows for r in table if r["method"].startswith(name))
+
+
+def test_evaluate_with_the_official_protocol(tmp_path, fmnist_dir, selector):
+    args = ["--selector", str(selector / "selector"), "--data-dir", str(fmnist_dir), "--budgets", "0.5"]
+    args += ["--images", "80", "--calib-images", "16", "--no-heuristics", "--device", "cpu", "--out", str(tmp_path)]
+    out = run("evaluate.py", *args, "--protocol", "official")
+    assert "batch 64" in out and "PRANCE selector, batch-mean" in out
+    assert "PPT-style" not in out
+    (row,) = [r for r in json.loads((tmp_path / "results.json").read_text())["table"] if r.get("budget") == 0.5]
+    assert row["execution"] == "batch-mean" and row["top5"] >= row["top1"] and row["params"] > 0
+    refused = run_script("evaluate.py", *args, "--protocol", "paper", check=False)
+    assert refused.returncode != 0 and "unknown protocol 'paper'" in refused.stderr
 
 
 def test_benchmark(tmp_path, fmnist_dir, selector):

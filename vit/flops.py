@@ -29,12 +29,15 @@ def head_macs(model: ElasticViT) -> int:
     return model.embed_dim * model.num_classes
 
 
-def block_macs(model: ElasticViT, num_patches: int, config: BlockConfig) -> tuple[int, int]:
-    """MACs of one block entered with `num_patches` patch tokens, and the patch tokens it leaves."""
+def block_macs(
+    model: ElasticViT, num_patches: int, config: BlockConfig, token_mode: str | None = None
+) -> tuple[int, int]:
+    """MACs of one block entered with `num_patches` patch tokens, and the patch tokens it leaves, the block
+    reducing tokens as `token_mode` says (default: the model's)."""
     C, d = model.embed_dim, model.blocks[0].attn.head_dim
     inner = config.heads * d
     T = num_patches + 1
-    pruned, final = token_schedule(num_patches, config, model.token_mode)
+    pruned, final = token_schedule(num_patches, config, token_mode or model.token_mode)
     macs = T * C * 3 * inner + 2 * T * T * inner + T * inner * C  # qkv, QK^T and AV, proj
     if final < num_patches:
         macs += T * inner  # the CLS attention row
