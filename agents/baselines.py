@@ -1,6 +1,6 @@
 """Baselines for the selector.
 
-Policies with stable-baselines3's `predict` signature, for PranceViT-v0 and `AdaptiveViT`: each acts on a single
+Policies with stable-baselines3's `predict` signature, for PranceViT-v1 and `AdaptiveViT`: each acts on a single
 observation or a batch (a leading dimension on `cls`) and returns choice indices for the fields of the env's action
 space (heads, MLP width, keep ratio[, merge ratio]).
 

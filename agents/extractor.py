@@ -14,7 +14,7 @@ class CLSFeaturesExtractor(BaseFeaturesExtractor):
     Wire it through `policy_kwargs=dict(features_extractor_class=CLSFeaturesExtractor)`.
 
     Args:
-        observation_space: PranceViT-v0's `Dict` space (`cls`, `progress`, `price`).
+        observation_space: PranceViT-v1's `Dict` space (`cls`, `progress`, `price`).
         hidden: width of the MLP's hidden and output layers.
     """
 

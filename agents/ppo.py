@@ -40,12 +40,12 @@ from .selector import (
     supernet_signature,
 )
 
-MDP = prance_env.MDPConfig  # PranceViT-v0's defaults: a new selector trains on the registered MDP
+MDP = prance_env.MDPConfig  # PranceViT-v1's defaults: a new selector trains on the registered MDP
 
 
 @dataclass
 class SelectorConfig(SupernetShape):
-    """Train a PRANCE selector on PranceViT-v0."""
+    """Train a PRANCE selector on PranceViT-v1."""
 
     supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
     checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
@@ -118,7 +118,7 @@ class SelectorConfig(SupernetShape):
         )
 
     def env_kwargs(self) -> dict:
-        """Keyword arguments of PranceViT-v0 for this run (training split), the supernet given by name and the loop's
+        """Keyword arguments of PranceViT-v1 for this run (training split), the supernet given by name and the loop's
         shape in full."""
         checkpoint = None if self.checkpoint is None else str(Path(self.checkpoint).resolve())
         shape = self.loop_shape()
@@ -314,7 +314,7 @@ def train_selector(cfg: SelectorConfig, callback: BaseCallback | None = None) ->
     torch.manual_seed(cfg.seed)
     # the env builds presets at their own shapes: this run's supernet goes in as a module, its weights loaded
     module = {"supernet": cfg.build_supernet(), "checkpoint": None}
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=cfg.num_envs, **{**cfg.env_kwargs(), **module})
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=cfg.num_envs, **{**cfg.env_kwargs(), **module})
     venv = VecMonitor(prance_env.to_sb3(envs))
     try:
         return _train(cfg, envs, venv, device, callback)

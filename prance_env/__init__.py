@@ -1,8 +1,8 @@
-"""prance_env: ViT inference as a Gymnasium MDP with the Result-to-Go reward (PranceViT-v0).
+"""prance_env: ViT inference as a Gymnasium MDP with the Result-to-Go reward (PranceViT-v1; v0 differs by its prices).
 
-env = gymnasium.make("PranceViT-v0")                      # one image per episode; defaults: MDPConfig()
-env = gymnasium.make("PranceViT-v0", render_mode="rgb_array")  # env.render(): the episode's token map
-envs = gymnasium.make_vec("PranceViT-v0", num_envs=256)   # native batched env
+env = gymnasium.make("PranceViT-v1")                      # one image per episode; defaults: MDPConfig()
+env = gymnasium.make("PranceViT-v1", render_mode="rgb_array")  # env.render(): the episode's token map
+envs = gymnasium.make_vec("PranceViT-v1", num_envs=256)   # native batched env
 venv = prance_env.to_sb3(envs)                            # stable-baselines3 VecEnv
 """
 
@@ -14,12 +14,16 @@ from .core import QUALITIES, REWARD_MODES, BatchedInference, MDPConfig
 from .env import PranceViTEnv
 from .vector import PranceViTVectorEnv, SB3VecEnv, to_sb3
 
-if "PranceViT-v0" not in registry:
-    register(
-        id="PranceViT-v0",
-        entry_point="prance_env.env:PranceViTEnv",
-        vector_entry_point="prance_env.vector:PranceViTVectorEnv",
-    )
+V0_PRICE_RANGE = (3e-4, 0.3)  # PranceViT-v0's default prices (v1: `MDPConfig.price_range`)
+
+for env_id, kwargs in (("PranceViT-v1", {}), ("PranceViT-v0", {"price_range": V0_PRICE_RANGE})):
+    if env_id not in registry:
+        register(
+            id=env_id,
+            entry_point="prance_env.env:PranceViTEnv",
+            vector_entry_point="prance_env.vector:PranceViTVectorEnv",
+            kwargs=kwargs,
+        )
 
 __all__ = [
     "QUALITIES",
@@ -29,5 +33,6 @@ __all__ = [
     "PranceViTEnv",
     "PranceViTVectorEnv",
     "SB3VecEnv",
+    "V0_PRICE_RANGE",
     "to_sb3",
 ]

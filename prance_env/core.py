@@ -33,7 +33,7 @@ QUALITIES = ("correct", "logprob", "agree", "no_worse")
 class MDPConfig:
     """The MDP over a supernet.
 
-    The defaults are the one source of PranceViT-v0's registered defaults (the env's keyword arguments and the
+    The defaults are the one source of PranceViT-v1's registered defaults (the env's keyword arguments and the
     selector training config read them): the MDP the shipped selector (`agents/checkpoints/prance_fmnist`) was
     trained on.
 
@@ -56,7 +56,7 @@ class MDPConfig:
     reward: str = "delta"
     quality: str = "logprob"
     logprob_floor: float = -5.0
-    price_range: tuple[float, float] = (3e-4, 0.3)
+    price_range: tuple[float, float] = (3e-4, 2.0)
     token_penalty: float = 0.0
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
-"""The native batched PranceViT-v0: sub-env i is image i of a batch held on the env's device.
+"""The native batched PranceViT-v1: sub-env i is image i of a batch held on the env's device.
 
 Episodes are synchronised (every image has the same number of blocks), so the whole batch resets together with
-the next batch of images. `gymnasium.make_vec("PranceViT-v0", num_envs=N)` returns it; `to_sb3` adapts it to
+the next batch of images. `gymnasium.make_vec("PranceViT-v1", num_envs=N)` returns it; `to_sb3` adapts it to
 stable-baselines3's `VecEnv`, which does not take Gymnasium vector envs.
 """
 
@@ -27,7 +27,7 @@ from .render import RENDER_FPS, RENDER_MODES, check_render_mode, render_episode
 
 
 class PranceViTVectorEnv(VectorEnv):
-    """`num_envs` synchronised PranceViT-v0 episodes run as one batch (see `PranceViTEnv` for the MDP).
+    """`num_envs` synchronised PranceViT-v1 episodes run as one batch (see `PranceViTEnv` for the MDP).
 
     Images are drawn without replacement in an order shuffled by the env's seed; each reset takes the next
     `num_envs`. `options` of `reset` may fix `indices` (num_envs dataset indices) and `price` (a scalar or one per
@@ -299,7 +299,7 @@ class SB3VecEnv(VecEnv):
 
 
 def to_sb3(envs: PranceViTVectorEnv) -> SB3VecEnv:
-    """Adapt a native batched env (e.g. `gymnasium.make_vec("PranceViT-v0", num_envs=N)`) to SB3's `VecEnv`."""
+    """Adapt a native batched env (e.g. `gymnasium.make_vec("PranceViT-v1", num_envs=N)`) to SB3's `VecEnv`."""
     envs = getattr(envs, "unwrapped", envs)
     if not isinstance(envs, PranceViTVectorEnv):
         raise TypeError(f"to_sb3 takes a PranceViTVectorEnv, got {type(envs).__name__}")

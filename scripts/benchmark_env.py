@@ -1,4 +1,4 @@
-"""Speed of the batched PranceViT-v0 against a plain forward pass of the same subnets, in one run.
+"""Speed of the batched PranceViT-v1 against a plain forward pass of the same subnets, in one run.
 
 For `num_envs` images and random actions (seeded), it times whole episodes (reset + every step) in `terminal`
 mode (no Result-to-Go completion: the env's own overhead) and in `delta` mode (a completion after every step),
@@ -19,7 +19,7 @@ import gymnasium
 import numpy as np
 import torch
 
-import prance_env  # noqa: F401  (registers PranceViT-v0)
+import prance_env  # noqa: F401  (registers PranceViT-v1)
 from vit.utils import parse_dataclass, seconds_per_call, setup_cpu
 
 
@@ -45,7 +45,7 @@ def main(args: Args) -> dict[str, float]:
         envs = {}
         for reward in ("terminal", "delta"):
             envs[reward] = gymnasium.make_vec(
-                "PranceViT-v0",
+                "PranceViT-v1",
                 num_envs=args.num_envs,
                 supernet=args.supernet,
                 checkpoint=args.checkpoint,

@@ -1,6 +1,6 @@
-"""Resident memory of the batched PranceViT-v0 over many episodes: does a long run stay within its budget?
+"""Resident memory of the batched PranceViT-v1 over many episodes: does a long run stay within its budget?
 
-Builds `gymnasium.make_vec("PranceViT-v0", num_envs=N)` on a supernet (the shipped prance_fmnist by default) and
+Builds `gymnasium.make_vec("PranceViT-v1", num_envs=N)` on a supernet (the shipped prance_fmnist by default) and
 Fashion-MNIST, plays `episodes` episodes with random actions (an episode: every sub-env infers one image; the batch
 ends together and resets at the next step) and reads the process's resident set size (VmRSS) after each one.
 Reports the peak against a limit, the RSS after episodes 1, 5, 10 and the last, the growth from episode 5 to the last
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import prance_env  # noqa: F401  (registers PranceViT-v0; before torch, so that vit's OpenMP wait policy applies)
+import prance_env  # noqa: F401  (registers PranceViT-v1; before torch, so that vit's OpenMP wait policy applies)
 
 # isort: split
 import gymnasium
@@ -116,7 +116,7 @@ def report(args: Args, device: torch.device, decisions: int, base: dict[str, flo
             rows.setdefault(name, []).append(cell)
     headers = {"rss": "RSS (MiB)", "trimmed": "RSS, free heap returned to the OS (MiB)"}
     lines = [
-        f"# Resident memory of PranceViT-v0: {args.num_envs} sub-envs, {n} episodes, `{args.reward}` reward",
+        f"# Resident memory of PranceViT-v1: {args.num_envs} sub-envs, {n} episodes, `{args.reward}` reward",
         "",
         f"{args.supernet} ({args.checkpoint or 'shipped weights'}), {args.data} {args.split} split, {device}, "
         f"torch threads: {torch.get_num_threads()}, random actions, {decisions} decisions an episode, "
@@ -172,7 +172,7 @@ def main(args: Args) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     envs = gymnasium.make_vec(
-        "PranceViT-v0",
+        "PranceViT-v1",
         num_envs=args.num_envs,
         supernet=args.supernet,
         checkpoint=args.checkpoint,
@@ -219,7 +219,7 @@ def main(args: Args) -> dict:
     record = {"args": asdict(args), **{k: v for k, v in figures.items() if k != "markdown"}, "episodes": series}
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     if args.plot:
-        title = f"PranceViT-v0, {args.num_envs} sub-envs, {args.reward} reward"
+        title = f"PranceViT-v1, {args.num_envs} sub-envs, {args.reward} reward"
         plot(series, base, figures["limit_mib"], title, out / f"{name}.png")
     print(figures["markdown"])
     print(f"written to {out / name}.md, .json" + (", .png" if args.plot else ""))

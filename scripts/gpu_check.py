@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 import agents
-import prance_env  # noqa: F401  (registers PranceViT-v0)
+import prance_env  # noqa: F401  (registers PranceViT-v1)
 from agents.ppo import SelectorConfig, train_selector
 from vit.train import subset_batches
 from vit.utils import parse_dataclass, resolve_device, setup_cpu, use_tf32
@@ -314,7 +314,7 @@ def env_speed(model: vit.ElasticViT, data: Path, num_envs: int, amp: bool, seed:
     speed = {}
     for reward in ("terminal", "delta"):
         envs = gymnasium.make_vec(
-            "PranceViT-v0",
+            "PranceViT-v1",
             num_envs=num_envs,
             supernet=model,
             data="imagenet",

@@ -1,7 +1,7 @@
-"""An agent that is not from stable-baselines3: REINFORCE in a plain Gymnasium loop on PranceViT-v0.
+"""An agent that is not from stable-baselines3: REINFORCE in a plain Gymnasium loop on PranceViT-v1.
 
 The policy is a small torch module with one categorical head per action field. It is trained episode by
-episode against `gymnasium.make("PranceViT-v0")` (the Result-to-Go rewards summed into returns-to-go, a running
+episode against `gymnasium.make("PranceViT-v1")` (the Result-to-Go rewards summed into returns-to-go, a running
 baseline), and, because it has stable-baselines3's `predict` signature, it then plugs into `agents.AdaptiveViT`
 and `agents.measure` unchanged.
 
@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import agents
-import prance_env  # noqa: F401  (registers PranceViT-v0)
+import prance_env  # noqa: F401  (registers PranceViT-v1)
 from vit.train import subset_batches
 from vit.utils import parse_dataclass, setup_cpu
 
@@ -74,7 +74,7 @@ def main(args: Args) -> dict:
     setup_cpu(args.threads, keep_memory=False)
     torch.manual_seed(args.seed)
     env = gymnasium.make(
-        "PranceViT-v0",
+        "PranceViT-v1",
         supernet=args.supernet,
         checkpoint=args.checkpoint,
         data_path=args.data_dir,

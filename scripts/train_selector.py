@@ -1,4 +1,4 @@
-"""Train a PRANCE selector (PPO by default) on the batched PranceViT-v0 env.
+"""Train a PRANCE selector (PPO by default) on the batched PranceViT-v1 env.
 
 python scripts/train_selector.py                                  # prance_fmnist, shipped supernet
 python scripts/train_selector.py --algo a2c --out runs/a2c

@@ -45,9 +45,9 @@ HIDDEN = 32  # the extractor's MLP width in the trained model
 
 
 def make_venv(data_path, model: vit.ElasticViT | None = None, num_envs: int = N, **kwargs) -> prance_env.SB3VecEnv:
-    """The SB3 adapter over `gymnasium.make_vec("PranceViT-v0", ...)` on a tiny supernet and the generated data."""
+    """The SB3 adapter over `gymnasium.make_vec("PranceViT-v1", ...)` on a tiny supernet and the generated data."""
     envs = gymnasium.make_vec(
-        "PranceViT-v0",
+        "PranceViT-v1",
         num_envs=num_envs,
         supernet=supernet() if model is None else model,
         data="fashion-mnist",

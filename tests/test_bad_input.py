@@ -149,8 +149,8 @@ def test_batch_of_one_equals_the_same_image_in_a_larger_batch_in_adaptive_vit(mo
 
 
 def test_vector_env_of_one_equals_the_single_env(fmnist_dir):
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=1, **env_kwargs(fmnist_dir, quality="logprob"))
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, quality="logprob"))
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=1, **env_kwargs(fmnist_dir, quality="logprob"))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, quality="logprob"))
     actions = random_actions(env.action_space, num_steps(env), seed=3)
     single = run_episode(env, actions, options={"index": 7, "price": 0.1})
     obs, _ = envs.reset(options={"indices": [7], "price": 0.1})
@@ -239,7 +239,7 @@ def test_invalid_actions_raise_mid_episode_and_lose_nothing(fmnist_dir, vector):
     """An episode interrupted by every kind of invalid action at every step equals the uninterrupted episode."""
     kwargs = env_kwargs(fmnist_dir, quality="logprob")
     env = (
-        gymnasium.make_vec("PranceViT-v0", num_envs=3, **kwargs) if vector else gymnasium.make("PranceViT-v0", **kwargs)
+        gymnasium.make_vec("PranceViT-v1", num_envs=3, **kwargs) if vector else gymnasium.make("PranceViT-v1", **kwargs)
     )
     actions = random_actions(env.action_space, env.unwrapped.inference.num_steps, seed=2)
     runs = []
@@ -260,7 +260,7 @@ def test_invalid_actions_raise_mid_episode_and_lose_nothing(fmnist_dir, vector):
 @pytest.mark.parametrize("bad, match", BAD_ACTIONS, ids=BAD_ACTION_IDS)
 def test_invalid_vector_actions_raise(fmnist_dir, bad, match):
     # The single env: test_env.py::test_invalid_discrete_action_raises_and_leaves_the_episode_as_it_was.
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=3, **env_kwargs(fmnist_dir))
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=3, **env_kwargs(fmnist_dir))
     envs.reset(seed=0)
     with pytest.raises(ValueError, match=match):
         envs.step(bad(np.zeros((3, 3), dtype=np.int64)))
@@ -287,7 +287,7 @@ def test_invalid_vector_actions_raise(fmnist_dir, bad, match):
     ],
 )
 def test_invalid_vector_action_messages_quote_the_actions_as_given(fmnist_dir, action_type, action, message):
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=2, **env_kwargs(fmnist_dir, action_type=action_type))
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=2, **env_kwargs(fmnist_dir, action_type=action_type))
     envs.reset(seed=0)
     with pytest.raises(ValueError) as raised:
         envs.step(action)
@@ -296,7 +296,7 @@ def test_invalid_vector_action_messages_quote_the_actions_as_given(fmnist_dir, a
 
 @pytest.mark.parametrize("action_type", ["discrete", "continuous"])
 def test_vector_env_of_one_takes_batched_actions_only(fmnist_dir, action_type):
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=1, **env_kwargs(fmnist_dir, action_type=action_type))
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=1, **env_kwargs(fmnist_dir, action_type=action_type))
     envs.reset(seed=0)
     action = envs.action_space.sample()
     with pytest.raises(ValueError, match=r"expected actions of shape \(1, 3\) .* got \(3,\)"):
@@ -308,7 +308,7 @@ def test_vector_env_of_one_takes_batched_actions_only(fmnist_dir, action_type):
 
 @pytest.mark.parametrize("action", [np.array([True, False, True]), np.array(["0", "1", "0"]), None])
 def test_continuous_actions_of_another_type_raise(fmnist_dir, action):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, action_type="continuous"))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, action_type="continuous"))
     env.reset(seed=0)
     with pytest.raises(ValueError, match="actions must be numbers"):
         env.step(action)
@@ -320,26 +320,26 @@ def test_continuous_actions_of_another_type_raise(fmnist_dir, action):
 def test_unknown_vector_env_keyword_raises_type_error(fmnist_dir):
     # The single env: test_env.py::test_unknown_keyword_raises_type_error.
     with pytest.raises(TypeError, match="unexpected keyword argument 'reward_mode'"):
-        gymnasium.make_vec("PranceViT-v0", num_envs=2, **env_kwargs(fmnist_dir, reward_mode="delta"))
+        gymnasium.make_vec("PranceViT-v1", num_envs=2, **env_kwargs(fmnist_dir, reward_mode="delta"))
 
 
 @pytest.mark.parametrize("vector", [False, True], ids=["single", "vector"])
 def test_empty_dataset_folder_says_how_to_get_the_data(tmp_path, vector):
     make = gymnasium.make_vec if vector else gymnasium.make
     with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\.gz.*apt-get install dataset-fashion-mnist"):
-        make("PranceViT-v0", **env_kwargs(tmp_path))
+        make("PranceViT-v1", **env_kwargs(tmp_path))
 
 
 def test_empty_torch_dataset_raises(model):
     empty = TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64))
     with pytest.raises(ValueError, match="the dataset is empty"):
-        gymnasium.make("PranceViT-v0", supernet=model, data=empty, device="cpu")
+        gymnasium.make("PranceViT-v1", supernet=model, data=empty, device="cpu")
 
 
 def test_missing_supernet_checkpoint_raises_in_the_env(fmnist_dir, tmp_path):
     kwargs = {**env_kwargs(fmnist_dir), "supernet": "prance_fmnist", "checkpoint": tmp_path / "none.safetensors"}
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*none.safetensors"):
-        gymnasium.make("PranceViT-v0", **kwargs)
+        gymnasium.make("PranceViT-v1", **kwargs)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def test_bad_checkpoints_raise_in_load_pretrained(tmp_path, filename, write, err
 @pytest.fixture(scope="module")
 def selector(model, fmnist_dir, tmp_path_factory):
     """An (untrained) PPO selector for `model`, saved with its settings: (path, PPO model)."""
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=2, **{**env_kwargs(fmnist_dir), "supernet": model})
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=2, **{**env_kwargs(fmnist_dir), "supernet": model})
     ppo = PPO(
         "MultiInputPolicy",
         prance_env.to_sb3(envs),

@@ -67,8 +67,8 @@ def test_episodes_depend_only_on_the_seed_and_the_actions(fmnist_dir, num_envs):
     def make():
         kwargs = env_kwargs(fmnist_dir, token_mode="prune_merge", quality="logprob")
         if num_envs is None:
-            return gymnasium.make("PranceViT-v0", **kwargs)
-        return gymnasium.make_vec("PranceViT-v0", num_envs=num_envs, **kwargs)
+            return gymnasium.make("PranceViT-v1", **kwargs)
+        return gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, **kwargs)
 
     env, twin, other = make(), make(), make()
     steps = env.unwrapped.inference.num_steps
@@ -90,7 +90,7 @@ def test_episodes_depend_only_on_the_seed_and_the_actions(fmnist_dir, num_envs):
 
 def test_sb3_adapter_episodes_depend_only_on_the_seed(fmnist_dir):
     def run(seed: int) -> list:
-        venv = prance_env.to_sb3(gymnasium.make_vec("PranceViT-v0", num_envs=4, **env_kwargs(fmnist_dir)))
+        venv = prance_env.to_sb3(gymnasium.make_vec("PranceViT-v1", num_envs=4, **env_kwargs(fmnist_dir)))
         venv.seed(seed)
         scramble_global_random_state(seed + 17)
         out = [venv.reset()]
@@ -107,7 +107,7 @@ def test_sb3_adapter_episodes_depend_only_on_the_seed(fmnist_dir):
 
 def train_ppo(data_path, seed: int) -> dict[str, torch.Tensor]:
     """The policy parameters after 192 steps of PPO (CLS extractor) on 8 sub-envs of the tiny supernet."""
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=8, **env_kwargs(data_path, quality="logprob"))
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=8, **env_kwargs(data_path, quality="logprob"))
     scramble_global_random_state(seed + 31)  # PPO must seed everything it draws from itself
     model = PPO(
         "MultiInputPolicy",

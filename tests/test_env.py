@@ -1,4 +1,4 @@
-"""PranceViT-v0, one image per episode: the env checkers, determinism, the Result-to-Go algebra, MACs and token
+"""PranceViT-v1, one image per episode: the env checkers, determinism, the Result-to-Go algebra, MACs and token
 bookkeeping against `vit`, and errors. Runs on a tiny 4-block supernet over a generated Fashion-MNIST folder."""
 
 import copy
@@ -50,7 +50,7 @@ def supernet(token_mode: str = "merge") -> vit.ElasticViT:
 
 
 def env_kwargs(data_path, token_mode: str = "merge", **overrides) -> dict:
-    """Keyword arguments of PranceViT-v0 over a fresh tiny supernet and the generated Fashion-MNIST folder."""
+    """Keyword arguments of PranceViT-v1 over a fresh tiny supernet and the generated Fashion-MNIST folder."""
     kwargs = dict(supernet=supernet(token_mode), data="fashion-mnist", data_path=data_path, device="cpu")
     return {**kwargs, **overrides}
 
@@ -113,11 +113,11 @@ def result(model: vit.ElasticViT, image: torch.Tensor, label: int, subnet: vit.S
 
 
 def assert_checkers_pass_silently(**kwargs) -> None:
-    """`gymnasium.make("PranceViT-v0", **kwargs)`, Gymnasium's and SB3's env checkers, render checks included (every
+    """`gymnasium.make("PranceViT-v1", **kwargs)`, Gymnasium's and SB3's env checkers, render checks included (every
     declared render mode, through the spec): not one warning."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        env = gymnasium.make("PranceViT-v0", **kwargs)
+        env = gymnasium.make("PranceViT-v1", **kwargs)
         check_env(env.unwrapped, skip_render_check=False)
         stable_baselines3.common.env_checker.check_env(env, skip_render_check=False)
     assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
@@ -135,7 +135,7 @@ def assert_checkers_pass_silently(**kwargs) -> None:
 )
 def test_env_checkers_pass_without_warnings(fmnist_dir, token_mode, action_type, fields):
     kwargs = env_kwargs(fmnist_dir, token_mode, action_type=action_type)
-    assert gymnasium.make("PranceViT-v0", **kwargs).action_space.shape == (fields,)
+    assert gymnasium.make("PranceViT-v1", **kwargs).action_space.shape == (fields,)
     assert_checkers_pass_silently(**kwargs)
 
 
@@ -173,7 +173,7 @@ def test_observation_lies_in_its_space_at_a_fixed_price(fmnist_dir, price):
 def test_same_seed_gives_the_same_episode(fmnist_dir, action_type):
     episodes = []
     for _ in range(2):
-        env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, quality="logprob", action_type=action_type))
+        env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, quality="logprob", action_type=action_type))
         episodes.append(run_episode(env, random_actions(env.action_space, num_steps(env)), seed=7))
     (obs_a, rewards_a, infos_a), (obs_b, rewards_b, infos_b) = episodes
     assert data_equivalence(obs_a, obs_b, exact=True)
@@ -182,7 +182,7 @@ def test_same_seed_gives_the_same_episode(fmnist_dir, action_type):
 
 
 def test_different_seeds_give_different_images(fmnist_dir):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir))
     (obs_0, info_0), (obs_1, info_1) = env.reset(seed=0), env.reset(seed=1)
     assert info_0["index"] != info_1["index"]
     assert not np.array_equal(obs_0["cls"], obs_1["cls"])
@@ -190,7 +190,7 @@ def test_different_seeds_give_different_images(fmnist_dir):
 
 
 def test_reset_options_fix_the_image_and_the_price(fmnist_dir):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir))
     (obs_0, info_0), (obs_1, info_1) = (env.reset(seed=s, options={"index": 5, "price": PRICE}) for s in (0, 1))
     assert info_0["index"] == info_1["index"] == 5
     assert data_equivalence(obs_0, obs_1, exact=True)
@@ -203,7 +203,7 @@ def test_reset_options_fix_the_image_and_the_price(fmnist_dir):
 @pytest.mark.parametrize("kind", ["logprob", "correct"])
 def test_delta_return_is_the_final_result_relative_to_the_full_model(fmnist_dir, kind):
     data = vit.load_dataset("fashion-mnist", root=fmnist_dir)
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, quality=kind))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, quality=kind))
     model = env.unwrapped.model
     for seed in range(4):
         actions = random_actions(env.action_space, num_steps(env), seed=seed)
@@ -217,7 +217,7 @@ def test_delta_return_is_the_final_result_relative_to_the_full_model(fmnist_dir,
 
 @pytest.mark.parametrize("kind", prance_env.QUALITIES)
 def test_full_width_episode_earns_nothing_at_any_step(fmnist_dir, kind):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, quality=kind))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, quality=kind))
     for seed in range(3):
         _, rewards, infos = run_episode(env, [full_actions(env)] * num_steps(env), seed=seed)
         assert rewards == [0.0] * num_steps(env)
@@ -229,7 +229,7 @@ def test_terminal_reward_is_the_final_result_paid_at_the_end(fmnist_dir, kind):
     data = vit.load_dataset("fashion-mnist", root=fmnist_dir)
     returns = {}
     for reward in ("delta", "terminal"):
-        env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, quality=kind, reward=reward))
+        env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, quality=kind, reward=reward))
         returns[reward] = [
             run_episode(env, random_actions(env.action_space, num_steps(env), seed), seed, {"price": PRICE})[1:]
             for seed in range(4)
@@ -247,7 +247,7 @@ def test_terminal_reward_is_the_final_result_paid_at_the_end(fmnist_dir, kind):
 def test_direct_reward_is_the_result_to_go_of_every_step(fmnist_dir, kind):
     data = vit.load_dataset("fashion-mnist", root=fmnist_dir)
     kwargs = env_kwargs(fmnist_dir, quality=kind)
-    envs = {reward: gymnasium.make("PranceViT-v0", **kwargs, reward=reward) for reward in ("delta", "direct")}
+    envs = {reward: gymnasium.make("PranceViT-v1", **kwargs, reward=reward) for reward in ("delta", "direct")}
     model = envs["direct"].unwrapped.model
     for seed in range(4):
         actions = random_actions(envs["direct"].action_space, num_steps(envs["direct"]), seed=seed)
@@ -281,7 +281,7 @@ def alive_tokens(model: vit.ElasticViT, configs) -> int:
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
 def test_largest_actions_give_the_full_model(fmnist_dir, token_mode):
     data = vit.load_dataset("fashion-mnist", root=fmnist_dir)
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_mode, quality="agree"))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, token_mode, quality="agree"))
     model = env.unwrapped.model
     preds = []
     for index in range(8):
@@ -299,7 +299,7 @@ def test_largest_actions_give_the_full_model(fmnist_dir, token_mode):
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
 def test_macs_tokens_and_progress_follow_the_subnet(fmnist_dir, token_mode, blocks_per_step, stem_blocks):
     kwargs = env_kwargs(fmnist_dir, token_mode, blocks_per_step=blocks_per_step, stem_blocks=stem_blocks)
-    env = gymnasium.make("PranceViT-v0", **kwargs)
+    env = gymnasium.make("PranceViT-v1", **kwargs)
     model = env.unwrapped.model
     steps = (DEPTH - stem_blocks) // blocks_per_step
     assert num_steps(env) == steps
@@ -324,7 +324,7 @@ def test_macs_tokens_and_progress_follow_the_subnet(fmnist_dir, token_mode, bloc
 
 
 def test_continuous_actions_decode_by_rounding(fmnist_dir):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, action_type="continuous"))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, action_type="continuous"))
     largest, smallest = env.unwrapped.model.search_space.largest(), env.unwrapped.model.search_space.smallest()
     fields = env.action_space.shape
     cases = (
@@ -339,7 +339,7 @@ def test_continuous_actions_decode_by_rounding(fmnist_dir):
 
 
 def test_stem_blocks_zero_starts_from_the_embedding(fmnist_dir):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, stem_blocks=0))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, stem_blocks=0))
     assert num_steps(env) == DEPTH
     (obs_0, _), (obs_1, _) = env.reset(options={"index": 0}), env.reset(options={"index": 1})
     np.testing.assert_array_equal(obs_0["cls"], obs_1["cls"])  # the CLS token has seen no image yet
@@ -444,7 +444,7 @@ def test_invalid_subnet_error_is_a_value_error():
 
 
 def test_step_before_reset_raises(fmnist_dir):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir))
     with pytest.raises(ResetNeeded, match="reset"):
         env.step(full_actions(env))
     with pytest.raises(RuntimeError, match="reset"):
@@ -475,17 +475,17 @@ def test_step_after_the_end_raises(discrete_env):
 )
 def test_invalid_configuration_raises(fmnist_dir, overrides, match):
     with pytest.raises(ValueError, match=match):
-        gymnasium.make("PranceViT-v0", **{**env_kwargs(fmnist_dir), **overrides})
+        gymnasium.make("PranceViT-v1", **{**env_kwargs(fmnist_dir), **overrides})
 
 
 def test_unknown_keyword_raises_type_error(fmnist_dir):
     with pytest.raises(TypeError, match="reward_mode"):
-        gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, reward_mode="delta"))
+        gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, reward_mode="delta"))
 
 
 def test_missing_dataset_folder_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST"):
-        gymnasium.make("PranceViT-v0", **env_kwargs(tmp_path / "absent"))
+        gymnasium.make("PranceViT-v1", **env_kwargs(tmp_path / "absent"))
 
 
 @pytest.mark.parametrize(
@@ -529,7 +529,7 @@ def rendered_episode(env, actions, seed: int) -> tuple[list, list]:
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
 def test_render_draws_the_token_map_after_reset_and_every_step(fmnist_dir, token_mode):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_mode, render_mode="rgb_array"))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, token_mode, render_mode="rgb_array"))
     data = vit.load_dataset("fashion-mnist", root=fmnist_dir)
     steps = num_steps(env)
     smallest = [np.zeros(env.action_space.shape, dtype=np.int64)] * steps  # the fewest tokens kept at every block
@@ -547,13 +547,13 @@ def test_render_draws_the_token_map_after_reset_and_every_step(fmnist_dir, token
     # tokens are reduced at every block, so every block's map differs from the one before
     assert all(not np.array_equal(a, b) for a, b in zip(drawn[1:], drawn[2:]))
     # rendering changes nothing in the episode
-    plain = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_mode))
+    plain = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, token_mode))
     plain.reset(seed=0)
     assert data_equivalence(results, [plain.step(action) for action in smallest], exact=True)
 
 
 def test_render_replays_the_episode_under_its_autocast(fmnist_dir, monkeypatch):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, render_mode="rgb_array", amp=True))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, render_mode="rgb_array", amp=True))
     model = env.unwrapped.model
     autocast_on, forward_block = [], model.forward_block
 
@@ -569,7 +569,7 @@ def test_render_replays_the_episode_under_its_autocast(fmnist_dir, monkeypatch):
 
 
 def test_render_of_a_full_width_episode_keeps_every_patch(fmnist_dir):
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, render_mode="rgb_array"))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, render_mode="rgb_array"))
     steps = num_steps(env)
     frames, _ = rendered_episode(env, [full_actions(env)] * steps, seed=0)
     full = panels(frames[-1], 1 + steps)[1:]
@@ -617,9 +617,23 @@ def test_registered_defaults_are_the_mdp_the_shipped_selector_was_trained_on():
         assert settings["env"][key] == defaults[key], key
 
 
+def test_v0_is_the_mdp_of_the_stage_one_pair_and_differs_from_v1_by_its_prices(fmnist_dir):
+    settings = json.loads((SHIPPED_SELECTORS / "prance_fmnist_stage1.json").read_text())
+    assert tuple(settings["env"]["price_range"]) == prance_env.V0_PRICE_RANGE != prance_env.MDPConfig().price_range
+    assert settings["env"]["supernet"] == "prance_fmnist_stage1"
+    with pytest.warns(DeprecationWarning, match="upgrading to version `v1`"):  # Gymnasium's note on an older version
+        old = gymnasium.make("PranceViT-v0", data_path=fmnist_dir, device="cpu")
+        envs = gymnasium.make_vec("PranceViT-v0", num_envs=2, data_path=fmnist_dir, device="cpu")
+    new = gymnasium.make("PranceViT-v1", data_path=fmnist_dir, device="cpu")
+    assert np.exp(old.observation_space["price"].high[0]) == pytest.approx(prance_env.V0_PRICE_RANGE[1])
+    assert old.observation_space["cls"] == new.observation_space["cls"] and old.action_space == new.action_space
+    assert envs.single_observation_space == old.observation_space
+    PPO.load((SHIPPED_SELECTORS / "prance_fmnist_stage1").with_suffix(".zip"), env=old, device="cpu")
+
+
 @needs_checkpoint
 def test_shipped_selector_loads_on_the_registered_env_and_decides_as_load_adaptive(fmnist_dir):
-    env = gymnasium.make("PranceViT-v0", data_path=fmnist_dir, device="cpu")
+    env = gymnasium.make("PranceViT-v1", data_path=fmnist_dir, device="cpu")
     ppo = PPO.load(SELECTOR.with_suffix(".zip"), env=env, device="cpu")
     adaptive = agents.load_adaptive("shipped:prance_fmnist", device="cpu")
     decisions = []
@@ -633,9 +647,9 @@ def test_shipped_selector_loads_on_the_registered_env_and_decides_as_load_adapti
             decisions.append(tuple(action))
             obs, _, done, _, _ = env.step(action)
     assert len(set(decisions)) > 1  # the selector's decisions vary with the observation
-    envs = prance_env.to_sb3(gymnasium.make_vec("PranceViT-v0", num_envs=2, data_path=fmnist_dir, device="cpu"))
+    envs = prance_env.to_sb3(gymnasium.make_vec("PranceViT-v1", num_envs=2, data_path=fmnist_dir, device="cpu"))
     PPO.load(SELECTOR.with_suffix(".zip"), env=envs, device="cpu")  # the batched env has the same defaults
-    other = gymnasium.make("PranceViT-v0", data_path=fmnist_dir, device="cpu", price_range=(0.01, 1.0))
+    other = gymnasium.make("PranceViT-v1", data_path=fmnist_dir, device="cpu", price_range=(0.01, 1.0))
     with pytest.raises(ValueError, match="Observation spaces do not match"):
         PPO.load(SELECTOR.with_suffix(".zip"), env=other, device="cpu")
 
@@ -662,7 +676,7 @@ def test_direct_reward_token_penalty_is_the_fraction_of_tokens_alive(fmnist_dir)
     """The official code's extra term: the same episode's direct rewards, less 0.1 x the tokens alive after each
     step; refused with another reward."""
     envs = {
-        penalty: gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, reward="direct", token_penalty=penalty))
+        penalty: gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, reward="direct", token_penalty=penalty))
         for penalty in (0.0, 0.1)
     }
     actions = random_actions(envs[0.0].action_space, num_steps(envs[0.0]), seed=1)
@@ -671,4 +685,4 @@ def test_direct_reward_token_penalty_is_the_fraction_of_tokens_alive(fmnist_dir)
     assert alive.min() < 1  # the episode reduces tokens
     np.testing.assert_allclose(np.array(penalised), np.array(plain) - 0.1 * alive, atol=1e-9)
     with pytest.raises(ValueError, match="token_penalty"):
-        gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_penalty=0.1))
+        gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, token_penalty=0.1))

@@ -29,7 +29,7 @@ def save_tiny_selector(path: Path, model: vit.ElasticViT, fmnist_dir: Path, smal
     that its choices vary with the image and the price; with `smallest`, it always picks the first (smallest) choice
     of every field."""
     envs = gymnasium.make_vec(
-        "PranceViT-v0",
+        "PranceViT-v1",
         num_envs=2,
         supernet=model,
         data="fashion-mnist",

@@ -44,7 +44,7 @@ def grouped_supernet(token_mode: str = "merge") -> vit.ElasticViT:
 
 def make_env(data_path, model: vit.ElasticViT, **kwargs) -> gymnasium.Env:
     kwargs = dict(supernet=model, data="fashion-mnist", data_path=data_path, device="cpu", **kwargs)
-    return gymnasium.make("PranceViT-v0", **{"decisions": "grouped", **kwargs})
+    return gymnasium.make("PranceViT-v1", **{"decisions": "grouped", **kwargs})
 
 
 def reachable(space: vit.SearchSpace, subnet) -> bool:
@@ -278,9 +278,9 @@ def test_invalid_grouped_actions_raise_and_change_nothing(fmnist_dir):
 def test_grouped_vector_env_runs_each_image_as_the_single_env(fmnist_dir):
     model = grouped_supernet()
     kwargs = dict(supernet=model, data_path=fmnist_dir, device="cpu", decisions="grouped")
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=3, **kwargs)
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=3, **kwargs)
     assert envs.single_action_space.shape == (7,) and envs.action_space.shape == (3, 7)
-    single = gymnasium.make("PranceViT-v0", **kwargs)
+    single = gymnasium.make("PranceViT-v1", **kwargs)
     actions = [np.array(a) for a in np.random.default_rng(0).integers(0, [2, 2, 2, 2, 2, 2, 10], size=(3, 3, 7))]
     envs.reset(seed=0, options={"indices": [5, 6, 7], "price": PRICE})
     assert envs.action_masks().shape == (3, 22)
@@ -363,9 +363,9 @@ def test_a_grouped_selector_saves_and_loads_back_with_its_shape(grouped_selector
     )
     # the same spaces as the grouped env, so SB3 loads it there
     kwargs = dict(checkpoint=str(weights), data_path=fmnist_dir, device="cpu")
-    PPO.load(path.with_suffix(".zip"), env=gymnasium.make("PranceViT-v0", decisions="grouped", **kwargs), device="cpu")
+    PPO.load(path.with_suffix(".zip"), env=gymnasium.make("PranceViT-v1", decisions="grouped", **kwargs), device="cpu")
     with pytest.raises(ValueError, match="Action spaces do not match"):
-        PPO.load(path.with_suffix(".zip"), env=gymnasium.make("PranceViT-v0", **kwargs), device="cpu")
+        PPO.load(path.with_suffix(".zip"), env=gymnasium.make("PranceViT-v1", **kwargs), device="cpu")
 
 
 def test_evaluate_and_visualize_a_grouped_selector(grouped_selector, fmnist_dir, tmp_path):

@@ -98,7 +98,7 @@ def test_two_trainings_with_the_same_seed_give_identical_weights(folder, tmp_pat
 def test_two_envs_with_the_same_seed_give_identical_episodes(folder):
     def episode(workers: int) -> list:
         envs = gymnasium.make_vec(
-            "PranceViT-v0",
+            "PranceViT-v1",
             num_envs=4,
             supernet=rgb_supernet(),
             data="imagefolder",

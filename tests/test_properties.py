@@ -13,7 +13,7 @@ from conftest import images, tiny_supernet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import prance_env  # noqa: F401  (registers PranceViT-v0)
+import prance_env  # noqa: F401  (registers PranceViT-v1)
 import vit
 
 DEPTH = 3
@@ -95,7 +95,7 @@ def test_count_flops_never_falls_when_one_block_grows(data, token_mode):
     assert vit.count_flops(model, grown) >= vit.count_flops(model, base), (space.fields[field], block, base, grown)
 
 
-# --- PranceViT-v0 ---------------------------------------------------------------------------------------------------
+# --- PranceViT-v1 ---------------------------------------------------------------------------------------------------
 
 ENV_CONFIGS = [
     dict(token_mode=mode, reward=reward, stem_blocks=stem, blocks_per_step=per_step, action_type=action)
@@ -108,15 +108,15 @@ ENV_CONFIGS = [
 
 @pytest.fixture(scope="module")
 def make_env(fmnist_dir):
-    """PranceViT-v0 (single or vector) on the tiny supernet, one per configuration, built on first use."""
+    """PranceViT-v1 (single or vector) on the tiny supernet, one per configuration, built on first use."""
 
     @functools.cache
     def make(config: int, num_envs: int | None) -> gymnasium.Env:
         kwargs = dict(supernet=supernet(ENV_CONFIGS[config]["token_mode"]), data_path=fmnist_dir, device="cpu")
         kwargs |= {k: v for k, v in ENV_CONFIGS[config].items() if k != "token_mode"}
         if num_envs is None:
-            return gymnasium.make("PranceViT-v0", quality="logprob", **kwargs)
-        return gymnasium.make_vec("PranceViT-v0", num_envs=num_envs, quality="logprob", **kwargs)
+            return gymnasium.make("PranceViT-v1", quality="logprob", **kwargs)
+        return gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, quality="logprob", **kwargs)
 
     return make
 

@@ -393,6 +393,28 @@ def test_per_sample_subnets_equal_one_image_at_a_time(token_mode):
 
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
+def test_padded_length_classes_give_the_results_of_one_image_at_a_time(token_mode, monkeypatch):
+    monkeypatch.setattr(vit.packed, "CLASS_PAD_WASTE_MACS", {})  # pad length classes on a CPU too
+    padded = []
+    classes = vit.packed.length_classes
+
+    def spy(lengths, width, budget):
+        out = classes(lengths, width, budget)
+        padded.extend(len(set(lengths[first : first + m])) > 1 for first, m in out)
+        return out
+
+    monkeypatch.setattr(vit.packed, "length_classes", spy)
+    model = supernet("prance_fmnist", token_mode)
+    subnets = [model.search_space.sample(seed) for seed in range(8)]
+    x = images(model, 8)
+    with torch.no_grad():
+        alone = torch.cat([model(x[i : i + 1], subnets[i]) for i in range(8)])
+        padded.clear()
+        torch.testing.assert_close(model(x, subnets), alone, atol=1e-4, rtol=0)
+    assert any(padded)
+
+
+@pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
 def test_packed_blocks_keep_batch_order_and_leave_their_input_alone(token_mode):
     """Samples are reordered by width inside a block; cls(), num_patches() and the tokens come back in batch
     order, equal to each sample's block run alone, and the batch a block started from is unchanged."""

@@ -1,4 +1,4 @@
-"""The native batched PranceViT-v0 and its stable-baselines3 adapter: image-by-image equality with the single env,
+"""The native batched PranceViT-v1 and its stable-baselines3 adapter: image-by-image equality with the single env,
 determinism, next-step autoreset, sampling without replacement, vector infos, and SB3's VecEnv contract."""
 
 import subprocess
@@ -31,7 +31,7 @@ N = 4
 
 
 def make_vec(data_path, num_envs: int = N, **kwargs) -> prance_env.PranceViTVectorEnv:
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=num_envs, **env_kwargs(data_path, **kwargs))
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, **env_kwargs(data_path, **kwargs))
     assert isinstance(envs, prance_env.PranceViTVectorEnv)
     return envs
 
@@ -58,7 +58,7 @@ def first_observation(obs: dict, i: int | slice = slice(None)) -> bool:
 def test_make_vec_gives_the_native_batched_env(fmnist_dir):
     envs = make_vec(fmnist_dir, token_mode="prune_merge")
     assert envs.num_envs == N and envs.metadata["autoreset_mode"] == gymnasium.vector.AutoresetMode.NEXT_STEP
-    single = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, token_mode="prune_merge"))
+    single = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, token_mode="prune_merge"))
     assert envs.single_observation_space == single.observation_space
     assert envs.single_action_space == single.action_space
     assert envs.observation_space == batch_space(single.observation_space, N)
@@ -75,7 +75,7 @@ def test_make_vec_on_a_fashion_mnist_subset_holds_its_images_in_memory(fmnist_di
         if subset == "every_other"
         else vit.data.stratified_subset(data, 24)
     )
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=N, **env_kwargs(fmnist_dir, data=picked))
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=N, **env_kwargs(fmnist_dir, data=picked))
     assert envs.source.tensors is not None
     _, info = envs.reset(seed=0)
     assert torch.equal(envs.images, torch.stack([picked[i][0] for i in info["index"]]))
@@ -84,7 +84,7 @@ def test_make_vec_on_a_fashion_mnist_subset_holds_its_images_in_memory(fmnist_di
 
 @needs_checkpoint
 def test_make_vec_defaults_run_an_episode():
-    envs = gymnasium.make_vec("PranceViT-v0", num_envs=N)
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=N)
     assert isinstance(envs, prance_env.PranceViTVectorEnv)
     _, _, infos = run_vector_episode(envs, random_actions(envs.action_space, envs.inference.num_steps), seed=0)
     assert np.all(infos[-1]["flops_ratio"] <= 1.0)
@@ -125,7 +125,7 @@ def assert_infos_match(single: dict, batched: dict, i: int) -> None:
 @pytest.mark.parametrize("reward", prance_env.REWARD_MODES)
 def test_vector_env_matches_the_single_env_image_by_image(fmnist_dir, reward, kind):
     envs = make_vec(fmnist_dir, reward=reward, quality=kind)
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, reward=reward, quality=kind))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, reward=reward, quality=kind))
     indices = [5, 17, 17, 60]  # one image twice, under different actions
     actions = random_actions(envs.action_space, envs.inference.num_steps, seed=2)
     batch_obs, batch_rewards, batch_infos = run_vector_episode(
@@ -380,7 +380,7 @@ def test_sb3_attributes_and_methods_honour_indices(fmnist_dir):
 
 def test_vector_render_draws_each_sub_env_as_the_single_env_does(fmnist_dir):
     envs = make_vec(fmnist_dir, render_mode="rgb_array")
-    env = gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir, render_mode="rgb_array"))
+    env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, render_mode="rgb_array"))
     indices = [5, 17, 60, 3]
     actions = random_actions(envs.action_space, envs.inference.num_steps, seed=2)
     envs.reset(options={"indices": indices, "price": PRICE})
@@ -432,7 +432,7 @@ def test_vec_monitor_reports_the_episode(fmnist_dir):
 
 def test_to_sb3_rejects_other_envs(fmnist_dir):
     with pytest.raises(TypeError, match="PranceViTVectorEnv"):
-        prance_env.to_sb3(gymnasium.make("PranceViT-v0", **env_kwargs(fmnist_dir)))
+        prance_env.to_sb3(gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir)))
 
 
 @pytest.mark.parametrize("action_type", ["discrete", "continuous"])

@@ -184,13 +184,20 @@ class SearchSpace:
 
     def validate(self, subnet: Subnet) -> Subnet:
         """Return `subnet` if every block's configuration is one of the choices, else raise `InvalidSubnetError`."""
-        if not isinstance(subnet, Subnet):
-            raise InvalidSubnetError(f"expected a vit.Subnet, got {type(subnet).__name__}")
-        if len(subnet) != self.depth:
-            raise InvalidSubnetError(f"subnet has {len(subnet)} blocks, the model has {self.depth}")
-        for i, b in enumerate(subnet):
-            self.indices(i, b)
+        self.validate_all([subnet])
         return subnet
+
+    def validate_all(self, subnets: Sequence[Subnet]) -> None:
+        """`validate` every one of `subnets`, checking each block's distinct configurations once (a batch of
+        per-sample subnets shares most of them)."""
+        for subnet in subnets:
+            if not isinstance(subnet, Subnet):
+                raise InvalidSubnetError(f"expected a vit.Subnet, got {type(subnet).__name__}")
+            if len(subnet) != self.depth:
+                raise InvalidSubnetError(f"subnet has {len(subnet)} blocks, the model has {self.depth}")
+        for i in range(self.depth):
+            for config in {s.blocks[i] for s in subnets}:
+                self.indices(i, config)
 
     def from_indices(self, indices: Sequence[Sequence[int]]) -> Subnet:
         """The subnet whose block `i` takes the choice indices `indices[i]`."""

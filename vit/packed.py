@@ -8,8 +8,9 @@ mixture of configurations, with the helpers here:
 - `BlockPlan` orders the samples by number of heads, then by decreasing token count, so that every width's linear
   layers run once on a contiguous slice of the tokens and on prefix slices of the weights (`stack_linear`); the
   attention core runs once per number of heads and *length class* (samples padded to the longest of the class and
-  masked, a class growing while the padding wastes less than one more call costs: `attention_core`), so the number
-  of calls stays small whatever the lengths;
+  masked, a class growing while the padding wastes less than one more call costs: `attention_core`; on a CPU, where
+  a call costs less than gathering a padded class, a class per length), so the number of calls stays small whatever
+  the lengths;
 - token reduction ranks and assigns the tokens of every reducing sample at once (`vit.token_ops.assign_tokens`,
   padded to the longest of them) and writes the survivors straight into the order by MLP width
   (`packed_reduction`), so that the MLP too runs once per width on a contiguous slice.
@@ -32,8 +33,12 @@ from .config import BlockConfig
 from .token_ops import Reduction, cls_attention, token_schedule
 from .utils import long_tensor, matmul_dtype
 
-#: The padding a length class of the attention core may waste, in MACs: about what one more attention call costs on
-#: a CPU core (see `length_classes`).
+#: The padding a length class of the attention core may waste, in MACs, by device type (see `length_classes`); other
+#: devices take `PAD_WASTE_MACS`. On a CPU core one more attention call costs less than gathering a padded class's
+#: q, k, v rows and its output rows, so samples share a call only when their lengths are equal.
+CLASS_PAD_WASTE_MACS = {"cpu": 0}
+#: The padding a length class may waste on devices without an entry in `CLASS_PAD_WASTE_MACS`: about what one more
+#: attention call costs.
 PAD_WASTE_MACS = 1_000_000
 
 
@@ -156,35 +161,42 @@ class BlockPlan:
             self.schedules = [token_schedule(lengths[0] - 1, self.configs[0], token_mode)] * B
         else:
             self.attention_order = sorted(batch.order, key=lambda s: (self.heads[s], -lengths[s]))
-            schedules: dict[tuple[int, BlockConfig], tuple[int, int]] = {}
-            self.schedules = [
-                schedules.setdefault((L, c), token_schedule(L - 1, c, token_mode))
-                for L, c in zip(lengths, self.configs)
-            ]
+            # a schedule depends on the length and the ratios only: keys of plain numbers hash faster than configs
+            schedules: dict[tuple[int, float, float], tuple[int, int]] = {}
+            self.schedules = []
+            for L, c in zip(lengths, self.configs):
+                key = (L, c.keep_ratio, c.merge_ratio)
+                schedule = schedules.get(key)
+                if schedule is None:
+                    schedule = schedules[key] = token_schedule(L - 1, c, token_mode)
+                self.schedules.append(schedule)
         self.reduced = [s for s in range(B) if self.schedules[s][1] < lengths[s] - 1]
 
 
 def stack_linear(parts: Sequence[tuple[Tensor, Tensor, Tensor | None, int]]) -> Tensor:
     """Several linear layers of one output width, each on its own rows: (input, weight, bias, rows) each, the first
     `rows` outputs of each stacked in order (an input may hold padding rows beyond them, see `repeat_shapes`).
-    Without gradients or padding they write into one buffer (no copy); otherwise the outputs are concatenated."""
+    Without gradients they write into one buffer (no copy), a part's padding rows over the rows of the parts after it
+    (before those write them) or into spare rows at the end; otherwise the outputs are concatenated."""
     if len(parts) == 1:
         y, w, b, n = parts[0]
         return F.linear(y, w, b)[:n]
-    if torch.is_grad_enabled() or any(p[0].shape[0] != p[3] for p in parts):
+    if torch.is_grad_enabled():
         return torch.cat([F.linear(y, w, b)[:n] for y, w, b, n in parts])
     x = parts[0][0]
     dtype = matmul_dtype(x)  # out= operations are not autocast: their operands are cast here
-    out = x.new_empty(sum(p[3] for p in parts), parts[0][1].shape[0], dtype=dtype)
+    firsts = np.cumsum([0] + [p[3] for p in parts])
+    total, spare = int(firsts[-1]), max(int(f) + p[0].shape[0] for f, p in zip(firsts, parts))
+    out = x.new_empty(max(total, spare), parts[0][1].shape[0], dtype=dtype)
     cast = dtype != x.dtype or dtype != parts[0][1].dtype
     row = 0
     for y, w, b, n in parts:
         if cast:
             y, w, b = y.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        target = out[row : row + n]
+        target = out[row : row + y.shape[0]]
         torch.mm(y, w.t(), out=target) if b is None else torch.addmm(b, y, w.t(), out=target)
         row += n
-    return out
+    return out[:total]
 
 
 def repeat_shapes(x: Tensor) -> bool:
@@ -221,17 +233,17 @@ def sample_runs(order: Sequence[int], key: Sequence, lengths: Sequence[int]) -> 
     return [tuple(r) for r in runs]
 
 
-def length_classes(lengths: Sequence[int], width: int) -> list[tuple[int, int]]:
+def length_classes(lengths: Sequence[int], width: int, budget: int = PAD_WASTE_MACS) -> list[tuple[int, int]]:
     """Split samples sorted by decreasing length into classes padded to their first: (first sample, samples).
 
     A class grows until the arithmetic its padding wastes (QK and AV products of `width` = heads x head_dim) passes
-    `PAD_WASTE_MACS`, about the cost of one more attention call: short sequences share one call, long ones of
-    differing lengths get their own."""
+    `budget` MACs, about the cost of one more attention call: short sequences share one call, long ones of
+    differing lengths get their own. A budget of 0 pads nothing: a class per length."""
     classes, first, waste = [], 0, 0
     for j in range(1, len(lengths) + 1):
         if j < len(lengths):
             waste += 2 * (lengths[first] ** 2 - lengths[j] ** 2) * width
-        if j == len(lengths) or waste > PAD_WASTE_MACS:
+        if j == len(lengths) or waste > budget:
             classes.append((first, j - first))
             first, waste = j, 0
     return classes
@@ -244,43 +256,60 @@ class AttentionRun:
         self.qkv, self.h, self.first, self.samples, self.lengths = qkv, h, first, samples, lengths
 
 
-def attention_core(run: AttentionRun, log_size: Tensor | None, d: int) -> Tensor:
-    """The attention core of one heads run, length class by length class: (tokens, h d), heads concatenated.
-    `log_size`: (T,) log of the batch's token sizes (proportional attention), or None."""
+def attention_core(run: AttentionRun, log_size: Tensor | None, d: int, rows: int | None = None) -> Tensor:
+    """The attention core of one heads run, length class by length class: (tokens, h d), heads concatenated, with
+    zero rows appended up to `rows` (see `repeat_shapes`). `log_size`: (T,) log of the batch's token sizes
+    (proportional attention), or None."""
     h, qkv, lengths = run.h, run.qkv, run.lengths
-    outs, row = [], 0
     device = qkv.device
-    for first, m in length_classes(lengths, h * d):
+    rows = qkv.shape[0] if rows is None else rows
+    classes = length_classes(lengths, h * d, CLASS_PAD_WASTE_MACS.get(qkv.device.type, PAD_WASTE_MACS))
+    # without gradients, the classes write their rows into one buffer; otherwise they are concatenated
+    buffered = (len(classes) > 1 or rows > qkv.shape[0]) and not torch.is_grad_enabled()
+    out, parts, row = None, [], 0
+    for first, m in classes:
         L = lengths[first]
         members = lengths[first : first + m]
         tokens = sum(members)
         if all(n == L for n in members):  # equal lengths: a view, no padding
             q, k, v = qkv[row : row + tokens].view(m, L, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
             bias = None if log_size is None else log_size[run.first + row : run.first + row + tokens].view(m, L)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias[:, None, None])
-            outs.append(out.transpose(1, 2).reshape(tokens, h * d))
+            core = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias[:, None, None])
+            core = core.transpose(1, 2)  # (m, L, h, d)
+            if buffered:
+                out = _row_buffer(core, qkv.shape[0], rows, h * d) if out is None else out
+                out[row : row + tokens].view(m, L, h, d).copy_(core)
+            else:
+                parts.append(core.reshape(tokens, h * d))
         else:  # padded to L: padding reads the sample's last token and is masked out of the keys
             n = np.asarray(members)
             starts = row + np.cumsum(n) - n
             position = np.arange(L)
-            index = starts[:, None] + np.minimum(position, n[:, None] - 1)
-            valid = torch.from_numpy(position < n[:, None]).to(device)
-            index_t = long_tensor(index.reshape(-1), device)
-            q, k, v = qkv.index_select(0, index_t).view(m, L, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-            if log_size is None:
-                bias = torch.zeros(m, L, dtype=q.dtype, device=device).masked_fill_(~valid, float("-inf"))
+            valid = position < n[:, None]
+            index = (starts[:, None] + np.minimum(position, n[:, None] - 1)).reshape(-1)
+            q, k, v = (
+                qkv.index_select(0, long_tensor(index, device)).view(m, L, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            )
+            mask = torch.from_numpy(np.where(valid, 0.0, -np.inf).astype(np.float32)).to(device=device, dtype=q.dtype)
+            if log_size is not None:
+                mask = log_size.index_select(0, long_tensor(index + run.first, device)).view(m, L).to(q.dtype) + mask
+            core = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None])
+            core = core.transpose(1, 2).reshape(m * L, h * d)
+            keep = long_tensor(np.flatnonzero(valid), device)  # padding dropped
+            if buffered:
+                out = _row_buffer(core, qkv.shape[0], rows, h * d) if out is None else out
+                torch.index_select(core, 0, keep, out=out[row : row + tokens])
             else:
-                bias = (
-                    log_size.index_select(0, index_t + run.first)
-                    .view(m, L)
-                    .to(q.dtype)
-                    .masked_fill(~valid, float("-inf"))
-                )
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None])
-            keep = long_tensor(np.flatnonzero(position < n[:, None]), device)
-            outs.append(out.transpose(1, 2).reshape(m * L, h * d).index_select(0, keep))
+                parts.append(core.index_select(0, keep))
         row += tokens
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if buffered else pad_rows(parts[0] if len(parts) == 1 else torch.cat(parts), rows)
+
+
+def _row_buffer(like: Tensor, tokens: int, rows: int, width: int) -> Tensor:
+    """An empty (rows, width) buffer of `like`'s dtype and device, its rows from `tokens` on zero."""
+    out = like.new_empty(rows, width)
+    out[tokens:].zero_()
+    return out
 
 
 def cls_ranking(
@@ -307,41 +336,35 @@ def cls_ranking(
     L = max(batch.lengths[s] for s in samples)
     n = np.asarray([batch.lengths[s] for s in samples])
     heads = np.asarray([where[s][0].h for s in samples])
-    position, head = np.arange(L), np.arange(H)
-    valid = position < n[:, None]  # (b, L)
-    mask = valid[:, :, None] & (head < heads[:, None, None])  # (b, L, H)
+    valid = np.arange(L) < n[:, None]  # (b, L)
     b = len(samples)
-    keys = torch.empty(b, L, H, d, dtype=runs[0].qkv.dtype, device=device)
-    query = torch.empty(b, H, d, dtype=keys.dtype, device=device)
-    keys_flat, query_flat = keys.view(b * L * H, d), query.view(b * H, d)
+    # every member's keys and CLS query, copied token by token from its run's q, k, v; zero at padding and beyond
+    # its heads, so that padding and missing heads add nothing to the logits or the keys' cosine similarity
+    keys = torch.zeros(b * L, H * d, dtype=runs[0].qkv.dtype, device=device)
+    query = torch.zeros(b, H * d, dtype=keys.dtype, device=device)
     for run in {id(where[s][0]): where[s][0] for s in samples}.values():
-        members = [j for j, s in enumerate(samples) if where[s][0] is run]
+        members = np.asarray([j for j, s in enumerate(samples) if where[s][0] is run])
         rows = np.asarray([where[samples[j]][1] for j in members])
-        # this run's (token, head) rows of every member, clamped into its own sequence; masked below
-        token = rows[:, None, None] + np.minimum(position[None, :, None], n[members][:, None, None] - 1)
-        hd = np.minimum(head, run.h - 1)
-        src = (token * 3 + 1) * run.h + hd  # row of (token, k, head) in qkv viewed (tokens * 3 * h, d)
-        dst = (np.asarray(members)[:, None, None] * L + position[None, :, None]) * H + head
-        flat = run.qkv.reshape(-1, d)
-        keys_flat.index_copy_(0, _index(dst, device), flat.index_select(0, _index(src, device)))
-        qsrc = (rows[:, None] * 3) * run.h + hd
-        qdst = np.asarray(members)[:, None] * H + head
-        query_flat.index_copy_(0, _index(qdst, device), flat.index_select(0, _index(qsrc, device)))
-    mask_t = torch.from_numpy(mask).to(device)
-    keys = keys * mask_t[..., None].to(keys.dtype)
-    query = query * mask_t[:, 0, :, None].to(query.dtype)
+        inner, counts = run.h * d, n[members]
+        position = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        qkv = run.qkv.view(-1, 3, inner)
+        src = long_tensor(np.repeat(rows, counts) + position, device)
+        dst = long_tensor(np.repeat(members * L, counts) + position, device)
+        keys[:, :inner].index_copy_(0, dst, qkv[:, 1].index_select(0, src))
+        query[:, :inner].index_copy_(
+            0, long_tensor(members, device), qkv[:, 0].index_select(0, long_tensor(rows, device))
+        )
+    keys, query = keys.view(b, L, H, d), query.view(b, H, d)
     valid_t = torch.from_numpy(valid).to(device)
-    bias = torch.zeros(b, L, dtype=keys.dtype, device=device)
-    if batch.size is not None:
+    mask = torch.from_numpy(np.where(valid, 0.0, -np.inf).astype(np.float32))  # -inf at padding
+    if batch.size is None:
+        bias = mask.to(device=device, dtype=keys.dtype)
+    else:
         bias = batch.size.index_select(0, _sample_rows(batch, samples, L)).view(b, L).log()
-    bias = bias.masked_fill(~valid_t, float("-inf"))
+        bias = bias + mask.to(device=device, dtype=bias.dtype)
     heads_t = None if (heads == H).all() else long_tensor(heads, device)
     scores = cls_attention(query, keys.transpose(1, 2), scale, bias, heads_t)
     return scores, keys[:, 1:].reshape(b, L - 1, H * d), valid_t[:, 1:]
-
-
-def _index(rows: np.ndarray, device: torch.device) -> Tensor:
-    return long_tensor(rows.reshape(-1), device)
 
 
 def sample_tokens(batch: PackedBatch, x: Tensor, samples: list[int], L: int) -> Tensor:

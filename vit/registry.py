@@ -203,35 +203,50 @@ def prance_deit_base(pretrained: bool = False, **kwargs) -> ElasticViT:
     return _deit("deit_base_patch16_224", defaults, pretrained, kwargs)
 
 
+FMNIST_DEFAULTS = dict(
+    img_size=28,
+    patch_size=4,
+    in_chans=1,
+    num_classes=10,
+    embed_dim=64,
+    depth=12,
+    num_heads=4,
+    head_choices=(1, 2, 3, 4),
+    mlp_hidden_choices=(64, 128, 192, 256),
+    keep_ratio_choices=DEFAULT_KEEP_RATIOS,
+    # Fashion-MNIST's statistics; its images are used whole (no crop at 28 px)
+    pretrained_cfg={"mean": (0.2860,), "std": (0.3530,), "crop_pct": 1.0},
+)
+
+
 @register_supernet
 def prance_fmnist(pretrained: bool = False, **kwargs) -> ElasticViT:
-    """A small ViT for Fashion-MNIST (28 px grey, 4 px patches, 64 wide, 4 heads, 12 blocks); `pretrained`: shipped."""
-    defaults = dict(
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        num_classes=10,
-        embed_dim=64,
-        depth=12,
-        num_heads=4,
-        head_choices=(1, 2, 3, 4),
-        mlp_hidden_choices=(64, 128, 192, 256),
-        keep_ratio_choices=DEFAULT_KEEP_RATIOS,
-        # Fashion-MNIST's statistics; its images are used whole (no crop at 28 px)
-        pretrained_cfg={"mean": (0.2860,), "std": (0.3530,), "crop_pct": 1.0},
-    )
+    """A small ViT for Fashion-MNIST (28 px grey, 4 px patches, 64 wide, 4 heads, 12 blocks); `pretrained`: shipped,
+    the supernet jointly fine-tuned under its shipped selector (`scripts/finetune.py`)."""
     kwargs.pop("cache_dir", None)  # the weights ship with the package: nothing to download
-    return _build(defaults, kwargs, _load_shipped if pretrained else None)
+    return _build(FMNIST_DEFAULTS, kwargs, _shipped("prance_fmnist") if pretrained else None)
 
 
-def _load_shipped(model: ElasticViT) -> None:
-    path = CHECKPOINT_DIR / "prance_fmnist.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the shipped prance_fmnist checkpoint is missing ({path}); train one with "
-            "scripts/train_supernet.py and pass checkpoint=PATH"
-        )
-    load_checkpoint(model, path)
+@register_supernet
+def prance_fmnist_stage1(pretrained: bool = False, **kwargs) -> ElasticViT:
+    """`prance_fmnist` as supernet training left it, before joint fine-tuning (`pretrained`: shipped), to compare."""
+    kwargs.pop("cache_dir", None)
+    return _build(FMNIST_DEFAULTS, kwargs, _shipped("prance_fmnist_stage1") if pretrained else None)
+
+
+def _shipped(name: str) -> Callable[[ElasticViT], None]:
+    """Loads the weights shipped for preset `name`."""
+
+    def load(model: ElasticViT) -> None:
+        path = CHECKPOINT_DIR / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the shipped {name} checkpoint is missing ({path}); train one with scripts/train_supernet.py and "
+                "pass checkpoint=PATH"
+            )
+        load_checkpoint(model, path)
+
+    return load
 
 
 __all__ = [

@@ -153,17 +153,14 @@ class ElasticBlock(nn.Module):
         ladder = repeat_shapes(batch.x) and not plan.uniform  # a dense batch's shapes repeat already
         rows = shape_ladder if ladder else int
         heads_runs = sample_runs(batch.order, plan.heads, batch.lengths)
-        y = self.norm1(batch.x)
-        if ladder:  # room for the last run's padding rows
-            y = pad_rows(y, max(first + rows(n) for _, first, n, _ in heads_runs))
+        y = self.norm1(batch.x)  # a run's padding rows: the next run's rows, or zero rows after the last run
         runs, cores = [], []
         log_size = None if batch.size is None else batch.size.log()
         for h, first, n, samples in heads_runs:
-            qkv = F.linear(y[first : first + rows(n)], *attn.qkv_params(h))[:n]
+            qkv = F.linear(pad_rows(y[first : first + rows(n)], rows(n)), *attn.qkv_params(h))[:n]
             run = AttentionRun(qkv, h, first, samples, [batch.lengths[s] for s in samples])
             runs.append(run)
-            core = attention_core(run, log_size, d)
-            cores.append((pad_rows(core, rows(n)), *attn.proj_params(h), n))
+            cores.append((attention_core(run, log_size, d, rows(n)), *attn.proj_params(h), n))
         x = batch.x + self.drop_path1(stack_linear(cores), batch)
         order = batch.order if plan.uniform else sorted(batch.order, key=plan.widths.__getitem__)
         if plan.reduced:
@@ -195,10 +192,8 @@ class ElasticBlock(nn.Module):
             batch = PackedBatch(x, batch.lengths, batch.size, batch.order, batch.source).reordered(order)
         width_runs = sample_runs(batch.order, plan.widths, batch.lengths)
         y = self.norm2(batch.x)
-        if ladder:
-            y = pad_rows(y, max(first + rows(n) for _, first, n, _ in width_runs))
         parts = [
-            (self.mlp.hidden(y[first : first + rows(n)], m), *self.mlp.fc2_params(m), n)
+            (self.mlp.hidden(pad_rows(y[first : first + rows(n)], rows(n)), m), *self.mlp.fc2_params(m), n)
             for m, first, n, _ in width_runs
         ]
         x = batch.x + self.drop_path2(stack_linear(parts), batch)
@@ -486,8 +481,7 @@ class ElasticViT(nn.Module):
             raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
         if len(subnets) != x.shape[0]:
             raise ValueError(f"got {len(subnets)} subnets for a batch of {x.shape[0]} images")
-        for s in set(subnets):
-            self.search_space.validate(s)
+        self.search_space.validate_all(subnets)
         if not subnets:  # an empty batch
             return self.forward_head(self.forward_features(x))
         if execution == "consensus":
