@@ -493,7 +493,7 @@ def test_missing_dataset_folder_raises(tmp_path):
     [
         ({"index": 96}, "index 96"),
         ({"index": -1}, "index -1"),
-        ({"price": 2.0}, "price"),
+        ({"price": 3.0}, "price"),  # above the price range
         ({"price": float("nan")}, "price"),
     ],
 )
