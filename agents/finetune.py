@@ -9,6 +9,11 @@ and a frozen copy of the full model before fine-tuning (the teacher):
     loss = mix(the selector's subnets) + largest_weight * mix(the largest subnet)
     mix  = (1 - label_weight) * CE(logits, the teacher's probabilities) + label_weight * CE(logits, labels)
 
+`subnets` says who decides: the selector on the supernet being fine-tuned (on the fly, the default), the selector on
+a frozen copy of the weights it was trained on (recorded: what decisions recorded before the round would be, for the
+same images and prices), or random decisions of the selector's MDP (the control: the same steps and loss without a
+selector, as ordinary supernet training samples its subnets).
+
 The prices span the selector's range, so one fine-tuned supernet serves every budget (the official release keeps one
 meta-network per budget); the largest subnet in the loss keeps the full model, which the env completes inference
 with, from regressing. Then, with `selector_steps`, the selector is fine-tuned on the new supernet (from the saved
@@ -51,7 +56,7 @@ from tqdm.auto import tqdm
 
 import vit
 from prance_env.factory import Prices
-from vit.checkpoint import atomic_write, save_checkpoint
+from vit.checkpoint import atomic_write, read_state_dict, save_checkpoint
 from vit.data import default_workers, held_out_split, is_image_folder
 from vit.train import (
     Batches,
@@ -71,6 +76,7 @@ from .ppo import SelectorConfig, train_selector
 from .selector import SHAPE_KEYS, load_adaptive, read_settings, recorded_supernet, resolve_selector, save_selector
 
 FINETUNE_FORMAT = "prance-vit-finetune"
+SUBNETS = ("on-the-fly", "recorded", "random")  # FinetuneConfig.subnets
 
 
 @dataclass
@@ -113,6 +119,15 @@ class FinetuneConfig:
     )
     num_envs: int | None = field(
         default=None, metadata={"help": "sub-envs of selector fine-tuning (default: the selector's)"}
+    )
+    subnets: str = field(
+        default="on-the-fly",
+        metadata={
+            "help": "the subnets trained: on-the-fly (the selector's, read from the supernet being fine-tuned) | "
+            "recorded (the selector's, read from the frozen weights it was trained on, as decisions recorded before "
+            "the round would be) | random (random decisions of the selector's MDP: the control without a selector)",
+            "choices": SUBNETS,
+        },
     )
     price_high: float | None = field(
         default=None,
@@ -251,9 +266,32 @@ class _Run:
         """The selector that decides in round `r`: the given one, or the previous round's fine-tuned one."""
         return self.selector if r == 1 or not self.cfg.selector_steps else self.out / f"round{r - 1}" / "selector"
 
-    def adaptive(self, selector: Path) -> AdaptiveViT:
-        """`selector` deciding on the supernet being fine-tuned."""
-        return load_adaptive(selector, supernet=self.model, device=str(self.device), amp=self.amp)
+    def adaptive(self, selector: Path, supernet: vit.ElasticViT | None = None) -> AdaptiveViT:
+        """`selector` deciding on `supernet` (default: the supernet being fine-tuned)."""
+        supernet = self.model if supernet is None else supernet
+        return load_adaptive(selector, supernet=supernet, device=str(self.device), amp=self.amp)
+
+    def decider(self, r: int, adaptive: AdaptiveViT) -> AdaptiveViT:
+        """Who picks round `r`'s subnets with `cfg.subnets` on-the-fly or recorded: `adaptive` itself, or its
+        selector on a frozen copy of the weights that selector was trained on (the model before fine-tuning in round
+        1 or without selector fine-tuning, else the weights the previous round's selector was fine-tuned on)."""
+        if self.cfg.subnets != "recorded":
+            return adaptive
+        frozen = self.teacher
+        if r > 1 and self.cfg.selector_steps:
+            frozen = copy.deepcopy(self.teacher)
+            frozen.load_state_dict(read_state_dict(self.out / f"round{r - 1}" / "supernet.safetensors"))
+        return self.adaptive(self.round_selector(r), frozen)
+
+    def pick(self, decider: AdaptiveViT, x: Tensor, price: Tensor, rng: np.random.Generator) -> tuple[list, Tensor]:
+        """The step's per-image subnets and their MACs ratios: `decider`'s at `price`, or with `cfg.subnets` random,
+        random decisions of its MDP (drawn from `rng`)."""
+        if self.cfg.subnets != "random":
+            return selector_subnets(decider, x, price)
+        space = self.model.search_space
+        subnets = [decider.shape.sample(space, rng) for _ in range(len(x))]
+        macs = torch.tensor(vit.count_flops(self.model, subnets), dtype=torch.float64)
+        return subnets, macs / decider.full_macs
 
     def data(self, position: int) -> Iterator[tuple[Tensor, Tensor]]:
         """This process's batches from global step `position` on, epoch after epoch."""
@@ -317,18 +355,18 @@ class _Run:
 
     def train_supernet(
         self,
-        adaptive: AdaptiveViT,
+        decider: AdaptiveViT,
         r: int,
         start: int,
         optimizer_state: dict | None,
         on_step: Callable[[int, int, dict], None] | None,
     ) -> None:
-        """Steps `start`..`cfg.steps` of round `r`'s supernet fine-tuning under `adaptive`'s decisions."""
+        """Steps `start`..`cfg.steps` of round `r`'s supernet fine-tuning under `decider`'s decisions (`pick`)."""
         cfg, model, device = self.cfg, self.model, self.device
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-        prices = Prices(None, (adaptive.price_range[0], cfg.price_high or adaptive.price_range[1]))
+        prices = Prices(None, (decider.price_range[0], cfg.price_high or decider.price_range[1]))
         passes = [("subnets", None, 1.0)] + (
             [("largest", self.largest, cfg.largest_weight)] if cfg.largest_weight else []
         )
@@ -351,7 +389,7 @@ class _Run:
             if cfg.augment and not self.imagefolder:
                 x = shift_and_flip(x)
             price = torch.as_tensor(prices.draw(rng, len(x)), dtype=torch.float32, device=device)
-            subnets, flops = selector_subnets(adaptive, x, price)
+            subnets, flops = self.pick(decider, x, price, rng)
             with torch.no_grad(), autocast(device, self.amp):
                 target = self.teacher(x, self.largest).float().softmax(-1)
             optimizer.zero_grad(set_to_none=True)
@@ -422,6 +460,8 @@ def joint_finetune(
             "the selector's fine-tuning rebuilds its supernet by name (vit.create_supernet): with a supernet module "
             "given, set selector_steps=0"
         )
+    if cfg.subnets not in SUBNETS:
+        raise ValueError(f"subnets must be one of {', '.join(SUBNETS)}, got {cfg.subnets!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
@@ -444,7 +484,7 @@ def joint_finetune(
                 run.evaluate(adaptive, 0, 0)  # before fine-tuning
             if r > first or start < cfg.steps:
                 resumed = state["optimizer"] if state is not None and r == first else None
-                run.train_supernet(adaptive, r, start if r == first else 0, resumed, on_step)
+                run.train_supernet(run.decider(r, adaptive), r, start if r == first else 0, resumed, on_step)
             if not any((row["round"], row["step"]) == (r, cfg.steps) for row in run.history):
                 run.evaluate(adaptive, r, cfg.steps)
             if cfg.selector_steps:

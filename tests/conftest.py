@@ -110,6 +110,16 @@ def write_image_folder(root: Path, classes: int, per_class: dict[str, int], size
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sb3_log_dir(tmp_path_factory) -> Path:
+    """Where the SB3 runs of the tests without a log folder log (SB3 would make a folder in the system's temporary
+    directory for each)."""
+    folder = tmp_path_factory.mktemp("sb3")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SB3_LOGDIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def fmnist_dir(tmp_path_factory) -> Path:
     """A tiny Fashion-MNIST folder: 96 train and 48 test images of random pixels."""

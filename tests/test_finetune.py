@@ -264,3 +264,64 @@ def test_a_run_interrupted_in_its_second_round_resumes_to_the_same_supernet_and_
     assert all(torch.equal(v, expected[k]) for k, v in adaptive.supernet.state_dict().items())
     policy = agents.load_selector(two_rounds / "selector", device="cpu")[0].policy.state_dict()
     assert all(torch.equal(v, policy[k]) for k, v in adaptive.policy.policy.state_dict().items())
+
+
+def record_decisions(monkeypatch) -> list[tuple]:
+    """Every `selector_subnets` call of a run: (the supernet read, images, prices, the subnets picked)."""
+    seen = []
+
+    def recording(adaptive, images, prices):
+        subnets, macs = selector_subnets(adaptive, images, prices)
+        seen.append((adaptive.supernet, images.clone(), prices.clone(), subnets))
+        return subnets, macs
+
+    monkeypatch.setattr(finetune_module, "selector_subnets", recording)
+    return seen
+
+
+@pytest.mark.parametrize("subnets", ["on-the-fly", "recorded"])
+def test_recorded_decisions_read_the_weights_before_fine_tuning_and_on_the_fly_ones_the_current(
+    subnets, selector, tmp_path, monkeypatch
+):
+    seen = record_decisions(monkeypatch)
+    model = confident_supernet()
+    cfg = config(selector, tmp_path, steps=6, images=1, eval_prices=(), subnets=subnets, augment=False)
+    joint_finetune(cfg, supernet=model)
+    assert len(seen) == 6
+    original = agents.load_adaptive(selector, supernet=confident_supernet(), device="cpu")
+    differ = 0
+    for supernet, images, prices, picked in seen:
+        assert (supernet is model) == (subnets == "on-the-fly")
+        differ += picked != selector_subnets(original, images, prices)[0]
+    # recorded: every step's subnets are those the selector picks on the model before fine-tuning; on the fly, the
+    # moving weights change some of them
+    assert (differ == 0) == (subnets == "recorded"), differ
+
+
+def test_the_random_control_trains_random_subnets_of_the_selectors_mdp(selector, tmp_path, monkeypatch):
+    seen = record_decisions(monkeypatch)
+    trained = []
+    model = tiny_supernet()
+    forward = model.forward
+
+    def recording_forward(x, subnet=None, *args, **kwargs):
+        trained.append(subnet)
+        return forward(x, subnet, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    cfg = config(selector, tmp_path, steps=3, images=1, eval_prices=(), subnets="random")
+    joint_finetune(cfg, supernet=model)
+    assert not seen  # no selector decides
+    randoms = [s for s in trained if isinstance(s, list)]  # the per-sample passes (the largest is one subnet)
+    assert len(randoms) == 3 and all(len(s) == 16 for s in randoms)
+    picked = [subnet for step in randoms for subnet in step]
+    assert len(set(picked)) >= 4  # drawn for every image (the tiny MDP reaches 8 subnets)
+    space, stem = model.search_space, agents.load_adaptive(selector, supernet=model, device="cpu").shape.stem_blocks
+    assert all(subnet[i] == space.largest()[i] for subnet in picked for i in range(stem))  # reachable: stem in full
+
+
+def test_an_unknown_subnets_option_is_refused(selector, tmp_path):
+    with pytest.raises(ValueError, match="on-the-fly, recorded, random"):
+        joint_finetune(config(selector, tmp_path, subnets="sandwich"), supernet=tiny_supernet())
+    with pytest.raises(SystemExit):
+        vit.utils.parse_dataclass(FinetuneConfig, ["--subnets", "sandwich"])

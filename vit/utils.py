@@ -209,7 +209,8 @@ def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | N
     """Build an instance of dataclass `cls` from command-line arguments, one `--flag` per field.
 
     Each field's `metadata["help"]` is its help line, followed in `--help` by the default unless the line already
-    says what the default is; booleans become `--flag/--no-flag`.
+    says what the default is; `metadata["choices"]`, when given, are the values accepted; booleans become
+    `--flag/--no-flag`.
     """
     parser = argparse.ArgumentParser(description=description or cls.__doc__, formatter_class=_DefaultsOnce)
     hints = typing.get_type_hints(cls)
@@ -222,7 +223,14 @@ def parse_dataclass(cls, argv: Sequence[str] | None = None, description: str | N
             action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             action.help = help_  # Python < 3.14 appends its own "(default: ...)"; the formatter adds it once
         else:
-            parser.add_argument(flag, type=kind, nargs="+" if many else None, default=default, help=help_)
+            parser.add_argument(
+                flag,
+                type=kind,
+                nargs="+" if many else None,
+                default=default,
+                choices=field.metadata.get("choices"),
+                help=help_,
+            )
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
