@@ -3,6 +3,7 @@
 python scripts/finetune.py --out runs/finetune                        # prance_fmnist under the shipped selector
 python scripts/finetune.py --out runs/finetune --resume               # continue after an interruption
 python scripts/finetune.py --rounds 2 --selector-steps 100000 --out runs/finetune2   # alternate twice
+python scripts/finetune.py --subnets recorded --out runs/recorded   # decide from the weights the selector knows
 torchrun --nproc_per_node 2 scripts/finetune.py --out runs/finetune   # DDP (gloo on CPU, nccl on CUDA)
 """
 
