@@ -62,10 +62,24 @@ class FullModelPolicy(StaticPolicy):
 
 
 class UniformMergePolicy(StaticPolicy):
-    """Full widths and one keep ratio index at every block (ToMe-like uniform token reduction)."""
+    """Full widths and one keep ratio index at every reduction (ToMe-like uniform token reduction).
 
-    def __init__(self, nvec: Sequence[int], keep_index: int) -> None:
-        super().__init__(nvec, [-1, -1] + [keep_index] * (len(nvec) - 2))
+    Args:
+        nvec: number of choices per field (the env's `action_space.nvec`).
+        keep_index: the index of every token field (keep ratio, and merge ratio in `prune_merge` mode).
+        fields: the names of the fields (`env.unwrapped.inference.fields`); those of `keep_ratio` and `merge_ratio`
+            are the token fields. Default: per-block decisions, heads and MLP width first, then the token fields;
+            grouped and one-shot decisions need their names.
+    """
+
+    def __init__(self, nvec: Sequence[int], keep_index: int, fields: Sequence[str] | None = None) -> None:
+        if fields is None:
+            tokens = [i >= 2 for i in range(len(nvec))]
+        elif len(fields) != len(nvec):
+            raise ValueError(f"expected {len(nvec)} field names, got {len(fields)}")
+        else:
+            tokens = [name.startswith(("keep_ratio", "merge_ratio")) for name in fields]
+        super().__init__(nvec, [keep_index if token else -1 for token in tokens])
 
 
 class RandomPolicy:

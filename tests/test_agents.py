@@ -552,6 +552,11 @@ def test_static_policies():
     np.testing.assert_array_equal(FullModelPolicy(NVEC).predict(observation(2))[0], [[1, 3, 4]] * 2)
     np.testing.assert_array_equal(UniformMergePolicy(NVEC, 2).predict(observation(2))[0], [[1, 3, 2]] * 2)
     np.testing.assert_array_equal(UniformMergePolicy([2, 4, 5, 5], 1).predict(observation())[0], [1, 3, 1, 1])
+    grouped = ("heads[0]", "mlp_hidden[0]", "heads[1]", "mlp_hidden[1]", "keep_ratio[0]", "merge_ratio[0]")
+    policy = UniformMergePolicy([2, 4, 2, 4, 5, 5], 1, fields=grouped)
+    np.testing.assert_array_equal(policy.predict(observation())[0], [1, 3, 1, 3, 1, 1])
+    with pytest.raises(ValueError, match="expected 3 field names"):
+        UniformMergePolicy(NVEC, 1, fields=("heads", "keep_ratio"))
     with pytest.raises(ValueError, match="expected 3 indices"):
         StaticPolicy(NVEC, [0, 0])
     policy = StaticPolicy(NVEC, [0, 1, 2])

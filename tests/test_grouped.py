@@ -424,3 +424,18 @@ def test_train_supernet_with_grouped_decisions_trains_reachable_subnets(tmp_path
     assert any(c.keep_ratio < 0.6 for s in seen for c in s)
     with pytest.raises(ValueError, match="keep_ratio_choices"):
         vit.train.train_supernet(cfg, tiny_supernet(depth=DEPTH))
+
+
+@pytest.mark.parametrize("token_mode", ["merge", "prune_merge"])
+def test_uniform_merging_with_the_field_names_reduces_at_every_group_at_full_width(token_mode):
+    model = grouped_supernet(token_mode)
+    space, keep = model.search_space, 2
+    policy = agents.UniformMergePolicy(GROUPED.nvec(space), keep, fields=GROUPED.fields(space))
+    action = policy.predict({"cls": np.zeros(4, dtype=np.float32)})[0]
+    subnet = GROUPED.subnet(space, [action] * GROUPED.num_steps(DEPTH))
+    largest = space.largest()
+    assert reachable(space, subnet)
+    assert all((c.heads, c.mlp_hidden) == (full.heads, full.mlp_hidden) for c, full in zip(subnet, largest))
+    ratio = GROUPED_KEEP_RATIOS[keep]
+    assert [c.keep_ratio for c in subnet] == [ratio if i in (3, 6, 9) else 1.0 for i in range(DEPTH)]
+    assert {c.merge_ratio for c in subnet} == ({1.0, ratio} if token_mode == "prune_merge" else {1.0})
