@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import timm.optim
 import torch
@@ -788,3 +789,40 @@ def test_official_merge_variant_takes_plain_means_of_hidden_states_per_sample_as
         assert not torch.allclose(batched, tome(x, subnets), atol=1e-3)
     with pytest.raises(ValueError, match="merge_variant"):
         vit.create_supernet("prance_fmnist", merge_variant="cosine")
+
+
+@pytest.mark.parametrize("source", ["file", "timm"])
+def test_pretrained_weights_adapt_to_the_image_size_channels_and_classes_as_timm_adapts_them(
+    source, tmp_path, monkeypatch
+):
+    """DeiT-Tiny weights (random, 224 px, RGB, 1000 classes) into a 32-px grey 10-class supernet: the same features as
+    timm's own model built from those weights at those shapes (rewiring reorders neurons, not what they compute)."""
+    name = "deit_tiny_patch16_224"
+    path = tmp_path / "deit_tiny.safetensors"
+    safetensors.torch.save_file(timm.create_model(name).state_dict(), path)
+    shapes = dict(num_classes=10, img_size=32, in_chans=1)
+    reference = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **shapes).eval()
+    if source == "timm":  # the hub's weights are this file
+        create_model = timm.create_model
+        monkeypatch.setattr(
+            timm, "create_model", lambda *a, **k: create_model(*a, **k, pretrained_cfg_overlay={"file": str(path)})
+        )
+        model = vit.create_supernet("prance_deit_tiny", pretrained=True, **shapes)
+    else:
+        model = vit.registry.load_pretrained(vit.create_supernet("prance_deit_tiny", **shapes), path)
+    model.eval()
+    assert model.pos_embed.shape == (1, 5, 192) and model.patch_embed.proj.in_channels == 1
+    assert model.head.out_features == 10
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), reference.forward_features(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_shipped_weights_adapt_to_another_image_size_and_channels():
+    shipped = vit.create_supernet("prance_fmnist", pretrained=True)
+    model = vit.create_supernet("prance_fmnist", pretrained=True, img_size=32, in_chans=3, num_classes=5)
+    assert model.pos_embed.shape == (1, 1 + 64, 64) and model.head.out_features == 5
+    own = shipped.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items() if k.startswith("blocks."))
+    torch.testing.assert_close(model.patch_embed.proj.weight, own["patch_embed.proj.weight"].repeat(1, 3, 1, 1) / 3)
+    assert model(images(model, 2)).shape == (2, 5)

@@ -7,6 +7,7 @@ A preset is a function `preset(pretrained=False, **kwargs) -> ElasticViT` whose 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import PretrainedCfg, is_model, register_model
+from timm.layers import resample_abs_pos_embed
+from timm.models import PretrainedCfg, adapt_input_conv, is_model, register_model
 
 from .checkpoint import check_state_dict, load_checkpoint, read_state_dict
 from .rewire import rewire
@@ -141,17 +143,45 @@ def load_pretrained(
     """Initialise `model` from `timm:NAME` (timm's hub weights, cached in `cache_dir` if given) or a weights file,
     then rewire it; returns it.
 
-    The weights must have the model's shapes (timm's `VisionTransformer` names); rewiring reorders heads and MLP
-    neurons by importance so that narrow subnets keep the most important ones.
+    The weights must have the model's shapes (timm's `VisionTransformer` names) but for the image size, the input
+    channels and the classes, which are adapted as timm adapts pretrained weights (`adapt_to_model`). Rewiring
+    reorders heads and MLP neurons by importance so that narrow subnets keep the most important ones.
     """
     source = str(source)
     if source.startswith("timm:"):
         state = timm.create_model(source[len("timm:") :], pretrained=True, cache_dir=cache_dir).state_dict()
     else:
         state = read_state_dict(source)
+    _load_adapted(model, state, source)
+    return rewire(model)
+
+
+def _load_adapted(model: ElasticViT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load pretrained weights `state` into `model`, adapted to its shapes (`adapt_to_model`) and checked."""
+    state = adapt_to_model(model, state)
     check_state_dict(model, state, source=source)
     model.load_state_dict(state)
-    return rewire(model)
+
+
+def adapt_to_model(model: ElasticViT, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` for `model`'s image size, input channels and classes, as timm adapts pretrained weights: the position
+    embedding of the patches resampled (bicubic) to the model's grid, the patch projection's input channels summed or
+    repeated (`timm.models.adapt_input_conv`), and for another number of classes the model's own (fresh) head. Other
+    keys are left as they are."""
+    state = dict(state)
+    pos, own = state.get("pos_embed"), model.pos_embed
+    if pos is not None and pos.ndim == 3 and pos.shape[1] != own.shape[1] and pos.shape[2] == own.shape[2]:
+        side = model.patch_embed.img_size // model.patch_embed.patch_size
+        state["pos_embed"] = resample_abs_pos_embed(pos, [side, side], num_prefix_tokens=1)
+    proj = state.get("patch_embed.proj.weight")
+    in_chans = model.patch_embed.in_chans
+    if proj is not None and proj.ndim == 4 and proj.shape[1] != in_chans:
+        with contextlib.suppress(NotImplementedError):  # a conversion timm lacks: left for the shape check to name
+            state["patch_embed.proj.weight"] = adapt_input_conv(in_chans, proj, base_chans=proj.shape[1])
+    own_state = model.state_dict()
+    if any(k in state and state[k].shape != own_state[k].shape for k in ("head.weight", "head.bias")):
+        state.update({k: own_state[k] for k in ("head.weight", "head.bias")})  # another task: the model's own head
+    return state
 
 
 def _deit(timm_name: str, defaults: dict, pretrained: bool, kwargs: dict) -> ElasticViT:
@@ -244,7 +274,7 @@ def _shipped(name: str) -> Callable[[ElasticViT], None]:
                 f"the shipped {name} checkpoint is missing ({path}); train one with scripts/train_supernet.py and "
                 "pass checkpoint=PATH"
             )
-        load_checkpoint(model, path)
+        _load_adapted(model, read_state_dict(path), str(path))
 
     return load
 
@@ -252,6 +282,7 @@ def _shipped(name: str) -> Callable[[ElasticViT], None]:
 __all__ = [
     "CHECKPOINT_DIR",
     "SupernetShape",
+    "adapt_to_model",
     "create_supernet",
     "list_supernets",
     "load_pretrained",
