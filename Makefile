@@ -63,7 +63,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: lint data
-	$(VENV)/bin/python -m pytest -n auto
+	$(VENV)/bin/python -m pytest -n auto --dist worksteal
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -110,6 +110,12 @@ def write_image_folder(root: Path, classes: int, per_class: dict[str, int], size
     return root
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked `long` first, so that pytest-xdist's workers finish together instead of one of them running a
+    long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sb3_log_dir(tmp_path_factory) -> Path:
     """Where the SB3 runs of the tests without a log folder log (SB3 would make a folder in the system's temporary

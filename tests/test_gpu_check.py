@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ def after(text: str, label: str) -> float:
     return float(re.search(re.escape(label) + r" ([\d.]+)", text).group(1))
 
 
+@pytest.mark.long
 def test_tiny_check_runs_every_stage_and_passes(tmp_path):
     code, rows = gpu_check(tmp_path)
     assert code == 0, rows
@@ -60,6 +62,7 @@ def test_tiny_check_runs_every_stage_and_passes(tmp_path):
     assert (tmp_path / "gpu_check.md").read_text().count("| ok:") == len(STAGES)
 
 
+@pytest.mark.long
 def test_a_failing_stage_fails_the_check_and_the_rest_still_run(tmp_path):
     data = tmp_path / "data"
     rng = np.random.default_rng(0)

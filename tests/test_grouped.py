@@ -368,6 +368,7 @@ def test_a_grouped_selector_saves_and_loads_back_with_its_shape(grouped_selector
         PPO.load(path.with_suffix(".zip"), env=gymnasium.make("PranceViT-v1", **kwargs), device="cpu")
 
 
+@pytest.mark.long
 def test_evaluate_and_visualize_a_grouped_selector(grouped_selector, fmnist_dir, tmp_path):
     path, _ = grouped_selector
     common = ("--selector", str(path), "--data-dir", str(fmnist_dir), "--device", "cpu", "--threads", "1")

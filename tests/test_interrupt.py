@@ -143,6 +143,7 @@ def uninterrupted_supernet(fmnist_dir, tmp_path_factory) -> dict[str, torch.Tens
     return read_state_dict(folder / "run" / "supernet.safetensors")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("moment", ["training", "checkpoint_write"])
 def test_supernet_training_killed_resumes_from_its_last_epoch(moment, fmnist_dir, tmp_path, uninterrupted_supernet):
     out = tmp_path / "run"
@@ -196,6 +197,7 @@ def checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"selector_(\d+)\.zip", p.name)))
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("moment", ["training", "checkpoint_write"])
 def test_selector_training_killed_resumes_from_its_newest_checkpoint(moment, fmnist_weights, fmnist_dir, tmp_path):
     out = tmp_path / "run"

@@ -70,12 +70,14 @@ def test_the_readme_has_python_and_shell_blocks():
     assert len(blocks("python")) >= 4 and len(blocks("bash")) >= 3
 
 
+@pytest.mark.long
 def test_python_blocks_run(tmp_path, env):
     program = "\n\n".join(blocks("python"))
     (tmp_path / "readme.py").write_text(program)
     run([sys.executable, "readme.py"], tmp_path, env)
 
 
+@pytest.mark.long
 def test_shell_blocks_run(tmp_path, env, image_folder):
     seen = set()
     for block in blocks("bash"):

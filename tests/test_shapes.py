@@ -121,6 +121,7 @@ def test_a_selector_of_an_unnamed_supernet_asks_for_it(tmp_path):
 FOLDERS = [("grey32", 10, 1, 32, "prance_fmnist"), ("rgb64", 7, 3, 64, "prance_deit_tiny")]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name, classes, in_chans, img_size, supernet", FOLDERS, ids=[f[0] for f in FOLDERS])
 def test_an_imagefolder_goes_through_every_script(tmp_path, name, classes, in_chans, img_size, supernet):
     """train_supernet → train_selector → evaluate → visualize with the documented flags; the selector then loads
