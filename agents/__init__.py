@@ -7,8 +7,8 @@ from .adaptive import AdaptiveViT, calibrate, measure
 from .baselines import FullModelPolicy, RandomPolicy, StaticPolicy, UniformMergePolicy
 from .extractor import CLSFeaturesExtractor
 from .finetune import FinetuneConfig, joint_finetune
-from .ppo import SelectorConfig, train_selector
 from .selector import algorithm, check_supernet, load_adaptive, load_selector, resolve_selector, save_selector
+from .training import SelectorConfig, train_selector
 
 __all__ = [
     "AdaptiveViT",

@@ -1,11 +1,13 @@
 """The deployable adaptive model: a supernet and a selector deciding, block by block, per image.
 
-It depends on the model package only: the loop is `vit.inference.InferenceLoop`, which the env runs too.
+It holds a `vit.InferenceRunner`, the loop the env runs too, and decodes its policy's actions with the env's
+`prance_env.mdp.ActionCodec`, so a selector decides here exactly as it was trained; it needs no env and no data.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,20 +16,27 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.distributions import CategoricalDistribution, MultiCategoricalDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prance_env.mdp import ActionCodec, MDPConfig
 from vit import ElasticViT, Subnet
-from vit.inference import InferenceLoop, LoopShape
+from vit.inference import DecisionSchedule, InferenceRunner
 from vit.utils import single_threaded
 
 from .metrics import Outcome, Tally
 from .prototypes import snap_to_mean, snap_to_prototypes
 
-EXECUTIONS = ("packed", "bucketed", "prototypes", "consensus", "batch-mean")
-PROTOTYPES_LOOP = "packed"  # how a batch of K prototype configurations runs (measured faster than bucketed on CPU)
+MDP = MDPConfig()
+SNAPS = (None, "prototypes", "batch-mean")
+#: The execution modes the scripts name, as (layout, snap): how a batch runs and how its decisions are snapped.
+EXECUTIONS = {
+    "packed": ("packed", None),
+    "bucketed": ("bucketed", None),
+    "prototypes": ("packed", "prototypes"),
+    "batch-mean": ("packed", "batch-mean"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,69 +58,102 @@ class AdaptiveViT(nn.Module):
     """A supernet whose per-block widths and token ratios are chosen per image by a policy.
 
     `forward(images, price=...)` returns logits and per-sample MACs (and, with `return_decisions=True`, the
-    `Decisions`). The loop is `vit.inference.InferenceLoop`, the one the env runs, without rewards: the stem runs,
-    then at every step the policy reads the CLS token, progress and the price, and its choices run per sample, on
-    packed tokens (`packed`) or by bucketing (`bucketed`). With `execution="prototypes"`, each step's choices are
-    first snapped to at most `prototypes` configurations for the batch (`agents.prototypes.snap_to_prototypes`:
-    less diversity, fewer distinct configurations to run); `consensus` is its K=1 case, one median choice for the
-    whole batch. `batch-mean` is the official evaluation protocol's: one choice for the batch per step and field,
-    the mean of the images' choices snapped to the nearest (`agents.prototypes.snap_to_mean`). The module starts in
-    eval mode and leaves the supernet's `requires_grad` as it is.
+    `Decisions`). The inference is `vit.InferenceRunner`'s, the env's, without rewards: the stem runs, then at every
+    step the policy reads the CLS token, progress and the price, its actions are decoded as the env decodes them
+    (`prance_env.mdp.ActionCodec`), and the choices run per sample on the batch `layout`. With `snap="prototypes"`,
+    each step's choices are first snapped to at most `prototypes` configurations for the batch
+    (`agents.prototypes.snap_to_prototypes`: less diversity, fewer distinct configurations to run; K=1 is the
+    median choice); `snap="batch-mean"` is the official evaluation protocol's: one choice for the batch per step
+    and field, the mean of the images' choices snapped to the nearest (`agents.prototypes.snap_to_mean`). The
+    module starts in eval mode, leaves the supernet's `requires_grad` and the policy's mode as they are, and keeps
+    one statistic: `decide_seconds`, the wall-clock seconds spent in the policy and decoding its actions since it
+    was built (set it to 0 to start again).
 
     The supernet runs in the dtype of its weights: `adaptive.to(torch.bfloat16)` (or a bf16 supernet) gives bf16
     weights, float32 images cast on entry, and logits, MACs and the policy's observations float32.
 
     Args:
         supernet: the elastic ViT.
-        policy: anything with stable-baselines3's `predict(obs, state, episode_start, deterministic)`; an SB3 model
-            is called directly on tensors, on the supernet's device.
+        policy: anything with stable-baselines3's `predict(obs, state, episode_start, deterministic)`; an SB3
+            actor-critic model is called on tensors, on the supernet's device.
         price: the compute price λ the policy sees when `forward` is given none (`calibrate` finds one for a MACs
-            budget).
-        price_range: the prices the policy was trained on; `calibrate` searches inside it.
-        shape: where the decisions fall and what each sets (per block, grouped, one-shot: `LoopShape.named`), as in
-            the env the policy was trained on.
-        execution: `packed`, `bucketed` (see `vit.ElasticViT.forward`), `prototypes`, `consensus` (the same as
-            `prototypes` with `prototypes=1`), or `batch-mean`.
+            budget); default `MDPConfig.price`.
+        price_range: the prices the policy was trained on; `calibrate` searches inside it. Default:
+            `MDPConfig.price_range`, the registered env's.
+        schedule: where the decisions fall and what each sets (`DecisionSchedule.named`: per block, grouped,
+            one-shot), as in the env the policy was trained on.
+        layout: `packed` or `bucketed` (see `vit.ElasticViT.forward`).
+        snap: None (each image's own decisions), `prototypes` or `batch-mean`.
+        prototypes: K, the most configurations a step of `snap="prototypes"` runs for the batch.
         amp: run the supernet under bf16 autocast on its device (CUDA or CPU); the policy reads float32.
-        prototypes: K, the most configurations a step of `execution="prototypes"` runs for the batch.
+        shape, execution: deprecated names of `schedule`, and of `layout` and `snap` together (`EXECUTIONS`;
+            `consensus`: prototypes, K=1).
     """
 
     def __init__(
         self,
         supernet: ElasticViT,
         policy,
-        price: float = 0.1,
-        price_range: tuple[float, float] = (0.01, 1.0),
-        shape: LoopShape = LoopShape(),
-        execution: str = "packed",
-        amp: bool = False,
+        price: float | None = None,
+        price_range: tuple[float, float] | None = None,
+        schedule: DecisionSchedule | None = None,
+        layout: str = "packed",
+        snap: str | None = None,
         prototypes: int = 1,
+        amp: bool = False,
+        *,
+        shape: DecisionSchedule | None = None,
+        execution: str | None = None,
     ) -> None:
         super().__init__()
-        if execution not in EXECUTIONS:
-            raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
-        if execution == "consensus":
-            execution, prototypes = "prototypes", 1
+        if shape is not None:
+            warnings.warn("AdaptiveViT(shape=...) is now AdaptiveViT(schedule=...)", DeprecationWarning, stacklevel=2)
+            schedule = shape
+        if execution is not None:
+            warnings.warn("AdaptiveViT(execution=...) is now layout= and snap=", DeprecationWarning, stacklevel=2)
+            if execution == "consensus":
+                execution, prototypes = "prototypes", 1
+            if execution not in EXECUTIONS:
+                raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
+            layout, snap = EXECUTIONS[execution]
+        if snap not in SNAPS:
+            raise ValueError(f"unknown snap {snap!r}; expected one of {', '.join(map(str, SNAPS))}")
         if prototypes < 1:
             raise ValueError(f"prototypes must be at least 1, got {prototypes}")
-        self.supernet = supernet
-        self.policy = policy
-        self._price = float(price)
+        price_range = MDP.price_range if price_range is None else price_range
         if not 0 < price_range[0] <= price_range[1]:
             raise ValueError(f"price_range must be (low, high) with 0 < low <= high, got {tuple(price_range)}")
+        self.supernet = supernet
+        self.policy = policy
+        self.price = MDP.price if price is None else float(price)
         self.price_range = (float(price_range[0]), float(price_range[1]))
-        self.shape = shape
-        self.execution = execution
-        self.prototypes = prototypes
-        self.amp = amp
-        snapped = execution in ("prototypes", "batch-mean")
-        self._loop = InferenceLoop(supernet, shape, PROTOTYPES_LOOP if snapped else execution, amp)
+        self.schedule = DecisionSchedule() if schedule is None else schedule
+        self.layout, self.snap, self.prototypes, self.amp = layout, snap, prototypes, amp
+        self.runner = InferenceRunner(supernet, self.schedule, layout, amp)
+        continuous = isinstance(getattr(policy, "action_space", None), spaces.Box)
+        self.codec = ActionCodec(self.schedule, supernet.search_space, "continuous" if continuous else "discrete")
         self._check_policy(policy)
-        self._direct = isinstance(policy, BaseAlgorithm) and not hasattr(policy.policy, "lstm_actor")
-        if isinstance(policy, BaseAlgorithm):
-            policy.policy.set_training_mode(False)
-        self._continuous = isinstance(getattr(policy, "action_space", None), spaces.Box)
+        self.decide_seconds = 0.0
         self.eval()  # a deployed model; `train()` switches it back like any module
+
+    def replace(self, **changes) -> AdaptiveViT:
+        """A new `AdaptiveViT` with these constructor arguments changed (`policy`, `layout`, `snap`, `price`, ...)
+        and the others as this one's."""
+        settings = dict(
+            supernet=self.supernet,
+            policy=self.policy,
+            price=self.price,
+            price_range=self.price_range,
+            schedule=self.schedule,
+            layout=self.layout,
+            snap=self.snap,
+            prototypes=self.prototypes,
+            amp=self.amp,
+        )
+        unknown = set(changes) - set(settings)
+        if unknown:
+            raise TypeError(f"AdaptiveViT has no argument {sorted(unknown)[0]!r}")
+        return AdaptiveViT(**(settings | changes))
 
     def _check_policy(self, policy) -> None:
         """A `ValueError` when the policy's spaces (if it has any) are not this supernet's."""
@@ -137,61 +179,48 @@ class AdaptiveViT(nn.Module):
             )
 
     @property
-    def price(self) -> float:
-        """The price `forward` uses when given none."""
-        return self._price
-
-    @property
     def full_macs(self) -> int:
         """MACs of the full model on one image."""
-        return self._loop.full_macs
+        return self.runner.full_macs
 
     @property
     def nvec(self) -> tuple[int, ...]:
         """The number of choices per field of every decision (the env's `action_space.nvec`)."""
-        return self._loop.nvec
+        return self.codec.nvec
 
-    def decide(self, obs: dict[str, Tensor], state=None, episode_start=None) -> tuple[Tensor, object]:
-        """The policy's deterministic choice indices (B, fields) for a batch of observations, and its state."""
-        B = obs["cls"].shape[0]
-        if self._direct:  # an SB3 model: straight on tensors, no numpy round trip
-            net = self.policy.policy
-            obs = {k: v.to(net.device) for k, v in obs.items()}
+    def decide(self, obs: dict[str, Tensor], state=None, episode_start=None) -> tuple[np.ndarray, object]:
+        """The policy's deterministic actions (B, fields) for a batch of observations, as it gives them (choice
+        indices, or values in [-1, 1]), and its state.
+
+        An SB3 actor-critic model (not a recurrent one) runs on the tensors, on its device, through its public
+        `get_distribution`; anything else through `predict` on numpy arrays. Box actions are clipped to the space as
+        SB3's `predict` does."""
+        policy = self.policy
+        net = getattr(policy, "policy", None)
+        if isinstance(policy, BaseAlgorithm) and isinstance(net, ActorCriticPolicy) and not hasattr(net, "lstm_actor"):
             with torch.no_grad(), single_threaded(net.device):  # a small network: one thread is faster
-                if isinstance(net, ActorCriticPolicy) and isinstance(
-                    net.action_dist, (CategoricalDistribution, MultiCategoricalDistribution)
-                ):  # the mode of each categorical is the argmax of its logits: no distribution objects
-                    features = net.extract_features(obs)
-                    features = features if net.share_features_extractor else features[0]
-                    logits = net.action_net(net.mlp_extractor.forward_actor(features))
-                    sizes = getattr(net.action_dist, "action_dims", [logits.shape[-1]])
-                    actions = torch.stack([part.argmax(-1) for part in logits.split(list(sizes), dim=-1)], 1)
-                else:
-                    actions = net._predict(obs, deterministic=True)
-        else:
-            numpy_obs = {k: v.cpu().numpy() for k, v in obs.items()}
-            actions, state = self.policy.predict(numpy_obs, state, episode_start, deterministic=True)
-            actions = torch.as_tensor(np.asarray(actions))
-        actions = actions.reshape(B, -1)
-        if self._continuous:  # Box(-1, 1) actions, decoded by rounding as the env does
-            nvec = torch.tensor(self.nvec, device=actions.device)
-            actions = ((actions.clamp(-1, 1) + 1) / 2 * (nvec - 1)).round()
-        return actions.long(), state
+                dist = net.get_distribution({k: v.to(net.device) for k, v in obs.items()})
+                actions = dist.get_actions(deterministic=True).cpu().numpy()
+            if isinstance(net.action_space, spaces.Box):
+                space = net.action_space
+                actions = net.unscale_action(actions) if net.squash_output else np.clip(actions, space.low, space.high)
+            return actions, state
+        numpy_obs = {k: v.cpu().numpy() for k, v in obs.items()}
+        actions, state = policy.predict(numpy_obs, state, episode_start, deterministic=True)
+        return np.asarray(actions), state
 
-    def snap(self, actions: Tensor) -> Tensor:
-        """The choice indices (B, fields) a step runs: `actions` as decided, or snapped to the batch's prototypes or
+    def snapped(self, indices: Tensor) -> Tensor:
+        """The choice indices (B, fields) a step runs: `indices` as decided, or snapped to the batch's prototypes or
         its mean choice."""
-        if self.execution == "batch-mean":
-            return snap_to_mean(actions)
-        if self.execution != "prototypes":
-            return actions
-        return snap_to_prototypes(actions, self.prototypes)
+        if self.snap == "batch-mean":
+            return snap_to_mean(indices)
+        if self.snap == "prototypes":
+            return snap_to_prototypes(indices, self.prototypes)
+        return indices
 
     def _prices(self, price: float | Tensor | None, B: int, device: torch.device) -> Tensor:
         """The price (B,) float32 of each image: `price` per image, one price for all, or the default."""
-        if price is None:
-            price = self._price
-        prices = torch.as_tensor(price, dtype=torch.float32, device=device)
+        prices = torch.as_tensor(self.price if price is None else price, dtype=torch.float32, device=device)
         if prices.dim() == 0:
             return prices.expand(B)
         if prices.shape != (B,):
@@ -216,21 +245,22 @@ class AdaptiveViT(nn.Module):
         prices = self._prices(price, B, images.device)
         if images.dtype == torch.float32 and self.supernet.pos_embed.dtype != torch.float32:
             images = images.to(self.supernet.pos_embed.dtype)  # bf16 weights: float32 images cast on entry
-        loop = self._loop
-        loop.start(images)
-        state, start, indices = None, np.ones(B, dtype=bool), []
-        while True:
-            actions, state = self.decide(loop.observe(prices), state, start)
+        runner = self.runner
+        state = runner.start(images)
+        policy_state, start, indices = None, np.ones(B, dtype=bool), []
+        while not state.done:
+            started = time.perf_counter()
+            actions, policy_state = self.decide(runner.observe(state, prices), policy_state, start)
+            chosen = self.snapped(torch.from_numpy(self.codec.indices(actions, B)))
+            self.decide_seconds += time.perf_counter() - started
             start = np.zeros(B, dtype=bool)
-            actions = self.snap(actions)
-            indices.append(actions)
-            if loop.advance(loop.configs(actions)):
-                break
-        logits, macs = loop.complete(), loop.macs.float()
+            indices.append(chosen)
+            state = runner.advance(state, self.codec.configs(state.step, chosen))
+        logits, macs = runner.complete(state), state.macs.float()
         if not return_decisions:
             return logits, macs
-        subnets = [Subnet(tuple(c)) for c in loop.choices]
-        return logits, macs, Decisions(subnets, torch.stack(indices, 1), loop.tokens.num_patches())
+        subnets = [Subnet(c) for c in state.subnets()]
+        return logits, macs, Decisions(subnets, torch.stack(indices, 1), state.tokens.num_patches())
 
 
 @torch.inference_mode()

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vit import BlockConfig, ElasticViT, PackedBatch, block_macs
-from vit.flops import embed_macs, head_macs
+from vit import BlockConfig, ElasticViT
+from vit.inference import DecisionSchedule, InferenceRunner, reduces_tokens
 from vit.token_ops import cls_attention
 
 from .metrics import Outcome
@@ -67,7 +67,7 @@ class UniformMergePolicy(StaticPolicy):
     Args:
         nvec: number of choices per field (the env's `action_space.nvec`).
         keep_index: the index of every token field (keep ratio, and merge ratio in `prune_merge` mode).
-        fields: the names of the fields (`env.unwrapped.inference.fields`); those of `keep_ratio` and `merge_ratio`
+        fields: the names of the fields (`env.unwrapped.codec.fields`); those of `keep_ratio` and `merge_ratio`
             are the token fields. Default: per-block decisions, heads and MLP width first, then the token fields;
             grouped and one-shot decisions need their names.
     """
@@ -78,7 +78,7 @@ class UniformMergePolicy(StaticPolicy):
         elif len(fields) != len(nvec):
             raise ValueError(f"expected {len(nvec)} field names, got {len(fields)}")
         else:
-            tokens = [name.startswith(("keep_ratio", "merge_ratio")) for name in fields]
+            tokens = [reduces_tokens(name) for name in fields]
         super().__init__(nvec, [keep_index if token else -1 for token in tokens])
 
 
@@ -97,35 +97,40 @@ class RandomPolicy:
 
 
 class _FullWidthReduction:
-    """Full width at every block, tokens pruned and merged as `configs` says, block by block on dense tokens."""
+    """Full width at every block, tokens pruned and merged as `configs` says, block by block, through a
+    `vit.InferenceRunner` deciding every block in `prune_merge` mode."""
 
     def __init__(self, model: ElasticViT, start: int) -> None:
         if not 0 <= start < model.depth:
             raise ValueError(f"start must be a block index in [0, {model.depth}), got {start}")
         self.model, self.start = model, start
         self.largest = model.search_space.largest()
+        self.runner = InferenceRunner(model, DecisionSchedule(stem_blocks=0), token_mode="prune_merge")
 
-    def configs(self, i: int, x: Tensor, size: Tensor | None) -> tuple[list[BlockConfig], Tensor]:
+    def configs(
+        self, i: int, x: Tensor, size: Tensor | None, quantile: float | None
+    ) -> tuple[list[BlockConfig], Tensor]:
         """Block `i`'s configuration of each image of the dense tokens x (B, 1 + N, C), and the MACs (B,) spent on
-        choosing them."""
+        choosing them; `quantile`: calibrating (PPT's thresholds)."""
         raise NotImplementedError
 
-    @torch.inference_mode()
     def __call__(self, images: Tensor) -> Outcome:
-        model = self.model
-        x, size = model.embed(images.to(model.pos_embed.dtype)), None
-        B, device = x.shape[0], x.device
-        macs = torch.full((B,), float(embed_macs(model) + head_macs(model)), dtype=torch.float64, device=device)
-        for i, block in enumerate(model.blocks):
-            n = x.shape[1] - 1
-            configs, spent = self.configs(i, x, size)
-            cost = {c: block_macs(model, n, c, "prune_merge")[0] for c in set(configs)}
-            macs += spent + torch.tensor([cost[c] for c in configs], dtype=torch.float64, device=device)
-            one = configs[0] if len(set(configs)) == 1 else configs
-            x, size, _ = block(PackedBatch(x, size=size), one, "prune_merge", model.merge_variant).dense()
-        logits = model.forward_head(model.norm(x)).float()
-        tokens = torch.full((B,), x.shape[1] - 1, device=device)
-        return Outcome(logits, macs.float(), [self.largest] * B, tokens)
+        return self._run(images, None)
+
+    @torch.inference_mode()
+    def _run(self, images: Tensor, quantile: float | None) -> Outcome:
+        runner = self.runner
+        state = runner.start(images.to(self.model.pos_embed.dtype))
+        chosen = torch.zeros(state.batch_size, dtype=torch.float64, device=images.device)  # MACs spent choosing
+        while not state.done:
+            x, size, _ = state.tokens.dense()
+            configs, spent = self.configs(state.next_block, x, size, quantile)
+            chosen = chosen + spent
+            state = runner.advance(state, configs)
+        B = state.batch_size
+        return Outcome(
+            runner.complete(state), (state.macs + chosen).float(), [self.largest] * B, state.tokens.num_patches()
+        )
 
 
 class PruneMergeSchedule(_FullWidthReduction):
@@ -143,7 +148,9 @@ class PruneMergeSchedule(_FullWidthReduction):
     def __str__(self) -> str:
         return f"prune {self.prune_keep:g}, merge {self.merge_keep:g} from block {self.start}"
 
-    def configs(self, i: int, x: Tensor, size: Tensor | None) -> tuple[list[BlockConfig], Tensor]:
+    def configs(
+        self, i: int, x: Tensor, size: Tensor | None, quantile: float | None
+    ) -> tuple[list[BlockConfig], Tensor]:
         config = self.largest[i]
         if i >= self.start:
             config = replace(config, keep_ratio=self.prune_keep, merge_ratio=self.merge_keep)
@@ -168,7 +175,6 @@ class PPTHeuristic(_FullWidthReduction):
             raise ValueError(f"expected one threshold per block ({model.depth}), got {len(thresholds)}")
         self.keep_ratio = keep_ratio
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
-        self._quantile: float | None = None  # set while calibrating
 
     def __str__(self) -> str:
         return f"keep {self.keep_ratio:g} from block {self.start}"
@@ -190,7 +196,6 @@ class PPTHeuristic(_FullWidthReduction):
         macs = T * C * inner + C * inner + T * inner
         return scores.float().var(dim=1, correction=0), torch.tensor(float(macs), dtype=torch.float64, device=x.device)
 
-    @torch.inference_mode()
     def calibrate(self, batches: Iterable[Tensor | tuple[Tensor, ...]], quantile: float = 0.5) -> PPTHeuristic:
         """Set each block's threshold to the `quantile` of the variances that the images of `batches` (images, or
         tuples of images and more) meet there, block by block, each threshold applied before the next is measured.
@@ -198,22 +203,21 @@ class PPTHeuristic(_FullWidthReduction):
         if not 0 <= quantile <= 1:
             raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
         images = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])
-        self.thresholds, self._quantile = [float("inf")] * self.model.depth, quantile
-        try:
-            self(images)  # all the images as one batch: each threshold is set from all of them
-        finally:
-            self._quantile = None
+        self.thresholds = [float("inf")] * self.model.depth
+        self._run(images, quantile)  # all the images as one batch: each threshold is set from all of them
         return self
 
-    def configs(self, i: int, x: Tensor, size: Tensor | None) -> tuple[list[BlockConfig], Tensor]:
+    def configs(
+        self, i: int, x: Tensor, size: Tensor | None, quantile: float | None
+    ) -> tuple[list[BlockConfig], Tensor]:
         full = self.largest[i]
         if i < self.start:
             return [full] * x.shape[0], torch.zeros((), dtype=torch.float64, device=x.device)
         if self.thresholds is None:
             raise RuntimeError("PPTHeuristic needs thresholds: pass them or call calibrate(images) first")
         var, macs = self.variance(i, x, size)
-        if self._quantile is not None:
-            self.thresholds[i] = float(torch.quantile(var.double(), self._quantile))
+        if quantile is not None:
+            self.thresholds[i] = float(torch.quantile(var.double(), quantile))
         by_prune = replace(full, keep_ratio=self.keep_ratio, merge_ratio=1.0)
         by_merge = replace(full, keep_ratio=1.0, merge_ratio=self.keep_ratio)
         return [by_prune if p else by_merge for p in (var > self.thresholds[i]).tolist()], macs

@@ -11,15 +11,17 @@ time, with the speed-up over a reference method per batch (median and range). `e
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vit import ElasticViT, Subnet, count_flops
+from vit import ElasticViT, Subnet, count_macs
+from vit.bench import Rounds
 from vit.token_ops import token_schedule
-from vit.utils import autocast, clocked, round_ratios
+from vit.utils import autocast
 
 from .adaptive import EXECUTIONS, AdaptiveViT
 from .metrics import Outcome, Tally
@@ -49,7 +51,7 @@ def static_method(model: ElasticViT, subnet: Subnet | None = None, amp: bool = F
     """A plain forward of one subnet (the largest when None) for the whole batch as a method: float32 images cast
     to the model's weights, under bf16 autocast with `amp`; float32 logits."""
     subnet = model.search_space.largest() if subnet is None else subnet
-    macs, tokens = float(count_flops(model, subnet)), final_tokens(model, subnet)
+    macs, tokens = float(count_macs(model, subnet)), final_tokens(model, subnet)
     dtype = model.pos_embed.dtype
 
     @torch.inference_mode()
@@ -65,16 +67,17 @@ def static_method(model: ElasticViT, subnet: Subnet | None = None, amp: bool = F
 
 def execution_modes(executions: Sequence[str], prototypes: Sequence[int] = (1,)) -> list[tuple[str, int]]:
     """(execution, K) of each `AdaptiveViT` execution mode named in `executions` (`packed`, `bucketed`,
-    `prototypes`, `consensus`, `batch-mean`), one per K of `prototypes` for `prototypes`, `consensus` as K=1; K is
-    1 for the others. In the order given, without repeats."""
+    `prototypes`, `batch-mean`; `agents.adaptive.EXECUTIONS`), one per K of `prototypes` for `prototypes`; K is 1
+    for the others. In the order given, without repeats."""
     modes = []
     for execution in executions:
+        if execution == "consensus":
+            warnings.warn("execution mode 'consensus' is 'prototypes' with K=1", DeprecationWarning, stacklevel=2)
+            modes.append(("prototypes", 1))
+            continue
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
-        if execution == "prototypes":
-            modes += [("prototypes", int(k)) for k in prototypes]
-        else:
-            modes.append(("prototypes", 1) if execution == "consensus" else (execution, 1))
+        modes += [("prototypes", int(k)) for k in prototypes] if execution == "prototypes" else [(execution, 1)]
     return list(dict.fromkeys(modes))
 
 
@@ -84,18 +87,9 @@ def mode_name(execution: str, prototypes: int = 1) -> str:
 
 
 def in_execution_mode(adaptive: AdaptiveViT, execution: str, prototypes: int = 1) -> AdaptiveViT:
-    """An `AdaptiveViT` deciding as `adaptive` does (same supernet, policy, price, price range, shape and autocast)
-    in another execution mode."""
-    return AdaptiveViT(
-        adaptive.supernet,
-        adaptive.policy,
-        price=adaptive.price,
-        price_range=adaptive.price_range,
-        shape=adaptive.shape,
-        execution=execution,
-        amp=adaptive.amp,
-        prototypes=prototypes,
-    )
+    """`adaptive` (same supernet, policy, price, price range, schedule and autocast) in another execution mode."""
+    layout, snap = EXECUTIONS[execution]
+    return adaptive.replace(layout=layout, snap=snap, prototypes=prototypes)
 
 
 def evaluate_methods(
@@ -120,27 +114,20 @@ def evaluate_methods(
     reference = names[0] if reference is None else reference
     batches = list(batches)
     untimed = 1 if warmup and len(batches) > 1 else 0
-    device = model.pos_embed.device
     tallies = {name: Tally(model) for name in names}
-    seconds = {name: {"wall": [], "cpu": []} for name in names}
-    timed_images = 0
+    timer = Rounds(names, model.pos_embed.device)
     for b, (images, labels) in enumerate(tqdm(batches, desc=desc, leave=False, disable=desc is None)):
-        for name in names[b % len(names) :] + names[: b % len(names)]:
-            outcome, wall, cpu = clocked(lambda run=methods[name], x=images: run(x), device)
+        runs = {name: lambda run=methods[name], x=images: run(x) for name in names}
+        outcomes = timer.round(runs, timed=b >= untimed)
+        for name, outcome in outcomes.items():
             tallies[name].add(outcome, labels)
-            if b >= untimed:
-                seconds[name]["wall"].append(wall)
-                seconds[name]["cpu"].append(cpu)
-        timed_images += len(labels) * (b >= untimed)
+    timed_images = sum(len(labels) for _, labels in batches[untimed:])
     rows = {}
+    full_macs = count_macs(model)
     for name in names:
         row = tallies[name].result()
-        row["gmacs"] = row["flops_ratio"] * count_flops(model) / 1e9
-        for clock, prefix in (("wall", ""), ("cpu", "cpu_")):
-            spent = [max(s, 1e-9) for s in seconds[name][clock]]
-            median, low, high = round_ratios(seconds[reference][clock], spent)
-            row["images_per_s" if clock == "wall" else "images_per_cpu_s"] = timed_images / sum(spent)
-            row[f"{prefix}speedup"], row[f"{prefix}speedup_range"] = median, (low, high)
+        row["gmacs"] = row["flops_ratio"] * full_macs / 1e9
+        row |= timer.speed(name, reference, timed_images)
         rows[name] = row
     return rows
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -55,25 +54,24 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import vit
-from prance_env.factory import Prices
-from vit.checkpoint import atomic_write, read_state_dict, save_checkpoint
-from vit.data import default_workers, held_out_split, is_image_folder
+from prance_env.mdp import MDPConfig, Prices
+from vit.checkpoint import atomic_write, read_state_dict, read_train_state, save_checkpoint, save_train_state
+from vit.data import default_workers, is_image_folder
 from vit.train import (
     Batches,
-    _param_groups,
-    _setup_distributed,
     evaluate,
+    held_out_batches,
     lr_at,
-    read_train_checkpoint,
+    param_groups,
+    setup_distributed,
     shift_and_flip,
     soft_cross_entropy,
-    subset_batches,
 )
 from vit.utils import autocast
 
 from .adaptive import AdaptiveViT, measure
-from .ppo import SelectorConfig, train_selector
 from .selector import SHAPE_KEYS, load_adaptive, read_settings, recorded_supernet, resolve_selector, save_selector
+from .training import SelectorConfig, train_selector
 
 FINETUNE_FORMAT = "prance-vit-finetune"
 SUBNETS = ("on-the-fly", "recorded", "random")  # FinetuneConfig.subnets
@@ -136,7 +134,7 @@ class FinetuneConfig:
             "cheapest budget is out of the selector's reach"
         },
     )
-    eval_prices: tuple[float, ...] = field(default=(0.001, 0.003, 0.01, 0.03), metadata={"help": "prices evaluated"})
+    eval_prices: tuple[float, ...] = field(default=MDPConfig().eval_prices, metadata={"help": "prices evaluated"})
     images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
     save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
     out: str = field(default="runs/finetune", metadata={"help": "output folder (weights, selector, TensorBoard)"})
@@ -219,12 +217,12 @@ def selector_config(
     )
 
 
-class _Run:
+class FinetuneRun:
     """What the rounds of one fine-tuning run share: settings, processes, data, the supernet and its teacher."""
 
     def __init__(self, cfg: FinetuneConfig, supernet: vit.ElasticViT | None) -> None:
         self.cfg, self.out = cfg, Path(cfg.out)
-        self.rank, self.world, self.device = _setup_distributed(cfg.device)
+        self.rank, self.world, self.device = setup_distributed(cfg.device)
         self.main = self.rank == 0
         self.amp = cfg.amp and self.device.type == "cuda"
         self.selector = resolve_selector(cfg.selector)
@@ -239,9 +237,8 @@ class _Run:
         self.batches = Batches(train_set, cfg.batch_size, self.device, self.rank, self.world, cfg.workers, cfg.seed)
         if len(self.batches) == 0:
             raise ValueError(f"the training split has fewer than {cfg.batch_size * self.world} images: no full batch")
-        test_set = vit.load_dataset(data, split=held_out_split(data), root=data_dir, model=self.model)
         self.test = (  # evaluated by the main process only
-            subset_batches(test_set, cfg.images, cfg.batch_size, self.device, cfg.seed, cfg.workers)
+            held_out_batches(data, data_dir, self.model, cfg.images, cfg.batch_size, self.device, cfg.seed, cfg.workers)
             if self.main
             else []
         )
@@ -289,8 +286,8 @@ class _Run:
         if self.cfg.subnets != "random":
             return selector_subnets(decider, x, price)
         space = self.model.search_space
-        subnets = [decider.shape.sample(space, rng) for _ in range(len(x))]
-        macs = torch.tensor(vit.count_flops(self.model, subnets), dtype=torch.float64)
+        subnets = [decider.schedule.sample(space, rng) for _ in range(len(x))]
+        macs = torch.tensor(vit.count_macs(self.model, subnets), dtype=torch.float64)
         return subnets, macs / decider.full_macs
 
     def data(self, position: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -332,15 +329,8 @@ class _Run:
         """The resumable state after `step` steps of round `r`, and the weights as `supernet.safetensors`."""
         if not self.main:
             return
-        state = {
-            "format": FINETUNE_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "round": r,
-            "step": step,
-            "config": asdict(self.cfg),
-        }
-        atomic_write(self.out / "finetune_state.pt", functools.partial(torch.save, state))
+        state = {"round": r, "step": step, "config": asdict(self.cfg)}
+        save_train_state(self.out / "finetune_state.pt", FINETUNE_FORMAT, self.model, optimizer, **state)
         save_checkpoint(self.model, self.out / "supernet.safetensors", self.metadata(r, step))
 
     def metadata(self, r: int, step: int) -> dict:
@@ -363,7 +353,7 @@ class _Run:
     ) -> None:
         """Steps `start`..`cfg.steps` of round `r`'s supernet fine-tuning under `decider`'s decisions (`pick`)."""
         cfg, model, device = self.cfg, self.model, self.device
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         prices = Prices(None, (decider.price_range[0], cfg.price_high or decider.price_range[1]))
@@ -465,10 +455,10 @@ def joint_finetune(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
-    run = _Run(cfg, supernet)
+    run = FinetuneRun(cfg, supernet)
     try:
         state_file = run.out / "finetune_state.pt"
-        state = read_train_checkpoint(state_file, FINETUNE_FORMAT) if cfg.resume and state_file.is_file() else None
+        state = read_train_state(state_file, FINETUNE_FORMAT) if cfg.resume and state_file.is_file() else None
         first, start = (state["round"], state["step"]) if state is not None else (1, 0)
         if state is not None:
             run.model.load_state_dict(state["model"])

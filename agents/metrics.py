@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from vit import ElasticViT, Subnet, count_flops, count_params
+from vit import ElasticViT, Subnet, count_macs, count_params
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Tally:
         if not self.seen:
             raise ValueError("no images to measure")
         if self._full_macs is None:
-            self._full_macs = count_flops(self.model)
+            self._full_macs = count_macs(self.model)
         return {
             "top1": self.correct / self.seen,
             "top5": self.correct5 / self.seen,

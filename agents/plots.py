@@ -161,7 +161,7 @@ def decision_stats(adaptive: AdaptiveViT, batches: Iterable[tuple[Tensor, Tensor
     """
     model = adaptive.supernet
     space = model.search_space
-    blocks = list(range(adaptive.shape.stem_blocks, model.depth))
+    blocks = list(range(adaptive.schedule.stem_blocks, model.depth))
     choices = {f: [list(getattr(space, f)[i]) for i in blocks] for f in DECISION_FIELDS}
     counts = {f: np.zeros((len(blocks), max(map(len, choices[f])))) for f in DECISION_FIELDS}
     labels, ratios, correct = [], [], []

@@ -18,7 +18,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 import vit
 from vit.checkpoint import atomic_write
-from vit.inference import LoopShape
+from vit.inference import DecisionSchedule
 
 from .adaptive import AdaptiveViT
 
@@ -192,16 +192,16 @@ def load_adaptive(
     path: str | os.PathLike,
     supernet: vit.ElasticViT | None = None,
     price: float | None = None,
-    execution: str = "packed",
     device: str = "auto",
     amp: bool = False,
     checkpoint: str | os.PathLike | None = None,
-    prototypes: int = 1,
     precision: str = "fp32",
+    **kwargs,
 ) -> AdaptiveViT:
     """An `AdaptiveViT` from a saved selector, on `supernet` (default: the recorded supernet, rebuilt at its shape
     arguments with the weights of `checkpoint`, default its recorded or shipped weights; a preset of
-    `vit.register_supernet` must be registered first). `execution`, `amp` and `prototypes` are `AdaptiveViT`'s;
+    `vit.register_supernet` must be registered first), at the price range and decision schedule it was trained on.
+    `price` (default `MDPConfig.price`), `amp` and `kwargs` (`layout`, `snap`, `prototypes`) are `AdaptiveViT`'s;
     `precision` (`fp32` or `bf16`) is the dtype the supernet's weights are cast to (`vit.utils.weights_dtype`), like
     `device` in place when `supernet` is given."""
     dtype = vit.utils.weights_dtype(precision)
@@ -214,15 +214,15 @@ def load_adaptive(
     supernet = supernet.to(vit.utils.resolve_device(device), dtype)
     model, settings = load_selector(path, supernet, device=device)
     env = settings["env"]
+    schedule = DecisionSchedule.named(env.get("decisions", "per-block"), env["stem_blocks"], env["blocks_per_step"])
     return AdaptiveViT(
         supernet,
         model,
-        price=settings.get("price", 0.1) if price is None else price,
+        price=settings.get("price") if price is None else price,
         price_range=tuple(env["price_range"]),
-        shape=LoopShape.named(env.get("decisions", "per-block"), env["stem_blocks"], env["blocks_per_step"]),
-        execution=execution,
+        schedule=schedule,
         amp=amp,
-        prototypes=prototypes,
+        **kwargs,
     )
 
 

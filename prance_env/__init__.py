@@ -10,8 +10,10 @@ from gymnasium.envs.registration import register, registry
 
 import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 
-from .core import QUALITIES, REWARD_MODES, BatchedInference, MDPConfig
+from .build import EnvConfig
+from .core import BatchedMDP, Episodes
 from .env import PranceViTEnv
+from .mdp import QUALITIES, REWARD_MODES, ActionCodec, MDPConfig, Prices
 from .vector import PranceViTVectorEnv, SB3VecEnv, to_sb3
 
 V0_PRICE_RANGE = (3e-4, 0.3)  # PranceViT-v0's default prices (v1: `MDPConfig.price_range`)
@@ -28,8 +30,12 @@ for env_id, kwargs in (("PranceViT-v1", {}), ("PranceViT-v0", {"price_range": V0
 __all__ = [
     "QUALITIES",
     "REWARD_MODES",
-    "BatchedInference",
+    "ActionCodec",
+    "BatchedMDP",
+    "EnvConfig",
+    "Episodes",
     "MDPConfig",
+    "Prices",
     "PranceViTEnv",
     "PranceViTVectorEnv",
     "SB3VecEnv",

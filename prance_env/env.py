@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 import vit
-from vit.inference import LoopShape
 
-from .core import MDPConfig
-from .factory import Prices, action_indices, make_inference, single_spaces, to_numpy
+from .build import EnvConfig
+from .core import Episodes
+from .mdp import ActionCodec, Prices, observation_space
 from .render import RENDER_FPS, RENDER_MODES, check_render_mode, render_episode
 
 
@@ -29,7 +26,7 @@ class PranceViTEnv(gym.Env):
     ratio) and runs them. The reward is Result-to-Go: after every action, the inference is completed from the
     current tokens with the full-width network and scored, so every step is credited with the result it leads to.
 
-    Two decision structures (`decisions`, a name of `vit.inference.LoopShape.named`): `per-block` (the default: a
+    Two decision structures (`decisions`, a name of `vit.inference.DecisionSchedule.named`): `per-block` (the default: a
     1-block stem, then one decision before every block) and `grouped` (PRANCE's: a 3-block stem, then decisions at
     blocks 3, 6 and 9, each setting the widths of the 3 blocks of its group and one token reduction at the group's
     first block, keep ratios 0.1 to 1.0); `one-shot` makes the grouped choices of all groups in one step.
@@ -48,7 +45,7 @@ class PranceViTEnv(gym.Env):
 
     Grouped decisions: per group, `heads[j]` and `mlp_hidden[j]` for each of its blocks (j: the block's place in the
     step), then `keep_ratio[j]` (and `merge_ratio[j]`) of the reduction at its first block: 7 fields for groups of
-    3 blocks (8 in `prune_merge` mode), 21 for `one-shot`. The names are `env.unwrapped.inference.fields`.
+    3 blocks (8 in `prune_merge` mode), 21 for `one-shot`. The names are `env.unwrapped.codec.fields`.
 
     The largest index of every field is the full block. With `action_type="continuous"` the action is a
     `Box(-1, 1, (fields,))` decoded by rounding `(a + 1) / 2 * (n - 1)`. Invalid actions (another shape, even a
@@ -108,11 +105,11 @@ class PranceViTEnv(gym.Env):
                    workers=0)
     ```
 
-    `decisions` is `per-block`, `grouped`, `one-shot` or a `vit.inference.LoopShape`; `stem_blocks` and
+    `decisions` is `per-block`, `grouped`, `one-shot` or a `vit.inference.DecisionSchedule`; `stem_blocks` and
     `blocks_per_step` replace its values when given. A supernet given by name is built with the ratios the decisions
     choose (grouped: keep ratios 0.1 to 1.0 at every block); a module must offer them already.
 
-    The defaults (those of `prance_env.MDPConfig` and its `vit.inference.LoopShape`) are the MDP the shipped
+    The defaults (those of `prance_env.MDPConfig` and its `vit.inference.DecisionSchedule`) are the MDP the shipped
     selector was trained on, so
     `PPO.load("agents/checkpoints/prance_fmnist.zip", env=gymnasium.make("PranceViT-v1"))` runs it.
 
@@ -134,56 +131,20 @@ class PranceViTEnv(gym.Env):
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": RENDER_FPS}
 
     def __init__(
-        self,
-        supernet: str | vit.ElasticViT = "prance_fmnist",
-        checkpoint: str | os.PathLike | None = None,
-        data: str | Dataset = "fashion-mnist",
-        data_path: str | os.PathLike | None = None,
-        split: str = "train",
-        device: str | torch.device = "auto",
-        token_mode: str | None = None,
-        choices: Mapping[str, Sequence] | None = None,
-        reward: str = MDPConfig.reward,
-        quality: str = MDPConfig.quality,
-        price: float | None = None,
-        price_range: Sequence[float] = MDPConfig.price_range,
-        token_penalty: float = MDPConfig.token_penalty,
-        decisions: str | LoopShape = "per-block",
-        stem_blocks: int | None = None,
-        blocks_per_step: int | None = None,
-        action_type: str = "discrete",
-        render_mode: str | None = None,
-        amp: bool = False,
-        workers: int = 0,
+        self, price: float | None = None, action_type: str = "discrete", render_mode: str | None = None, **kwargs
     ) -> None:
         self.render_mode = check_render_mode(render_mode)
-        self.inference, self.source = make_inference(
-            supernet=supernet,
-            checkpoint=checkpoint,
-            data=data,
-            data_path=data_path,
-            split=split,
-            device=device,
-            token_mode=token_mode,
-            choices=choices,
-            reward=reward,
-            quality=quality,
-            price_range=price_range,
-            token_penalty=token_penalty,
-            decisions=decisions,
-            stem_blocks=stem_blocks,
-            blocks_per_step=blocks_per_step,
-            amp=amp,
-            workers=workers,
-        )
-        self.prices = Prices(price, self.inference.config.price_range)
-        self.action_type = action_type
-        self.observation_space, self.action_space = single_spaces(self.inference, self.prices, action_type)
+        self.mdp, self.source = EnvConfig(**{"workers": 0, **kwargs}).build()
+        self.prices = Prices(price, self.mdp.config.price_range)
+        self.codec = ActionCodec(self.mdp.config.schedule, self.model.search_space, action_type)
+        self.observation_space = observation_space(self.model.embed_dim, self.prices)
+        self.action_space = self.codec.space
+        self.episodes: Episodes | None = None
 
     @property
     def model(self) -> vit.ElasticViT:
         """The frozen supernet."""
-        return self.inference.model
+        return self.mdp.model
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -198,17 +159,20 @@ class PranceViTEnv(gym.Env):
             raise ValueError(f"index {index} out of range for a dataset of {len(self.source)} images")
         price = self.prices.check([options["price"]]) if "price" in options else self.prices.draw(self.np_random, 1)
         images, labels = self.source.get(np.array([index]))
-        obs = self.inference.reset(images, labels, torch.as_tensor(price, dtype=torch.float32))
+        self.episodes = self.mdp.reset(images, labels, torch.as_tensor(price, dtype=torch.float32))
         self.index, self.image = int(index), images[0]
-        info = {"index": self.index, "macs": float(self.inference.macs[0]), "tokens": self.model.num_patches}
-        return _first(to_numpy(obs)), info
+        info = {"index": self.index, "macs": float(self.episodes.inference.macs[0]), "tokens": self.model.num_patches}
+        return _first(to_numpy(self.mdp.observe(self.episodes))), info
 
     def step(self, action) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         """Run the next block(s) at the configuration `action` chooses."""
-        if self.inference.step_index < 0:
+        if self.episodes is None:
             raise RuntimeError("call reset() before step()")
-        indices = action_indices(self.inference, action, self.action_type, self.action_space.shape)
-        obs, reward, done, info = self.inference.step(indices)
+        if self.episodes.done:
+            raise RuntimeError("the episodes have ended; call reset() to start new ones")
+        configs = self.codec.decode(self.episodes.inference.step, action)
+        self.episodes, reward, info = self.mdp.step(self.episodes, configs)
+        done = self.episodes.done
         out = {"macs": float(info["macs"][0]), "tokens": int(info["tokens"][0])}
         out["subnet"] = vit.Subnet(info["subnet"][0]) if done else info["subnet"][0]
         if done:
@@ -217,7 +181,7 @@ class PranceViTEnv(gym.Env):
             )
             if "label" in info:
                 out["label"] = int(info["label"][0])
-        return _first(to_numpy(obs)), float(reward[0]), done, False, out
+        return _first(to_numpy(self.mdp.observe(self.episodes))), float(reward[0]), done, False, out
 
     def close(self) -> None:
         """Stop the image source's loader workers and fetching thread."""
@@ -227,11 +191,15 @@ class PranceViTEnv(gym.Env):
         """The episode's token map so far, (H, W, 3) uint8, in `rgb_array` mode; None without a render mode."""
         if self.render_mode is None:
             return None
-        if self.inference.step_index < 0:
+        if self.episodes is None:
             raise RuntimeError("call reset() before render()")
-        return render_episode(
-            self.model, self.image, self.inference.choices[0], self.inference.shape.stem_blocks, self.inference.amp
-        )
+        runner, configs = self.mdp.runner, self.episodes.inference.subnets()[0]
+        return render_episode(self.model, self.image, configs, runner.schedule.stem_blocks, runner.amp)
+
+
+def to_numpy(obs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Observation tensors as float32 numpy arrays."""
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in obs.items()}
 
 
 def _first(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

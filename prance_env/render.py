@@ -2,7 +2,8 @@
 
 A patch still alone in its token shows the image, merged patches take the colour of the token they now form (one
 colour per token, white lines between tokens), pruned patches are greyed out and hatched. The fates come from
-ToMe's source tracing (`forward_block(..., source=...)`), replayed image by image on the configurations chosen.
+ToMe's source tracing (`InferenceRunner.start(..., trace_sources=True)`), replayed image by image on the
+configurations chosen.
 `render_episode` draws one episode as a row of panels (the env's `render_mode="rgb_array"`); the pieces
 (`trace_sources`, `patch_owner`, `merged_colours`, `draw_grid`) also serve figures of many images.
 """
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from vit import BlockConfig, ElasticViT
-from vit.utils import autocast
+from vit.inference import DecisionSchedule, InferenceRunner
 
 RENDER_MODES = ("rgb_array",)
 RENDER_FPS = 4  # decisions per second when frames are played as a video
@@ -39,18 +40,17 @@ def check_render_mode(render_mode: str | None) -> str | None:
     return render_mode
 
 
-@torch.inference_mode()
 def trace_sources(model: ElasticViT, image: Tensor, configs: Sequence[BlockConfig], amp: bool = False) -> list[Tensor]:
     """After each of the first `len(configs)` blocks run at `configs`, which original patches each patch token
     holds: (tokens, patches), CLS left out. image: (C, H, W) on the model's device. `amp`: replay under the bf16
-    autocast the tokens were reduced under (`vit.utils.autocast`), so near-ties rank as they did."""
-    with autocast(image.device, amp):
-        x, size = model.embed(image[None]), None
-        source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)[None]  # (1, 1 + N, 1 + N)
-        sources = []
-        for i, config in enumerate(configs):
-            x, size, source = model.forward_block(i, x, size, config, source)
-            sources.append(source[0, 1:, 1:])
+    autocast the tokens were reduced under (`vit.utils.autocast`), so near-ties rank as they did. The blocks run
+    through a `vit.InferenceRunner` deciding every block, the stem included, from the image's embedding."""
+    runner = InferenceRunner(model, DecisionSchedule(stem_blocks=0), amp=amp)
+    state = runner.start(image[None], trace_sources=True)
+    sources = []
+    for config in configs:
+        state = runner.advance(state, [config])
+        sources.append(state.tokens.source[1:, 1:])
     return sources
 
 

@@ -20,9 +20,11 @@ from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from vit import Subnet
-from vit.inference import RATIO_FIELDS
 
-from .factory import Prices, action_indices, make_inference, single_spaces, to_numpy
+from .build import EnvConfig
+from .core import Episodes
+from .env import to_numpy
+from .mdp import ActionCodec, Prices, observation_space
 from .render import RENDER_FPS, RENDER_MODES, check_render_mode, render_episode
 
 
@@ -64,21 +66,20 @@ class PranceViTVectorEnv(VectorEnv):
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.num_envs = num_envs
         self.render_mode = check_render_mode(render_mode)
-        self.inference, self.source = make_inference(**kwargs)
-        self.prices = Prices(price, self.inference.config.price_range)
-        self.action_type = action_type
-        self.single_observation_space, self.single_action_space = single_spaces(
-            self.inference, self.prices, action_type
-        )
+        self.mdp, self.source = EnvConfig(**kwargs).build()
+        self.prices = Prices(price, self.mdp.config.price_range)
+        self.codec = ActionCodec(self.mdp.config.schedule, self.model.search_space, action_type)
+        self.single_observation_space = observation_space(self.model.embed_dim, self.prices)
+        self.single_action_space = self.codec.space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._order, self._cursor = np.zeros(0, dtype=np.int64), 0
-        self._needs_reset = True
+        self.episodes: Episodes | None = None
 
     @property
     def model(self):
         """The frozen supernet."""
-        return self.inference.model
+        return self.mdp.model
 
     def close_extras(self, **kwargs: Any) -> None:
         """Stop the image source's loader workers and fetching thread."""
@@ -119,57 +120,49 @@ class PranceViTVectorEnv(VectorEnv):
             price = self.prices.draw(self.np_random, self.num_envs)
         images, labels = self.source.get(indices)
         self.source.prefetch(self._next_indices(peek=True))  # decoded while these episodes run
-        obs = self.inference.reset(images, labels, torch.as_tensor(price, dtype=torch.float32))
-        self._needs_reset = False
+        self.episodes = self.mdp.reset(images, labels, torch.as_tensor(price, dtype=torch.float32))
         self.indices, self.images = indices, images
+        inference = self.episodes.inference
         info = {
             "index": indices,
-            "macs": self.inference.macs.cpu().numpy().copy(),
-            "tokens": self.inference.tokens.num_patches().cpu().numpy(),
+            "macs": inference.macs.cpu().numpy().copy(),
+            "tokens": inference.tokens.num_patches().cpu().numpy(),
         }
         info |= {f"_{key}": np.ones(self.num_envs, dtype=bool) for key in list(info)}
-        return to_numpy(obs), info
+        return to_numpy(self.mdp.observe(self.episodes)), info
 
     def step(self, actions) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Run the next block(s) of every sub-env; after the last step, the next call resets them all."""
-        if self.inference.step_index < 0:
+        if self.episodes is None:
             raise RuntimeError("call reset() before step()")
         false = np.zeros(self.num_envs, dtype=bool)
-        if self._needs_reset:
+        if self.episodes.done:
             obs, info = self.reset()
             return obs, np.zeros(self.num_envs), false, false, info
-        indices = action_indices(self.inference, actions, self.action_type, self.action_space.shape)
-        obs, reward, done, info = self.inference.step(indices)
-        self._needs_reset = done
-        return to_numpy(obs), reward.cpu().numpy(), np.full(self.num_envs, done), false, self._numpy_info(info, done)
+        configs = self.codec.decode(self.episodes.inference.step, actions, self.num_envs)
+        self.episodes, reward, info = self.mdp.step(self.episodes, configs)
+        done = self.episodes.done
+        obs = to_numpy(self.mdp.observe(self.episodes))
+        return obs, reward.cpu().numpy(), np.full(self.num_envs, done), false, self._numpy_info(info, done)
 
     def render(self) -> tuple[np.ndarray, ...] | None:
         """One token map per sub-env, (H, W, 3) uint8 each, in `rgb_array` mode; None without a render mode."""
         if self.render_mode is None:
             return None
-        if self.inference.step_index < 0:
+        if self.episodes is None:
             raise RuntimeError("call reset() before render()")
-        stem = self.inference.shape.stem_blocks
+        runner = self.mdp.runner
         return tuple(
-            render_episode(self.model, image, configs, stem, self.inference.amp)
-            for image, configs in zip(self.images, self.inference.choices)
+            render_episode(self.model, image, configs, runner.schedule.stem_blocks, runner.amp)
+            for image, configs in zip(self.images, self.episodes.inference.subnets())
         )
 
     def action_masks(self) -> np.ndarray:
-        """Valid choices per sub-env, fields concatenated (N, sum(nvec)), for sb3-contrib's MaskablePPO.
-
-        Every choice is valid, except that a sample down to one patch token can reduce no further: only the
-        keep (and merge) ratio 1.0 is left to it.
-        """
-        nvec = self.inference.nvec
-        masks = np.ones((self.num_envs, sum(nvec)), dtype=bool)
-        spent = self.inference.tokens.num_patches().cpu().numpy() <= 1
-        offset = 0
-        for n, name in zip(nvec, self.inference.fields):
-            if name.startswith(RATIO_FIELDS):
-                masks[spent, offset : offset + n - 1] = False
-            offset += n
-        return masks
+        """Valid choices per sub-env, fields concatenated (N, sum(nvec)), for sb3-contrib's MaskablePPO
+        (`prance_env.mdp.ActionCodec.masks`: a sample down to one patch token can reduce no further)."""
+        if self.episodes is None:
+            raise RuntimeError("call reset() before action_masks()")
+        return self.codec.masks(self.episodes.inference.tokens.num_patches().cpu().numpy())
 
     def _numpy_info(self, info: dict, done: bool) -> dict[str, np.ndarray]:
         out = {}

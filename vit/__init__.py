@@ -1,5 +1,5 @@
-"""vit: the elastic ViT supernet of PRANCE — widths, token reduction, FLOPs, per-sample execution, the
-block-by-block inference loop, data.
+"""vit: the elastic ViT supernet of PRANCE — widths, token reduction, MACs, per-sample execution, the
+block-by-block inference runner, data.
 
 Importing vit registers its presets with timm, so `timm.create_model("prance_deit_small")` builds one too.
 """
@@ -15,26 +15,38 @@ from .bucketed import BucketedBatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, Subnet
 from .data import load_dataset
-from .flops import block_macs, count_flops, count_params
-from .inference import InferenceLoop, LoopShape
+from .flops import block_macs, count_flops, count_macs, count_params
+from .inference import DecisionSchedule, InferenceRunner, InferenceState
 from .packed import PackedBatch
 from .registry import create_supernet, list_supernets, register_supernet
 from .rewire import rewire
-from .supernet import ElasticViT
+from .supernet import LAYOUTS, ElasticViT
+
+
+def __getattr__(name: str):
+    if name == "LoopShape":  # deprecated: the name of a schedule of decisions
+        from . import inference
+
+        return inference.__getattr__(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "LAYOUTS",
     "TOKEN_MODES",
     "BlockConfig",
+    "DecisionSchedule",
     "ElasticViT",
-    "InferenceLoop",
+    "InferenceRunner",
+    "InferenceState",
     "InvalidSubnetError",
-    "LoopShape",
     "PackedBatch",
     "SearchSpace",
     "Subnet",
     "BucketedBatch",
     "block_macs",
     "count_flops",
+    "count_macs",
     "count_params",
     "create_supernet",
     "list_supernets",

@@ -1,8 +1,9 @@
 """Per-sample execution by bucketing: a grouping strategy over the one block (`vit.supernet.ElasticBlock`).
 
 Samples whose configurations differ soon hold different numbers of tokens, so a batch is kept as buckets: each
-bucket is a dense tensor of the samples that share a token count. A block regroups the samples by (configuration,
-token count), runs every group through the block as one dense batch, and the buckets it returns are the new state.
+bucket is a dense tensor of the samples that share a token count. To run a block, the batch groups its samples by
+(configuration, token count) (`groups`), the model runs every group through the block as one dense `PackedBatch`,
+and the groups it returns become the new buckets (`regrouped`).
 Nothing is padded or masked: each sample costs exactly what its configuration costs.
 """
 
@@ -10,15 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .config import BlockConfig
-
-if TYPE_CHECKING:
-    from .supernet import ElasticViT
+from .packed import PackedBatch
 
 
 @dataclass(frozen=True)
@@ -50,8 +48,9 @@ def _cat_sizes(parts: list[Bucket]) -> Tensor | None:
 class BucketedBatch:
     """A batch of token sequences of per-sample length, held as `Bucket`s of equal length.
 
-    Functional: `apply_block` returns a new `BucketedBatch` and leaves this one as it was, so a caller can branch
-    (run the rest of the network from here) without copying.
+    Functional: running a block (`ElasticViT.run_block`, through `groups` and `regrouped`) returns a new
+    `BucketedBatch` and leaves this one as it was, so a caller can branch (run the rest of the network from here)
+    without copying.
     """
 
     def __init__(self, x: Tensor | None = None, buckets: Sequence[Bucket] | None = None, batch_size: int = 0):
@@ -64,8 +63,10 @@ class BucketedBatch:
         self._order: Tensor | None = None
         self._num_patches: Tensor | None = None
 
-    def apply_block(self, model: ElasticViT, i: int, configs: BlockConfig | Sequence[BlockConfig]) -> BucketedBatch:
-        """Run block `i` of `model`, at one `BlockConfig` for all samples or one per sample (batch order)."""
+    def groups(self, configs: BlockConfig | Sequence[BlockConfig]) -> list[tuple[Tensor, PackedBatch, BlockConfig]]:
+        """The samples grouped by (configuration, token count), configs one for all samples or one per sample
+        (batch order): per group, its samples' positions in the batch, their tokens as a dense `PackedBatch`, and
+        their configuration (`ElasticViT.run_block` runs each; `regrouped` takes the results back)."""
         groups: dict[tuple[BlockConfig, int], list[Bucket]] = {}
         for bucket in self.buckets:
             for config, part in self._split(bucket, configs):
@@ -74,9 +75,16 @@ class BucketedBatch:
         for (config, _), parts in groups.items():
             index = parts[0].index if len(parts) == 1 else torch.cat([p.index for p in parts])
             x = parts[0].x if len(parts) == 1 else torch.cat([p.x for p in parts])
-            x, size = model.forward_block(i, x, _cat_sizes(parts), config)
-            out.append(Bucket(index, x, size))
-        return BucketedBatch(buckets=out, batch_size=self.batch_size)
+            out.append((index, PackedBatch(x, size=_cat_sizes(parts)), config))
+        return out
+
+    def regrouped(self, groups: Sequence[tuple[Tensor, PackedBatch]]) -> BucketedBatch:
+        """The batch whose groups of samples (their positions in the batch) now hold these dense tokens."""
+        buckets = []
+        for index, tokens in groups:
+            x, size, _ = tokens.dense()
+            buckets.append(Bucket(index, x, size))
+        return BucketedBatch(buckets=buckets, batch_size=self.batch_size)
 
     @staticmethod
     def _split(bucket: Bucket, configs: BlockConfig | Sequence[BlockConfig]) -> list[tuple[BlockConfig, Bucket]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -107,4 +108,33 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-__all__ = ["atomic_write", "check_state_dict", "load_checkpoint", "read_state_dict", "save_checkpoint"]
+def save_train_state(
+    path: str | os.PathLike, tag: str, model: nn.Module, optimizer: torch.optim.Optimizer, **state
+) -> Path:
+    """Write a resumable training state atomically: the model's and the optimizer's state dicts, `state` (step
+    counts, config) and the format tag `tag` of the trainer that reads it back (`read_train_state`)."""
+    state = {"format": tag, "model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}
+    return atomic_write(path, functools.partial(torch.save, state))
+
+
+def read_train_state(path: str | os.PathLike, tag: str) -> dict:
+    """A training state `save_train_state` wrote with format tag `tag`; a clear `ValueError` when it is broken or
+    foreign."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling a foreign file fails in many ways (KeyError, UnpicklingError, ...)
+        raise ValueError(f"{path} is not a readable training checkpoint (truncated or foreign): {e}") from e
+    if not isinstance(state, dict) or state.get("format") != tag:
+        raise ValueError(f"{path} is not a training checkpoint of this package (no {tag!r} format tag)")
+    return state
+
+
+__all__ = [
+    "atomic_write",
+    "check_state_dict",
+    "load_checkpoint",
+    "read_state_dict",
+    "read_train_state",
+    "save_checkpoint",
+    "save_train_state",
+]

@@ -216,7 +216,7 @@ def load_dataset(
         name: ``"fashion-mnist"`` (aliases ``"fashion_mnist"``, ``"fmnist"``) or ``"imagefolder"`` (alias
             ``"imagenet"``).
         split: ``"train"`` or ``"test"`` for Fashion-MNIST; ``"train"``, ``"val"`` (or ``"test"`` when that folder
-            exists) for an ImageFolder.
+            exists) for an ImageFolder; ``"held-out"`` for the dataset's held-out split (:func:`held_out_split`).
         root: the dataset folder. Optional for Fashion-MNIST (see :class:`FashionMNIST`); for an ImageFolder, the
             folder holding ``train/<class>/*.jpg`` and ``val/<class>/*.jpg``.
         model: for an ImageFolder, the model whose ``pretrained_cfg`` sets input size, interpolation, crop and
@@ -234,6 +234,8 @@ def load_dataset(
         ValueError: unknown name or split, or an ImageFolder without ``root``; a malformed IDX file.
         FileNotFoundError: the data is not where it was looked for; the message says how to get it.
     """
+    if split == "held-out":
+        split = held_out_split(name)
     if name.lower() in FASHION_MNIST_NAMES:
         return FashionMNIST(root=root, split=split, **kwargs)
     if is_image_folder(name):

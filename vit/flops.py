@@ -9,6 +9,7 @@ uses, so the count is exact for every configuration. `count_params` counts the p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,16 +48,22 @@ def block_macs(
     return macs, final
 
 
-def count_flops(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
+def count_macs(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
     """Per-sample MACs of `subnet` (largest when None); a list of counts for a sequence of subnets."""
     if subnet is not None and not isinstance(subnet, Subnet):
-        return [count_flops(model, s) for s in subnet]
+        return [count_macs(model, s) for s in subnet]
     subnet = model.search_space.largest() if subnet is None else model.search_space.validate(subnet)
     macs, n = embed_macs(model), model.num_patches
     for config in subnet:
         block, n = block_macs(model, n, config)
         macs += block
     return macs + head_macs(model)
+
+
+def count_flops(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
+    """Deprecated name of `count_macs`, which it returns: the field calls multiply-accumulates "FLOPs"."""
+    warnings.warn("vit.count_flops is now vit.count_macs (it counts multiply-accumulates)", DeprecationWarning, 2)
+    return count_macs(model, subnet)
 
 
 def count_params(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
@@ -99,8 +106,8 @@ def sample_subnets(
     search space's range of MACs.
     """
     space, rng = model.search_space, np.random.default_rng(rng)
-    full = count_flops(model)
-    ratios = [count_flops(model, s) / full for s in (space.smallest(), space.largest())]
+    full = count_macs(model)
+    ratios = [count_macs(model, s) / full for s in (space.smallest(), space.largest())]
     if not ratios[0] <= flops_ratio <= ratios[1]:
         raise ValueError(f"a MACs ratio of {flops_ratio} lies outside this search space's {ratios[0]:.3f} to 1")
     subnets = []
@@ -108,7 +115,7 @@ def sample_subnets(
         indices = [list(space.indices(i, c)) for i, c in enumerate(space.sample(rng))]
         side = None
         for _ in range(max_steps):
-            ratio = count_flops(model, space.from_indices(indices)) / full
+            ratio = count_macs(model, space.from_indices(indices)) / full
             crossed = side is not None and (ratio >= flops_ratio) != side
             if ratio == flops_ratio or (crossed and abs(ratio - flops_ratio) <= tolerance):
                 break
@@ -123,4 +130,4 @@ def sample_subnets(
     return subnets
 
 
-__all__ = ["block_macs", "count_flops", "count_params", "embed_macs", "head_macs", "sample_subnets"]
+__all__ = ["block_macs", "count_flops", "count_macs", "count_params", "embed_macs", "head_macs", "sample_subnets"]

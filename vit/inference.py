@@ -1,16 +1,19 @@
-"""The block-by-block inference loop: a batch of images run through the supernet one decision at a time.
+"""The block-by-block inference of a batch of images: where the decisions fall, and a stateless runner.
 
-`InferenceLoop.start` embeds the images and runs the stem at full width; `advance` runs the blocks of the next
-decision at one configuration per image and block; `complete` finishes the inference from the current tokens with
-the reference subnet (full width, no token reduction). A per-sample ledger counts the MACs spent (`vit.flops`), exact
-for each image's configurations and token counts. The env (`prance_env`) and the deployed `agents.AdaptiveViT` are
-its clients: the first pays rewards between the steps, the second asks a policy for the next configurations.
-`LoopShape` says where the decisions fall and what each one sets: per block (ours) or per group of blocks (PRANCE's).
+`DecisionSchedule` says where the decisions fall and what each one sets: per block (ours) or per group of blocks
+(PRANCE's). `InferenceRunner` runs a batch through the supernet one decision at a time on an explicit, immutable
+`InferenceState`: `start` embeds the images and runs the stem at full width, `advance` runs the blocks of the next
+decision at one configuration per image and block, and `complete` finishes the inference from the state's tokens
+with the reference subnet (full width, no token reduction). A per-sample ledger counts the MACs spent (`vit.flops`),
+exact for each image's configurations and token counts. The env (`prance_env`), the deployed `agents.AdaptiveViT`,
+the token-reduction heuristics, the token-map renderer and joint fine-tuning each hold a runner: the env pays
+rewards between the steps, `AdaptiveViT` asks a policy for the next configurations.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -18,9 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .bucketed import BucketedBatch
 from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet
-from .flops import block_macs, count_flops, embed_macs, head_macs
-from .supernet import TOKEN_BATCHES, ElasticViT
+from .flops import block_macs, count_macs, embed_macs, head_macs
+from .packed import PackedBatch
+from .supernet import LAYOUTS, ElasticViT
 from .utils import autocast, long_tensor, single_threaded
 
 #: The keep ratios of PRANCE's grouped decisions: one token reduction per group of blocks, keeping down to a tenth.
@@ -28,12 +33,17 @@ GROUPED_KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RATIO_FIELDS = ("keep_ratio", "merge_ratio")
 
 
+def reduces_tokens(field: str) -> bool:
+    """Whether the decision field named `field` (`keep_ratio`, `merge_ratio[3]`, ...) sets a token reduction."""
+    return field.startswith(RATIO_FIELDS)
+
+
 @dataclass(frozen=True)
-class LoopShape:
+class DecisionSchedule:
     """Where the decisions fall and what each one sets.
 
-    `stem_blocks` blocks run at full width when the loop starts, so the first decision depends on the image; then
-    each decision sets the next `blocks_per_step` blocks.
+    `stem_blocks` blocks run at full width when the inference starts, so the first decision depends on the image;
+    then each decision sets the next `blocks_per_step` blocks.
 
     - Per-block decisions (`group_blocks=0`): a decision is one configuration (the search space's fields: heads, MLP
       width, keep ratio[, merge ratio]) that every block of its step runs.
@@ -42,13 +52,13 @@ class LoopShape:
       one token reduction per group, at its first block (`keep_ratio[j]`, and `merge_ratio[j]` in `prune_merge`
       mode, from `keep_ratios`); the other blocks of the group keep every token.
 
-    `LoopShape.named` gives the shapes by name: `per-block` (the default: a 1-block stem, a decision before every
-    block), `grouped` (the paper's: a 3-block stem, decisions at blocks 3, 6 and 9, each for a group of 3 blocks,
-    keep ratios 0.1 to 1.0) and `one-shot` (the same choices for the 3 groups of a 12-block model in one decision read
-    after the stem: the baseline without an MDP).
+    `DecisionSchedule.named` gives the schedules by name: `per-block` (the default: a 1-block stem, a decision before
+    every block), `grouped` (the paper's: a 3-block stem, decisions at blocks 3, 6 and 9, each for a group of 3
+    blocks, keep ratios 0.1 to 1.0) and `one-shot` (the same choices for the 3 groups of a 12-block model in one
+    decision read after the stem: the baseline without an MDP).
 
     Attributes:
-        stem_blocks: blocks run at full width when the loop starts.
+        stem_blocks: blocks run at full width when the inference starts.
         blocks_per_step: blocks set by one decision.
         group_blocks: 0 for per-block decisions, else the blocks of a group (a divisor of `blocks_per_step`).
         keep_ratios: grouped decisions: the keep (and merge) ratios of a group's token reduction, ascending, ending
@@ -70,7 +80,7 @@ class LoopShape:
                 f"got {self.group_blocks}"
             )
         if self.keep_ratios is not None:
-            ratios = tuple(float(r) for r in self.keep_ratios)  # a JSON list reads back as the same shape
+            ratios = tuple(float(r) for r in self.keep_ratios)  # a JSON list reads back as the same schedule
             object.__setattr__(self, "keep_ratios", ratios)
             if not self.group_blocks:
                 raise ValueError("keep_ratios are for grouped decisions (group_blocks > 0)")
@@ -80,18 +90,18 @@ class LoopShape:
 
     @classmethod
     def named(
-        cls, decisions: str | LoopShape, stem_blocks: int | None = None, blocks_per_step: int | None = None
-    ) -> LoopShape:
-        """The shape named `decisions` (one of `DECISIONS`; a `LoopShape` is taken as it is), with `stem_blocks` and
-        `blocks_per_step` replaced where given."""
-        if isinstance(decisions, LoopShape):
-            shape = decisions
+        cls, decisions: str | DecisionSchedule, stem_blocks: int | None = None, blocks_per_step: int | None = None
+    ) -> DecisionSchedule:
+        """The schedule named `decisions` (one of `DECISIONS`; a `DecisionSchedule` is taken as it is), with
+        `stem_blocks` and `blocks_per_step` replaced where given."""
+        if isinstance(decisions, DecisionSchedule):
+            schedule = decisions
         elif decisions in DECISIONS:
-            shape = DECISIONS[decisions]
+            schedule = DECISIONS[decisions]
         else:
             raise ValueError(f"unknown decisions {decisions!r}; expected one of {', '.join(DECISIONS)}")
         given = {"stem_blocks": stem_blocks, "blocks_per_step": blocks_per_step}
-        return replace(shape, **{key: value for key, value in given.items() if value is not None})
+        return replace(schedule, **{key: value for key, value in given.items() if value is not None})
 
     @property
     def grouped(self) -> bool:
@@ -133,7 +143,7 @@ class LoopShape:
 
     def check(self, space: SearchSpace) -> None:
         """Raise a `ValueError` naming what is missing unless `space` holds every configuration the decisions choose
-        (so `vit.count_flops` and the supernet's forward take the subnets they make)."""
+        (so `vit.count_macs` and the supernet's forward take the subnets they make)."""
         self.nvec(space)
         if not self.grouped:
             return
@@ -143,7 +153,7 @@ class LoopShape:
                 if missing:
                     raise ValueError(
                         f"the supernet offers no {f.field} {missing} at block {f.block}, which these decisions "
-                        f"choose: build it with {f.field}_choices={f.choices} (LoopShape.supernet_kwargs)"
+                        f"choose: build it with {f.field}_choices={f.choices} (DecisionSchedule.supernet_kwargs)"
                     )
         for block in range(self.stem_blocks, space.depth):
             for field in space.fields[2:]:
@@ -151,18 +161,13 @@ class LoopShape:
                     raise ValueError(f"block {block} offers no {field} 1.0 (no reduction) for grouped decisions")
 
     def decode(self, space: SearchSpace, step: int, indices: Sequence[int]) -> tuple[BlockConfig, ...]:
-        """The configurations of the blocks decision `step` sets, from its choice indices (one per field); an
-        `InvalidSubnetError` for a wrong number of indices or an index out of range."""
+        """The configurations of the blocks decision `step` sets, from its choice indices (one per field, each in
+        range: `prance_env.mdp.ActionCodec` checks actions before they get here)."""
         blocks = self.blocks(step)
         if not self.grouped:
             return (space.config(blocks.start, indices),) * len(blocks)
-        layout = _layout(self, space, step)
-        if len(indices) != len(layout):
-            raise InvalidSubnetError(f"expected {len(layout)} indices {tuple(f.name for f in layout)}, got {indices}")
         values = {b: {} for b in blocks}
-        for f, i in zip(layout, indices):
-            if not 0 <= int(i) < len(f.choices):
-                raise InvalidSubnetError(f"{f.name} index {i} out of range [0, {len(f.choices)})")
+        for f, i in zip(_layout(self, space, step), indices):
             values[f.block][f.field] = f.choices[int(i)]
         return tuple(BlockConfig(**values[b]) for b in blocks)
 
@@ -197,27 +202,27 @@ class _Field:
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(shape: LoopShape, space: SearchSpace, step: int) -> tuple[_Field, ...]:
+def _layout(schedule: DecisionSchedule, space: SearchSpace, step: int) -> tuple[_Field, ...]:
     """The fields of decision `step`, in action order (per-block decisions: those of the step's first block)."""
-    blocks = shape.blocks(step)
-    if not shape.grouped:
+    blocks = schedule.blocks(step)
+    if not schedule.grouped:
         return tuple(_Field(f, f, blocks.start, c) for f, c in zip(space.fields, space.choices(blocks.start)))
     out = []
-    for first in blocks[:: shape.group_blocks]:
-        for block in range(first, first + shape.group_blocks):
+    for first in blocks[:: schedule.group_blocks]:
+        for block in range(first, first + schedule.group_blocks):
             j = block - blocks.start
             out += [_Field(f"{f}[{j}]", f, block, getattr(space, f)[block]) for f in ("heads", "mlp_hidden")]
         for f in space.fields[2:]:  # keep_ratio[, merge_ratio]: the group's reduction, at its first block
-            choices = getattr(space, f)[first] if shape.keep_ratios is None else shape.keep_ratios
+            choices = getattr(space, f)[first] if schedule.keep_ratios is None else schedule.keep_ratios
             out.append(_Field(f"{f}[{first - blocks.start}]", f, first, choices))
     return tuple(out)
 
 
-#: The decision structures by name (`LoopShape.named`).
-DECISIONS: dict[str, LoopShape] = {
-    "per-block": LoopShape(),
-    "grouped": LoopShape(stem_blocks=3, blocks_per_step=3, group_blocks=3, keep_ratios=GROUPED_KEEP_RATIOS),
-    "one-shot": LoopShape(stem_blocks=3, blocks_per_step=9, group_blocks=3, keep_ratios=GROUPED_KEEP_RATIOS),
+#: The decision schedules by name (`DecisionSchedule.named`).
+DECISIONS: dict[str, DecisionSchedule] = {
+    "per-block": DecisionSchedule(),
+    "grouped": DecisionSchedule(stem_blocks=3, blocks_per_step=3, group_blocks=3, keep_ratios=GROUPED_KEEP_RATIOS),
+    "one-shot": DecisionSchedule(stem_blocks=3, blocks_per_step=9, group_blocks=3, keep_ratios=GROUPED_KEEP_RATIOS),
 }
 
 
@@ -226,49 +231,94 @@ def log_price(price: Tensor) -> Tensor:
     return price.float().clamp_min(1e-12).log()
 
 
-class InferenceLoop:
-    """The inference of a batch of images, one decision at a time, with per-sample MACs.
+@dataclass(frozen=True)
+class InferenceState:
+    """Where the inference of a batch of B images stands: what `InferenceRunner` takes and returns.
 
-    The loop holds the state of its current batch (`tokens`, `macs`, `choices`, `step_index`); `start` replaces it.
-    It runs under `torch.inference_mode` and leaves the model's modes and `requires_grad` as they are.
+    Immutable: the runner returns a new state and leaves the one it was given as it was, so a client can branch (run
+    the rest of the network from here) without copying.
+
+    Attributes:
+        tokens: the tokens entering the next block (`vit.PackedBatch` or `vit.BucketedBatch`).
+        macs: (B,) float64, the MACs spent on each image so far (the head's included once `done`).
+        step: the decisions taken.
+        num_steps: the decisions of a whole inference.
+        blocks: per block run so far (stem included), each image's configuration: `blocks[i][b]`.
+    """
+
+    tokens: PackedBatch | BucketedBatch
+    macs: Tensor
+    step: int
+    num_steps: int
+    blocks: tuple[tuple[BlockConfig, ...], ...]
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of images."""
+        return self.tokens.batch_size
+
+    @property
+    def done(self) -> bool:
+        """Whether every decision has run."""
+        return self.step == self.num_steps
+
+    @property
+    def next_block(self) -> int:
+        """The first block the next decision sets (the model's depth once done)."""
+        return len(self.blocks)
+
+    def subnets(self) -> list[tuple[BlockConfig, ...]]:
+        """Per image, the configurations of the blocks run so far (a whole `vit.Subnet`'s once done)."""
+        return list(zip(*self.blocks)) if self.blocks else [()] * self.batch_size
+
+
+class InferenceRunner:
+    """Runs the inference of a batch one decision at a time, with per-sample MACs, on explicit states.
+
+    Stateless between calls: every call takes an `InferenceState` and returns a new one (or what it computes from
+    it); what the runner keeps are memoised MACs counts. It runs under `torch.inference_mode` and leaves the model's
+    modes and `requires_grad` as they are.
 
     Args:
         model: the supernet.
-        shape: where the decisions fall and what each sets; the model's search space must hold every configuration
-            it chooses (`LoopShape.check`).
-        execution: how a batch of per-sample configurations runs: `packed` (`vit.PackedBatch`) or `bucketed`
-            (`vit.BucketedBatch`); the results are the same.
+        schedule: where the decisions fall and what each sets (the runner runs the configurations it is given;
+            `prance_env.mdp.ActionCodec` checks that the search space holds every one the decisions choose).
+        layout: how a batch of per-sample configurations is held and run: `packed` (`vit.PackedBatch`) or
+            `bucketed` (`vit.BucketedBatch`); the results are the same.
         amp: run the supernet under bf16 autocast on its device (CUDA or CPU; `vit.utils.autocast`); observations,
             logits and MACs stay float32/float64.
+        token_mode: how the blocks reduce tokens, for runs of configurations outside the search space (the
+            full-width token-reduction heuristics run every model in `prune_merge` mode); None: the model's.
     """
 
     def __init__(
-        self, model: ElasticViT, shape: LoopShape = LoopShape(), execution: str = "packed", amp: bool = False
+        self,
+        model: ElasticViT,
+        schedule: DecisionSchedule = DecisionSchedule(),
+        layout: str = "packed",
+        amp: bool = False,
+        token_mode: str | None = None,
     ) -> None:
-        if execution not in TOKEN_BATCHES:
-            raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(TOKEN_BATCHES)}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
         self.model = model
-        self.shape = shape
-        self.execution = execution
+        self.schedule = schedule
+        self.layout = layout
         self.amp = amp
-        self.space = model.search_space
-        self.num_steps = shape.num_steps(model.depth)
-        shape.check(self.space)
-        self.nvec: tuple[int, ...] = shape.nvec(self.space)
-        self.fields: tuple[str, ...] = shape.fields(self.space)
-        self.reference = self.space.largest()
-        self.full_macs = count_flops(model)
+        self.token_mode = token_mode or model.token_mode
+        self.num_steps = schedule.num_steps(model.depth)
+        self.reference = model.search_space.largest()
+        self.full_macs = count_macs(model)
         self._block_cache: dict[tuple[int, BlockConfig], int] = {}
         self._rest_cache: dict[tuple[int, int], int] = {}
         self._by_tokens: dict[BlockConfig, Tensor] = {}
-        self.step_index = -1  # -1: not started; num_steps: done
 
     # --- MACs ledger: exact per-sample counts from (tokens, config), memoised -----------------------------------------
 
     def _block(self, n: int, config: BlockConfig) -> int:
         """MACs of a block entered with `n` patch tokens at `config`."""
         if (n, config) not in self._block_cache:
-            self._block_cache[n, config] = block_macs(self.model, n, config)[0]
+            self._block_cache[n, config] = block_macs(self.model, n, config, self.token_mode)[0]
         return self._block_cache[n, config]
 
     def _block_macs(self, n: Tensor, configs: list[BlockConfig], code: Tensor) -> Tensor:
@@ -287,111 +337,111 @@ class InferenceLoop:
             self._rest_cache[start, n] = blocks + head_macs(self.model)
         return self._rest_cache[start, n]
 
-    def completion_macs(self) -> Tensor:
-        """MACs (B,) float64 of `complete` per sample: the rest of the blocks at the reference subnet and the head.
+    def completion_macs(self, state: InferenceState) -> Tensor:
+        """MACs (B,) float64 of `complete` per sample: the rest of the blocks at the reference subnet and the head;
+        zero once the state is done (its ledger holds the head already)."""
+        if state.done:
+            return torch.zeros_like(state.macs)
+        rest = [self._rest(state.next_block, n) for n in state.tokens.num_patches().tolist()]
+        return torch.tensor(rest, dtype=torch.float64, device=state.macs.device)
 
-        Zero once the batch is done (the ledger already holds the head)."""
-        if self.done:
-            return torch.zeros_like(self.macs)
-        end = self.next_block
-        rest = [self._rest(end, n) for n in self.tokens.num_patches().tolist()]
-        return torch.tensor(rest, dtype=torch.float64, device=self.macs.device)
-
-    # --- the loop -----------------------------------------------------------------------------------------------------
-
-    @property
-    def next_block(self) -> int:
-        """The first block the next decision sets (the model's depth once done)."""
-        return self.shape.stem_blocks + self.step_index * self.shape.blocks_per_step
-
-    @property
-    def done(self) -> bool:
-        """Whether every decision of the current batch has run."""
-        return self.step_index == self.num_steps
+    # --- the inference --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def start(self, images: Tensor) -> None:
-        """Start a batch: embed `images` (B, C, H, W) (on the model's device) and run the stem at full width."""
+    def start(self, images: Tensor, trace_sources: bool = False) -> InferenceState:
+        """Embed `images` (B, C, H, W) (on the model's device) and run the stem at full width.
+
+        `trace_sources` (packed layout): the tokens carry ToMe's source map, which original tokens each holds
+        (`PackedBatch.source`), for token maps."""
         B = images.shape[0]
         if B == 0:
             raise ValueError("no images: a batch needs at least one image")
-        stem = self.shape.stem_blocks
+        model, stem = self.model, self.schedule.stem_blocks
         with autocast(images.device, self.amp):
-            tokens = TOKEN_BATCHES[self.execution](self.model.embed(images))
+            x = model.embed(images)
+            if trace_sources:
+                if self.layout != "packed":
+                    raise ValueError("sources are traced on the packed layout only")
+                source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(B, -1, -1)
+                tokens = PackedBatch(x, source=source)
+            else:
+                tokens = PackedBatch(x) if self.layout == "packed" else BucketedBatch(x)
             for i in range(stem):
-                tokens = tokens.apply_block(self.model, i, self.reference[i])
-        self.tokens = tokens
-        n0 = self.model.num_patches
-        spent = embed_macs(self.model) + sum(self._block(n0, self.reference[i]) for i in range(stem))
-        self.macs = torch.full((B,), float(spent), dtype=torch.float64, device=images.device)
-        self.choices: list[list[BlockConfig]] = [list(self.reference[:stem]) for _ in range(B)]
-        self.step_index = 0
-
-    def configs(self, indices: Tensor) -> list[tuple[BlockConfig, ...]]:
-        """The configurations of the next decision from per-sample choice indices (B, fields) int64: per sample, one
-        per block of the step (see `LoopShape.decode`, which raises `InvalidSubnetError` for an index out of
-        range)."""
-        rows = list(map(tuple, indices.tolist()))
-        decoded = {row: self.shape.decode(self.space, self.step_index, row) for row in dict.fromkeys(rows)}  # once each
-        return [decoded[row] for row in rows]
+                tokens = model.run_block(i, tokens, self.reference[i], self.token_mode)
+        n0 = model.num_patches
+        spent = embed_macs(model) + sum(self._block(n0, self.reference[i]) for i in range(stem))
+        macs = torch.full((B,), float(spent), dtype=torch.float64, device=images.device)
+        blocks = tuple((self.reference[i],) * B for i in range(stem))
+        return InferenceState(tokens, macs, 0, self.num_steps, blocks)
 
     @torch.inference_mode()
-    def advance(self, configs: Sequence[BlockConfig | Sequence[BlockConfig]]) -> bool:
-        """Run the blocks of the next decision, sample b at `configs[b]`: one `BlockConfig` for every block of the
-        step, or one per block (as `configs` decodes them); True when the batch is done.
+    def advance(self, state: InferenceState, configs: Sequence[BlockConfig | Sequence[BlockConfig]]) -> InferenceState:
+        """The state after the blocks of the next decision, sample b at `configs[b]`: one `BlockConfig` for every
+        block of the step, or one per block (as `prance_env.mdp.ActionCodec` decodes actions).
 
-        Once done, `macs` includes the head, so it is each image's whole cost.
+        Once done, the state's `macs` include the head: each image's whole cost.
         """
-        if self.step_index < 0:
-            raise RuntimeError("call start() before advance()")
-        if self.done:
-            raise RuntimeError("the batch is done; call start() to start a new one")
-        blocks = self.shape.blocks(self.step_index)
+        if state.done:
+            raise RuntimeError("the inference is done: start a new one")
+        blocks = self.schedule.blocks(state.step)
         per_sample = [(c,) * len(blocks) if isinstance(c, BlockConfig) else tuple(c) for c in configs]
-        if len(per_sample) != self.tokens.batch_size:
-            raise ValueError(f"expected {self.tokens.batch_size} configurations, got {len(per_sample)}")
+        if len(per_sample) != state.batch_size:
+            raise ValueError(f"expected {state.batch_size} configurations, got {len(per_sample)}")
         if any(len(c) != len(blocks) for c in per_sample):
             raise ValueError(f"expected one configuration per image, or one per block ({len(blocks)}) of the step")
+        tokens, macs, run = state.tokens, state.macs, list(state.blocks)
         for k, i in enumerate(blocks):
-            column = [c[k] for c in per_sample]
+            column = tuple(c[k] for c in per_sample)
             codes: dict[BlockConfig, int] = {}
-            code = long_tensor([codes.setdefault(c, len(codes)) for c in column], self.macs.device)
-            with single_threaded(self.macs.device):
-                self.macs += self._block_macs(self.tokens.num_patches(), list(codes), code)
-            with autocast(self.macs.device, self.amp):
-                self.tokens = self.tokens.apply_block(self.model, i, column)
-            for choice, c in zip(self.choices, column):
-                choice.append(c)
-        self.step_index += 1
-        if self.done:
-            self.macs += head_macs(self.model)
-        return self.done
+            code = long_tensor([codes.setdefault(c, len(codes)) for c in column], macs.device)
+            with single_threaded(macs.device):
+                macs = macs + self._block_macs(tokens.num_patches(), list(codes), code)
+            with autocast(macs.device, self.amp):
+                tokens = self.model.run_block(i, tokens, column, self.token_mode)
+            run.append(column)
+        step = state.step + 1
+        if step == self.num_steps:
+            macs = macs + head_macs(self.model)
+        return InferenceState(tokens, macs, step, self.num_steps, tuple(run))
 
     @torch.inference_mode()
-    def complete(self) -> Tensor:
-        """Class logits (B, num_classes), float32: the rest of the blocks run from the current tokens at the
+    def complete(self, state: InferenceState) -> Tensor:
+        """Class logits (B, num_classes), float32: the rest of the blocks run from the state's tokens at the
         reference subnet; once done, the batch's own logits."""
-        if self.step_index < 0:
-            raise RuntimeError("call start() before complete()")
-        with autocast(self.macs.device, self.amp):
-            return self.model.forward_tokens(self.tokens, self.next_block).float()
+        with autocast(state.macs.device, self.amp):
+            return self.model.forward_tokens(state.tokens, state.next_block, token_mode=self.token_mode).float()
 
-    def observe(self, price: Tensor) -> dict[str, Tensor]:
+    def observe(self, state: InferenceState, price: Tensor) -> dict[str, Tensor]:
         """What a decider reads before the next decision. `cls` (B, C): CLS entering the next block; `progress`
         (B, 3): decisions made / all, MACs spent / full MACs, patch tokens alive / initial; `price` (B, 1): log of
         each image's compute price `price` (B,)."""
-        with single_threaded(self.macs.device):  # small operations: one thread is faster
-            tokens = self.tokens.num_patches().float() / self.model.num_patches
+        with single_threaded(state.macs.device):  # small operations: one thread is faster
+            tokens = state.tokens.num_patches().float() / self.model.num_patches
             B = tokens.shape[0]
             progress = torch.stack(
                 [
-                    torch.full_like(tokens, self.step_index / self.num_steps),
-                    (self.macs / self.full_macs).float(),
+                    torch.full_like(tokens, state.step / self.num_steps),
+                    (state.macs / self.full_macs).float(),
                     tokens,
                 ],
                 dim=1,
             )
-            return {"cls": self.tokens.cls().float(), "progress": progress, "price": log_price(price).view(B, 1)}
+            return {"cls": state.tokens.cls().float(), "progress": progress, "price": log_price(price).view(B, 1)}
 
 
-__all__ = ["DECISIONS", "GROUPED_KEEP_RATIOS", "InferenceLoop", "LoopShape", "log_price"]
+def __getattr__(name: str):
+    if name == "LoopShape":
+        warnings.warn("vit.inference.LoopShape is now DecisionSchedule", DeprecationWarning, stacklevel=2)
+        return DecisionSchedule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DECISIONS",
+    "GROUPED_KEEP_RATIOS",
+    "DecisionSchedule",
+    "InferenceRunner",
+    "InferenceState",
+    "log_price",
+    "reduces_tokens",
+]

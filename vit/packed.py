@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BlockConfig
-from .token_ops import Reduction, cls_attention, token_schedule
+from .token_ops import Reduction, assign_tokens, cls_attention, token_schedule
 from .utils import long_tensor, matmul_dtype
 
 #: The padding a length class of the attention core may waste, in MACs, by device type (see `length_classes`); other
@@ -137,9 +137,63 @@ class PackedBatch:
         source = None if self.source is None else self.source.index_select(0, rows)
         return PackedBatch(self.x.index_select(0, rows), self.lengths, size, order, source)
 
-    def apply_block(self, model, i: int, configs: BlockConfig | Sequence[BlockConfig]) -> PackedBatch:
-        """Run block `i` of `model`, at one `BlockConfig` for all samples or one per sample (batch order)."""
-        return model.run_block(i, self, configs)
+    def with_tokens(self, x: Tensor) -> PackedBatch:
+        """The same samples, lengths, sizes and sources with new tokens x (T, C)."""
+        return PackedBatch(x, self.lengths, self.size, self.order, self.source)
+
+    def attention(self, y: Tensor, attn, plan: BlockPlan) -> tuple[Tensor, list[AttentionRun]]:
+        """The attention branch of a block on normalised tokens y (T, C), the batch stored by number of heads
+        (`plan.attention_order`): its output (T, C) and the q, k, v runs (one per number of heads), which token
+        reduction ranks by. Each run's linear layers read a prefix slice of `attn`'s weights; its attention core
+        runs length class by length class (`attention_core`)."""
+        rows, d = plan.rows, attn.head_dim
+        log_size = None if self.size is None else self.size.log()
+        runs, cores = [], []
+        for h, first, n, samples in sample_runs(self.order, plan.heads, self.lengths):
+            qkv = F.linear(pad_rows(y[first : first + rows(n)], rows(n)), *attn.qkv_params(h))[:n]
+            run = AttentionRun(qkv, h, first, samples, [self.lengths[s] for s in samples])
+            runs.append(run)
+            cores.append((attention_core(run, log_size, d, rows(n)), *attn.proj_params(h), n))
+        return stack_linear(cores), runs
+
+    def reduced(self, x: Tensor, runs: list[AttentionRun], attn, plan: BlockPlan, merge_variant: str) -> PackedBatch:
+        """The batch of tokens x (T, C), stored as this one, after the block's token reduction, stored by MLP width.
+
+        The reducing samples' patch tokens are ranked by CLS attention and assigned slots at once
+        (`vit.token_ops.assign_tokens`), matched by the cosine of their keys (`tome`) or of their hidden states
+        (`official`), then merged into size-weighted means (`tome`) or plain means with no sizes (`official`)."""
+        order = self.order if plan.uniform else sorted(self.order, key=plan.widths.__getitem__)
+        if not plan.reduced:
+            return self.with_tokens(x).reordered(order)
+        pruned, final = ([plan.schedules[s][k] for s in plan.reduced] for k in (0, 1))
+        merges = pruned != final
+        with torch.no_grad():  # ranking and matching are not differentiated
+            scores, keys, valid = cls_ranking(runs, self, plan.reduced, attn.head_dim, attn.scale, plan.uniform)
+            if merges and merge_variant == "official":  # match by the hidden states instead of the keys
+                keys = sample_tokens(self, x, plan.reduced, scores.shape[1] + 1)[:, 1:]
+            bounds = max(a - b for a, b in zip(pruned, final)), max(final)
+            if plan.uniform:
+                slot = assign_tokens(scores, keys if merges else None, pruned[0], final[0], bounds=bounds)
+            else:
+                p, f = long_tensor(pruned, x.device), long_tensor(final, x.device)
+                slot = assign_tokens(scores, keys if merges else None, p, f, valid, bounds)
+        reduction, lengths = packed_reduction(self, plan, slot, order, merges)
+        if merge_variant == "official":  # plain means, no sizes: attention stays unweighted
+            x, size = reduction.mean(x, None)[0], None
+        else:
+            x, size = reduction.mean(x, self.size)
+        source = None if self.source is None else reduction.sum(self.source)
+        return PackedBatch(x, lengths, size, order, source)
+
+    def mlp(self, y: Tensor, mlp, plan: BlockPlan) -> Tensor:
+        """The MLP branch of a block on normalised tokens y (T, C), the batch stored by MLP width: (T, C), each
+        width's layers once on its contiguous rows and a prefix slice of `mlp`'s weights."""
+        rows = plan.rows
+        parts = [
+            (mlp.hidden(pad_rows(y[first : first + rows(n)], rows(n)), m), *mlp.fc2_params(m), n)
+            for m, first, n, _ in sample_runs(self.order, plan.widths, self.lengths)
+        ]
+        return stack_linear(parts)
 
 
 class BlockPlan:
@@ -171,6 +225,8 @@ class BlockPlan:
                     schedule = schedules[key] = token_schedule(L - 1, c, token_mode)
                 self.schedules.append(schedule)
         self.reduced = [s for s in range(B) if self.schedules[s][1] < lengths[s] - 1]
+        # on CPU in bf16, per-sample matmuls run on a ladder of row counts (a dense batch's shapes repeat already)
+        self.rows = shape_ladder if repeat_shapes(batch.x) and not self.uniform else int
 
 
 def stack_linear(parts: Sequence[tuple[Tensor, Tensor, Tensor | None, int]]) -> Tensor:
@@ -369,7 +425,9 @@ def cls_ranking(
 
 def sample_tokens(batch: PackedBatch, x: Tensor, samples: list[int], L: int) -> Tensor:
     """The rows of x (T, C), stored as `batch`, of the `samples`' tokens, padded to L (repeating each sample's last
-    token): (b, L, C)."""
+    token): (b, L, C); a view when they are every sample of a dense batch."""
+    if batch.is_dense and L == batch.lengths[0] and samples == list(range(batch.batch_size)):
+        return x.view(batch.batch_size, L, x.shape[1])
     return x.index_select(0, _sample_rows(batch, samples, L)).view(len(samples), L, x.shape[1])
 
 
@@ -382,35 +440,33 @@ def _sample_rows(batch: PackedBatch, samples: list[int], L: int) -> Tensor:
 
 
 def packed_reduction(
-    batch: PackedBatch, plan: BlockPlan, slot: Tensor | None, order: list[int]
+    batch: PackedBatch, plan: BlockPlan, slot: Tensor, order: list[int], merges: bool
 ) -> tuple[Reduction, list[int]]:
     """The `Reduction` of a block on `batch` (stored in attention order) whose reducing samples (`plan.reduced`)
     got `slot` (b, N) from `assign_tokens`, writing the batch in sample `order`; and the new lengths."""
     lengths = list(batch.lengths)
     for s in plan.reduced:
         lengths[s] = 1 + plan.schedules[s][1]
+    device = batch.x.device
+    if plan.uniform:  # every sample reduces, in place: each output row follows from the slots alone
+        B, L = batch.batch_size, batch.lengths[0]
+        samples = torch.arange(B, device=device)
+        return Reduction.from_slots(slot, samples * L, samples * lengths[0], B * lengths[0], merges), lengths
     out_starts = np.zeros(batch.batch_size, dtype=np.int64)
     n_order = np.asarray([lengths[s] for s in order])
     out_starts[order] = np.cumsum(n_order) - n_order
-    rows_out = int(n_order.sum())
-    # every input row to its own place in the output (CLS and unreduced tokens); reducing samples' patches below
+    # every input row to its own place in the output (CLS and unreduced tokens); the slots place the rest
     in_order = batch.order
     n_in = np.asarray([batch.lengths[s] for s in in_order])
     offset = np.arange(int(n_in.sum())) - np.repeat(np.cumsum(n_in) - n_in, n_in)
-    dst = np.repeat(out_starts[in_order], n_in) + offset
-    device = batch.x.device
-    dst_t = long_tensor(dst, device)
-    merges = any(plan.schedules[s][0] > plan.schedules[s][1] for s in plan.reduced)
-    if plan.reduced:
-        samples = plan.reduced
-        N = slot.shape[1]
-        patch_rows = _sample_rows(batch, samples, N + 1).view(len(samples), N + 1)[:, 1:]
-        n = long_tensor([batch.lengths[s] - 1 for s in samples], device)
-        valid = torch.arange(N, device=device) < n[:, None]
-        start = long_tensor(out_starts[samples], device)[:, None]
-        target = torch.where(slot >= 0, start + 1 + slot, rows_out)
-        dst_t[patch_rows[valid]] = target[valid]
-    return Reduction(dst_t, rows_out, merges), lengths
+    dst = long_tensor(np.repeat(out_starts[in_order], n_in) + offset, device)
+    samples = plan.reduced
+    n = long_tensor([batch.lengths[s] - 1 for s in samples], device)
+    valid = torch.arange(slot.shape[1], device=device) < n[:, None]
+    starts = long_tensor([batch._start_list()[s] for s in samples], device)
+    rows = int(n_order.sum())
+    reduction = Reduction.from_slots(slot, starts, long_tensor(out_starts[samples], device), rows, merges, valid, dst)
+    return reduction, lengths
 
 
 __all__ = ["PackedBatch"]

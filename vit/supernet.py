@@ -9,6 +9,7 @@ what timm computes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -19,27 +20,13 @@ from torch.utils.checkpoint import checkpoint
 
 from .bucketed import BucketedBatch
 from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, channel_statistics, check_token_mode
-from .packed import (
-    AttentionRun,
-    BlockPlan,
-    PackedBatch,
-    attention_core,
-    cls_ranking,
-    packed_reduction,
-    pad_rows,
-    repeat_shapes,
-    sample_runs,
-    sample_tokens,
-    shape_ladder,
-    stack_linear,
-)
-from .token_ops import assign_tokens, dense_reduction, token_schedule
-from .utils import long_tensor
+from .packed import BlockPlan, PackedBatch
 
-EXECUTIONS = ("packed", "bucketed", "consensus")
 MERGE_VARIANTS = ("tome", "official")
-#: How `ElasticViT.forward` and `vit.inference.InferenceLoop` hold a batch for each per-sample execution.
+#: The batch layouts of per-sample execution: how `ElasticViT.forward` and `vit.inference.InferenceRunner` hold a
+#: batch whose samples run different configurations.
 TOKEN_BATCHES = {"packed": PackedBatch, "bucketed": BucketedBatch}
+LAYOUTS = tuple(TOKEN_BATCHES)
 #: The data config a model's `pretrained_cfg` starts from: DeiT's ImageNet evaluation (224/256 centre crop, bicubic,
 #: ImageNet statistics) and the license of DeiT's weights and of this package.
 IMAGENET_CFG = {
@@ -148,56 +135,12 @@ class ElasticBlock(nn.Module):
         matches tokens by the cosine of their keys and merges them into size-weighted means (sizes then bias later
         attention); `official` (the PRANCE release's) by the cosine of their hidden states, into plain means."""
         plan = BlockPlan(batch, configs, token_mode)
-        batch = batch.reordered(plan.attention_order)
-        attn, d = self.attn, self.attn.head_dim
-        ladder = repeat_shapes(batch.x) and not plan.uniform  # a dense batch's shapes repeat already
-        rows = shape_ladder if ladder else int
-        heads_runs = sample_runs(batch.order, plan.heads, batch.lengths)
-        y = self.norm1(batch.x)  # a run's padding rows: the next run's rows, or zero rows after the last run
-        runs, cores = [], []
-        log_size = None if batch.size is None else batch.size.log()
-        for h, first, n, samples in heads_runs:
-            qkv = F.linear(pad_rows(y[first : first + rows(n)], rows(n)), *attn.qkv_params(h))[:n]
-            run = AttentionRun(qkv, h, first, samples, [batch.lengths[s] for s in samples])
-            runs.append(run)
-            cores.append((attention_core(run, log_size, d, rows(n)), *attn.proj_params(h), n))
-        x = batch.x + self.drop_path1(stack_linear(cores), batch)
-        order = batch.order if plan.uniform else sorted(batch.order, key=plan.widths.__getitem__)
-        if plan.reduced:
-            pruned, final = ([plan.schedules[s][k] for s in plan.reduced] for k in (0, 1))
-            merges = pruned != final
-            with torch.no_grad():  # ranking and matching are not differentiated
-                scores, keys, valid = cls_ranking(runs, batch, plan.reduced, d, attn.scale, plan.uniform)
-                if merges and merge_variant == "official":  # match by the hidden states instead of the keys
-                    L = scores.shape[1] + 1
-                    uniform = plan.uniform
-                    hidden = x.view(batch.batch_size, L, -1) if uniform else sample_tokens(batch, x, plan.reduced, L)
-                    keys = hidden[:, 1:]
-            if plan.uniform:
-                bounds = pruned[0] - final[0], final[0]
-                slot = assign_tokens(scores, keys if merges else None, pruned[0], final[0], bounds=bounds)
-                reduction, lengths = dense_reduction(slot, final[0], merges), [1 + final[0]] * batch.batch_size
-            else:
-                p, f = long_tensor(pruned, x.device), long_tensor(final, x.device)
-                bounds = max(a - b for a, b in zip(pruned, final)), max(final)
-                slot = assign_tokens(scores, keys if merges else None, p, f, valid, bounds)
-                reduction, lengths = packed_reduction(batch, plan, slot, order)
-            if merge_variant == "official":  # plain means, no sizes: attention stays unweighted
-                x, size = reduction.mean(x, None)[0], None
-            else:
-                x, size = reduction.mean(x, batch.size)
-            source = None if batch.source is None else reduction.sum(batch.source)
-            batch = PackedBatch(x, lengths, size, order, source)
-        else:
-            batch = PackedBatch(x, batch.lengths, batch.size, batch.order, batch.source).reordered(order)
-        width_runs = sample_runs(batch.order, plan.widths, batch.lengths)
-        y = self.norm2(batch.x)
-        parts = [
-            (self.mlp.hidden(pad_rows(y[first : first + rows(n)], rows(n)), m), *self.mlp.fc2_params(m), n)
-            for m, first, n, _ in width_runs
-        ]
-        x = batch.x + self.drop_path2(stack_linear(parts), batch)
-        return PackedBatch(x, batch.lengths, batch.size, batch.order, batch.source)
+        batch = batch.reordered(plan.attention_order)  # (T, C), samples by number of heads
+        attended, runs = batch.attention(self.norm1(batch.x), self.attn, plan)
+        x = batch.x + self.drop_path1(attended, batch)
+        batch = batch.reduced(x, runs, self.attn, plan, merge_variant)  # samples now by MLP width
+        x = batch.x + self.drop_path2(batch.mlp(self.norm2(batch.x), self.mlp, plan), batch)
+        return batch.with_tokens(x)
 
 
 class PatchEmbed(nn.Module):
@@ -245,9 +188,8 @@ class ElasticViT(nn.Module):
     """A weight-sharing ViT supernet (timm `VisionTransformer` names) with per-block widths and token reduction.
 
     `forward(x)` runs the largest subnet; `forward(x, subnet)` one subnet for the batch; `forward(x, [s_0, ...])`
-    one subnet per sample, executed on packed tokens (`vit.PackedBatch`), by bucketing samples of equal
-    configuration and token count (`execution="bucketed"`, `vit.BucketedBatch`), or as one subnet chosen from the
-    per-sample ones (`execution="consensus"`).
+    one subnet per sample, held as packed tokens (`vit.PackedBatch`) or in buckets of equal configuration and token
+    count (`layout="bucketed"`, `vit.BucketedBatch`). `run_block` runs one block on either layout.
 
     Args:
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the
@@ -408,36 +350,39 @@ class ElasticViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed
 
-    def forward_block(
-        self, i: int, x: Tensor, size: Tensor | None, config: BlockConfig, source: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
-        """Run block `i` at `config` on a dense batch: tokens x (B, 1 + N, C) with sizes (B, 1 + N) or None.
+    def run_block(
+        self,
+        i: int,
+        tokens: PackedBatch | BucketedBatch,
+        configs: BlockConfig | Sequence[BlockConfig],
+        token_mode: str | None = None,
+    ) -> PackedBatch | BucketedBatch:
+        """Run block `i` on a batch layout, at one configuration or one per sample (batch order); the batch after it.
 
-        With a `source` (B, 1 + N, S), also returns it reduced as the tokens were: which original tokens each
-        token holds (start from the identity at `embed`; see `token_ops.reduce_tokens`).
-        """
-        if x.shape[0] == 0:  # no samples: only the shape changes
-            final = token_schedule(x.shape[1] - 1, config, self.token_mode)[1]
-            x = x[:, : 1 + final]
-            return (x, size) if source is None else (x, size, source[:, : 1 + final])
-        x, size, traced = self.run_block(i, PackedBatch(x, size=size, source=source), config).dense()
-        return (x, size) if source is None else (x, size, traced)
-
-    def run_block(self, i: int, batch: PackedBatch, configs: BlockConfig | Sequence[BlockConfig]) -> PackedBatch:
-        """Run block `i` on a `PackedBatch`, at one configuration or one per sample (batch order). Every execution
-        runs its blocks here, so `set_grad_checkpointing` covers one subnet and per-sample subnets alike."""
-        block = self.blocks[i]
+        Every forward runs its blocks here, so `set_grad_checkpointing` covers one subnet and per-sample subnets
+        alike. A `BucketedBatch` runs the block once per group of samples sharing a configuration and a token count,
+        each a dense `PackedBatch`. `token_mode` (default: the model's) says how the block reduces tokens."""
+        if tokens.batch_size == 0:
+            return tokens
+        block, mode = self.blocks[i], token_mode or self.token_mode
+        if isinstance(tokens, BucketedBatch):
+            groups = tokens.groups(configs)
+            return tokens.regrouped([(index, self.run_block(i, part, config, mode)) for index, part, config in groups])
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, batch, configs, self.token_mode, self.merge_variant, use_reentrant=False)
-        return block(batch, configs, self.token_mode, self.merge_variant)
+            return checkpoint(block, tokens, configs, mode, self.merge_variant, use_reentrant=False)
+        return block(tokens, configs, mode, self.merge_variant)
 
     def forward_features(self, x: Tensor, subnet: Subnet | None = None) -> Tensor:
-        """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch (largest when None)."""
+        """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch (largest when None); an empty batch's
+        embedding."""
         subnet = self.search_space.largest() if subnet is None else self.search_space.validate(subnet)
-        x, size = self.embed(x), None
+        x = self.embed(x)
+        if x.shape[0] == 0:
+            return self.norm(x)
+        tokens = PackedBatch(x)
         for i, config in enumerate(subnet):
-            x, size = self.forward_block(i, x, size, config)
-        return self.norm(x)
+            tokens = self.run_block(i, tokens, config)
+        return self.norm(tokens.dense()[0])
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Class logits from tokens (B, T, C) or CLS features (B, C)."""
@@ -447,9 +392,13 @@ class ElasticViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward_tokens(
-        self, tokens: PackedBatch | BucketedBatch, start: int, subnets: Sequence[Subnet] | Subnet | None = None
+        self,
+        tokens: PackedBatch | BucketedBatch,
+        start: int,
+        subnets: Sequence[Subnet] | Subnet | None = None,
+        token_mode: str | None = None,
     ) -> Tensor:
-        """Logits (B, num_classes) of a `PackedBatch` or `BucketedBatch` run from block `start` to the end.
+        """Logits (B, num_classes) of a batch layout run from block `start` to the end.
 
         `subnets` gives the configuration of the remaining blocks: one `Subnet` for all samples, one per sample,
         or None for the full width with no token reduction. Only blocks `start:` of each subnet are used.
@@ -458,39 +407,57 @@ class ElasticViT(nn.Module):
             subnets = self.search_space.largest()
         for i in range(start, self.depth):
             configs = subnets[i] if isinstance(subnets, Subnet) else [s[i] for s in subnets]
-            tokens = tokens.apply_block(self, i, configs)
+            tokens = self.run_block(i, tokens, configs, token_mode)
         return self.forward_head(self.norm(tokens.cls()))
 
-    def forward(self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, execution: str = "packed") -> Tensor:
+    def forward(
+        self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, layout: str = "packed", **deprecated
+    ) -> Tensor:
         """Logits (B, num_classes).
 
         Args:
             x: images (B, C_in, H, W).
             subnet: None (largest subnet), a `Subnet` for the whole batch, or a sequence of B subnets.
-            execution: for per-sample subnets, `packed` or `bucketed` (each the exact per-sample result; `packed`
-                runs a block in a few dense operations whatever the mixture, `bucketed` one dense group per
-                configuration and token count; both record gradients when enabled) or
-                `consensus` (one subnet for the batch: per block and field the median choice of the samples).
+            layout: for per-sample subnets, `packed` or `bucketed` (each the exact per-sample result; `packed` runs
+                a block in a few dense operations whatever the mixture, `bucketed` one dense group per configuration
+                and token count; both record gradients when enabled). `consensus`, deprecated, runs one subnet for
+                the batch (per block and field the median choice of the samples: `SearchSpace.consensus`).
         """
+        if deprecated:
+            layout = _deprecated_execution(layout, deprecated)
         if subnet is None or isinstance(subnet, Subnet):
             return self.forward_head(self.forward_features(x, subnet))
         if isinstance(subnet, str) or not isinstance(subnet, Iterable):
             raise InvalidSubnetError(f"expected a vit.Subnet or one per image, got {type(subnet).__name__}")
         subnets = list(subnet)
-        if execution not in EXECUTIONS:
-            raise ValueError(f"unknown execution {execution!r}; expected one of {', '.join(EXECUTIONS)}")
+        if layout == "consensus":
+            warnings.warn(
+                "layout='consensus' is deprecated: run model(x, model.search_space.consensus(subnets))",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        elif layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
         if len(subnets) != x.shape[0]:
             raise ValueError(f"got {len(subnets)} subnets for a batch of {x.shape[0]} images")
         self.search_space.validate_all(subnets)
         if not subnets:  # an empty batch
             return self.forward_head(self.forward_features(x))
-        if execution == "consensus":
+        if layout == "consensus":
             return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
-        return self.forward_tokens(TOKEN_BATCHES[execution](self.embed(x)), 0, subnets)
+        return self.forward_tokens(TOKEN_BATCHES[layout](self.embed(x)), 0, subnets)
+
+
+def _deprecated_execution(layout: str, deprecated: dict) -> str:
+    """The layout of a call that still names it `execution` (deprecated)."""
+    if set(deprecated) != {"execution"}:
+        raise TypeError(f"forward() got unexpected keyword arguments {sorted(deprecated)}")
+    warnings.warn("forward(execution=...) is now forward(layout=...)", DeprecationWarning, stacklevel=3)
+    return deprecated["execution"]
 
 
 __all__ = [
-    "EXECUTIONS",
+    "LAYOUTS",
     "MERGE_VARIANTS",
     "IMAGENET_CFG",
     "TOKEN_BATCHES",

@@ -6,13 +6,14 @@ Reduction runs in two steps:
    reduced sequence, once: the `final` best keep their own slot (in position order), the next `pruned - final` are
    merged into the slot of their most similar kept token (cosine of keys; ties go to the first), the rest are
    pruned (slot -1). Counts are per sample, so one call serves samples of different lengths padded to the longest.
-2. `Reduction` turns the slots into a map from input rows to output rows and *applies* it: `mean` to tokens (the
-   size-weighted mean of the tokens sent to a slot), `sum` to sizes and, for visualisation, to ToMe's source map.
+2. `Reduction.from_slots` turns the slots into a map from input rows to output rows, built once, and *applies* it:
+   `mean` to tokens (the size-weighted mean of the tokens sent to a slot), `sum` to sizes and, for visualisation, to
+   ToMe's source map.
 
 Token counts are plain integers decided by `token_schedule`, so the model, the FLOPs count and the env all agree on
 them. The ranking and the assignment are computed without gradients (as in ToMe and EViT); applying them is
-differentiable, so gradients reach every kept or merged token. `reduce_tokens` is the whole reduction of a dense
-batch (B, 1 + N, C); `vit.packed` calls the same two steps on a batch of per-sample lengths.
+differentiable, so gradients reach every kept or merged token. A dense batch (B, 1 + N, C) is the case of `vit.packed`'s
+batches of per-sample lengths in which every sequence reduces alike.
 """
 
 from __future__ import annotations
@@ -47,12 +48,6 @@ def token_schedule(n: int, config: BlockConfig, token_mode: str) -> tuple[int, i
         return n, kept_tokens(n, config.keep_ratio)
     pruned = kept_tokens(n, config.keep_ratio)
     return pruned, kept_tokens(pruned, config.merge_ratio)
-
-
-def size_bias(size: Tensor | None) -> Tensor | None:
-    """Additive attention bias log(size) for proportional attention, as an `F.scaled_dot_product_attention` mask
-    (B, 1, 1, T); None when unmerged. (`cls_attention` takes the (B, T) log-sizes themselves.)"""
-    return None if size is None else size.log()[:, None, None, :]
 
 
 def cls_attention(
@@ -155,6 +150,37 @@ class Reduction:
             self.merged = ((dst < rows) & ~first[:T]).nonzero().squeeze(1)
             self.into = dst.index_select(0, self.merged)
 
+    @classmethod
+    def from_slots(
+        cls,
+        slot: Tensor,
+        starts: Tensor,
+        out_starts: Tensor,
+        rows: int,
+        merges: bool,
+        valid: Tensor | None = None,
+        dst: Tensor | None = None,
+    ) -> Reduction:
+        """The reduction that sends the patch tokens of b sequences to the slots `assign_tokens` gave them.
+
+        slot: (b, N) from `assign_tokens`; starts: (b,) the input row of each sequence's CLS token, its patches in
+        the rows after it; out_starts: (b,) the output row of its CLS token, its slots in the rows after it; rows:
+        the number of output rows; merges: whether some slot receives several tokens; valid: (b, N) False at a
+        padded sequence's padding (None: none padded). `dst` gives the output row of every input row for the rows
+        not of these sequences (the others keep theirs; None: every input row is one of these sequences', as in a
+        dense batch (B, 1 + N, ...) flattened)."""
+        b, N = slot.shape
+        target = torch.where(slot >= 0, out_starts[:, None] + 1 + slot, rows)
+        if dst is None:
+            return cls(torch.cat([out_starts[:, None], target], dim=1).view(-1), rows, merges)
+        patch_rows = starts[:, None] + 1 + torch.arange(N, device=slot.device)
+        dst = dst.clone()
+        if valid is None:
+            dst[patch_rows.view(-1)] = target.view(-1)
+        else:
+            dst[patch_rows[valid]] = target[valid]
+        return cls(dst, rows, merges)
+
     def sum(self, t: Tensor) -> Tensor:
         """Per output row, the sum of the rows of t (T, ...) sent to it: sizes, ToMe's source map."""
         out = t.index_select(0, self.src)
@@ -172,54 +198,10 @@ class Reduction:
         return kept.index_add_(0, self.into, merged).div_(total[:, None].to(x.dtype)), total
 
 
-def reduce_tokens(
-    x: Tensor,
-    size: Tensor | None,
-    scores: Tensor,
-    keys: Tensor,
-    schedule: tuple[int, int],
-    token_mode: str | None = None,
-    source: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
-    """Apply a block's token reduction to a dense batch, given its `token_schedule` (pruned count, final count).
-
-    x: (B, 1 + N, C); size: (B, 1 + N) or None; scores: CLS attention (B, N); keys: patch keys (B, N, D).
-    `token_mode` is implied by the schedule and kept for callers that pass it.
-
-    Returns x (B, 1 + final, C) and size, and, when `source` is given, the source reduced as the tokens were
-    (ToMe's source tracing). A source (B, 1 + N, S), float, maps each token to the original tokens it holds: start
-    from the identity (B, 1 + N0, 1 + N0) at the embedding; pruning drops rows, merging sums them. Each original
-    token then belongs to exactly one token unless pruned, and where sizes are tracked they equal the row sums.
-    """
-    B, L, C = x.shape
-    pruned, final = schedule
-    slot = assign_tokens(scores, keys, pruned, final)
-    reduction = dense_reduction(slot, final, merges=final < pruned)
-    x, size = reduction.mean(x.reshape(B * L, C), None if size is None else size.reshape(B * L))
-    x, size = x.view(B, 1 + final, C), None if size is None else size.view(B, 1 + final)
-    if source is None:
-        return x, size
-    return x, size, reduction.sum(source.reshape(B * L, -1)).view(B, 1 + final, -1)
-
-
-def dense_reduction(slot: Tensor, final: int, merges: bool) -> Reduction:
-    """The `Reduction` of a dense batch (B, 1 + N, ...) flattened to rows, its patches assigned `slot` (B, N) of
-    `final` slots; `merges`: whether some slot receives more than one token."""
-    B = slot.shape[0]
-    out = 1 + final
-    start = out * torch.arange(B, device=slot.device)[:, None]
-    patches = torch.where(slot >= 0, start + 1 + slot, B * out)
-    dst = torch.cat([start, patches], dim=1).view(-1)
-    return Reduction(dst, B * out, merges)
-
-
 __all__ = [
     "Reduction",
     "assign_tokens",
     "cls_attention",
-    "dense_reduction",
     "kept_tokens",
-    "reduce_tokens",
-    "size_bias",
     "token_schedule",
 ]

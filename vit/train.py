@@ -37,20 +37,19 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import read_train_state, save_checkpoint, save_train_state
 from .config import Subnet
 from .data import (
     SeededItems,
     batch_loader,
     default_workers,
-    held_out_split,
     is_image_folder,
     load_dataset,
     memory_tensors,
     stratified_subset,
     to_device,
 )
-from .inference import LoopShape
+from .inference import DecisionSchedule
 from .registry import SupernetShape, create_supernet, load_pretrained
 from .supernet import ElasticViT
 from .utils import autocast, resolve_device
@@ -120,16 +119,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
 
 
 def sandwich(
-    model: ElasticViT, num_random: int, rng: np.random.Generator, shape: LoopShape = LoopShape()
+    model: ElasticViT, num_random: int, rng: np.random.Generator, schedule: DecisionSchedule = DecisionSchedule()
 ) -> list[Subnet]:
     """The subnets of one step: largest first (the teacher), smallest, then `num_random` random ones.
 
-    Per-block decisions (`shape`'s default) draw from the whole search space, each block alone; grouped ones draw
-    the subnets their decisions reach (`LoopShape.sample`): the stem at full width, one reduction per group."""
+    Per-block decisions (`schedule`'s default) draw from the whole search space, each block alone; grouped ones draw
+    the subnets their decisions reach (`DecisionSchedule.sample`): the stem at full width, one reduction per group."""
     space = model.search_space
-    if not shape.grouped:
+    if not schedule.grouped:
         return [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(num_random))]
-    return [space.largest(), shape.smallest(space), *(shape.sample(space, rng) for _ in range(num_random))]
+    return [space.largest(), schedule.smallest(space), *(schedule.sample(space, rng) for _ in range(num_random))]
 
 
 def shift_and_flip(x: Tensor, pad: int = 2) -> Tensor:
@@ -241,6 +240,23 @@ def subset_batches(
     return list(Batches(subset, batch_size, device, 0, 1, workers, seed).epoch(0, shuffle=False))
 
 
+def held_out_batches(
+    data: str,
+    root: str | os.PathLike | None,
+    model: ElasticViT,
+    count: int | None,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    workers: int | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """The held-out images of dataset `data` in folder `root` (Fashion-MNIST's test split, an ImageFolder's val:
+    `vit.data.held_out_split`) read for `model` through the eval transform: a seeded, class-stratified subset of
+    `count` of them (all when None) in batches (`subset_batches`). Every evaluation of a selector reads them here."""
+    dataset = load_dataset(data, split="held-out", root=root, model=model)
+    return subset_batches(dataset, count, batch_size, device, seed, workers)
+
+
 class _NumpyStream:
     """A seeded stream of numpy's global generator, in force only inside `with`: timm's Mixup draws from the global
     generator, and the caller's global stream is left as it was."""
@@ -258,8 +274,9 @@ class _NumpyStream:
         np.random.set_state(self.outer)
 
 
-def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """Rank, world size and device; initialises the process group when started by torchrun with several ranks."""
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """Rank, world size and device of this process; initialises the process group (nccl on CUDA, gloo on CPU) when
+    started by torchrun with several ranks. Supernet training and joint fine-tuning start with it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, resolve_device(device)
@@ -273,24 +290,14 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, dev
 
 
-def _param_groups(model: ElasticViT, weight_decay: float) -> list[dict]:
+def param_groups(model: ElasticViT, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: `weight_decay` on the weight matrices, none on norms, biases and the embeddings
+    (`ElasticViT.no_weight_decay`)."""
     decay, no_decay = [], []
     skip = model.no_weight_decay()
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def read_train_checkpoint(path: Path, tag: str = TRAIN_FORMAT) -> dict:
-    """A training checkpoint written by `train_supernet` (or with format tag `tag`, by another trainer); a clear
-    `ValueError` when it is broken or foreign."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling a foreign file fails in many ways (KeyError, UnpicklingError, ...)
-        raise ValueError(f"{path} is not a readable training checkpoint (truncated or foreign): {e}") from e
-    if not isinstance(state, dict) or state.get("format") != tag:
-        raise ValueError(f"{path} is not a training checkpoint of this package (no {tag!r} format tag)")
-    return state
 
 
 def train_supernet(
@@ -305,7 +312,7 @@ def train_supernet(
         model: a supernet to train instead of building `cfg.supernet` (e.g. a custom size).
         on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
     """
-    rank, world, device = _setup_distributed(cfg.device)
+    rank, world, device = setup_distributed(cfg.device)
     imagefolder = is_image_folder(cfg.data)
     if not imagefolder and (cfg.auto_augment or cfg.reprob):
         raise ValueError("auto_augment and reprob are timm transforms of an ImageFolder; Fashion-MNIST has neither")
@@ -313,19 +320,19 @@ def train_supernet(
         raise ValueError(f"Mixup/CutMix mix each batch with its reverse: batch_size must be even, not {cfg.batch_size}")
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    shape = LoopShape.named(cfg.decisions)
+    schedule = DecisionSchedule.named(cfg.decisions)
     if model is None:
-        kwargs = cfg.shape_kwargs() | shape.supernet_kwargs()
+        kwargs = cfg.shape_kwargs() | schedule.supernet_kwargs()
         model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path, **kwargs)
-    if shape.grouped:  # the sampled subnets must be the model's (per-block sampling draws from its own space)
-        shape.check(model.search_space)
+    if schedule.grouped:  # the sampled subnets must be the model's (per-block sampling draws from its own space)
+        schedule.check(model.search_space)
     if cfg.init is not None:
         load_pretrained(model, cfg.init)
     model.to(device)
 
     recipe = {"auto_augment": cfg.auto_augment, "re_prob": cfg.reprob, "re_mode": "pixel"} if imagefolder else {}
     train_set = load_dataset(cfg.data, split="train", root=cfg.data_dir, model=model, augment=cfg.augment, **recipe)
-    test_set = load_dataset(cfg.data, split=held_out_split(cfg.data), root=cfg.data_dir, model=model)
+    test_set = load_dataset(cfg.data, split="held-out", root=cfg.data_dir, model=model)
     train_batches = Batches(train_set, cfg.batch_size, device, rank, world, cfg.workers, cfg.seed)
     test_batches = Batches(test_set, cfg.batch_size, device, 0, 1, cfg.workers, cfg.seed)
     steps_per_epoch = min(len(train_batches), cfg.steps_per_epoch or len(train_batches))
@@ -343,11 +350,11 @@ def train_supernet(
         mixup = Mixup(cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=model.num_classes)
         mixup_stream = _NumpyStream()
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     start_epoch = 0
     last = out / "last.pt"
     if cfg.resume and last.is_file():
-        state = read_train_checkpoint(last)
+        state = read_train_state(last, TRAIN_FORMAT)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
@@ -394,7 +401,7 @@ def train_supernet(
                 label_loss = functools.partial(soft_cross_entropy, target_probs=soft_targets)
             else:
                 label_loss = functools.partial(F.cross_entropy, target=y, label_smoothing=cfg.label_smoothing)
-            subnets = sandwich(model, cfg.num_random, rng, shape)
+            subnets = sandwich(model, cfg.num_random, rng, schedule)
             if step < cfg.largest_only_epochs * steps_per_epoch:
                 subnets = subnets[:1]
             optimizer.zero_grad(set_to_none=True)
@@ -423,7 +430,7 @@ def train_supernet(
             top1 = evaluate(
                 model,
                 lambda: test_batches.epoch(0, shuffle=False, limit=cfg.eval_batches),
-                sandwich(model, 0, rng, shape),  # the largest and the smallest subnet
+                sandwich(model, 0, rng, schedule),  # the largest and the smallest subnet
                 device,
             )
             metrics.update(top1_largest=top1[0], top1_smallest=top1[1])
@@ -432,14 +439,7 @@ def train_supernet(
             print(
                 f"epoch {epoch + 1}: Top-1 largest {top1[0]:.4f} smallest {top1[1]:.4f} ({metrics['minutes']:.1f} min)"
             )
-            state = {
-                "format": TRAIN_FORMAT,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "config": asdict(cfg),
-            }
-            atomic_write(last, functools.partial(torch.save, state))
+            save_train_state(last, TRAIN_FORMAT, model, optimizer, epoch=epoch + 1, config=asdict(cfg))
             save_checkpoint(
                 model,
                 out / "supernet.safetensors",
@@ -462,9 +462,11 @@ __all__ = [
     "Batches",
     "TrainConfig",
     "evaluate",
+    "held_out_batches",
     "lr_at",
-    "read_train_checkpoint",
+    "param_groups",
     "sandwich",
+    "setup_distributed",
     "shift_and_flip",
     "subset_batches",
     "train_supernet",

@@ -1,0 +1,107 @@
+"""The env's keyword arguments, once (`EnvConfig`), and what they build: the supernet, the MDP and the image source."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch.utils.data import Dataset
+
+import vit
+from vit.inference import DecisionSchedule
+from vit.utils import resolve_device
+
+from .core import BatchedMDP
+from .mdp import MDPConfig
+from .source import ImageSource, build_source
+
+MDP = MDPConfig()
+CHOICE_KEYS = {
+    "heads": "head_choices",
+    "mlp_hidden": "mlp_hidden_choices",
+    "keep_ratio": "keep_ratio_choices",
+    "merge_ratio": "merge_ratio_choices",
+}
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """The keyword arguments PranceViT-v1 and its vector env share (see `prance_env.PranceViTEnv`, Arguments).
+
+    The MDP's defaults are `MDPConfig`'s: the MDP the shipped selector was trained on.
+    """
+
+    supernet: str | vit.ElasticViT = "prance_fmnist"
+    checkpoint: str | os.PathLike | None = None
+    data: str | Dataset = "fashion-mnist"
+    data_path: str | os.PathLike | None = None
+    split: str = "train"
+    device: str | torch.device = "auto"
+    token_mode: str | None = None
+    choices: Mapping[str, Sequence] | None = None
+    reward: str = MDP.reward
+    quality: str = MDP.quality
+    price_range: Sequence[float] = MDP.price_range
+    token_penalty: float = MDP.token_penalty
+    decisions: str | DecisionSchedule = "per-block"
+    stem_blocks: int | None = None
+    blocks_per_step: int | None = None
+    amp: bool = False
+    workers: int | None = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The keyword arguments."""
+        return tuple(f.name for f in fields(cls))
+
+    def mdp_config(self) -> MDPConfig:
+        """The MDP these arguments define."""
+        return MDPConfig(
+            schedule=DecisionSchedule.named(self.decisions, self.stem_blocks, self.blocks_per_step),
+            reward=self.reward,
+            quality=self.quality,
+            price_range=tuple(self.price_range),
+            token_penalty=self.token_penalty,
+        )
+
+    def build(self) -> tuple[BatchedMDP, ImageSource]:
+        """The MDP over the supernet, and its image source."""
+        config = self.mdp_config()
+        device = resolve_device(self.device)
+        model = build_supernet(self.supernet, self.checkpoint, self.token_mode, self.choices, device, config.schedule)
+        source = build_source(self.data, self.data_path, self.split, model, device, self.workers)
+        return BatchedMDP(model, config, amp=self.amp), source
+
+
+def build_supernet(
+    supernet: str | vit.ElasticViT,
+    checkpoint: str | os.PathLike | None,
+    token_mode: str | None,
+    choices: Mapping[str, Sequence] | None,
+    device: torch.device,
+    schedule: DecisionSchedule = DecisionSchedule(),
+) -> vit.ElasticViT:
+    """A supernet module as given, or the registered preset `supernet` with its shipped or given weights, offering
+    the ratios the decisions of `schedule` choose (`DecisionSchedule.supernet_kwargs`) unless `choices` says
+    otherwise."""
+    if isinstance(supernet, vit.ElasticViT):
+        if token_mode not in (None, supernet.token_mode) or choices:
+            raise ValueError("token_mode and choices apply to a supernet built by name; configure your module instead")
+        if checkpoint is not None:
+            raise ValueError("checkpoint applies to a supernet built by name; load weights into your module instead")
+        return supernet.to(device)
+    if not isinstance(supernet, str):
+        raise TypeError(f"supernet must be a registered name or a vit.ElasticViT, got {type(supernet).__name__}")
+    unknown = set(choices or {}) - set(CHOICE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown choices {sorted(unknown)}; expected keys among {sorted(CHOICE_KEYS)}")
+    kwargs = schedule.supernet_kwargs() | {CHOICE_KEYS[k]: tuple(v) for k, v in (choices or {}).items()}
+    if token_mode is not None:
+        kwargs["token_mode"] = token_mode
+    model = vit.create_supernet(supernet, pretrained=checkpoint is None, checkpoint=checkpoint, **kwargs)
+    return model.to(device)
+
+
+__all__ = ["EnvConfig", "build_supernet"]

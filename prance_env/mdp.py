@@ -1,0 +1,217 @@
+"""What defines PranceViT's MDP, with no env around it: its settings (`MDPConfig`), its prices (`Prices`), its spaces
+and the one action codec (`ActionCodec`).
+
+The env, the vector env, `agents.AdaptiveViT`, the baselines, selector training, joint fine-tuning and the scripts
+read their defaults and decode their actions here, so a deployed selector decides exactly as it was trained. The
+module imports the model package only (no env, no data), so that `agents.AdaptiveViT` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from vit import BlockConfig, InvalidSubnetError, SearchSpace
+from vit.inference import DecisionSchedule, log_price, reduces_tokens
+
+REWARD_MODES = ("delta", "direct", "terminal")
+QUALITIES = ("correct", "logprob", "agree", "no_worse")
+ACTION_TYPES = ("discrete", "continuous")
+
+
+@dataclass(frozen=True)
+class MDPConfig:
+    """The MDP over a supernet, and the one home of its defaults.
+
+    The defaults are PranceViT-v1's registered ones (the env's keyword arguments, `agents.AdaptiveViT`, the selector
+    training and fine-tuning configs and the scripts read them): the MDP the shipped selector
+    (`agents/checkpoints/prance_fmnist`) was trained on.
+
+    Attributes:
+        schedule: where the decisions fall and what each sets (`vit.inference.DecisionSchedule`: stem blocks,
+            blocks per step, per-block or grouped decisions).
+        reward: `delta`, `direct` or `terminal` (see `prance_env.core`). The full model runs at reset only for
+            `delta` (its result is R_{-1}) and for qualities `agree` and `no_worse`.
+        quality: q of the result: `correct` (1 if right), `logprob` (log-prob of the true class, clipped at
+            `logprob_floor`), `agree` (1 if the prediction is the full model's; needs no labels) or `no_worse` (the
+            official code's: 1 unless the full model is right and this prediction wrong).
+        logprob_floor: lower clip of `logprob`.
+        price_range: (low, high) of the log-uniform compute price drawn per episode; the observed log-price is
+            bounded by it, so a policy reads only the prices it was trained on.
+        token_penalty: `direct` only, the official code's extra term: each step's reward also loses
+            `token_penalty` times the fraction of patch tokens alive after it (the release uses 0.1).
+        price: the price a deployed selector runs at when given none (`agents.AdaptiveViT`, `visualize.py`).
+        eval_prices: the prices selector training and fine-tuning evaluate at.
+    """
+
+    schedule: DecisionSchedule = field(default_factory=DecisionSchedule)
+    reward: str = "delta"
+    quality: str = "logprob"
+    logprob_floor: float = -5.0
+    price_range: tuple[float, float] = (3e-4, 2.0)
+    token_penalty: float = 0.0
+    price: float = 0.01
+    eval_prices: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)
+
+    def __post_init__(self) -> None:
+        if self.token_penalty < 0 or (self.token_penalty and self.reward != "direct"):
+            raise ValueError(f"token_penalty must be >= 0 and needs reward='direct', got {self.token_penalty}")
+        if self.reward not in REWARD_MODES:
+            raise ValueError(f"unknown reward {self.reward!r}; expected one of {', '.join(REWARD_MODES)}")
+        if self.quality not in QUALITIES:
+            raise ValueError(f"unknown quality {self.quality!r}; expected one of {', '.join(QUALITIES)}")
+        Prices(None, self.price_range)  # a ValueError for a range that is not one
+
+
+class Prices:
+    """The compute price of each episode: fixed, or drawn log-uniformly from `price_range`."""
+
+    def __init__(self, price: float | None, price_range: Sequence[float]) -> None:
+        if len(price_range) != 2:
+            raise ValueError(f"price_range must be (low, high), got {tuple(price_range)}")
+        low, high = (float(price), float(price)) if price is not None else map(float, price_range)
+        if not 0 < low <= high or not 0 < float(price_range[0]) <= float(price_range[1]):
+            raise ValueError(f"prices must satisfy 0 < low <= high, got {(low, high)} in range {tuple(price_range)}")
+        self.low, self.high = low, high
+        # observed log-prices: the configured range, widened to a fixed price, so the space is never degenerate
+        self.bounds = (min(low, float(price_range[0])), max(high, float(price_range[1])))
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """`n` prices."""
+        if self.low == self.high:
+            return np.full(n, self.low)
+        return np.exp(rng.uniform(math.log(self.low), math.log(self.high), n))
+
+    def check(self, price: np.ndarray) -> np.ndarray:
+        """Prices given in reset options, checked against the observation bounds."""
+        price = np.asarray(price, dtype=np.float64)
+        if not np.all(np.isfinite(price)) or np.any(price < self.low) or np.any(price > self.high):
+            raise ValueError(f"price must lie in [{self.low}, {self.high}], got {price}")
+        return price
+
+
+def observation_space(embed_dim: int, prices: Prices) -> spaces.Dict:
+    """The observation space of one episode: `cls` (embed_dim,), `progress` (3,), `price` (1,), float32."""
+    big = np.finfo(np.float32).max
+    return spaces.Dict(
+        {
+            "cls": spaces.Box(-big, big, (embed_dim,), np.float32),
+            "progress": spaces.Box(0.0, 1.0, (3,), np.float32),
+            "price": spaces.Box(*log_price(torch.tensor(prices.bounds)).numpy(), (1,), np.float32),
+        }
+    )
+
+
+class ActionCodec:
+    """The actions of an MDP's decisions: their space, their validation and their decoding into the block
+    configurations the runner runs.
+
+    A decision has one field per choice it makes (`fields`, named by the schedule: `heads`, `mlp_hidden`,
+    `keep_ratio`[, `merge_ratio`], or `heads[j]`, ... for grouped decisions), `nvec[f]` choices each. Discrete
+    actions are the choice indices; continuous ones, values in [-1, 1], are rounded to them,
+    `round((a + 1) / 2 * (n - 1))`. Invalid actions (another shape, a non-numeric dtype, NaN or Inf, an index out of
+    range, a fraction, a value outside [-1, 1]) raise a `ValueError` quoting the value as given, before anything
+    runs.
+
+    Args:
+        schedule: where the decisions fall and what each sets.
+        search_space: the supernet's; it must hold every configuration the decisions choose.
+        action_type: `discrete` (`MultiDiscrete(nvec)`) or `continuous` (`Box(-1, 1, (fields,))`).
+    """
+
+    def __init__(self, schedule: DecisionSchedule, search_space: SearchSpace, action_type: str = "discrete") -> None:
+        if action_type not in ACTION_TYPES:
+            raise ValueError(f"unknown action_type {action_type!r}; expected one of {', '.join(ACTION_TYPES)}")
+        schedule.check(search_space)
+        self.schedule, self.search_space, self.action_type = schedule, search_space, action_type
+        self.fields: tuple[str, ...] = schedule.fields(search_space)
+        self.nvec: tuple[int, ...] = schedule.nvec(search_space)
+        self.num_steps = schedule.num_steps(search_space.depth)
+        #: which fields set a token reduction (keep and merge ratios)
+        self.token_fields = np.array([reduces_tokens(f) for f in self.fields])
+
+    @property
+    def space(self) -> spaces.Space:
+        """The action space of one decision."""
+        if self.action_type == "discrete":
+            return spaces.MultiDiscrete(np.array(self.nvec, dtype=np.int64))
+        return spaces.Box(-1.0, 1.0, (len(self.nvec),), np.float32)
+
+    def indices(self, actions, batch: int | None = None) -> np.ndarray:
+        """Choice indices (B, fields) int64 of actions of exactly shape `(fields,)` (`batch` None: one decision) or
+        `(batch, fields)` (numpy, torch on any device, or nested lists); a `ValueError` quoting the first invalid
+        value as given."""
+        given = actions.detach().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
+        shape = (len(self.nvec),) if batch is None else (batch, len(self.nvec))
+        if given.dtype.kind not in "iuf":
+            raise ValueError(f"actions must be numbers (choice indices or values in [-1, 1]), got dtype {given.dtype}")
+        if given.shape != shape:
+            raise ValueError(f"expected actions of shape {shape} for fields {self.fields}, got {given.shape}")
+        rows = given.reshape(-1, len(self.nvec))
+        nvec = np.array(self.nvec)
+        if given.dtype.kind == "f" and not np.all(np.isfinite(rows)):
+            where, value, _ = self._first_offender(given, ~np.isfinite(rows))
+            raise ValueError(f"{where} value {value}: actions contain NaN or Inf")
+        if self.action_type == "continuous":
+            if np.any(np.abs(rows) > 1):
+                where, value, _ = self._first_offender(given, np.abs(rows) > 1)
+                raise ValueError(f"{where} value {value}: continuous actions must lie in [-1, 1]")
+            return np.rint((rows.astype(np.float64) + 1.0) / 2.0 * (nvec - 1)).astype(np.int64)
+        if given.dtype.kind == "f" and not np.all(rows == np.round(rows)):
+            where, value, _ = self._first_offender(given, rows != np.round(rows))
+            raise ValueError(f"{where} index {value}: discrete actions must be whole numbers")
+        if np.any((rows < 0) | (rows >= nvec)):
+            where, value, n = self._first_offender(given, (rows < 0) | (rows >= nvec))
+            raise ValueError(f"{where} index {value} out of range [0, {n})")
+        return rows.astype(np.int64)  # a copy: the caller's array may be read-only or reused
+
+    def _first_offender(self, given: np.ndarray, mask: np.ndarray) -> tuple[str, str, int]:
+        """Where the first entry of `mask` (B, fields) lies (the action and its field), its value and its field's
+        number of choices; values are printed in the caller's dtype, so no cast shows 2**64 - 1 as -1."""
+        rows = given.reshape(mask.shape)
+        sample, field_ = (int(i) for i in np.argwhere(mask)[0])
+        row = "[" + ", ".join(map(str, rows[sample])) + "]"
+        action = f"action {row}" if given.ndim == 1 else f"actions[{sample}] = {row}"
+        return f"{action}: {self.fields[field_]}", str(rows[sample, field_]), self.nvec[field_]
+
+    def configs(self, step: int, indices: np.ndarray) -> list[tuple[BlockConfig, ...]]:
+        """Per sample, the configuration of each block decision `step` sets, from valid choice indices (B, fields)
+        (each distinct row decoded once)."""
+        if not 0 <= step < self.num_steps:
+            raise InvalidSubnetError(f"step {step} out of range: the decisions are steps 0 to {self.num_steps - 1}")
+        rows = list(map(tuple, np.asarray(indices).tolist()))
+        decoded = {row: self.schedule.decode(self.search_space, step, row) for row in dict.fromkeys(rows)}
+        return [decoded[row] for row in rows]
+
+    def decode(self, step: int, actions, batch: int | None = None) -> list[tuple[BlockConfig, ...]]:
+        """`configs` of the checked `indices` of `actions`: what the runner runs for them."""
+        return self.configs(step, self.indices(actions, batch))
+
+    def masks(self, patches: np.ndarray) -> np.ndarray:
+        """The valid choices of each sample, fields concatenated (B, sum(nvec)), for sb3-contrib's MaskablePPO: every
+        choice, except that a sample down to one patch token (`patches`, (B,)) can reduce no further, so only the
+        keep (and merge) ratio 1.0 is left to it."""
+        masks = np.ones((len(patches), sum(self.nvec)), dtype=bool)
+        spent = np.asarray(patches) <= 1
+        offset = 0
+        for n, token in zip(self.nvec, self.token_fields):
+            if token:
+                masks[spent, offset : offset + n - 1] = False
+            offset += n
+        return masks
+
+
+__all__ = [
+    "ACTION_TYPES",
+    "QUALITIES",
+    "REWARD_MODES",
+    "ActionCodec",
+    "MDPConfig",
+    "Prices",
+    "observation_space",
+]
