@@ -125,7 +125,7 @@ class AdaptiveViT(nn.Module):
             raise ValueError(f"price_range must be (low, high) with 0 < low <= high, got {tuple(price_range)}")
         self.supernet = supernet
         self.policy = policy
-        self.price = MDP.price if price is None else float(price)
+        self._price = MDP.price if price is None else float(price)
         self.price_range = (float(price_range[0]), float(price_range[1]))
         self.schedule = DecisionSchedule() if schedule is None else schedule
         self.layout, self.snap, self.prototypes, self.amp = layout, snap, prototypes, amp
@@ -177,6 +177,11 @@ class AdaptiveViT(nn.Module):
                 f"the policy's actions have shape {action_space.shape}, but the supernet has {len(nvec)} choice "
                 f"fields (nvec {nvec}): it was trained on another supernet"
             )
+
+    @property
+    def price(self) -> float:
+        """The price `forward` uses when given none (fixed at construction: `replace(price=...)` for another)."""
+        return self._price
 
     @property
     def full_macs(self) -> int:

@@ -48,6 +48,7 @@ class EnvConfig:
     decisions: str | DecisionSchedule = "per-block"
     stem_blocks: int | None = None
     blocks_per_step: int | None = None
+    layout: str = "packed"
     amp: bool = False
     workers: int | None = None
 
@@ -72,7 +73,7 @@ class EnvConfig:
         device = resolve_device(self.device)
         model = build_supernet(self.supernet, self.checkpoint, self.token_mode, self.choices, device, config.schedule)
         source = build_source(self.data, self.data_path, self.split, model, device, self.workers)
-        return BatchedMDP(model, config, amp=self.amp), source
+        return BatchedMDP(model, config, self.layout, self.amp), source
 
 
 def build_supernet(

@@ -101,9 +101,12 @@ class PranceViTEnv(gym.Env):
     gymnasium.make("PranceViT-v1", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
                    data_path=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
                    quality="logprob", price=None, price_range=(3e-4, 2.0), token_penalty=0.0, decisions="per-block",
-                   stem_blocks=None, blocks_per_step=None, action_type="discrete", render_mode=None, amp=False,
-                   workers=0)
+                   stem_blocks=None, blocks_per_step=None, action_type="discrete", render_mode=None,
+                   layout="packed", amp=False, workers=0)
     ```
+
+    `price`, `action_type` and `render_mode` are the env's own; the others are `prance_env.EnvConfig`'s, which the
+    vector env shares.
 
     `decisions` is `per-block`, `grouped`, `one-shot` or a `vit.inference.DecisionSchedule`; `stem_blocks` and
     `blocks_per_step` replace its values when given. A supernet given by name is built with the ratios the decisions
@@ -115,7 +118,8 @@ class PranceViTEnv(gym.Env):
 
     `supernet` is a registered name (its shipped weights, or `checkpoint`) or a `vit.ElasticViT`; `data` a
     dataset name for `vit.load_dataset` or a torch Dataset of (image, label); `choices` overrides the per-block
-    choices of a named supernet, e.g. `{"keep_ratio": (0.5, 0.75, 1.0)}`. `amp=True` runs the supernet under bf16
+    choices of a named supernet, e.g. `{"keep_ratio": (0.5, 0.75, 1.0)}`. `layout` is how the batch of per-sample
+    configurations is held (`packed` or `bucketed`: the same episodes). `amp=True` runs the supernet under bf16
     autocast on its device, CUDA or CPU (observations and rewards keep their dtypes; values move by bf16 rounding).
     `workers` is the number of loader processes decoding an ImageFolder; the default, 0, decodes each reset's one
     image in the env's own thread (in-memory Fashion-MNIST needs none).

@@ -169,3 +169,20 @@ def release_shared_supernets() -> None:
 def images(model: vit.ElasticViT, batch: int, seed: int = 0) -> torch.Tensor:
     """A seeded batch of random images of the model's input size."""
     return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(seed))
+
+
+def dense_reduce(x, size, scores, keys, schedule, source=None):
+    """A block's token reduction of a dense batch x (B, 1 + N, C) (sizes (B, 1 + N) or None) from its public pieces,
+    `assign_tokens` and `Reduction.from_slots`: x and size after it (and the source map, when given)."""
+    from vit.token_ops import Reduction, assign_tokens
+
+    B, L, C = x.shape
+    pruned, final = schedule
+    slot = assign_tokens(scores, keys, pruned, final)
+    samples = torch.arange(B)
+    reduction = Reduction.from_slots(slot, samples * L, samples * (1 + final), B * (1 + final), final < pruned)
+    x, size = reduction.mean(x.reshape(B * L, C), None if size is None else size.reshape(B * L))
+    x, size = x.view(B, 1 + final, C), None if size is None else size.view(B, 1 + final)
+    if source is None:
+        return x, size
+    return x, size, reduction.sum(source.reshape(B * L, -1)).view(B, 1 + final, -1)

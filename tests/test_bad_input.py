@@ -23,7 +23,6 @@ import prance_env
 import vit
 from agents import AdaptiveViT, StaticPolicy
 from agents.selector import check_supernet, supernet_signature
-from prance_env.factory import to_numpy
 
 TOKEN_MODES = vit.TOKEN_MODES
 
@@ -74,18 +73,16 @@ NEW_FOR_THE_MODEL = ("float64", "float16", "bfloat16", "device")
 
 
 @pytest.mark.parametrize("case", NEW_FOR_THE_MODEL)
-@pytest.mark.parametrize("execution", ["one subnet", "per sample", "consensus"])
-def test_images_of_another_dtype_or_device_raise_in_the_model(model, case, execution):
+@pytest.mark.parametrize("layout", ["one subnet", "packed", "bucketed"])
+def test_images_of_another_dtype_or_device_raise_in_the_model(model, case, layout):
     make, error, match = BAD_IMAGES[case]
     x = make(images(model, 2))
     space = model.search_space
     with pytest.raises(error, match=match):
-        if execution == "one subnet":
+        if layout == "one subnet":
             model(x, space.smallest())
         else:
-            model(
-                x, [space.smallest(), space.largest()], execution="bucketed" if execution == "per sample" else execution
-            )
+            model(x, [space.smallest(), space.largest()], layout=layout)
 
 
 @pytest.mark.parametrize("case", list(BAD_IMAGES))
@@ -108,14 +105,14 @@ def test_images_in_the_models_own_dtype_run(model):
 
 @pytest.mark.parametrize("token_mode", TOKEN_MODES)
 def test_empty_batch_gives_empty_logits(token_mode):
-    # A single subnet (token reduction included), per-sample subnets and their consensus all return (0, classes);
+    # A single subnet (token reduction included) and per-sample subnets in either layout return (0, classes);
     # test_supernet.py::test_per_sample_subnets_accept_an_empty_batch covers the largest subnet and [].
     model = tiny_supernet(token_mode, depth=4).eval()
     x = images(model, 0)
     with torch.no_grad():
         assert model(x, model.search_space.smallest()).shape == (0, 10)
-        assert model(x, [], execution="consensus").shape == (0, 10)
-    assert vit.count_flops(model, []) == []
+        assert model(x, [], layout="bucketed").shape == (0, 10)
+    assert vit.count_macs(model, []) == []
 
 
 def test_empty_batch_raises_in_adaptive_vit(model):
@@ -218,20 +215,14 @@ BAD_ACTION_IDS = [
 
 
 def snapshot(envs) -> tuple:
-    """What an invalid action must leave as it was: observation, step, MACs, tokens and subnets so far."""
-    inference = envs.unwrapped.inference
-    return (
-        to_numpy(inference.observation()),
-        inference.step_index,
-        inference.macs.clone(),
-        inference.tokens.num_patches().clone(),
-        [list(c) for c in inference.choices],
-    )
+    """What an invalid action must leave as it was: the episodes (immutable: the same object) and what they hold."""
+    episodes = envs.unwrapped.episodes
+    inference = episodes.inference
+    return episodes, inference.step, inference.macs.clone(), inference.tokens.num_patches().clone()
 
 
 def assert_same_state(a: tuple, b: tuple) -> None:
-    assert data_equivalence(a[0], b[0], exact=True)
-    assert a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]) and a[4] == b[4]
+    assert a[0] is b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
 
 
 @pytest.mark.parametrize("vector", [False, True], ids=["single", "vector"])
@@ -241,7 +232,7 @@ def test_invalid_actions_raise_mid_episode_and_lose_nothing(fmnist_dir, vector):
     env = (
         gymnasium.make_vec("PranceViT-v1", num_envs=3, **kwargs) if vector else gymnasium.make("PranceViT-v1", **kwargs)
     )
-    actions = random_actions(env.action_space, env.unwrapped.inference.num_steps, seed=2)
+    actions = random_actions(env.action_space, env.unwrapped.codec.num_steps, seed=2)
     runs = []
     for interrupt in (False, True):
         run = [env.reset(seed=4)]
@@ -301,9 +292,9 @@ def test_vector_env_of_one_takes_batched_actions_only(fmnist_dir, action_type):
     action = envs.action_space.sample()
     with pytest.raises(ValueError, match=r"expected actions of shape \(1, 3\) .* got \(3,\)"):
         envs.step(action[0])
-    assert envs.unwrapped.inference.step_index == 0
+    assert envs.unwrapped.episodes.inference.step == 0
     envs.step(action)
-    assert envs.unwrapped.inference.step_index == 1
+    assert envs.unwrapped.episodes.inference.step == 1
 
 
 @pytest.mark.parametrize("action", [np.array([True, False, True]), np.array(["0", "1", "0"]), None])

@@ -42,7 +42,7 @@ def test_a_prune_merge_schedule_runs_the_supernet_as_one_trained_to_prune_then_m
     outcome = PruneMergeSchedule(model, prune, merge, start)(x)
     subnet = schedule(both, prune, merge, start)
     torch.testing.assert_close(outcome.logits, both(x, subnet), atol=1e-5, rtol=0)
-    assert torch.all(outcome.macs == vit.count_flops(both, subnet))
+    assert torch.all(outcome.macs == vit.count_macs(both, subnet))
     assert outcome.subnets == [model.search_space.largest()] * 6  # full widths: the parameters read
     if prune == 1.0:  # pure merging is the merging supernet's own uniform subnet
         uniform = vit.Subnet(tuple(replace(c, merge_ratio=1.0) for c in schedule(model, merge, 1.0, start)))
@@ -64,9 +64,8 @@ def test_ppt_prunes_the_images_whose_cls_attention_varies_most_and_merges_the_ot
         assert torch.all(overhead > 0) and len(overhead.unique()) == 1  # the variance's keys and query, counted
     ppt = PPTHeuristic(model, r, start).calibrate([x])
     assert ppt.thresholds[0] == float("inf") and all(t < float("inf") for t in ppt.thresholds[start:])
-    variance = ppt.variance(
-        start, model.forward_block(0, model.embed(x), None, model.search_space.largest()[0])[0], None
-    )[0]
+    entering = model.run_block(0, vit.PackedBatch(model.embed(x)), model.search_space.largest()[0]).dense()[0]
+    variance = ppt.variance(start, entering, None)[0]
     assert (variance > ppt.thresholds[start]).sum() == 8  # the median: half of the images prune at the first block
     outcome = ppt(x)
     macs = outcome.macs.double() - overhead

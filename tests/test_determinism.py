@@ -71,7 +71,7 @@ def test_episodes_depend_only_on_the_seed_and_the_actions(fmnist_dir, num_envs):
         return gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, **kwargs)
 
     env, twin, other = make(), make(), make()
-    steps = env.unwrapped.inference.num_steps
+    steps = env.unwrapped.codec.num_steps
     # The vector env resets itself on the step after the last one (reward 0), so it takes one more action.
     actions = random_actions(env.action_space, steps if num_envs is None else steps + 1, seed=5)
     other.reset(seed=9)
@@ -94,7 +94,7 @@ def test_sb3_adapter_episodes_depend_only_on_the_seed(fmnist_dir):
         venv.seed(seed)
         scramble_global_random_state(seed + 17)
         out = [venv.reset()]
-        for action in random_actions(venv.envs.action_space, 2 * venv.envs.inference.num_steps, seed=0):
+        for action in random_actions(venv.envs.action_space, 2 * venv.envs.codec.num_steps, seed=0):
             out.append(venv.step(action))
         return out
 

@@ -2,7 +2,7 @@
 bookkeeping against `vit`, and errors. Runs on a tiny 4-block supernet over a generated Fashion-MNIST folder."""
 
 import copy
-import inspect
+import dataclasses
 import json
 import warnings
 
@@ -23,7 +23,7 @@ import vit
 from agents.selector import SHIPPED as SHIPPED_SELECTORS
 from prance_env.render import GAP, PANEL_PIXELS, UNRUN_GREY
 from vit.flops import embed_macs
-from vit.inference import LoopShape
+from vit.inference import DecisionSchedule
 from vit.registry import CHECKPOINT_DIR
 from vit.token_ops import token_schedule
 
@@ -70,7 +70,7 @@ def random_actions(space: gymnasium.Space, steps: int, seed: int = 0) -> list[np
 
 def full_actions(env) -> np.ndarray:
     """The action that runs a block at full width with no token reduction."""
-    return np.asarray(env.unwrapped.inference.nvec) - 1
+    return np.asarray(env.unwrapped.codec.nvec) - 1
 
 
 def run_episode(env, actions, seed=None, options=None) -> tuple[list, list, list]:
@@ -88,7 +88,7 @@ def run_episode(env, actions, seed=None, options=None) -> tuple[list, list, list
 
 def num_steps(env) -> int:
     """Steps of an episode."""
-    return env.unwrapped.inference.num_steps
+    return env.unwrapped.codec.num_steps
 
 
 def quality(logits: torch.Tensor, label: int, full_pred: int, kind: str, floor: float = -5.0) -> float:
@@ -105,7 +105,7 @@ def result(model: vit.ElasticViT, image: torch.Tensor, label: int, subnet: vit.S
     with torch.no_grad():
         full = model(image[None])[0]
         logits = full if subnet is None else model(image[None], subnet)[0]
-    ratio = vit.count_flops(model, subnet) / vit.count_flops(model)
+    ratio = vit.count_macs(model, subnet) / vit.count_macs(model)
     return quality(logits, label, int(full.argmax()), kind) - PRICE * ratio
 
 
@@ -212,7 +212,7 @@ def test_delta_return_is_the_final_result_relative_to_the_full_model(fmnist_dir,
         subnet = infos[-1]["subnet"]
         expected = result(model, image, label, subnet, kind) - result(model, image, label, None, kind)
         assert sum(rewards) == pytest.approx(expected, abs=1e-5)
-        assert infos[-1]["flops_ratio"] == vit.count_flops(model, subnet) / vit.count_flops(model)
+        assert infos[-1]["flops_ratio"] == vit.count_macs(model, subnet) / vit.count_macs(model)
 
 
 @pytest.mark.parametrize("kind", prance_env.QUALITIES)
@@ -289,7 +289,7 @@ def test_largest_actions_give_the_full_model(fmnist_dir, token_mode):
         with torch.no_grad():
             assert infos[-1]["pred"] == int(model(data[index][0][None]).argmax())
         assert infos[-1]["label"] == data[index][1]
-        assert infos[-1]["flops_ratio"] == 1.0 and infos[-1]["macs"] == vit.count_flops(model)
+        assert infos[-1]["flops_ratio"] == 1.0 and infos[-1]["macs"] == vit.count_macs(model)
         assert infos[-1]["subnet"] == model.search_space.largest()
         preds.append(infos[-1]["pred"])
     assert len(set(preds)) > 1  # the perturbed model does not predict one class for every image
@@ -314,11 +314,11 @@ def test_macs_tokens_and_progress_follow_the_subnet(fmnist_dir, token_mode, bloc
             if t < steps:
                 assert info["macs"] == spent_macs(model, configs)
             np.testing.assert_allclose(
-                obs["progress"], [t / steps, info["macs"] / vit.count_flops(model), info["tokens"] / 49], rtol=1e-6
+                obs["progress"], [t / steps, info["macs"] / vit.count_macs(model), info["tokens"] / 49], rtol=1e-6
             )
         last = infos[-1]
         assert isinstance(last["subnet"], vit.Subnet)
-        assert last["macs"] == vit.count_flops(model, last["subnet"])
+        assert last["macs"] == vit.count_macs(model, last["subnet"])
         assert np.all(np.diff([info["macs"] for info in infos]) > 0)
         assert np.all(np.diff([info["tokens"] for info in infos]) <= 0)
 
@@ -379,7 +379,7 @@ def test_invalid_discrete_action_raises_and_leaves_the_episode_as_it_was(discret
     obs, _ = discrete_env.reset(seed=0)
     with pytest.raises(ValueError, match=match):
         discrete_env.step(np.array(action))
-    assert discrete_env.inference.step_index == 0
+    assert discrete_env.unwrapped.episodes.inference.step == 0
     _, _, infos = run_episode(discrete_env, [full_actions(discrete_env)] * num_steps(discrete_env), seed=0)
     assert infos[-1]["flops_ratio"] == 1.0
 
@@ -555,15 +555,15 @@ def test_render_draws_the_token_map_after_reset_and_every_step(fmnist_dir, token
 def test_render_replays_the_episode_under_its_autocast(fmnist_dir, monkeypatch):
     env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, render_mode="rgb_array", amp=True))
     model = env.unwrapped.model
-    autocast_on, forward_block = [], model.forward_block
+    autocast_on, run_block = [], model.run_block
 
     def recorded(*args, **kwargs):
         autocast_on.append(torch.is_autocast_enabled("cpu"))
-        return forward_block(*args, **kwargs)
+        return run_block(*args, **kwargs)
 
     env.reset(seed=0)
     env.step(np.zeros(env.action_space.shape, dtype=np.int64))
-    monkeypatch.setattr(model, "forward_block", recorded)
+    monkeypatch.setattr(model, "run_block", recorded)
     env.render()
     assert autocast_on and all(autocast_on)
 
@@ -603,14 +603,15 @@ MDP_FIELDS = ("reward", "quality")
 def test_registered_defaults_are_the_mdp_the_shipped_selector_was_trained_on():
     settings = json.loads(SELECTOR.with_suffix(".json").read_text())
     mdp, training = prance_env.MDPConfig(), agents.SelectorConfig()
-    defaults = {k: p.default for k, p in inspect.signature(prance_env.PranceViTEnv).parameters.items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(prance_env.EnvConfig)}
     for key in MDP_FIELDS:
         assert settings["env"][key] == getattr(mdp, key) == defaults[key] == getattr(training, key), key
-    # the loop's shape is vit's: per-block decisions, each default resolved as the env resolves it
-    env = settings["env"]
-    recorded = LoopShape.named(env.get("decisions", "per-block"), env["stem_blocks"], env["blocks_per_step"])
-    registered = LoopShape.named(defaults["decisions"], defaults["stem_blocks"], defaults["blocks_per_step"])
-    assert recorded == mdp.shape == registered == training.loop_shape() == LoopShape(stem_blocks=1, blocks_per_step=1)
+    # the schedule is vit's: per-block decisions, each default resolved as the env resolves it
+    env, named = settings["env"], DecisionSchedule.named
+    recorded = named(env.get("decisions", "per-block"), env["stem_blocks"], env["blocks_per_step"])
+    registered = named(defaults["decisions"], defaults["stem_blocks"], defaults["blocks_per_step"])
+    per_block = DecisionSchedule(stem_blocks=1, blocks_per_step=1)
+    assert recorded == mdp.schedule == registered == training.schedule() == per_block
     price_range = tuple(settings["env"]["price_range"])
     assert price_range == mdp.price_range == defaults["price_range"] == (training.price_low, training.price_high)
     for key in ("supernet", "checkpoint", "token_mode", "data", "data_path", "split"):
@@ -643,7 +644,7 @@ def test_shipped_selector_loads_on_the_registered_env_and_decides_as_load_adapti
         while not done:
             action, _ = ppo.predict(obs, deterministic=True)
             decided, _ = adaptive.decide({k: torch.as_tensor(v)[None] for k, v in obs.items()})
-            np.testing.assert_array_equal(action, decided[0].numpy())
+            np.testing.assert_array_equal(action, decided[0])
             decisions.append(tuple(action))
             obs, _, done, _, _ = env.step(action)
     assert len(set(decisions)) > 1  # the selector's decisions vary with the observation
@@ -662,11 +663,11 @@ def test_no_worse_quality_is_one_unless_the_full_model_is_right_and_the_predicti
     with torch.no_grad():
         full = model(images).argmax(-1)
     labels = torch.cat([full[:20], (full[20:] + 1) % 10])
-    inference = prance_env.BatchedInference(model, prance_env.MDPConfig(reward="direct", quality="no_worse"))
-    inference.reset(images, labels)  # price 0: the reward is the quality
-    done, smallest = False, torch.zeros(40, len(inference.nvec), dtype=torch.long)
-    while not done:
-        _, reward, done, info = inference.step(smallest)
+    mdp = prance_env.BatchedMDP(model, prance_env.MDPConfig(reward="direct", quality="no_worse"))
+    episodes = mdp.reset(images, labels)  # price 0: the reward is the quality
+    smallest = [model.search_space.smallest()[1]] * 40
+    while not episodes.done:
+        episodes, reward, info = mdp.step(episodes, smallest)
     expected = torch.cat([(info["pred"][:20] == full[:20]).double(), torch.ones(20, dtype=torch.float64)])
     assert torch.equal(reward, expected)
     assert 0 < reward[:20].sum() < 20  # the smallest subnet keeps some predictions and changes others

@@ -316,7 +316,7 @@ def test_the_random_control_trains_random_subnets_of_the_selectors_mdp(selector,
     assert len(randoms) == 3 and all(len(s) == 16 for s in randoms)
     picked = [subnet for step in randoms for subnet in step]
     assert len(set(picked)) >= 4  # drawn for every image (the tiny MDP reaches 8 subnets)
-    space, stem = model.search_space, agents.load_adaptive(selector, supernet=model, device="cpu").shape.stem_blocks
+    space, stem = model.search_space, agents.load_adaptive(selector, supernet=model, device="cpu").schedule.stem_blocks
     assert all(subnet[i] == space.largest()[i] for subnet in picked for i in range(stem))  # reachable: stem in full
 
 
@@ -324,4 +324,4 @@ def test_an_unknown_subnets_option_is_refused(selector, tmp_path):
     with pytest.raises(ValueError, match="on-the-fly, recorded, random"):
         joint_finetune(config(selector, tmp_path, subnets="sandwich"), supernet=tiny_supernet())
     with pytest.raises(SystemExit):
-        vit.utils.parse_dataclass(FinetuneConfig, ["--subnets", "sandwich"])
+        vit.cli.parse_dataclass(FinetuneConfig, ["--subnets", "sandwich"])

@@ -1,4 +1,4 @@
-"""Analytic MACs (`vit.count_flops`) against torch's FlopCounterMode, and the reference sizes of the DeiT presets."""
+"""Analytic MACs (`vit.count_macs`) against torch's FlopCounterMode, and the reference sizes of the DeiT presets."""
 
 import copy
 import dataclasses
@@ -22,10 +22,10 @@ def release_models():
     release_shared_supernets()
 
 
-def measured_macs(model: vit.ElasticViT, x: torch.Tensor, subnet=None, execution: str = "bucketed") -> float:
+def measured_macs(model: vit.ElasticViT, x: torch.Tensor, subnet=None, layout: str = "bucketed") -> float:
     """Multiply-accumulates of one forward, as counted by FlopCounterMode (2 FLOPs per MAC)."""
     with flop_counter() as counter, torch.no_grad():
-        model(x, subnet, execution=execution)
+        model(x, subnet, layout=layout)
     return counter.get_total_flops() / 2
 
 
@@ -58,17 +58,17 @@ def reducing_subnets(space: vit.SearchSpace, count: int) -> list[vit.Subnet]:
 
 
 def check_against_flop_counter(model: vit.ElasticViT, subnets: list[vit.Subnet], batch: int) -> None:
-    """count_flops within 2% of FlopCounterMode; in fact exact, as both count the same matrix products."""
+    """count_macs within 2% of FlopCounterMode; in fact exact, as both count the same matrix products."""
     x = images(model, batch)
     for subnet in subnets:
         expected = measured_macs(model, x, subnet) / batch
-        counted = vit.count_flops(model, subnet)
+        counted = vit.count_macs(model, subnet)
         assert abs(counted - expected) / expected < 0.02, str(subnet)
         assert counted == expected, f"{subnet}: off by {counted - expected:+g} MACs"
 
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
-def test_count_flops_matches_flop_counter(token_mode):
+def test_count_macs_matches_flop_counter(token_mode):
     model = supernet("prance_fmnist", token_mode)
     space = model.search_space
     check_against_flop_counter(model, [*reducing_subnets(space, 3), space.smallest(), space.largest()], batch=2)
@@ -76,22 +76,22 @@ def test_count_flops_matches_flop_counter(token_mode):
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
 @pytest.mark.parametrize("name", [name for name in vit.list_supernets() if name != "prance_fmnist"])
-def test_count_flops_matches_flop_counter_at_224px(name, token_mode):
+def test_count_macs_matches_flop_counter_at_224px(name, token_mode):
     """The 224 px presets on one sampled subnet each (the cheapest of a few, to keep the test fast)."""
     model = supernet(name, token_mode)
-    subnet = min(reducing_subnets(model.search_space, 4), key=lambda s: vit.count_flops(model, s))
+    subnet = min(reducing_subnets(model.search_space, 4), key=lambda s: vit.count_macs(model, s))
     check_against_flop_counter(model, [subnet], batch=1)
 
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
-def test_count_flops_of_per_sample_subnets(token_mode):
+def test_count_macs_of_per_sample_subnets(token_mode):
     """A bucketed batch costs exactly the sum of its samples' counts: nothing is padded or masked."""
     model = supernet("prance_fmnist", token_mode)
     space = model.search_space
     subnets = [space.sample(seed) for seed in range(6)]
-    counts = vit.count_flops(model, subnets)
+    counts = vit.count_macs(model, subnets)
     assert isinstance(counts, list) and len(counts) == len(subnets)
-    assert counts == [vit.count_flops(model, s) for s in subnets]
+    assert counts == [vit.count_macs(model, s) for s in subnets]
     expected = measured_macs(model, images(model, len(subnets)), subnets)
     assert abs(sum(counts) - expected) / expected < 0.02
     assert sum(counts) == expected
@@ -104,8 +104,8 @@ def test_packed_execution_computes_little_more_than_the_count(token_mode, merge_
     model = copy.deepcopy(supernet("prance_fmnist", token_mode))
     model.merge_variant = merge_variant
     subnets = [model.search_space.sample(seed) for seed in range(6)]
-    counted = sum(vit.count_flops(model, subnets))
-    packed = measured_macs(model, images(model, len(subnets)), subnets, execution="packed")
+    counted = sum(vit.count_macs(model, subnets))
+    packed = measured_macs(model, images(model, len(subnets)), subnets, layout="packed")
     assert counted <= packed < 1.05 * counted
 
 
@@ -115,33 +115,33 @@ def test_packed_execution_computes_little_more_than_the_count(token_mode, merge_
 )
 def test_deit_sizes(name, low, high):
     """DeiT-T/S/B are 1.3 / 4.6 / 17.6 GMACs at 224 px."""
-    assert low < vit.count_flops(supernet(name)) < high
+    assert low < vit.count_macs(supernet(name)) < high
 
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
 @pytest.mark.parametrize("name", LIGHT)
-def test_count_flops_ordering(name, token_mode):
+def test_count_macs_ordering(name, token_mode):
     model = supernet(name, token_mode)
     space = model.search_space
-    full = vit.count_flops(model)
-    assert full == vit.count_flops(model, space.largest())
-    assert vit.count_flops(model, space.smallest()) < full
+    full = vit.count_macs(model)
+    assert full == vit.count_macs(model, space.largest())
+    assert vit.count_macs(model, space.smallest()) < full
     # narrowing one block, or reducing tokens earlier, strictly lowers the cost
     largest = space.largest()
     first = dataclasses.replace(largest[0], heads=space.heads[0][0])
-    assert vit.count_flops(model, vit.Subnet((first, *largest.blocks[1:]))) < full
+    assert vit.count_macs(model, vit.Subnet((first, *largest.blocks[1:]))) < full
     late = vit.Subnet((*largest.blocks[:-1], dataclasses.replace(largest[-1], keep_ratio=space.keep_ratio[-1][0])))
     early = vit.Subnet((dataclasses.replace(largest[0], keep_ratio=space.keep_ratio[0][0]), *largest.blocks[1:]))
-    assert vit.count_flops(model, early) < vit.count_flops(model, late) < full
+    assert vit.count_macs(model, early) < vit.count_macs(model, late) < full
 
 
-def test_count_flops_rejects_invalid_subnets():
+def test_count_macs_rejects_invalid_subnets():
     model = supernet("prance_fmnist")
     largest = model.search_space.largest()
     with pytest.raises(vit.InvalidSubnetError):
-        vit.count_flops(model, vit.Subnet(largest.blocks[:-1]))
+        vit.count_macs(model, vit.Subnet(largest.blocks[:-1]))
     with pytest.raises(vit.InvalidSubnetError):
-        vit.count_flops(model, vit.Subnet((dataclasses.replace(largest[0], heads=5), *largest.blocks[1:])))
+        vit.count_macs(model, vit.Subnet((dataclasses.replace(largest[0], heads=5), *largest.blocks[1:])))
 
 
 def test_count_params_are_the_parameters_a_subnet_reads():
@@ -165,14 +165,14 @@ def test_count_params_are_the_parameters_a_subnet_reads():
 
 def test_sampled_subnets_cost_the_ratio_asked_for_and_differ():
     model = tiny_supernet(depth=4, keep_ratio_choices=(0.5, 0.75, 1.0))
-    full = vit.count_flops(model)
+    full = vit.count_macs(model)
     subnets = vit.flops.sample_subnets(model, 32, 0.6, rng=0, tolerance=0.05)
-    ratios = [m / full for m in vit.count_flops(model, subnets)]
+    ratios = [m / full for m in vit.count_macs(model, subnets)]
     assert all(abs(r - 0.6) <= 0.05 for r in ratios)
     assert any(r < 0.6 for r in ratios) and any(r > 0.6 for r in ratios)  # both sides of the target
     assert len(set(subnets)) > 8
     assert vit.flops.sample_subnets(model, 32, 0.6, rng=0, tolerance=0.05) == subnets  # seeded
-    smallest = vit.count_flops(model, model.search_space.smallest()) / full
+    smallest = vit.count_macs(model, model.search_space.smallest()) / full
     with pytest.raises(ValueError, match="outside"):
         vit.flops.sample_subnets(model, 1, smallest - 0.02, tolerance=0.05)  # within tolerance, still unreachable
     with pytest.raises(ValueError, match="outside"):
@@ -180,12 +180,12 @@ def test_sampled_subnets_cost_the_ratio_asked_for_and_differ():
 
 
 @pytest.mark.parametrize("token_mode", ["merge", "prune_merge"])
-def test_count_flops_of_the_official_merge_variant(token_mode):
+def test_count_macs_of_the_official_merge_variant(token_mode):
     """Matching by hidden states costs C per pair instead of heads x head_dim: still exactly FlopCounterMode's count
     (per-sample packed execution: `test_packed_execution_computes_little_more_than_the_count`)."""
     model = tiny_supernet(token_mode, merge_variant="official", depth=3)
     subnets = reducing_subnets(model.search_space, 3)
     check_against_flop_counter(model, subnets, batch=2)
     tome = tiny_supernet(token_mode, depth=3)
-    pairs = [(vit.count_flops(model, s), vit.count_flops(tome, s)) for s in [*subnets, model.search_space.smallest()]]
+    pairs = [(vit.count_macs(model, s), vit.count_macs(tome, s)) for s in [*subnets, model.search_space.smallest()]]
     assert all(a >= b for a, b in pairs) and any(a > b for a, b in pairs)  # C > heads x head_dim where fewer heads run

@@ -20,14 +20,14 @@ import agents
 import prance_env
 import vit
 import vit.train
+from vit.cli import parse_dataclass
 from vit.flops import block_macs, embed_macs
-from vit.inference import GROUPED_KEEP_RATIOS, InferenceLoop, LoopShape
+from vit.inference import GROUPED_KEEP_RATIOS, DecisionSchedule, InferenceRunner
 from vit.token_ops import token_schedule
-from vit.utils import parse_dataclass
 
 DEPTH = 12
-GROUPED = LoopShape.named("grouped")
-ONE_SHOT = LoopShape.named("one-shot")
+GROUPED = DecisionSchedule.named("grouped")
+ONE_SHOT = DecisionSchedule.named("one-shot")
 PRICE = 0.05
 
 
@@ -83,78 +83,82 @@ class ObservationHash:
         return (np.floor(coordinates * 10).astype(np.int64) + step + np.arange(len(self.nvec))) % self.nvec, state
 
 
-# --- the loop's shape -------------------------------------------------------------------------------------------------
+# --- the decision schedule ------------------------------------------------------------------------------------------
 
 
-def test_named_shapes_and_their_checks():
-    assert LoopShape.named("per-block") == LoopShape() == LoopShape(stem_blocks=1, blocks_per_step=1)
-    assert GROUPED == LoopShape(3, 3, group_blocks=3, keep_ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
-    assert ONE_SHOT == LoopShape(3, 9, group_blocks=3, keep_ratios=GROUPED_KEEP_RATIOS)
+def test_named_schedules_and_their_checks():
+    assert (
+        DecisionSchedule.named("per-block") == DecisionSchedule() == DecisionSchedule(stem_blocks=1, blocks_per_step=1)
+    )
+    assert GROUPED == DecisionSchedule(
+        3, 3, group_blocks=3, keep_ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    )
+    assert ONE_SHOT == DecisionSchedule(3, 9, group_blocks=3, keep_ratios=GROUPED_KEEP_RATIOS)
     assert [list(GROUPED.blocks(t)) for t in range(GROUPED.num_steps(DEPTH))] == [[3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    assert ONE_SHOT.num_steps(DEPTH) == 1 and LoopShape.named("grouped", stem_blocks=0).num_steps(DEPTH) == 4
-    assert LoopShape(3, 3, 3, [0.5, 1]).keep_ratios == (0.5, 1.0)  # as read back from a JSON list
+    assert ONE_SHOT.num_steps(DEPTH) == 1 and DecisionSchedule.named("grouped", stem_blocks=0).num_steps(DEPTH) == 4
+    assert DecisionSchedule(3, 3, 3, [0.5, 1]).keep_ratios == (0.5, 1.0)  # as read back from a JSON list
     with pytest.raises(ValueError, match="unknown decisions 'paper'"):
-        LoopShape.named("paper")
+        DecisionSchedule.named("paper")
     with pytest.raises(ValueError, match="divide blocks_per_step"):
-        LoopShape(3, 3, group_blocks=2)
+        DecisionSchedule(3, 3, group_blocks=2)
     with pytest.raises(ValueError, match="for grouped decisions"):
-        LoopShape(keep_ratios=(0.5, 1.0))
+        DecisionSchedule(keep_ratios=(0.5, 1.0))
     with pytest.raises(ValueError, match="end with 1.0"):
-        LoopShape(3, 3, 3, keep_ratios=(0.1, 0.5))
+        DecisionSchedule(3, 3, 3, keep_ratios=(0.1, 0.5))
 
 
 def test_grouped_decisions_need_a_supernet_offering_their_keep_ratios(fmnist_dir):
     per_block_space = tiny_supernet(depth=DEPTH)  # keep ratios (0.5, 1.0)
     with pytest.raises(ValueError, match=r"no keep_ratio \[0.1, 0.2, 0.3, 0.4, 0.6.*build it with keep_ratio_choices"):
-        InferenceLoop(per_block_space, GROUPED)
+        prance_env.ActionCodec(GROUPED, per_block_space.search_space)
     with pytest.raises(ValueError, match="keep_ratio_choices"):
         make_env(fmnist_dir, per_block_space)
     # its own keep ratios serve a grouped shape that names none
-    loop = InferenceLoop(per_block_space, LoopShape(3, 3, group_blocks=3))
-    assert loop.nvec == (2, 2, 2, 2, 2, 2, 2)
+    codec = prance_env.ActionCodec(DecisionSchedule(3, 3, group_blocks=3), per_block_space.search_space)
+    assert codec.nvec == (2, 2, 2, 2, 2, 2, 2)
     # a supernet built by name offers them: the env builds it with `supernet_kwargs`
-    built = prance_env.factory.build_supernet("prance_fmnist", None, None, None, torch.device("cpu"), GROUPED)
+    built = prance_env.build.build_supernet("prance_fmnist", None, None, None, torch.device("cpu"), GROUPED)
     assert all(built.search_space.keep_ratio[i] == GROUPED_KEEP_RATIOS for i in range(DEPTH))
-    assert InferenceLoop(built, GROUPED).nvec == (4, 4, 4, 4, 4, 4, 10)
+    assert prance_env.ActionCodec(GROUPED, built.search_space).nvec == (4, 4, 4, 4, 4, 4, 10)
 
 
 # --- the MACs ledger and per-sample execution -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
-def test_grouped_ledger_is_count_flops_and_the_flop_counter(token_mode):
+def test_grouped_ledger_is_count_macs_and_the_flop_counter(token_mode):
     model = grouped_supernet(token_mode)
-    loop = InferenceLoop(model, GROUPED, "bucketed")
+    runner, codec = InferenceRunner(model, GROUPED, "bucketed"), prance_env.ActionCodec(GROUPED, model.search_space)
     images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    loop.start(images)
+    state = runner.start(images)
     for step in range(3):
-        block = loop.next_block
-        expected = [vit.count_flops(model, vit.Subnet(tuple(c) + tuple(loop.reference[block:]))) for c in loop.choices]
-        assert (loop.macs + loop.completion_macs()).tolist() == expected
-        loop.advance(loop.configs(random_rows(loop.nvec, 4, step)))
-    subnets = [vit.Subnet(tuple(c)) for c in loop.choices]
+        rest = tuple(runner.reference[state.next_block :])
+        expected = [vit.count_macs(model, vit.Subnet(c + rest)) for c in state.subnets()]
+        assert (state.macs + runner.completion_macs(state)).tolist() == expected
+        state = runner.advance(state, codec.configs(step, random_rows(codec.nvec, 4, step)))
+    subnets = [vit.Subnet(c) for c in state.subnets()]
     assert all(reachable(model.search_space, s) for s in subnets)
     first = subnets[0][3]  # every field at its first choice: keep (and merge) ratio 0.1
     assert (first.keep_ratio, first.merge_ratio) == (0.1, 0.1 if token_mode == "prune_merge" else 1.0)
-    assert loop.macs.tolist() == vit.count_flops(model, subnets)
+    assert state.macs.tolist() == vit.count_macs(model, subnets)
     for i, subnet in enumerate(subnets):  # the analytic count is what torch counts
         with flop_counter() as counter, torch.no_grad():
             model(images[i : i + 1], subnet)
-        assert counter.get_total_flops() / 2 == vit.count_flops(model, subnet), str(subnet)
+        assert counter.get_total_flops() / 2 == vit.count_macs(model, subnet), str(subnet)
 
 
-@pytest.mark.parametrize("execution", ["packed", "bucketed"])
+@pytest.mark.parametrize("layout", ["packed", "bucketed"])
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)
-def test_grouped_decisions_in_a_batch_give_each_image_its_own_logits(execution, token_mode):
+def test_grouped_decisions_in_a_batch_give_each_image_its_own_logits(layout, token_mode):
     model = grouped_supernet(token_mode)
-    loop = InferenceLoop(model, GROUPED, execution)
+    runner, codec = InferenceRunner(model, GROUPED, layout), prance_env.ActionCodec(GROUPED, model.search_space)
     images = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    loop.start(images)
-    while not loop.done:
-        loop.advance(loop.configs(random_rows(loop.nvec, 6, loop.step_index + 10)))
-    subnets = [vit.Subnet(tuple(c)) for c in loop.choices]
+    state = runner.start(images)
+    while not state.done:
+        state = runner.advance(state, codec.configs(state.step, random_rows(codec.nvec, 6, state.step + 10)))
+    subnets = [vit.Subnet(c) for c in state.subnets()]
     assert len(set(subnets)) == 6
-    logits = loop.complete()
+    logits = runner.complete(state)
     with torch.no_grad():
         torch.testing.assert_close(logits, model(images, subnets), atol=1e-5, rtol=0)
         for i, subnet in enumerate(subnets):
@@ -169,16 +173,16 @@ def test_grouped_episode_has_three_steps_of_seven_fields_after_a_three_block_ste
     env = make_env(fmnist_dir, model, price=PRICE)
     space, largest = model.search_space, model.search_space.largest()
     assert env.action_space == gymnasium.spaces.MultiDiscrete([2, 2, 2, 2, 2, 2, 10])
-    assert env.unwrapped.inference.fields == (
+    assert env.unwrapped.codec.fields == (
         "heads[0]", "mlp_hidden[0]", "heads[1]", "mlp_hidden[1]", "heads[2]", "mlp_hidden[2]", "keep_ratio[0]",
     )  # fmt: skip
     obs, info = env.reset(seed=0)
     image = env.unwrapped.image
     with torch.no_grad():  # the first observation reads the CLS token after 3 full-width blocks
-        x, size = model.embed(image[None]), None
+        tokens = vit.PackedBatch(model.embed(image[None]))
         for i in range(3):
-            x, size = model.forward_block(i, x, size, largest[i])
-    np.testing.assert_allclose(obs["cls"], x[0, 0].numpy(), atol=1e-5, rtol=0)
+            tokens = model.run_block(i, tokens, largest[i])
+    np.testing.assert_allclose(obs["cls"], tokens.cls()[0].numpy(), atol=1e-5, rtol=0)
     stem = embed_macs(model) + 3 * block_macs(model, model.num_patches, largest[0])[0]
     assert info["macs"] == stem and obs["progress"][0] == 0.0
     actions = [np.array([1, 0, 0, 1, 1, 1, 0]), np.array([0, 1, 1, 0, 0, 0, 4]), np.array([1, 1, 1, 1, 0, 1, 9])]
@@ -198,14 +202,14 @@ def test_grouped_episode_has_three_steps_of_seven_fields_after_a_three_block_ste
             tokens = token_schedule(tokens, c, model.token_mode)[1]
         assert info["tokens"] == tokens and obs["progress"][0] == pytest.approx((t + 1) / 3)
     assert isinstance(info["subnet"], vit.Subnet) and reachable(space, info["subnet"])
-    assert info["macs"] == vit.count_flops(model, info["subnet"]) and tokens == 3  # 0.1 of 49 leaves 5, 0.5 of 5: 3
-    assert info["flops_ratio"] == pytest.approx(info["macs"] / vit.count_flops(model))
+    assert info["macs"] == vit.count_macs(model, info["subnet"]) and tokens == 3  # 0.1 of 49 leaves 5, 0.5 of 5: 3
+    assert info["flops_ratio"] == pytest.approx(info["macs"] / vit.count_macs(model))
 
 
 def test_one_shot_is_one_step_of_twenty_one_fields(fmnist_dir):
     model = grouped_supernet()
     env = make_env(fmnist_dir, model, decisions="one-shot")
-    assert env.action_space.shape == (21,) and env.unwrapped.inference.num_steps == 1
+    assert env.action_space.shape == (21,) and env.unwrapped.codec.num_steps == 1
     assert list(env.action_space.nvec) == [2, 2, 2, 2, 2, 2, 10] * 3
     obs, info = env.reset(seed=0)
     assert (
@@ -214,7 +218,7 @@ def test_one_shot_is_one_step_of_twenty_one_fields(fmnist_dir):
     obs, _, terminated, _, info = env.step(np.array([0, 0, 1, 1, 0, 1, 7] * 3))
     assert terminated and reachable(model.search_space, info["subnet"])
     assert [c.keep_ratio for c in info["subnet"]] == [1.0] * 3 + [0.8, 1.0, 1.0] * 3
-    assert info["macs"] == vit.count_flops(model, info["subnet"])
+    assert info["macs"] == vit.count_macs(model, info["subnet"])
 
 
 def assert_checkers_pass_silently(env: gymnasium.Env) -> None:
@@ -254,8 +258,7 @@ def test_grouped_render_draws_every_decided_block(fmnist_dir):
 def test_invalid_grouped_actions_raise_and_change_nothing(fmnist_dir):
     env = make_env(fmnist_dir, grouped_supernet())
     env.reset(seed=0)
-    inference = env.unwrapped.inference
-    before = (inference.step_index, inference.macs.clone(), [list(c) for c in inference.choices])
+    before = env.unwrapped.episodes
     for action, match in [
         (
             np.array([0, 0, 0, 0, 0, 0, 10]),
@@ -268,11 +271,9 @@ def test_invalid_grouped_actions_raise_and_change_nothing(fmnist_dir):
     ]:
         with pytest.raises(ValueError, match=match):
             env.step(action)
-        assert (inference.step_index, inference.macs, [list(c) for c in inference.choices]) == before
-    with pytest.raises(vit.InvalidSubnetError, match=r"keep_ratio\[0\] index 10 out of range"):
-        inference.configs(torch.tensor([[0, 0, 0, 0, 0, 0, 10]]))
+        assert env.unwrapped.episodes is before  # immutable: nothing was run
     env.step(np.zeros(7, dtype=np.int64))  # the episode goes on
-    assert inference.step_index == 1
+    assert env.unwrapped.episodes.inference.step == 1
 
 
 def test_grouped_vector_env_runs_each_image_as_the_single_env(fmnist_dir):
@@ -299,7 +300,7 @@ def test_grouped_vector_env_runs_each_image_as_the_single_env(fmnist_dir):
     venv.reset()
     for t in range(3):
         _, _, dones, infos = venv.step(actions[t])
-    assert dones.all() and "terminal_observation" in infos[0] and venv.envs.inference.step_index == 0
+    assert dones.all() and "terminal_observation" in infos[0] and venv.envs.episodes.inference.step == 0
 
 
 # --- AdaptiveViT, selectors and the scripts ---------------------------------------------------------------------------
@@ -308,12 +309,12 @@ def test_grouped_vector_env_runs_each_image_as_the_single_env(fmnist_dir):
 @pytest.mark.parametrize("decisions", ["grouped", "one-shot"])
 def test_adaptive_vit_with_a_random_grouped_policy_equals_the_env(fmnist_dir, decisions):
     model = grouped_supernet()
-    shape = LoopShape.named(decisions)
+    shape = DecisionSchedule.named(decisions)
     env = make_env(fmnist_dir, model, decisions=decisions, split="test")
     policy = ObservationHash(env.action_space.nvec)
     indices = np.arange(8)
     images, _ = env.unwrapped.source.get(indices)
-    adaptive = agents.AdaptiveViT(model, policy, shape=shape)
+    adaptive = agents.AdaptiveViT(model, policy, schedule=shape)
     logits, macs, decisions_made = adaptive(images, price=PRICE, return_decisions=True)
     steps = shape.num_steps(DEPTH)
     assert decisions_made.indices.shape == (len(indices), steps, len(env.action_space.nvec))
@@ -353,7 +354,7 @@ def test_a_grouped_selector_saves_and_loads_back_with_its_shape(grouped_selector
     assert settings["config"]["decisions"] == settings["env"]["decisions"] == "grouped"
     assert (settings["env"]["stem_blocks"], settings["env"]["blocks_per_step"]) == (3, 3)
     adaptive = agents.load_adaptive(path, device="cpu")
-    assert adaptive.shape == GROUPED and adaptive.nvec == (4, 4, 4, 4, 4, 4, 10)
+    assert adaptive.schedule == GROUPED and adaptive.nvec == (4, 4, 4, 4, 4, 4, 10)
     expected = vit.create_supernet("prance_fmnist", checkpoint=weights)
     torch.testing.assert_close(adaptive.supernet.state_dict(), expected.state_dict(), atol=0, rtol=0)
     images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import vit
-from agents.ppo import latest_checkpoint
+from agents.training import latest_checkpoint
 from agents.selector import load_selector
-from vit.checkpoint import atomic_write, read_state_dict
-from vit.train import read_train_checkpoint
+from vit.checkpoint import atomic_write, read_state_dict, read_train_state
+from vit.train import TRAIN_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread, and a progress line at every update: the test reads how far a run got from its progress bar
@@ -158,14 +158,14 @@ def test_supernet_training_killed_resumes_from_its_last_epoch(moment, fmnist_dir
             assert leftovers(out), "the write to kill was not in progress"
         run.kill()
 
-    completed = read_train_checkpoint(last)["epoch"]  # a checkpoint that reads: the kill did not break it
+    completed = read_train_state(last, TRAIN_FORMAT)["epoch"]  # a checkpoint that reads: the kill did not break it
     assert completed == 1, "the killed run had completed another epoch: it was not killed in epoch 2"
     with Run(tmp_path, "resumed", "train_supernet.py", [*args, "--resume"]) as run:
         resumed = run.finish()
     assert f"resumed from {last} at epoch {completed}" in resumed
     assert [int(e) for e in re.findall(r"^epoch (\d+): Top-1", resumed, re.M)] == list(range(completed + 1, EPOCHS + 1))
 
-    assert read_train_checkpoint(last)["epoch"] == EPOCHS
+    assert read_train_state(last, TRAIN_FORMAT)["epoch"] == EPOCHS
     final = read_state_dict(out / "supernet.safetensors")
     assert final.keys() == uninterrupted_supernet.keys()
     different = [k for k in final if not torch.equal(final[k], uninterrupted_supernet[k])]

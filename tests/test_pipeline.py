@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_supernet, write_image_folder
+from prance_env.source import ImageSource
 from torch.utils.data import Dataset
 
 import prance_env
-from prance_env.factory import ImageSource
 from vit.data import labels_of, load_dataset, stratified_subset
 from vit.train import Batches, TrainConfig, subset_batches, train_supernet
 
@@ -109,7 +109,7 @@ def test_two_envs_with_the_same_seed_give_identical_episodes(folder):
         obs, info = envs.reset(seed=7)
         seen = [info["index"], obs["cls"]]
         images = [envs.unwrapped.images.clone()]
-        for _ in range(envs.unwrapped.inference.num_steps + 1):  # the last step resets onto the next batch
+        for _ in range(envs.unwrapped.codec.num_steps + 1):  # the last step resets onto the next batch
             obs, reward, *_ = envs.step(np.zeros(envs.action_space.shape, dtype=np.int64))
             seen += [obs["cls"], reward]
         images.append(envs.unwrapped.images.clone())
@@ -158,7 +158,7 @@ def test_batches_reach_the_requested_device(folder):
     assert x.device == META and y.device == META
     for x, y in subset_batches(data, 6, 4, META, workers=0):  # evaluation, calibration, benchmark
         assert x.device == META and y.device == META
-    source = prance_env.factory.build_source(data, None, "train", rgb_supernet(), META, workers=0)
+    source = prance_env.source.build_source(data, None, "train", rgb_supernet(), META, workers=0)
     images, labels = source.get(np.arange(3))  # the env
     assert images.device == META and labels.device == META
     source.close()
@@ -181,7 +181,7 @@ def test_supernet_training_feeds_images_and_labels_on_the_model_device(folder, t
         raise _Recorded
 
     model.forward = forward
-    monkeypatch.setattr("vit.train._setup_distributed", lambda device: (0, 1, META))
+    monkeypatch.setattr("vit.train.setup_distributed", lambda device: (0, 1, META))
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
     cfg = TrainConfig(data="imagefolder", data_dir=str(folder), batch_size=4, workers=0, out=str(tmp_path))
     with pytest.raises(_Recorded):
@@ -214,7 +214,7 @@ def test_the_env_decodes_the_next_batch_while_the_episodes_run():
     data = SlowImages(delay=0.1)
     envs = prance_env.PranceViTVectorEnv(num_envs=4, supernet=tiny_supernet(), data=data, device="cpu", workers=2)
     envs.reset(seed=0)
-    for _ in range(envs.inference.num_steps):
+    for _ in range(envs.codec.num_steps):
         envs.step(np.zeros(envs.action_space.shape, dtype=np.int64))
     time.sleep(1.0)  # the rest of a rollout: the policy, the learner
     started = time.perf_counter()
@@ -231,7 +231,7 @@ def test_without_workers_the_env_reads_each_batch_in_its_own_thread_when_it_need
     envs = prance_env.PranceViTVectorEnv(num_envs=4, supernet=tiny_supernet(), data=data, device="cpu", workers=0)
     envs.reset(seed=0)
     assert len(data.threads) == 4  # nothing read ahead: reading draws from the generators this thread draws from
-    for _ in range(envs.inference.num_steps + 1):  # the last step autoresets onto the next batch
+    for _ in range(envs.codec.num_steps + 1):  # the last step autoresets onto the next batch
         *_, info = envs.step(np.zeros(envs.action_space.shape, dtype=np.int64))
     assert len(data.threads) == 8 and set(data.threads) == {threading.current_thread()}
     assert torch.equal(envs.images[:, 0, 0, 0], torch.as_tensor(info["index"], dtype=torch.float32))

@@ -65,8 +65,8 @@ def test_any_per_sample_mixture_equals_each_image_alone(data, token_mode, seed):
     x = images(model, len(mixture), seed)
     with torch.no_grad():
         packed = model(x, mixture)
-        bucketed = model(x, mixture, execution="bucketed")
-        consensus = model(x, mixture, execution="consensus")
+        bucketed = model(x, mixture, layout="bucketed")
+        consensus = model(x, model.search_space.consensus(mixture))
         alone = torch.cat([model(x[i : i + 1], s) for i, s in enumerate(mixture)])
     assert packed.shape == bucketed.shape == consensus.shape == (len(mixture), model.num_classes)
     assert torch.isfinite(packed).all() and torch.isfinite(consensus).all()
@@ -79,7 +79,7 @@ def test_any_per_sample_mixture_equals_each_image_alone(data, token_mode, seed):
 
 @FAST
 @given(data=st.data(), token_mode=token_modes)
-def test_count_flops_never_falls_when_one_block_grows(data, token_mode):
+def test_count_macs_never_falls_when_one_block_grows(data, token_mode):
     model = supernet(token_mode)
     space = model.search_space
     subnet = data.draw(subnets(space))
@@ -92,7 +92,7 @@ def test_count_flops_never_falls_when_one_block_grows(data, token_mode):
     base = space.from_indices(indices)
     indices[block][field] = data.draw(st.integers(indices[block][field] + 1, largest))
     grown = space.from_indices(indices)
-    assert vit.count_flops(model, grown) >= vit.count_flops(model, base), (space.fields[field], block, base, grown)
+    assert vit.count_macs(model, grown) >= vit.count_macs(model, base), (space.fields[field], block, base, grown)
 
 
 # --- PranceViT-v1 ---------------------------------------------------------------------------------------------------
@@ -139,11 +139,11 @@ def actions(space: gymnasium.Space, nvec: tuple[int, ...], batch: int | None) ->
 def test_any_valid_action_sequence_ends_after_its_steps_with_finite_rewards(make_env, data, config, num_envs):
     env = make_env(config, num_envs)
     cfg = ENV_CONFIGS[config]
-    inference = env.unwrapped.inference
+    codec = env.unwrapped.codec
     steps = (DEPTH - cfg["stem_blocks"]) // cfg["blocks_per_step"]
-    assert inference.num_steps == steps
+    assert codec.num_steps == steps
     space = env.single_action_space if num_envs else env.action_space
-    strategy = actions(space, inference.nvec, num_envs)
+    strategy = actions(space, codec.nvec, num_envs)
     env.reset(seed=data.draw(st.integers(0, 2**16)))
     for t in range(1, steps + 1):
         obs, reward, terminated, truncated, info = env.step(data.draw(strategy))
@@ -153,5 +153,5 @@ def test_any_valid_action_sequence_ends_after_its_steps_with_finite_rewards(make
     model = env.unwrapped.model
     last = zip(info["subnet"], info["macs"]) if num_envs else [(info["subnet"], info["macs"])]
     for subnet, macs in last:
-        assert macs == vit.count_flops(model, subnet)
+        assert macs == vit.count_macs(model, subnet)
     assert np.all((0 < np.asarray(info["flops_ratio"])) & (np.asarray(info["flops_ratio"]) <= 1))

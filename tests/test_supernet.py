@@ -15,11 +15,11 @@ import timm.optim
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import flop_counter, images, release_shared_supernets, shared_supernet, tiny_supernet
+from conftest import dense_reduce, flop_counter, images, release_shared_supernets, shared_supernet, tiny_supernet
 
 import vit
 from vit.rewire import head_importance, neuron_importance
-from vit.token_ops import reduce_tokens, token_schedule
+from vit.token_ops import token_schedule
 
 PRESETS = ("prance_deit_base", "prance_deit_small", "prance_deit_tiny", "prance_fmnist")
 LIGHT = ("prance_fmnist", "prance_deit_tiny")
@@ -305,7 +305,7 @@ class DenseBlock(nn.Module):
         out, scores, keys = self.attn(self.norm1(x), size)
         x = x + out
         schedule = token_schedule(x.shape[1] - 1, config, token_mode)
-        x, size = reduce_tokens(x, size, scores, keys, schedule, token_mode)
+        x, size = dense_reduce(x, size, scores, keys, schedule)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)))), size
 
 
@@ -384,12 +384,15 @@ def test_per_sample_subnets_equal_one_image_at_a_time(token_mode):
         batched = model(x, subnets)
         alone = torch.cat([model(x[i : i + 1], subnets[i]) for i in range(8)])
         torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
-        torch.testing.assert_close(model(x, subnets, execution="bucketed"), alone, atol=1e-4, rtol=0)
-        consensus = model(x, subnets, execution="consensus")
+        torch.testing.assert_close(model(x, subnets, layout="bucketed"), alone, atol=1e-4, rtol=0)
+        with pytest.warns(DeprecationWarning, match="consensus"):
+            consensus = model(x, subnets, "consensus")
         torch.testing.assert_close(consensus, model(x, space.consensus(subnets)), atol=1e-4, rtol=0)
         assert not torch.allclose(consensus, batched, atol=1e-3)  # the modes differ: one subnet vs. eight
-        for execution in ("packed", "bucketed"):
-            same = model(x, [subnets[3]] * 8, execution=execution)
+        with pytest.warns(DeprecationWarning, match="layout"):
+            torch.testing.assert_close(model(x, subnets, execution="bucketed"), alone, atol=1e-4, rtol=0)
+        for layout in ("packed", "bucketed"):
+            same = model(x, [subnets[3]] * 8, layout=layout)
             torch.testing.assert_close(same, model(x, subnets[3]), atol=1e-4, rtol=0)
 
 
@@ -428,15 +431,15 @@ def test_packed_blocks_keep_batch_order_and_leave_their_input_alone(token_mode):
     with torch.no_grad():
         tokens = vit.PackedBatch(x)
         before = tokens.x.clone()
-        after = tokens.apply_block(model, 0, configs)
-        twice = after.apply_block(model, 1, configs[::-1])
+        after = model.run_block(0, tokens, configs)
+        twice = model.run_block(1, after, configs[::-1])
         assert torch.equal(tokens.x, before) and tokens.lengths == [x.shape[1]] * len(configs)
         for i, c in enumerate(configs):
-            alone, size = model.forward_block(0, x[i : i + 1], None, c)
-            assert int(after.num_patches()[i]) == alone.shape[1] - 1
-            torch.testing.assert_close(after.cls()[i], alone[0, 0], atol=1e-5, rtol=0)
-            alone, _ = model.forward_block(1, alone, size, configs[::-1][i])
-            torch.testing.assert_close(twice.cls()[i], alone[0, 0], atol=1e-5, rtol=0)
+            alone = model.run_block(0, vit.PackedBatch(x[i : i + 1]), c)
+            assert int(after.num_patches()[i]) == int(alone.num_patches()[0])
+            torch.testing.assert_close(after.cls()[i], alone.cls()[0], atol=1e-5, rtol=0)
+            alone = model.run_block(1, alone, configs[::-1][i])
+            torch.testing.assert_close(twice.cls()[i], alone.cls()[0], atol=1e-5, rtol=0)
 
 
 def test_single_threaded_restores_the_thread_count_and_long_tensor_matches_torch_tensor():
@@ -469,7 +472,7 @@ def test_keep_freed_memory_stops_repeated_forwards_from_page_faulting():
     # batch 32 takes thousands of minor page faults; with freed memory kept, next to none once the heap has grown
     code = """
 import resource, torch, vit
-from vit.utils import keep_freed_memory
+from vit.bench import keep_freed_memory
 assert keep_freed_memory()
 torch.manual_seed(0)
 model = vit.create_supernet("prance_fmnist").eval()
@@ -510,13 +513,13 @@ def test_every_parameter_gets_a_gradient(name):
         assert p.grad.abs().sum() > 0, key
 
 
-@pytest.mark.parametrize("execution", ["packed", "bucketed"])
-def test_per_sample_subnets_train(execution):
+@pytest.mark.parametrize("layout", ["packed", "bucketed"])
+def test_per_sample_subnets_train(layout):
     """With gradients enabled, per-sample subnets give the gradients of each sample run alone."""
     model = copy.deepcopy(supernet("prance_fmnist")).train()
     subnets = [model.search_space.sample(seed) for seed in range(5)]
     x, labels = images(model, 5), torch.tensor([0, 1, 2, 3, 4])
-    F.cross_entropy(model(x, subnets, execution=execution), labels, reduction="sum").backward()
+    F.cross_entropy(model(x, subnets, layout=layout), labels, reduction="sum").backward()
     batched = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     for i, s in enumerate(subnets):
@@ -602,7 +605,7 @@ def test_subnet_outside_the_space_raises(make, match):
     with pytest.raises(vit.InvalidSubnetError, match=match):
         model(x, [model.search_space.largest(), subnet])
     with pytest.raises(vit.InvalidSubnetError, match=match):
-        model(x, [model.search_space.largest(), subnet], execution="consensus")
+        model(x, [model.search_space.largest(), subnet], layout="bucketed")
 
 
 def test_wrong_number_of_per_sample_subnets_raises():
@@ -611,9 +614,9 @@ def test_wrong_number_of_per_sample_subnets_raises():
     with pytest.raises(ValueError, match="3 subnets for a batch of 2"):
         model(images(model, 2), [largest] * 3)
     with pytest.raises(ValueError, match="1 subnets for a batch of 2"):
-        model(images(model, 2), [largest], execution="consensus")
-    with pytest.raises(ValueError, match="unknown execution 'padded'; expected one of packed, bucketed, consensus"):
-        model(images(model, 2), [largest] * 2, execution="padded")
+        model(images(model, 2), [largest], layout="bucketed")
+    with pytest.raises(ValueError, match="unknown layout 'padded'; expected one of packed, bucketed"):
+        model(images(model, 2), [largest] * 2, layout="padded")
 
 
 def test_unknown_names_raise():
@@ -760,7 +763,7 @@ def test_bf16_per_sample_matmuls_on_the_ladder_give_the_unpadded_results(monkeyp
     assert vit.packed.repeat_shapes(x)
     with torch.no_grad():
         laddered = model(x, subnets)
-        monkeypatch.setattr(vit.supernet, "repeat_shapes", lambda x: False)
+        monkeypatch.setattr(vit.packed, "repeat_shapes", lambda x: False)
         plain = model(x, subnets)
     torch.testing.assert_close(laddered.float(), plain.float(), atol=2e-2, rtol=0)
     assert not vit.packed.repeat_shapes(x.float())  # fp32 runs through MKL, which builds no kernels per shape
@@ -778,10 +781,10 @@ def test_official_merge_variant_takes_plain_means_of_hidden_states_per_sample_as
     x = images(official, len(subnets))
     with torch.no_grad():
         tokens = vit.PackedBatch(official.embed(x))
-        merged = tokens.apply_block(official, 0, space.smallest()[0])
+        merged = official.run_block(0, tokens, space.smallest()[0])
         assert (
             merged.size is None
-            and vit.PackedBatch(tome.embed(x)).apply_block(tome, 0, space.smallest()[0]).size is not None
+            and tome.run_block(0, vit.PackedBatch(tome.embed(x)), space.smallest()[0]).size is not None
         )
         batched = official(x, subnets)
         alone = torch.cat([official(x[i : i + 1], s) for i, s in enumerate(subnets)])

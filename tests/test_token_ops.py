@@ -4,20 +4,22 @@ proportional attention."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import dense_reduce
 
 from vit import TOKEN_MODES, BlockConfig
-from vit.token_ops import assign_tokens, cls_attention, kept_tokens, reduce_tokens, size_bias, token_schedule
+from vit.packed import AttentionRun, attention_core
+from vit.token_ops import assign_tokens, cls_attention, kept_tokens, token_schedule
 
 
 def prune(x, size, scores, k):
     """Keep CLS and the k patch tokens of highest score; also return the kept patch positions."""
     keep = (assign_tokens(scores, None, k, k) >= 0).nonzero()[:, 1].view(x.shape[0], k)
-    return *reduce_tokens(x, size, scores, None, (k, k)), keep
+    return *dense_reduce(x, size, scores, None, (k, k)), keep
 
 
 def merge(x, size, scores, keys, k, source=None):
     """Merge the patch tokens into the k of highest score."""
-    return reduce_tokens(x, size, scores, keys, (x.shape[1] - 1, k), source=source)
+    return dense_reduce(x, size, scores, keys, (x.shape[1] - 1, k), source=source)
 
 
 def tokens(batch: int, n: int, dim: int) -> torch.Tensor:
@@ -147,19 +149,19 @@ def test_merge_conserves_size_and_mass(k):
     torch.testing.assert_close(out_size[:, 0], size[:, 0])
 
 
-# --- reduce_tokens ------------------------------------------------------------------------------------------------
+# --- a dense batch's reduction ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "token_mode, patches, total_size", [("prune", 5, None), ("merge", 5, 11.0), ("prune_merge", 3, 6.0)]
 )
-def test_reduce_tokens_per_mode(token_mode, patches, total_size):
+def test_a_dense_reduction_per_mode(token_mode, patches, total_size):
     """10 patches at keep 0.5 (and merge 0.6): pruning drops tokens, merging keeps their mass in the sizes."""
     g = torch.Generator().manual_seed(0)
     x, scores = torch.randn(2, 11, 4, generator=g), torch.rand(2, 10, generator=g)
     keys = torch.randn(2, 10, 8, generator=g)
     config = BlockConfig(heads=1, mlp_hidden=4, keep_ratio=0.5, merge_ratio=0.6)
-    out, size = reduce_tokens(x, None, scores, keys, token_schedule(10, config, token_mode), token_mode)
+    out, size = dense_reduce(x, None, scores, keys, token_schedule(10, config, token_mode))
     assert out.shape == (2, 1 + patches, 4)
     if total_size is None:
         assert size is None
@@ -168,10 +170,10 @@ def test_reduce_tokens_per_mode(token_mode, patches, total_size):
 
 
 @pytest.mark.parametrize("token_mode", TOKEN_MODES)
-def test_reduce_tokens_is_identity_at_ratio_one(token_mode):
+def test_a_dense_reduction_is_identity_at_ratio_one(token_mode):
     x = torch.randn(2, 11, 4)
     schedule = token_schedule(10, BlockConfig(heads=1, mlp_hidden=4), token_mode)
-    out, size = reduce_tokens(x, None, torch.rand(2, 10), torch.randn(2, 10, 8), schedule, token_mode)
+    out, size = dense_reduce(x, None, torch.rand(2, 10), torch.randn(2, 10, 8), schedule)
     assert size is None
     assert torch.equal(out, x)
 
@@ -190,8 +192,8 @@ def test_source_is_reduced_as_the_tokens_are(token_mode, keep_ratio, merge_ratio
     keys = torch.randn(3, 10, 8, generator=g)
     schedule = token_schedule(10, BlockConfig(1, 4, keep_ratio, merge_ratio), token_mode)
     source = torch.eye(11).expand(3, -1, -1)
-    out, size, out_source = reduce_tokens(x, None, scores, keys, schedule, token_mode, source)
-    expected = reduce_tokens(x, None, scores, keys, schedule, token_mode)
+    out, size, out_source = dense_reduce(x, None, scores, keys, schedule, source)
+    expected = dense_reduce(x, None, scores, keys, schedule)
     assert torch.equal(out, expected[0])
     assert (size is None and expected[1] is None) or torch.equal(size, expected[1])
     assert out_source.shape == (3, 1 + schedule[1], 11)
@@ -215,14 +217,6 @@ def test_merge_sums_the_sources_of_merged_tokens():
 # --- proportional attention ---------------------------------------------------------------------------------------
 
 
-def test_size_bias_is_log_size():
-    size = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 5.0]])
-    bias = size_bias(size)
-    assert bias.shape == (2, 1, 1, 3)
-    torch.testing.assert_close(bias[:, 0, 0], size.log())
-    assert size_bias(None) is None
-
-
 def test_proportional_attention_equals_attention_over_duplicated_tokens():
     """A merged token of size s attends (and is attended to) like s copies of itself."""
     g = torch.Generator().manual_seed(0)
@@ -231,9 +225,10 @@ def test_proportional_attention_equals_attention_over_duplicated_tokens():
     copies = torch.tensor([0, 1, 1, 1, 2, 3, 3])  # token j repeated size[j] times
     scale = 8**-0.5
 
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size))
-    dup = F.scaled_dot_product_attention(q, k[:, :, copies], v[:, :, copies])
-    torch.testing.assert_close(out, dup)
+    qkv = torch.stack([q[0], k[0], v[0]]).permute(2, 0, 1, 3).reshape(4, 3 * 2 * 8)  # (T, 3 h d), as the block
+    out = attention_core(AttentionRun(qkv, 2, 0, [0], [4]), size[0].log(), 8)  # (T, h d)
+    dup = F.scaled_dot_product_attention(q, k[:, :, copies], v[:, :, copies])  # (B, h, T, d)
+    torch.testing.assert_close(out, dup[0].transpose(0, 1).reshape(4, 16))
 
     scores = cls_attention(q[:, :, 0], k, scale, size.log())  # (1, 3): attention to the patch tokens
     dup_scores = cls_attention(q[:, :, 0], k[:, :, copies], scale)  # (1, 6)

@@ -14,12 +14,12 @@ from conftest import tiny_supernet
 from PIL import Image
 
 import vit
-from vit.checkpoint import atomic_write
+from vit.checkpoint import atomic_write, read_train_state
 from vit.data import FashionMNIST
 from vit.train import (
+    TRAIN_FORMAT,
     TrainConfig,
     lr_at,
-    read_train_checkpoint,
     sandwich,
     shift_and_flip,
     subset_batches,
@@ -69,12 +69,12 @@ def test_augmentation_shifts_and_flips_within_bounds():
     assert y.min() >= x.min() and y.max() <= x.max()  # edge padding adds no new values
 
 
-def test_training_learns_and_writes_checkpoints(tmp_path, fmnist_dir):
+def test_training_runs_its_epochs_and_writes_checkpoints(tmp_path, fmnist_dir):
     metrics = []
     model = train_supernet(tiny_config(tmp_path, fmnist_dir), tiny_supernet(), lambda e, m: metrics.append(m))
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert 0.0 <= metrics[-1]["top1_largest"] <= 1.0
-    state = read_train_checkpoint(tmp_path / "last.pt")
+    state = read_train_state(tmp_path / "last.pt", TRAIN_FORMAT)
     assert state["epoch"] == 2
     reloaded = vit.load_checkpoint(tiny_supernet(), tmp_path / "supernet.safetensors")
     for k, v in reloaded.state_dict().items():
@@ -91,7 +91,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, fmnist_di
 
     with pytest.raises(KeyboardInterrupt):
         train_supernet(tiny_config(tmp_path / "b", fmnist_dir), tiny_supernet(), interrupt)
-    assert read_train_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    assert read_train_state(tmp_path / "b" / "last.pt", TRAIN_FORMAT)["epoch"] == 1
     resumed = train_supernet(tiny_config(tmp_path / "b", fmnist_dir, resume=True), tiny_supernet())
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -169,7 +169,7 @@ def test_broken_training_checkpoints_give_clear_errors(tmp_path, fmnist_dir):
         train_supernet(tiny_config(tmp_path, fmnist_dir, resume=True), tiny_supernet())
     torch.save({"weights": torch.zeros(3)}, last)
     with pytest.raises(ValueError, match="not a training checkpoint"):
-        read_train_checkpoint(last)
+        read_train_state(last, TRAIN_FORMAT)
 
 
 def test_interrupted_write_keeps_the_previous_file(tmp_path):

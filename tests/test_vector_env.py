@@ -86,7 +86,7 @@ def test_make_vec_on_a_fashion_mnist_subset_holds_its_images_in_memory(fmnist_di
 def test_make_vec_defaults_run_an_episode():
     envs = gymnasium.make_vec("PranceViT-v1", num_envs=N)
     assert isinstance(envs, prance_env.PranceViTVectorEnv)
-    _, _, infos = run_vector_episode(envs, random_actions(envs.action_space, envs.inference.num_steps), seed=0)
+    _, _, infos = run_vector_episode(envs, random_actions(envs.action_space, envs.codec.num_steps), seed=0)
     assert np.all(infos[-1]["flops_ratio"] <= 1.0)
 
 
@@ -98,7 +98,7 @@ def test_same_seed_gives_the_same_episodes(fmnist_dir, action_type):
     runs = []
     for _ in range(2):
         envs = make_vec(fmnist_dir, quality="logprob", action_type=action_type)
-        steps = envs.inference.num_steps
+        steps = envs.codec.num_steps
         actions = random_actions(envs.action_space, 2 * steps + 1, seed=1)  # two episodes and the autoreset step
         obs, info = envs.reset(seed=3)
         runs.append([(obs, info)] + [envs.step(a) for a in actions])
@@ -127,7 +127,7 @@ def test_vector_env_matches_the_single_env_image_by_image(fmnist_dir, reward, ki
     envs = make_vec(fmnist_dir, reward=reward, quality=kind)
     env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, reward=reward, quality=kind))
     indices = [5, 17, 17, 60]  # one image twice, under different actions
-    actions = random_actions(envs.action_space, envs.inference.num_steps, seed=2)
+    actions = random_actions(envs.action_space, envs.codec.num_steps, seed=2)
     batch_obs, batch_rewards, batch_infos = run_vector_episode(
         envs, actions, options={"indices": indices, "price": PRICE}
     )
@@ -149,7 +149,7 @@ def test_reset_info_is_not_changed_by_later_steps(fmnist_dir):
     envs = make_vec(fmnist_dir)
     _, info = envs.reset(seed=0)
     kept = {key: np.copy(value) for key, value in info.items()}
-    for action in random_actions(envs.action_space, envs.inference.num_steps, seed=0):
+    for action in random_actions(envs.action_space, envs.codec.num_steps, seed=0):
         envs.step(action)
     for key, value in kept.items():
         np.testing.assert_array_equal(info[key], value, err_msg=key)
@@ -177,7 +177,7 @@ def test_reset_with_a_scalar_price_warns_nothing():
 
 def test_step_after_the_last_resets_with_next_step_semantics(fmnist_dir):
     envs = make_vec(fmnist_dir)
-    steps = envs.inference.num_steps
+    steps = envs.codec.num_steps
     actions = random_actions(envs.action_space, steps, seed=0)
     _, _, infos = run_vector_episode(envs, actions, seed=0)
     obs, reward, terminated, truncated, info = envs.step(actions[0])
@@ -217,7 +217,7 @@ def assert_vector_info(info: dict) -> None:
 
 def test_infos_carry_key_masks(fmnist_dir):
     envs = make_vec(fmnist_dir)
-    actions = random_actions(envs.action_space, envs.inference.num_steps, seed=0)
+    actions = random_actions(envs.action_space, envs.codec.num_steps, seed=0)
     _, _, infos = run_vector_episode(envs, actions, seed=0)
     for info in infos[1:]:
         assert_vector_info(info)
@@ -230,8 +230,8 @@ def test_infos_carry_key_masks(fmnist_dir):
 def test_blocks_per_step_two_halves_the_steps(fmnist_dir, stem_blocks):
     one = make_vec(fmnist_dir, quality="logprob", stem_blocks=stem_blocks)
     two = make_vec(fmnist_dir, quality="logprob", stem_blocks=stem_blocks, blocks_per_step=2)
-    assert one.inference.num_steps == DEPTH - stem_blocks == 2 * two.inference.num_steps
-    actions = random_actions(two.action_space, two.inference.num_steps, seed=0)
+    assert one.codec.num_steps == DEPTH - stem_blocks == 2 * two.codec.num_steps
+    actions = random_actions(two.action_space, two.codec.num_steps, seed=0)
     options = {"indices": [0, 1, 2, 3], "price": PRICE}
     _, rewards_two, infos_two = run_vector_episode(two, actions, options=options)
     _, rewards_one, infos_one = run_vector_episode(one, [a for a in actions for _ in range(2)], options=options)
@@ -242,7 +242,7 @@ def test_blocks_per_step_two_halves_the_steps(fmnist_dir, stem_blocks):
 
 def test_stem_blocks_zero_runs_every_block(fmnist_dir):
     envs = make_vec(fmnist_dir, stem_blocks=0, action_type="continuous")
-    assert envs.inference.num_steps == DEPTH
+    assert envs.codec.num_steps == DEPTH
     _, _, infos = run_vector_episode(envs, random_actions(envs.action_space, DEPTH, seed=0), seed=0)
     assert all(len(s) == DEPTH for s in infos[-1]["subnet"])
 
@@ -309,7 +309,7 @@ def test_sb3_adapter_resets_at_the_end_and_keeps_the_terminal_observation(fmnist
     venv.seed(0)
     venv.reset()
     first_indices = envs.indices.copy()
-    steps = envs.inference.num_steps
+    steps = envs.codec.num_steps
     for t, action in enumerate(random_actions(envs.action_space, steps, seed=0)):
         obs, rewards, dones, infos = venv.step(action)
         assert rewards.shape == (N,) and len(infos) == N
@@ -382,7 +382,7 @@ def test_vector_render_draws_each_sub_env_as_the_single_env_does(fmnist_dir):
     envs = make_vec(fmnist_dir, render_mode="rgb_array")
     env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, render_mode="rgb_array"))
     indices = [5, 17, 60, 3]
-    actions = random_actions(envs.action_space, envs.inference.num_steps, seed=2)
+    actions = random_actions(envs.action_space, envs.codec.num_steps, seed=2)
     envs.reset(options={"indices": indices, "price": PRICE})
     for t in range(2):
         envs.step(actions[t])
@@ -421,12 +421,12 @@ def test_vec_monitor_reports_the_episode(fmnist_dir):
     venv = VecMonitor(prance_env.to_sb3(envs))
     venv.reset()
     total = np.zeros(N)
-    for action in random_actions(envs.action_space, envs.inference.num_steps, seed=0):
+    for action in random_actions(envs.action_space, envs.codec.num_steps, seed=0):
         _, rewards, dones, infos = venv.step(action)
         total += rewards
     assert dones.all()
     for i, info in enumerate(infos):
-        assert info["episode"]["l"] == envs.inference.num_steps
+        assert info["episode"]["l"] == envs.codec.num_steps
         assert info["episode"]["r"] == pytest.approx(total[i], abs=1e-5)
 
 
@@ -436,7 +436,7 @@ def test_to_sb3_rejects_other_envs(fmnist_dir):
 
 
 @pytest.mark.parametrize("action_type", ["discrete", "continuous"])
-def test_ppo_learns_a_few_steps_on_the_adapter(fmnist_dir, action_type):
+def test_ppo_trains_a_few_steps_on_the_adapter_and_acts_in_its_space(fmnist_dir, action_type):
     venv = prance_env.to_sb3(make_vec(fmnist_dir, action_type=action_type))
     model = PPO("MultiInputPolicy", venv, n_steps=6, batch_size=12, n_epochs=1, seed=0, device="cpu")
     model.learn(2 * 6 * N)
@@ -445,14 +445,13 @@ def test_ppo_learns_a_few_steps_on_the_adapter(fmnist_dir, action_type):
     assert venv.action_space.contains(actions[0])
 
 
-@pytest.mark.parametrize("execution", ["packed", "bucketed"])
-def test_amp_runs_the_supernet_in_bf16_with_the_same_episode(fmnist_dir, execution):
+@pytest.mark.parametrize("layout", ["packed", "bucketed"])
+def test_amp_runs_the_supernet_in_bf16_with_the_same_episode(fmnist_dir, layout):
     """amp=True: per-sample configurations run under bf16 autocast (CPU here), observations and rewards keep their
     dtypes, and the episode is the fp32 one up to bf16 rounding."""
     episodes = {}
     for amp in (False, True):
-        envs = make_vec(fmnist_dir, token_mode="prune_merge", amp=amp)
-        envs.unwrapped.inference.execution = execution
+        envs = make_vec(fmnist_dir, token_mode="prune_merge", layout=layout, amp=amp)
         actions = random_actions(envs.action_space, DEPTH - 1, seed=3)
         episodes[amp] = run_vector_episode(envs, actions, seed=0, options={"price": PRICE})
     (fp32_obs, fp32_rewards, _), (bf16_obs, bf16_rewards, _) = episodes[False], episodes[True]

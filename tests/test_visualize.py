@@ -74,12 +74,13 @@ def test_traced_sources_follow_the_tokens_block_by_block(token_mode, seed):
     subnet = model.search_space.sample(seed)
     x = images(model, 1, seed)
     sources = trace_sources(model, x[0], subnet)
-    tokens, size, alive = model.embed(x), None, torch.ones(model.num_patches, dtype=torch.bool)
+    tokens, alive = vit.PackedBatch(model.embed(x)), torch.ones(model.num_patches, dtype=torch.bool)
     with torch.no_grad():
         for i, (config, source) in enumerate(zip(subnet, sources)):
-            final = token_schedule(tokens.shape[1] - 1, config, token_mode)[1]
-            tokens, size = model.forward_block(i, tokens, size, config)
-            assert source.shape == (final, model.num_patches) and tokens.shape[1] == 1 + final
+            final = token_schedule(tokens.lengths[0] - 1, config, token_mode)[1]
+            tokens = model.run_block(i, tokens, config)
+            size = tokens.size
+            assert source.shape == (final, model.num_patches) and tokens.lengths[0] == 1 + final
             held = source.sum(0)  # tokens holding each patch
             assert set(held.unique().tolist()) <= {0.0, 1.0}
             assert not torch.any(held.bool() & ~alive)
@@ -90,8 +91,8 @@ def test_traced_sources_follow_the_tokens_block_by_block(token_mode, seed):
             if token_mode == "merge":
                 assert torch.all(alive)
             if size is not None:
-                torch.testing.assert_close(size[0, 1:], rows, atol=0, rtol=0)
-        torch.testing.assert_close(model.forward_head(model.norm(tokens)), model(x, subnet), atol=0, rtol=0)
+                torch.testing.assert_close(size[1:], rows, atol=0, rtol=0)
+        torch.testing.assert_close(model.forward_head(model.norm(tokens.cls())), model(x, subnet), atol=0, rtol=0)
 
 
 def test_merged_tokens_keep_their_colour_as_they_grow():

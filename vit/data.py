@@ -401,3 +401,20 @@ def to_device(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | s
     """Each ``(images, labels)`` batch on ``device`` (copied asynchronously from pinned memory)."""
     for images, labels in batches:
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def write_image_folder(root: str | os.PathLike, classes: int, per_class: dict[str, int], side: int, seed: int = 0) -> Path:
+    """Write an ImageFolder of generated images, `root/<split>/class<k>/<i>.jpg` with `per_class[split]` images per
+    class: smooth random RGB JPEGs of `side` pixels (a coarse 8 x 8 grid of noise, upsampled), standing in for
+    ImageNet where no data may be downloaded. Returns `root`."""
+    from PIL import Image
+
+    root, rng = Path(root), np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for k in range(classes):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(coarse).resize((side, side), Image.BILINEAR).save(folder / f"{i}.jpg")
+    return root
