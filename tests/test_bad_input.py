@@ -23,6 +23,7 @@ import prance_env
 import vit
 from agents import AdaptiveViT, StaticPolicy
 from agents.selector import check_supernet, supernet_signature
+from vit.inference import DecisionSchedule
 
 TOKEN_MODES = vit.TOKEN_MODES
 
@@ -250,7 +251,6 @@ def test_invalid_actions_raise_mid_episode_and_lose_nothing(fmnist_dir, vector):
 
 @pytest.mark.parametrize("bad, match", BAD_ACTIONS, ids=BAD_ACTION_IDS)
 def test_invalid_vector_actions_raise(fmnist_dir, bad, match):
-    # The single env: test_env.py::test_invalid_discrete_action_raises_and_leaves_the_episode_as_it_was.
     envs = gymnasium.make_vec("PranceViT-v1", num_envs=3, **env_kwargs(fmnist_dir))
     envs.reset(seed=0)
     with pytest.raises(ValueError, match=match):
@@ -258,31 +258,96 @@ def test_invalid_vector_actions_raise(fmnist_dir, bad, match):
 
 
 @pytest.mark.parametrize(
-    "action_type, action, message",
+    "action_type, batch, action, message",
     [
         (
             "discrete",
+            None,
+            np.array([0, 0, 2**64 - 1], dtype=np.uint64),
+            "action [0, 0, 18446744073709551615]: keep_ratio index 18446744073709551615 out of range [0, 2)",
+        ),
+        (
+            "discrete",
+            None,
+            np.array([0.0, 0.0, 1e20]),
+            "action [0.0, 0.0, 1e+20]: keep_ratio index 1e+20 out of range [0, 2)",
+        ),
+        (
+            "discrete",
+            None,
+            np.array([0, -3, 0], dtype=np.int8),
+            "action [0, -3, 0]: mlp_hidden index -3 out of range [0, 2)",
+        ),
+        ("discrete", None, np.array([2, 0, 0]), "action [2, 0, 0]: heads index 2 out of range [0, 2)"),  # index == nvec
+        (
+            "discrete",
+            None,
+            np.array([0.0, 0.5, 0.0]),
+            "action [0.0, 0.5, 0.0]: mlp_hidden index 0.5: discrete actions must be whole numbers",
+        ),
+        (
+            "discrete",
+            None,
+            np.array([np.inf, 0.0, 0.0]),
+            "action [inf, 0.0, 0.0]: heads value inf: actions contain NaN or Inf",
+        ),
+        (
+            "continuous",
+            None,
+            np.array([0.0, 0.0, 1e20], dtype=np.float32),
+            "action [0.0, 0.0, 1e+20]: keep_ratio value 1e+20: continuous actions must lie in [-1, 1]",
+        ),
+        (
+            "continuous",
+            None,
+            np.array([0.0, -1.5, 0.0]),
+            "action [0.0, -1.5, 0.0]: mlp_hidden value -1.5: continuous actions must lie in [-1, 1]",
+        ),
+        (
+            "discrete",
+            None,
+            np.zeros((1, 3), dtype=np.int64),  # a batch of one is not an action of the single env
+            "expected actions of shape (3,) for fields ('heads', 'mlp_hidden', 'keep_ratio'), got (1, 3)",
+        ),
+        (
+            "discrete",
+            2,
             np.array([[0, 0, 0], [0, 0, 2**64 - 1]], dtype=np.uint64),
             "actions[1] = [0, 0, 18446744073709551615]: keep_ratio index 18446744073709551615 out of range [0, 2)",
         ),
         (
             "continuous",
+            2,
             np.array([[0, 0, 0], [-1e20, 0, 0]], dtype=np.float32),
             "actions[1] = [-1e+20, 0.0, 0.0]: heads value -1e+20: continuous actions must lie in [-1, 1]",
         ),
         (
             "continuous",
+            2,
             np.zeros(3, dtype=np.float32),
             "expected actions of shape (2, 3) for fields ('heads', 'mlp_hidden', 'keep_ratio'), got (3,)",
         ),
     ],
 )
-def test_invalid_vector_action_messages_quote_the_actions_as_given(fmnist_dir, action_type, action, message):
-    envs = gymnasium.make_vec("PranceViT-v1", num_envs=2, **env_kwargs(fmnist_dir, action_type=action_type))
-    envs.reset(seed=0)
+def test_invalid_action_messages_quote_the_actions_as_given(model, action_type, batch, action, message):
+    """The one action codec of the env, the vector env and AdaptiveViT: its messages quote the value as given, in
+    the caller's dtype (no cast shows 2**64 - 1 as -1)."""
+    codec = prance_env.ActionCodec(DecisionSchedule(), model.search_space, action_type)
     with pytest.raises(ValueError) as raised:
-        envs.step(action)
+        codec.indices(action, batch)
     assert str(raised.value) == message
+
+
+class BadPolicy:
+    """A policy that chooses a heads index one past the last."""
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        return np.tile([2, 0, 0], (len(observation["cls"]), 1)), state
+
+
+def test_adaptive_vit_refuses_a_policy_s_invalid_actions_as_the_env_does(model):
+    with pytest.raises(ValueError, match=r"actions\[0\] = \[2, 0, 0\]: heads index 2 out of range \[0, 2\)"):
+        agents.AdaptiveViT(model, BadPolicy())(images(model, 2))
 
 
 @pytest.mark.parametrize("action_type", ["discrete", "continuous"])

@@ -62,10 +62,11 @@ def episodes(env, actions: list, seed: int, count: int, meddle=None) -> list:
     return out
 
 
+@pytest.mark.parametrize("action_type", ["discrete", "continuous"])
 @pytest.mark.parametrize("num_envs", [None, 4], ids=["single", "vector"])
-def test_episodes_depend_only_on_the_seed_and_the_actions(fmnist_dir, num_envs):
+def test_episodes_depend_only_on_the_seed_and_the_actions(fmnist_dir, num_envs, action_type):
     def make():
-        kwargs = env_kwargs(fmnist_dir, token_mode="prune_merge", quality="logprob")
+        kwargs = env_kwargs(fmnist_dir, token_mode="prune_merge", quality="logprob", action_type=action_type)
         if num_envs is None:
             return gymnasium.make("PranceViT-v1", **kwargs)
         return gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, **kwargs)

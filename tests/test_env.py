@@ -169,18 +169,6 @@ def test_observation_lies_in_its_space_at_a_fixed_price(fmnist_dir, price):
 # --- determinism ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("action_type", ["discrete", "continuous"])
-def test_same_seed_gives_the_same_episode(fmnist_dir, action_type):
-    episodes = []
-    for _ in range(2):
-        env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, quality="logprob", action_type=action_type))
-        episodes.append(run_episode(env, random_actions(env.action_space, num_steps(env)), seed=7))
-    (obs_a, rewards_a, infos_a), (obs_b, rewards_b, infos_b) = episodes
-    assert data_equivalence(obs_a, obs_b, exact=True)
-    assert rewards_a == rewards_b
-    assert data_equivalence(infos_a, infos_b, exact=True)
-
-
 def test_different_seeds_give_different_images(fmnist_dir):
     env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir))
     (obs_0, info_0), (obs_1, info_1) = env.reset(seed=0), env.reset(seed=1)
@@ -358,85 +346,6 @@ def discrete_env(fmnist_dir):
 @pytest.fixture(scope="module")
 def continuous_env(fmnist_dir):
     return prance_env.PranceViTEnv(**env_kwargs(fmnist_dir, action_type="continuous"))
-
-
-@pytest.mark.parametrize(
-    "action, match",
-    [
-        ([2, 0, 0], "out of range"),  # index == nvec
-        ([0, 0, 2], "out of range"),
-        ([0, -1, 0], "out of range"),
-        ([0, 0], "shape"),
-        ([0, 0, 0, 0], "shape"),
-        ([[0, 0, 0], [0, 0, 0]], "shape"),
-        ([[0, 0, 0]], "shape"),  # a batch of one is not an action of the single env
-        ([np.nan, 0.0, 0.0], "NaN"),
-        ([np.inf, 0.0, 0.0], "NaN or Inf"),
-        ([0.5, 0.0, 0.0], "whole numbers"),
-    ],
-)
-def test_invalid_discrete_action_raises_and_leaves_the_episode_as_it_was(discrete_env, action, match):
-    obs, _ = discrete_env.reset(seed=0)
-    with pytest.raises(ValueError, match=match):
-        discrete_env.step(np.array(action))
-    assert discrete_env.unwrapped.episodes.inference.step == 0
-    _, _, infos = run_episode(discrete_env, [full_actions(discrete_env)] * num_steps(discrete_env), seed=0)
-    assert infos[-1]["flops_ratio"] == 1.0
-
-
-@pytest.mark.parametrize(
-    "action, match",
-    [
-        ([np.nan, 0.0, 0.0], "NaN"),
-        ([1.01, 0.0, 0.0], r"\[-1, 1\]"),
-        ([0.0, -1.5, 0.0], r"\[-1, 1\]"),
-        ([0.0, 0.0], "shape"),
-        ([[0.0, 0.0, 0.0]], "shape"),
-    ],
-)
-def test_invalid_continuous_action_raises(continuous_env, action, match):
-    continuous_env.reset(seed=0)
-    with pytest.raises(ValueError, match=match):
-        continuous_env.step(np.array(action, dtype=np.float32))
-
-
-@pytest.mark.parametrize(
-    "action, action_type, message",
-    [
-        (
-            np.array([0, 0, 2**64 - 1], dtype=np.uint64),
-            "discrete",
-            "action [0, 0, 18446744073709551615]: keep_ratio index 18446744073709551615 out of range [0, 2)",
-        ),
-        (
-            np.array([0.0, 0.0, 1e20]),
-            "discrete",
-            "action [0.0, 0.0, 1e+20]: keep_ratio index 1e+20 out of range [0, 2)",
-        ),
-        (np.array([0, -3, 0], dtype=np.int8), "discrete", "action [0, -3, 0]: mlp_hidden index -3 out of range [0, 2)"),
-        (
-            np.array([0.0, 0.5, 0.0]),
-            "discrete",
-            "action [0.0, 0.5, 0.0]: mlp_hidden index 0.5: discrete actions must be whole numbers",
-        ),
-        (
-            np.array([0.0, 0.0, 1e20], dtype=np.float32),
-            "continuous",
-            "action [0.0, 0.0, 1e+20]: keep_ratio value 1e+20: continuous actions must lie in [-1, 1]",
-        ),
-        (
-            np.zeros((1, 3), dtype=np.int64),
-            "discrete",
-            "expected actions of shape (3,) for fields ('heads', 'mlp_hidden', 'keep_ratio'), got (1, 3)",
-        ),
-    ],
-)
-def test_invalid_action_messages_quote_the_action_as_given(discrete_env, continuous_env, action, action_type, message):
-    env = discrete_env if action_type == "discrete" else continuous_env
-    env.reset(seed=0)
-    with pytest.raises(ValueError) as raised:
-        env.step(action)
-    assert str(raised.value) == message
 
 
 def test_invalid_subnet_error_is_a_value_error():
