@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import vit
-from agents.training import latest_checkpoint
 from agents.selector import load_selector
+from agents.training import latest_checkpoint
 from vit.checkpoint import atomic_write, read_state_dict, read_train_state
 from vit.train import TRAIN_FORMAT
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_supernet, write_image_folder
-from prance_env.source import ImageSource
 from torch.utils.data import Dataset
 
 import prance_env
+from prance_env.source import ImageSource
 from vit.data import labels_of, load_dataset, stratified_subset
 from vit.train import Batches, TrainConfig, subset_batches, train_supernet
 
