@@ -232,7 +232,6 @@ class AdaptiveViT(nn.Module):
             raise ValueError(f"price must be a number or one per image, shape ({B},); got shape {tuple(prices.shape)}")
         return prices
 
-    @torch.inference_mode()
     def forward(
         self, images: Tensor, price: float | Tensor | None = None, return_decisions: bool = False
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Decisions]:
@@ -246,26 +245,27 @@ class AdaptiveViT(nn.Module):
         Returns:
             Logits (B, num_classes) float32 and MACs (B,) float32 per image, then the `Decisions` if asked.
         """
-        B = images.shape[0]
-        prices = self._prices(price, B, images.device)
-        if images.dtype == torch.float32 and self.supernet.pos_embed.dtype != torch.float32:
-            images = images.to(self.supernet.pos_embed.dtype)  # bf16 weights: float32 images cast on entry
-        runner = self.runner
-        state = runner.start(images)
-        policy_state, start, indices = None, np.ones(B, dtype=bool), []
-        while not state.done:
-            started = time.perf_counter()
-            actions, policy_state = self.decide(runner.observe(state, prices), policy_state, start)
-            chosen = self.snapped(torch.from_numpy(self.codec.indices(actions, B)))
-            self.decide_seconds += time.perf_counter() - started
-            start = np.zeros(B, dtype=bool)
-            indices.append(chosen)
-            state = runner.advance(state, self.codec.configs(state.step, chosen))
-        logits, macs = runner.complete(state), state.macs.float()
-        if not return_decisions:
-            return logits, macs
-        subnets = [Subnet(c) for c in state.subnets()]
-        return logits, macs, Decisions(subnets, torch.stack(indices, 1), state.tokens.num_patches())
+        with torch.inference_mode():
+            B = images.shape[0]
+            prices = self._prices(price, B, images.device)
+            if images.dtype == torch.float32 and self.supernet.pos_embed.dtype != torch.float32:
+                images = images.to(self.supernet.pos_embed.dtype)  # bf16 weights: float32 images cast on entry
+            runner = self.runner
+            state = runner.start(images)
+            policy_state, start, indices = None, np.ones(B, dtype=bool), []
+            while not state.done:
+                started = time.perf_counter()
+                actions, policy_state = self.decide(runner.observe(state, prices), policy_state, start)
+                chosen = self.snapped(torch.from_numpy(self.codec.indices(actions, B)))
+                self.decide_seconds += time.perf_counter() - started
+                start = np.zeros(B, dtype=bool)
+                indices.append(chosen)
+                state = runner.advance(state, self.codec.configs(state.step, chosen))
+            logits, macs = runner.complete(state), state.macs.float()
+            if not return_decisions:
+                return logits, macs
+            subnets = [Subnet(c) for c in state.subnets()]
+            return logits, macs, Decisions(subnets, torch.stack(indices, 1), state.tokens.num_patches())
 
 
 @torch.inference_mode()

@@ -76,7 +76,6 @@ class BatchedMDP:
         """The frozen supernet."""
         return self.runner.model
 
-    @torch.inference_mode()
     def reset(self, images: Tensor, labels: Tensor | None = None, price: Tensor | None = None) -> Episodes:
         """Start one episode per image: embed, run the stem, score the full model where the MDP needs it.
 
@@ -85,27 +84,30 @@ class BatchedMDP:
             labels: (B,) int64, needed unless quality is `agree`.
             price: (B,) compute price of each episode (0 when None).
         """
-        B = images.shape[0]
-        if B == 0:
-            raise ValueError("no images: an episode batch needs at least one image")
-        if self.config.quality != "agree" and labels is None:
-            raise ValueError(f"quality={self.config.quality!r} needs labels; use quality='agree' without them")
-        price = torch.zeros(B, device=images.device) if price is None else price.to(images.device, torch.float32)
-        inference = self.runner.start(images)
-        full_pred = result = None
-        if self.config.reward == "delta" or self.config.quality in ("agree", "no_worse"):  # the full model's is needed
-            full_logits = self.runner.complete(inference)
-            full_pred = full_logits.argmax(-1)
-            ones = torch.ones(B, dtype=torch.float64, device=images.device)
-            result = self._result(full_logits, ones, price, labels, full_pred)
-        return Episodes(inference, price, labels, full_pred, result)
+        with torch.inference_mode():
+            B = images.shape[0]
+            if B == 0:
+                raise ValueError("no images: an episode batch needs at least one image")
+            if self.config.quality != "agree" and labels is None:
+                raise ValueError(f"quality={self.config.quality!r} needs labels; use quality='agree' without them")
+            price = torch.zeros(B, device=images.device) if price is None else price.to(images.device, torch.float32)
+            inference = self.runner.start(images)
+            full_pred = result = None
+            if self.config.reward == "delta" or self.config.quality in (
+                "agree",
+                "no_worse",
+            ):  # the full model's is needed
+                full_logits = self.runner.complete(inference)
+                full_pred = full_logits.argmax(-1)
+                ones = torch.ones(B, dtype=torch.float64, device=images.device)
+                result = self._result(full_logits, ones, price, labels, full_pred)
+            return Episodes(inference, price, labels, full_pred, result)
 
     def observe(self, episodes: Episodes) -> dict[str, Tensor]:
         """`cls` (B, C): CLS entering the next block; `progress` (B, 3): step fraction, MACs spent / full MACs,
         patch tokens alive / initial; `price` (B, 1): log of the episode's price (`InferenceRunner.observe`)."""
         return self.runner.observe(episodes.inference, episodes.price)
 
-    @torch.inference_mode()
     def step(
         self, episodes: Episodes, configs: Sequence[BlockConfig | Sequence[BlockConfig]]
     ) -> tuple[Episodes, Tensor, dict]:
@@ -116,32 +118,37 @@ class BatchedMDP:
         (the whole episode's at the end), `tokens` (B,) patch tokens alive, `subnet` (per sample, the
         configurations run so far) and, at the end, `pred`, `label`, `correct`, `flops_ratio`.
         """
-        if episodes.done:
-            raise RuntimeError("the episodes have ended; call reset() to start new ones")
-        inference = self.runner.advance(episodes.inference, configs)
-        cfg, (price, labels, full_pred) = self.config, (episodes.price, episodes.labels, episodes.full_pred)
-        result = episodes.result
-        if cfg.reward == "terminal" and not inference.done:
-            reward, pred = torch.zeros_like(inference.macs), None
-        else:
-            logits = self.runner.complete(inference)
-            pred = logits.argmax(-1)
-            cost = inference.macs + self.runner.completion_macs(inference)  # spent plus the reference rest
-            result = self._result(logits, cost / self.runner.full_macs, price, labels, full_pred)
-            if cfg.reward == "delta":
-                reward = result - episodes.result
-            elif cfg.token_penalty:
-                alive = inference.tokens.num_patches().to(result) / self.model.num_patches
-                reward = result - cfg.token_penalty * alive
+        with torch.inference_mode():
+            if episodes.done:
+                raise RuntimeError("the episodes have ended; call reset() to start new ones")
+            inference = self.runner.advance(episodes.inference, configs)
+            cfg, (price, labels, full_pred) = self.config, (episodes.price, episodes.labels, episodes.full_pred)
+            result = episodes.result
+            if cfg.reward == "terminal" and not inference.done:
+                reward, pred = torch.zeros_like(inference.macs), None
             else:
-                reward = result
-        info = {"macs": inference.macs.clone(), "tokens": inference.tokens.num_patches(), "subnet": inference.subnets()}
-        if inference.done:
-            correct = (pred == labels) if labels is not None else (pred == full_pred)
-            info.update(pred=pred, correct=correct, flops_ratio=inference.macs / self.runner.full_macs)
-            if labels is not None:
-                info["label"] = labels
-        return Episodes(inference, price, labels, full_pred, result), reward, info
+                logits = self.runner.complete(inference)
+                pred = logits.argmax(-1)
+                cost = inference.macs + self.runner.completion_macs(inference)  # spent plus the reference rest
+                result = self._result(logits, cost / self.runner.full_macs, price, labels, full_pred)
+                if cfg.reward == "delta":
+                    reward = result - episodes.result
+                elif cfg.token_penalty:
+                    alive = inference.tokens.num_patches().to(result) / self.model.num_patches
+                    reward = result - cfg.token_penalty * alive
+                else:
+                    reward = result
+            info = {
+                "macs": inference.macs.clone(),
+                "tokens": inference.tokens.num_patches(),
+                "subnet": inference.subnets(),
+            }
+            if inference.done:
+                correct = (pred == labels) if labels is not None else (pred == full_pred)
+                info.update(pred=pred, correct=correct, flops_ratio=inference.macs / self.runner.full_macs)
+                if labels is not None:
+                    info["label"] = labels
+            return Episodes(inference, price, labels, full_pred, result), reward, info
 
     def logits(self, episodes: Episodes) -> Tensor:
         """Class logits (B, num_classes), float32, of finished episodes."""

@@ -347,34 +347,33 @@ class InferenceRunner:
 
     # --- the inference --------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def start(self, images: Tensor, trace_sources: bool = False) -> InferenceState:
         """Embed `images` (B, C, H, W) (on the model's device) and run the stem at full width.
 
         `trace_sources` (packed layout): the tokens carry ToMe's source map, which original tokens each holds
         (`PackedBatch.source`), for token maps."""
-        B = images.shape[0]
-        if B == 0:
-            raise ValueError("no images: a batch needs at least one image")
-        model, stem = self.model, self.schedule.stem_blocks
-        with autocast(images.device, self.amp):
-            x = model.embed(images)
-            if trace_sources:
-                if self.layout != "packed":
-                    raise ValueError("sources are traced on the packed layout only")
-                source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(B, -1, -1)
-                tokens = PackedBatch(x, source=source)
-            else:
-                tokens = PackedBatch(x) if self.layout == "packed" else BucketedBatch(x)
-            for i in range(stem):
-                tokens = model.run_block(i, tokens, self.reference[i], self.token_mode)
-        n0 = model.num_patches
-        spent = embed_macs(model) + sum(self._block(n0, self.reference[i]) for i in range(stem))
-        macs = torch.full((B,), float(spent), dtype=torch.float64, device=images.device)
-        blocks = tuple((self.reference[i],) * B for i in range(stem))
-        return InferenceState(tokens, macs, 0, self.num_steps, blocks)
+        with torch.inference_mode():
+            B = images.shape[0]
+            if B == 0:
+                raise ValueError("no images: a batch needs at least one image")
+            model, stem = self.model, self.schedule.stem_blocks
+            with autocast(images.device, self.amp):
+                x = model.embed(images)
+                if trace_sources:
+                    if self.layout != "packed":
+                        raise ValueError("sources are traced on the packed layout only")
+                    source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(B, -1, -1)
+                    tokens = PackedBatch(x, source=source)
+                else:
+                    tokens = PackedBatch(x) if self.layout == "packed" else BucketedBatch(x)
+                for i in range(stem):
+                    tokens = model.run_block(i, tokens, self.reference[i], self.token_mode)
+            n0 = model.num_patches
+            spent = embed_macs(model) + sum(self._block(n0, self.reference[i]) for i in range(stem))
+            macs = torch.full((B,), float(spent), dtype=torch.float64, device=images.device)
+            blocks = tuple((self.reference[i],) * B for i in range(stem))
+            return InferenceState(tokens, macs, 0, self.num_steps, blocks)
 
-    @torch.inference_mode()
     def advance(self, state: InferenceState, configs: Sequence[BlockConfig | Sequence[BlockConfig]]) -> InferenceState:
         """The state after the blocks of the next decision, sample b at `configs[b]`: one `BlockConfig` for every
         block of the step, or one per block (as `prance_env.mdp.ActionCodec` decodes actions).
@@ -389,27 +388,28 @@ class InferenceRunner:
             raise ValueError(f"expected {state.batch_size} configurations, got {len(per_sample)}")
         if any(len(c) != len(blocks) for c in per_sample):
             raise ValueError(f"expected one configuration per image, or one per block ({len(blocks)}) of the step")
-        tokens, macs, run = state.tokens, state.macs, list(state.blocks)
-        for k, i in enumerate(blocks):
-            column = tuple(c[k] for c in per_sample)
-            codes: dict[BlockConfig, int] = {}
-            code = long_tensor([codes.setdefault(c, len(codes)) for c in column], macs.device)
-            with single_threaded(macs.device):
-                macs = macs + self._block_macs(tokens.num_patches(), list(codes), code)
-            with autocast(macs.device, self.amp):
-                tokens = self.model.run_block(i, tokens, column, self.token_mode)
-            run.append(column)
-        step = state.step + 1
-        if step == self.num_steps:
-            macs = macs + head_macs(self.model)
-        return InferenceState(tokens, macs, step, self.num_steps, tuple(run))
+        with torch.inference_mode():
+            tokens, macs, run = state.tokens, state.macs, list(state.blocks)
+            for k, i in enumerate(blocks):
+                column = tuple(c[k] for c in per_sample)
+                codes: dict[BlockConfig, int] = {}
+                code = long_tensor([codes.setdefault(c, len(codes)) for c in column], macs.device)
+                with single_threaded(macs.device):
+                    macs = macs + self._block_macs(tokens.num_patches(), list(codes), code)
+                with autocast(macs.device, self.amp):
+                    tokens = self.model.run_block(i, tokens, column, self.token_mode)
+                run.append(column)
+            step = state.step + 1
+            if step == self.num_steps:
+                macs = macs + head_macs(self.model)
+            return InferenceState(tokens, macs, step, self.num_steps, tuple(run))
 
-    @torch.inference_mode()
     def complete(self, state: InferenceState) -> Tensor:
         """Class logits (B, num_classes), float32: the rest of the blocks run from the state's tokens at the
         reference subnet; once done, the batch's own logits."""
-        with autocast(state.macs.device, self.amp):
-            return self.model.forward_tokens(state.tokens, state.next_block, token_mode=self.token_mode).float()
+        with torch.inference_mode():
+            with autocast(state.macs.device, self.amp):
+                return self.model.forward_tokens(state.tokens, state.next_block, token_mode=self.token_mode).float()
 
     def observe(self, state: InferenceState, price: Tensor) -> dict[str, Tensor]:
         """What a decider reads before the next decision. `cls` (B, C): CLS entering the next block; `progress`
