@@ -13,12 +13,14 @@ import os
 import zipfile
 from pathlib import Path
 
+import torch
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 import vit
 from vit.checkpoint import atomic_write
 from vit.inference import DecisionSchedule
+from vit.train import held_out_batches, subset_batches
 
 from .adaptive import AdaptiveViT
 
@@ -146,21 +148,32 @@ def check_supernet(settings: dict, supernet: vit.ElasticViT) -> None:
             )
 
 
-def selector_dataset(
-    path: str | os.PathLike,
+def selector_data(
+    selector: str | os.PathLike, data: str | None = None, data_dir: str | None = None
+) -> tuple[str, str | None]:
+    """(dataset name, folder) of the dataset a saved selector was trained on; `data` and `data_dir` override them."""
+    env = read_settings(resolve_selector(selector), required=("env",))["env"]
+    return data or env.get("data") or "fashion-mnist", data_dir or env.get("data_path")
+
+
+def selector_batches(
+    selector: str | os.PathLike,
     split: str,
-    model: vit.ElasticViT | None = None,
+    model: vit.ElasticViT,
+    count: int | None,
+    batch_size: int,
+    device: torch.device,
     data: str | None = None,
-    data_path: str | None = None,
-):
-    """A split of the dataset a selector was trained on (or of `data` in `data_path`). `split` is `train` or
-    `held-out` (Fashion-MNIST's `test`, an ImageFolder's `val`)."""
-    env = read_settings(resolve_selector(path), required=("env",))["env"]
-    data = data or env.get("data") or "fashion-mnist"
-    data_path = data_path or env.get("data_path")
+    data_dir: str | None = None,
+    workers: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A seeded, class-stratified subset of `count` images (all when None) of the `held-out` or `train` split of a
+    selector's dataset (`selector_data`), through the eval transform, in batches on `device`."""
+    name, root = selector_data(selector, data, data_dir)
     if split == "held-out":
-        split = vit.data.held_out_split(data)
-    return vit.load_dataset(data, split=split, root=data_path, model=model)
+        return held_out_batches(name, root, model, count, batch_size, device, workers=workers)
+    dataset = vit.load_dataset(name, split=split, root=root, model=model)
+    return subset_batches(dataset, count, batch_size, device, workers=workers)
 
 
 def recorded_supernet(
@@ -236,5 +249,6 @@ __all__ = [
     "recorded_supernet",
     "resolve_selector",
     "save_selector",
-    "selector_dataset",
+    "selector_batches",
+    "selector_data",
 ]

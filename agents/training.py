@@ -278,14 +278,20 @@ class SelectorEval(BaseCallback):
         return True
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint of most steps in `folder`, if any."""
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Every checkpoint `selector_<steps>.zip` in `folder`, as (steps, path), fewest steps first."""
     found = [
         (int(m.group(1)), p)
         for p in folder.glob("selector_*.zip")
         if (m := re.fullmatch(r"selector_(\d+)\.zip", p.name))
     ]
-    return max(found)[1] if found else None
+    return sorted(found)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint of most steps in `folder`, if any."""
+    found = checkpoints(folder)
+    return found[-1][1] if found else None
 
 
 def train_selector(cfg: SelectorConfig, callback: BaseCallback | None = None) -> tuple[BaseAlgorithm, list[dict]]:
@@ -402,4 +408,4 @@ def _train(
     return model, evaluation.history
 
 
-__all__ = ["SelectorConfig", "latest_checkpoint", "train_selector"]
+__all__ = ["SelectorConfig", "checkpoints", "latest_checkpoint", "train_selector"]

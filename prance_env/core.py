@@ -122,7 +122,7 @@ class BatchedMDP:
             if episodes.done:
                 raise RuntimeError("the episodes have ended; call reset() to start new ones")
             inference = self.runner.advance(episodes.inference, configs)
-            cfg, (price, labels, full_pred) = self.config, (episodes.price, episodes.labels, episodes.full_pred)
+            cfg, price, labels, full_pred = self.config, episodes.price, episodes.labels, episodes.full_pred
             result = episodes.result
             if cfg.reward == "terminal" and not inference.done:
                 reward, pred = torch.zeros_like(inference.macs), None
@@ -138,11 +138,7 @@ class BatchedMDP:
                     reward = result - cfg.token_penalty * alive
                 else:
                     reward = result
-            info = {
-                "macs": inference.macs.clone(),
-                "tokens": inference.tokens.num_patches(),
-                "subnet": inference.subnets(),
-            }
+            info = {"macs": inference.macs, "tokens": inference.tokens.num_patches(), "subnet": inference.subnets()}
             if inference.done:
                 correct = (pred == labels) if labels is not None else (pred == full_pred)
                 info.update(pred=pred, correct=correct, flops_ratio=inference.macs / self.runner.full_macs)

@@ -8,7 +8,8 @@ torchrun --nproc_per_node 2 scripts/finetune.py --out runs/finetune   # DDP (glo
 """
 
 from agents.finetune import FinetuneConfig, joint_finetune
-from vit.utils import parse_dataclass, resolve_device, use_tf32
+from vit.cli import parse_dataclass
+from vit.utils import resolve_device, use_tf32
 
 if __name__ == "__main__":
     cfg = parse_dataclass(FinetuneConfig)

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 import agents
 import prance_env  # noqa: F401  (registers PranceViT-v1)
-from vit.train import subset_batches
-from vit.utils import parse_dataclass, setup_cpu
+from vit.bench import setup_cpu
+from vit.cli import parse_dataclass
+from vit.train import held_out_batches
 
 
 class Reinforce(nn.Module):
@@ -71,6 +72,8 @@ class Args:
 
 
 def main(args: Args) -> dict:
+    """Train the policy as `args` says, then measure it on held-out images: the training returns and the
+    measurement (`agents.measure`'s keys)."""
     setup_cpu(args.threads, keep_memory=False)
     torch.manual_seed(args.seed)
     env = gymnasium.make(
@@ -109,8 +112,8 @@ def main(args: Args) -> dict:
 
         model = env.unwrapped.model
     adaptive = agents.AdaptiveViT(model, policy.eval(), price=args.price)
-    test = vit.load_dataset("fashion-mnist", split="test", root=args.data_dir, model=model)
-    result = agents.measure(adaptive, subset_batches(test, args.images, args.batch_size, model.pos_embed.device))
+    test = held_out_batches("fashion-mnist", args.data_dir, model, args.images, args.batch_size, model.pos_embed.device)
+    result = agents.measure(adaptive, test)
     print(
         f"REINFORCE, {args.episodes} episodes: mean return of the last 100 {np.mean(returns[-100:]):+.4f}; on "
         f"{args.images} test images at price {args.price:g}: Top-1 {result['top1'] * 100:.2f}%, "

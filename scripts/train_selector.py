@@ -6,8 +6,9 @@ python scripts/train_selector.py --out runs/selector --resume     # continue fro
 python scripts/train_selector.py --clip-range 0.1 --target-kl 0.02 --minibatch-size 2816   # PPO's settings
 """
 
-from agents.ppo import SelectorConfig, train_selector
-from vit.utils import parse_dataclass, resolve_device, use_tf32
+from agents.training import SelectorConfig, train_selector
+from vit.cli import parse_dataclass
+from vit.utils import resolve_device, use_tf32
 
 if __name__ == "__main__":
     cfg = parse_dataclass(SelectorConfig)

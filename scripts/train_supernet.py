@@ -6,8 +6,9 @@
         --init timm:deit_small_patch16_224 --batch-size 256 --lr 5e-4 --epochs 30
 """
 
+from vit.cli import parse_dataclass
 from vit.train import TrainConfig, train_supernet
-from vit.utils import parse_dataclass, resolve_device, use_tf32
+from vit.utils import resolve_device, use_tf32
 
 if __name__ == "__main__":
     cfg = parse_dataclass(TrainConfig)

@@ -1,11 +1,14 @@
-"""`scripts/gpu_check.py`: the whole chain runs at tiny sizes on the CPU and reports every stage; a failure fails it."""
+"""`scripts/gpu_check.py` (`agents.check`): the whole chain runs at tiny sizes on the CPU and reports every stage; a
+failure fails it."""
 
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import run_script
+
+from agents.check import GpuCheckConfig, gpu_check
+from vit.data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
@@ -21,20 +24,20 @@ STAGES = [
 ]
 
 
-def gpu_check(out: Path, *args: str) -> tuple[int, dict[str, tuple[str, float]]]:
-    """Exit status and the printed table: stage -> (result, seconds)."""
-    result = run_script("gpu_check.py", "--device", "cpu", "--tiny", "--out", str(out), *args, check=False)
-    table = result.stdout.split("## gpu check", 1)[1]
+def stages(table: str) -> dict[str, tuple[str, float]]:
+    """The rows of a check's table: stage -> (result, seconds)."""
     rows = re.findall(r"^\| (.+?) \| (.+?) \| ([\d.]+) \|$", table, re.M)
-    return result.returncode, {stage: (text, float(seconds)) for stage, text, seconds in rows}
+    return {stage: (text, float(seconds)) for stage, text, seconds in rows}
 
 
 def stage(rows: dict, prefix: str) -> str:
+    """The result of the one stage whose name starts with `prefix`."""
     (found,) = [text for name, (text, _) in rows.items() if name.startswith(prefix)]
     return found
 
 
 def numbers(text: str) -> list[float]:
+    """Every number in `text`."""
     return [float(n) for n in re.findall(r"\d+(?:\.\d+)?", text)]
 
 
@@ -45,8 +48,9 @@ def after(text: str, label: str) -> float:
 
 @pytest.mark.long
 def test_tiny_check_runs_every_stage_and_passes(tmp_path):
-    code, rows = gpu_check(tmp_path)
-    assert code == 0, rows
+    result = run_script("gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path), check=False)
+    rows = stages(result.stdout.split("## gpu check", 1)[1])
+    assert result.returncode == 0, rows
     for name in STAGES:
         assert stage(rows, name).startswith("ok:"), (name, rows)
     assert all(seconds >= 0 for _, seconds in rows.values())
@@ -64,19 +68,11 @@ def test_tiny_check_runs_every_stage_and_passes(tmp_path):
 
 @pytest.mark.long
 def test_a_failing_stage_fails_the_check_and_the_rest_still_run(tmp_path):
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    from PIL import Image
-
-    for split, count in (("train", 16), ("val", 8)):
-        for k in range(4):
-            folder = data / split / f"class{k}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    data = write_image_folder(tmp_path / "data", classes=4, per_class={"train": 16, "val": 8}, side=32)
     (data / "train" / "class0" / "0.jpg").write_bytes(b"not a jpeg")  # the env stages read every training image
-    code, rows = gpu_check(tmp_path / "out", "--data-dir", str(data), "--seed", "1")
-    assert code != 0
+    cfg = GpuCheckConfig(tiny=True, data_dir=str(data), device="cpu", seed=1, out=str(tmp_path / "out"))
+    assert not gpu_check(cfg)
+    rows = stages((tmp_path / "out" / "gpu_check.md").read_text())
     assert stage(rows, "env steps/s, 32").startswith("FAILED: UnidentifiedImageError")
     assert len(rows) == len(STAGES) and stage(rows, "data").startswith("ok:")
     assert stage(rows, "PPO") and stage(rows, "benchmark.py bf16")  # the stages after the failure ran or said why

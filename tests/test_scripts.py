@@ -1,9 +1,10 @@
-"""Every script runs end to end on a tiny configuration, as a user would start it."""
+"""Every script runs end to end on a tiny configuration, once, as a user would start it, and speaks the shared
+vocabulary in `--help`; the other checks call the package functions behind the scripts and read what they return."""
 
-import dataclasses
-import importlib.util
 import json
+import math
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ from conftest import run_script
 
 import agents
 import vit
+from agents.ablation import AblationConfig, ablate_rtg
+from agents.report import EvaluateConfig, evaluate_selector
+from prance_env.bench import EnvBenchConfig, benchmark_env
+from vit.bench import SupernetBenchConfig, benchmark_supernet
+from vit.evaluation import GridConfig, evaluate_grid, grid_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,58 +122,78 @@ def test_eval_supernet(tmp_path, fmnist_dir, fmnist_weights):
     assert (tmp_path / "static_grid.md").read_text().strip() == out.strip()
 
 
-def test_eval_supernet_compares_the_merge_variants(tmp_path, fmnist_dir, fmnist_weights):
-    out = run(
-        "eval_supernet.py",
-        *("--checkpoint", str(fmnist_weights), "--data-dir", str(fmnist_dir), "--modes", "merge"),
-        *("--merge-variants", "tome", "official", "--batch-size", "16", "--images", "20", "--device", "cpu"),
-        *("--out", str(tmp_path)),
-    )
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "token mode" not in line]
-    by_variant = {v: {r[2]: r[4] for r in rows if r[0].strip() == f"merge ({v})"} for v in ("tome", "official")}
+def grid_args(fmnist_dir: Path, weights: Path) -> dict:
+    """`GridConfig` arguments of a small grid: merge mode, 20 held-out images, on the CPU."""
+    args = dict(checkpoint=str(weights), data_dir=str(fmnist_dir), modes=("merge",), images=20, batch_size=8)
+    return args | dict(workers=0, device="cpu")
+
+
+def test_eval_supernet_compares_the_merge_variants(fmnist_dir, fmnist_weights):
+    rows = grid_rows(GridConfig(**grid_args(fmnist_dir, fmnist_weights), merge_variants=("tome", "official")))
+    by_variant = {v: {r["block"]: r["macs"] for r in rows if r["mode"] == f"merge ({v})"} for v in ("tome", "official")}
     assert by_variant["tome"].keys() == by_variant["official"].keys() and len(by_variant["tome"]) >= 12
     # the official variant matches by hidden states (64 wide) rather than keys: merging subnets cost more MACs
-    assert any(float(by_variant["official"][b]) > float(by_variant["tome"][b]) for b in by_variant["tome"])
+    assert any(by_variant["official"][b] > by_variant["tome"][b] for b in by_variant["tome"])
+    assert all(0 <= r["top1"] <= 1 and 0 < r["flops_ratio"] <= 1 for r in rows)
 
 
 def test_eval_supernet_measures_a_class_stratified_subset(tmp_path, fmnist_dir, fmnist_weights, monkeypatch):
-    spec = importlib.util.spec_from_file_location("eval_supernet", ROOT / "scripts" / "eval_supernet.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     seen = []
 
     def evaluate(model, batches, subnets, device, desc):
         seen.extend(y for _, y in batches())
         return [0.0] * len(subnets)
 
-    monkeypatch.setattr(script, "evaluate", evaluate)
-    args = script.Args(checkpoint=str(fmnist_weights), data_dir=str(fmnist_dir), modes=("merge",), images=20)
-    script.main(dataclasses.replace(args, batch_size=8, workers=0, device="cpu", out=str(tmp_path)))
+    monkeypatch.setattr(vit.evaluation, "evaluate", evaluate)
+    evaluate_grid(GridConfig(**grid_args(fmnist_dir, fmnist_weights), out=str(tmp_path)))
     test = vit.load_dataset("fashion-mnist", split="test", root=fmnist_dir)
     stratified = vit.data.labels_of(vit.data.stratified_subset(test, 20))
     assert torch.cat(seen).tolist() == stratified.tolist() != vit.data.labels_of(test)[:20].tolist()
 
 
+# the scripts whose only output is what they print: run once each as a user starts them; their numbers are checked
+# on what the package functions return
+PRINTING = {
+    "benchmark_supernet.py": ["--batch-size", "8", "--repeats", "1"],
+    "benchmark_env.py": ["--num-envs", "4", "--repeats", "1"],
+    "reinforce_example.py": ["--episodes", "2", "--images", "8"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(PRINTING))
+def test_a_printing_script_runs_as_a_user_starts_it(script, fmnist_dir, fmnist_weights):
+    data = ["--checkpoint", str(fmnist_weights), "--data-dir", str(fmnist_dir)]
+    assert run(script, *PRINTING[script], *(data if script != "benchmark_supernet.py" else []), "--device", "cpu")
+
+
+def finite_and_positive(*values: float) -> bool:
+    """Whether every value is a finite number above 0."""
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
 def test_benchmark_supernet():
-    out = run("benchmark_supernet.py", "--batch-size", "8", "--repeats", "1", "--device", "cpu")
-    assert "realised speed-up" in out and "distinct" in out
+    result = benchmark_supernet(SupernetBenchConfig(batch_size=8, repeats=2, device="cpu"))
+    assert 0 < result["flops_ratio"] < 1 and result["full_mmacs"] > 0
+    assert finite_and_positive(result["full_images_per_s"], result["images_per_s"], result["speedup"])
+    low, high = result["speedup_range"]
+    assert low <= result["speedup"] <= high
+    assert [row["distinct"] for row in result["per_sample"]] == [1, 4, 8]  # 1, 4, 16, 64 and 8, capped at the batch
+    for row in result["per_sample"]:
+        assert 0 < row["flops_ratio"] <= 1
+        for layout in ("packed", "bucketed"):
+            assert finite_and_positive(row[layout]["images_per_s"], row[layout]["efficiency"])
 
 
 def test_benchmark_env(fmnist_dir, fmnist_weights):
-    out = run(
-        "benchmark_env.py",
-        "--checkpoint",
-        str(fmnist_weights),
-        "--num-envs",
-        "4",
-        "--repeats",
-        "1",
-        "--data-dir",
-        str(fmnist_dir),
-        "--device",
-        "cpu",
-    )
-    assert "episode without completion / forward" in out
+    cfg = EnvBenchConfig(checkpoint=str(fmnist_weights), data_dir=str(fmnist_dir), num_envs=4, repeats=2, device="cpu")
+    result = benchmark_env(cfg)
+    assert finite_and_positive(result["forward_seconds"])
+    for reward in ("terminal", "delta"):
+        assert finite_and_positive(
+            result["episode_seconds"][reward], result["steps_per_s"][reward], result["ratio_to_forward"][reward]
+        )
+    # 11 decisions an episode on 4 sub-envs
+    assert result["steps_per_s"]["terminal"] == pytest.approx(44 / result["episode_seconds"]["terminal"])
 
 
 @pytest.fixture(scope="module")
@@ -256,16 +282,18 @@ def test_evaluate(tmp_path, fmnist_dir, selector):
         assert all({**r, "method": name} in rows for r in table if r["method"].startswith(name))
 
 
-def test_evaluate_with_the_official_protocol(tmp_path, fmnist_dir, selector):
-    args = ["--selector", str(selector / "selector"), "--data-dir", str(fmnist_dir), "--budgets", "0.5"]
-    args += ["--images", "80", "--calib-images", "16", "--no-heuristics", "--device", "cpu", "--out", str(tmp_path)]
-    out = run("evaluate.py", *args, "--protocol", "official")
+def test_evaluate_with_the_official_protocol(tmp_path, fmnist_dir, selector, capsys):
+    args = dict(selector=str(selector / "selector"), data_dir=str(fmnist_dir), budgets=(0.5,), images=80)
+    args |= dict(calib_images=16, heuristics=False, device="cpu", out=str(tmp_path))
+    table = evaluate_selector(EvaluateConfig(**args, protocol="official"))
+    out = capsys.readouterr().out
     assert "batch 64" in out and "PRANCE selector, batch-mean" in out
-    assert "PPT-style" not in out
-    (row,) = [r for r in json.loads((tmp_path / "results.json").read_text())["table"] if r.get("budget") == 0.5]
+    assert not any(r["method"].startswith("PPT-style") for r in table)
+    (row,) = [r for r in table if r.get("budget") == 0.5]
     assert row["execution"] == "batch-mean" and row["top5"] >= row["top1"] and row["params"] > 0
-    refused = run_script("evaluate.py", *args, "--protocol", "paper", check=False)
-    assert refused.returncode != 0 and "unknown protocol 'paper'" in refused.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["table"] == json.loads(json.dumps(table))
+    with pytest.raises(ValueError, match="unknown protocol 'paper'"):
+        evaluate_selector(EvaluateConfig(**args, protocol="paper"))
 
 
 def test_benchmark(tmp_path, fmnist_dir, selector):
@@ -353,32 +381,22 @@ def test_ablate_rtg(tmp_path, fmnist_dir, fmnist_weights):
 
 
 def test_ablate_rtg_on_grouped_decisions_with_the_one_shot_baseline(tmp_path, fmnist_dir, fmnist_weights):
-    out = run(
-        "ablate_rtg.py",
-        *("--checkpoint", str(fmnist_weights), "--data-dir", str(fmnist_dir)),
-        *("--decisions", "grouped", "--rewards", "delta", "terminal", "--one-shot"),
-        *("--steps", "48", "--every", "48", "--num-envs", "8", "--n-steps", "6", "--minibatch-size", "16"),
-        *("--images", "16", "--calib-images", "16", "--device", "cpu", "--out", str(tmp_path)),
-    )
-    assert "| steps | delta | terminal | one-shot |" in out and "grouped decisions" in out
+    args = dict(checkpoint=str(fmnist_weights), data_dir=str(fmnist_dir), decisions="grouped", one_shot=True)
+    args |= dict(rewards=("delta", "terminal"), steps=48, every=48, num_envs=8, n_steps=6, minibatch_size=16)
+    curves = ablate_rtg(AblationConfig(**args, images=16, calib_images=16, device="cpu", out=str(tmp_path)))
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| steps | delta | terminal | one-shot |" in table and "grouped decisions" in table
     for label, decisions, steps in (("delta", "grouped", 3), ("terminal", "grouped", 3), ("one-shot", "one-shot", 1)):
         saved = json.loads((tmp_path / f"{label}_seed0" / "selector.json").read_text())
         assert saved["env"]["decisions"] == decisions, label
-        assert agents.load_adaptive(tmp_path / f"{label}_seed0" / "selector")._loop.num_steps == steps
+        assert agents.load_adaptive(tmp_path / f"{label}_seed0" / "selector").codec.num_steps == steps
+        (point,) = curves[label]  # one checkpoint, at 48 steps
+        assert point["steps"] == 48 and 0 <= point["top1_at_budget"] <= 1 and 0 < point["flops_ratio_at_price"] <= 1
 
 
 def test_reinforce_example(fmnist_dir, fmnist_weights):
-    out = run(
-        "reinforce_example.py",
-        "--checkpoint",
-        str(fmnist_weights),
-        "--data-dir",
-        str(fmnist_dir),
-        "--episodes",
-        "4",
-        "--images",
-        "16",
-        "--device",
-        "cpu",
-    )
-    assert "REINFORCE, 4 episodes" in out and "Top-1" in out
+    script = runpy.run_path(str(ROOT / "scripts" / "reinforce_example.py"))  # its policy and loop, not run
+    args = dict(checkpoint=str(fmnist_weights), data_dir=str(fmnist_dir), episodes=4, images=16, device="cpu")
+    result = script["main"](script["Args"](**args))
+    assert len(result["returns"]) == 4 and all(math.isfinite(r) for r in result["returns"])
+    assert 0 <= result["top1"] <= result["top5"] <= 1 and 0 < result["flops_ratio"] <= 1

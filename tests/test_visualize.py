@@ -2,7 +2,6 @@
 drawn for a trained selector and for a baseline, the decisions over a dataset, and the Pareto plot, on randomly
 initialised supernets and a generated Fashion-MNIST folder."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,13 +14,15 @@ from PIL import Image
 import agents
 import vit
 from agents.plots import decision_stats, pareto_figure, pareto_front
+from agents.visualize import VisualizeConfig
 from prance_env.render import merged_colours, patch_owner, trace_sources
+from vit.cli import parse_dataclass
 from vit.token_ops import token_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("visualize", ROOT / "scripts" / "visualize.py")
-visualize = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(visualize)
+
+def visualize(argv: list[str]) -> Path:
+    """`scripts/visualize.py`'s work for its command-line flags `argv`: the PNG it draws."""
+    return agents.visualize.visualize(parse_dataclass(VisualizeConfig, argv))
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +107,14 @@ def test_merged_tokens_keep_their_colour_as_they_grow():
 def test_visualize_a_trained_selector(selector, fmnist_dir, tmp_path, capsys):
     argv = ["--selector", str(selector), "--images", "3", "--data-dir", str(fmnist_dir), "--device", "cpu"]
     out = tmp_path / "tokens.png"
-    assert visualize.main([*argv, "--out", str(tmp_path)]) == out
+    assert visualize([*argv, "--out", str(tmp_path)]) == out
     assert f"wrote {out}" in capsys.readouterr().out
     check_png(out)
 
 
 def test_visualize_a_baseline_without_a_selector(weights, fmnist_dir, tmp_path, capsys):
     out = tmp_path / "deep" / "tokens.png"
-    visualize.main(
+    visualize(
         [
             "--selector",
             str(tmp_path / "none"),
@@ -142,14 +143,14 @@ def test_visualize_a_baseline_without_a_selector(weights, fmnist_dir, tmp_path, 
 
 def test_a_missing_selector_says_how_to_get_one(tmp_path):
     with pytest.raises(SystemExit, match=r"train_selector\.py.*--policy full\|random\|uniform"):
-        visualize.main(["--selector", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+        visualize(["--selector", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 
 def test_visualize_stats_counts_the_decisions_over_the_split(weights, fmnist_dir, tmp_path):
     argv = ["--policy", "uniform", "--keep-index", "1", "--checkpoint", str(weights), "--stats"]
     argv += ["--batch-size", "20", "--data-dir", str(fmnist_dir), "--device", "cpu", "--out", str(tmp_path)]
-    assert visualize.main(argv) == tmp_path / "decisions.png"
+    assert visualize(argv) == tmp_path / "decisions.png"
     stats = json.loads((tmp_path / "decisions.json").read_text())
     assert stats["images"] == 48 and sum(stats["images_per_class"]) == 48  # the whole generated test split
     assert stats["blocks"] == list(range(1, 12))  # prance_fmnist decides every block after the stem

@@ -3,7 +3,8 @@
 A machine shared with other work drifts by tens of percent within minutes, so speed is measured as ratios between
 runs interleaved in one process: `Rounds` runs every run once per round, starting one further along the list than the
 round before, and keeps each run's wall-clock and process CPU seconds, round by round; a speed-up is the median of the
-per-round ratios, reported with their range (`Rounds.speed`).
+per-round ratios, reported with their range (`Rounds.speed`). `benchmark_supernet` measures what elastic and
+per-sample execution cost on this machine with it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from .flops import count_macs
+from .registry import SupernetShape, create_supernet
+from .utils import resolve_device
 
 
 def keep_freed_memory(keep_bytes: int = 1 << 30) -> bool:
@@ -131,4 +138,104 @@ def round_ratios(reference: Sequence[float], other: Sequence[float]) -> tuple[fl
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-__all__ = ["Rounds", "clocked", "interleaved_rounds", "keep_freed_memory", "round_ratios", "setup_cpu", "timed"]
+@dataclass
+class SupernetBenchConfig(SupernetShape):
+    """Benchmark of elastic and per-sample (packed, bucketed) execution."""
+
+    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name (random weights)"})
+    token_mode: str = field(default="merge", metadata={"help": "prune | merge | prune_merge"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward"})
+    target: float = field(default=0.5, metadata={"help": "MACs ratio of the static subnet"})
+    repeats: int = field(default=7, metadata={"help": "timed calls per measurement (median)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    keep_freed_memory: bool = field(
+        default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    seed: int = field(default=0, metadata={"help": "random seed (images and sampled subnets)"})
+
+
+def benchmark_supernet(cfg: SupernetBenchConfig) -> dict:
+    """Wall-clock cost of elastic execution on this machine, as ratios taken in one run; prints two tables.
+
+    1. The static grid subnet nearest to `cfg.target` of the full model's MACs against the full model: `static`, its
+       `flops_ratio`, `images_per_s` and `speedup` (`Rounds.speed`), and the full model's `full_images_per_s`.
+    2. Per-sample execution, packed and bucketed: the batch split over k different subnets against the static subnet
+       for the whole batch, as MACs per second (the efficiency of per-sample execution; 1.0 means free): one row of
+       `per_sample` per k, with its `distinct` subnets, mean `flops_ratio`, `images_per_s` and `efficiency` of each
+       layout.
+
+    Every measurement is `cfg.repeats` interleaved rounds after a warm-up (`interleaved_rounds`) on random weights
+    and images.
+    """
+    setup_cpu(cfg.threads, cfg.keep_freed_memory)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, **cfg.shape_kwargs()).to(device).eval()
+    space, batch = model.search_space, cfg.batch_size
+    x = torch.randn(batch, *model.pretrained_cfg["input_size"], device=device)
+    full = count_macs(model)
+    half = min(space.static_grid(), key=lambda s: abs(count_macs(model, s) / full - cfg.target))
+    half_ratio = count_macs(model, half) / full
+
+    def forward(subnet, layout: str = "packed") -> Callable[[], object]:
+        @torch.inference_mode()
+        def run() -> object:
+            return model(x, subnet, layout)
+
+        return run
+
+    timer = interleaved_rounds({"full": forward(None), "static": forward(half)}, cfg.repeats, device)
+    static = timer.speed("static", "full", batch * cfg.repeats)
+    result = {"full_mmacs": full / 1e6, "static": str(half), "flops_ratio": half_ratio}
+    result |= {"full_images_per_s": timer.speed("full", "full", batch * cfg.repeats)["images_per_s"], **static}
+    print(f"{cfg.supernet} ({cfg.token_mode}), batch {batch}, {device}, {torch.get_num_threads()} threads")
+    print(f"full model: {full / 1e6:.1f} MMACs/image")
+    print("\n| subnet | MACs ratio | images/s | speed-up |\n|---|---|---|---|")
+    print(f"| full | 1.000 | {result['full_images_per_s']:.0f} | 1.00x |")
+    print(
+        f"| static `{half.blocks[0]}` x{space.depth} | {half_ratio:.3f} | {static['images_per_s']:.0f} | "
+        f"{static['speedup']:.2f}x |"
+    )
+    print(
+        f"\nrealised speed-up {static['speedup']:.2f}x for a MACs ratio of {half_ratio:.3f} "
+        f"(the MACs ratio alone predicts {1 / half_ratio:.2f}x)"
+    )
+
+    rng = np.random.default_rng(cfg.seed)
+    print(
+        "\n| per-sample subnets | mean MACs ratio | images/s, packed | images/s, bucketed "
+        "| MACs/s vs one subnet, packed | bucketed |\n|---|---|---|---|---|---|"
+    )
+    result["per_sample"] = []
+    for k in sorted({min(k, batch) for k in (1, 4, 16, 64, batch)}):  # a batch runs at most one subnet per image
+        pool = [half] if k == 1 else [space.sample(rng) for _ in range(k)]
+        subnets = [pool[i % k] for i in range(batch)]
+        relative = float(np.mean(count_macs(model, subnets))) / count_macs(model, half)
+        runs = {"static": forward(half), "packed": forward(subnets, "packed"), "bucketed": forward(subnets, "bucketed")}
+        timer = interleaved_rounds(runs, cfg.repeats, device)
+        row = {"distinct": k, "flops_ratio": relative * half_ratio}
+        for layout in ("packed", "bucketed"):
+            speed = timer.speed(layout, "static", batch * cfg.repeats)
+            # MACs per second against the static subnet's: the speed-up scaled by the MACs each image runs
+            row[layout] = {"images_per_s": speed["images_per_s"], "efficiency": relative * speed["speedup"]}
+        result["per_sample"].append(row)
+        print(
+            f"| {k} distinct | {row['flops_ratio']:.3f} | {row['packed']['images_per_s']:.0f} | "
+            f"{row['bucketed']['images_per_s']:.0f} | {row['packed']['efficiency']:.2f} | "
+            f"{row['bucketed']['efficiency']:.2f} |"
+        )
+    return result
+
+
+__all__ = [
+    "Rounds",
+    "SupernetBenchConfig",
+    "benchmark_supernet",
+    "clocked",
+    "interleaved_rounds",
+    "keep_freed_memory",
+    "round_ratios",
+    "setup_cpu",
+    "timed",
+]

@@ -403,7 +403,9 @@ def to_device(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | s
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def write_image_folder(root: str | os.PathLike, classes: int, per_class: dict[str, int], side: int, seed: int = 0) -> Path:
+def write_image_folder(
+    root: str | os.PathLike, classes: int, per_class: dict[str, int], side: int, seed: int = 0
+) -> Path:
     """Write an ImageFolder of generated images, `root/<split>/class<k>/<i>.jpg` with `per_class[split]` images per
     class: smooth random RGB JPEGs of `side` pixels (a coarse 8 x 8 grid of noise, upsampled), standing in for
     ImageNet where no data may be downloaded. Returns `root`."""

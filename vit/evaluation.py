@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bench import setup_cpu
 from .config import TOKEN_MODES
 from .data import default_workers, load_dataset, stratified_subset
 from .flops import count_macs
 from .registry import SupernetShape, create_supernet
 from .train import Batches, evaluate
-from .bench import setup_cpu
 from .utils import resolve_device
 
 
