@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium
-import numpy as np
 import torch
 
 import prance_env  # noqa: F401  (registers PranceViT-v1)
 import vit
+from prance_env.bench import time_episodes
 from vit.bench import setup_cpu
 from vit.data import write_image_folder
 from vit.train import subset_batches
@@ -145,35 +145,15 @@ def train_command(cfg: GpuCheckConfig, sizes: Sizes, data: Path, out: Path, devi
 
 
 def env_speed(model: vit.ElasticViT, data: Path, num_envs: int, amp: bool, seed: int) -> str:
-    """Env steps/s of random episodes without (`terminal`) and with (`delta`) Result-to-Go completion."""
-    speed = {}
-    for reward in ("terminal", "delta"):
-        envs = gymnasium.make_vec(
-            "PranceViT-v1",
-            num_envs=num_envs,
-            supernet=model,
-            data="imagenet",
-            data_path=str(data),
-            reward=reward,
-            amp=amp,
-        )
-        with contextlib.closing(envs):
-            envs.action_space.seed(seed)
-            seconds = steps = 0.0
-            for episode in range(3):  # the first is a warm-up
-                started = time.perf_counter()
-                envs.reset(seed=seed + episode)
-                done = False
-                while not done:
-                    _, rewards, terminated, _, _ = envs.step(envs.action_space.sample())
-                    if not np.all(np.isfinite(rewards)):
-                        raise FloatingPointError(f"non-finite rewards in {reward} mode")
-                    done = bool(terminated.all())
-                    steps += num_envs * (episode > 0)
-                if model.pos_embed.is_cuda:
-                    torch.cuda.synchronize()
-                seconds += (time.perf_counter() - started) * (episode > 0)
-        speed[reward] = steps / seconds
+    """Env steps/s of random episodes without (`terminal`) and with (`delta`) Result-to-Go completion
+    (`prance_env.bench.time_episodes`)."""
+    with contextlib.ExitStack() as closing:
+        envs = {}
+        for reward in ("terminal", "delta"):
+            kwargs = dict(supernet=model, data="imagenet", data_path=str(data), reward=reward, amp=amp)
+            envs[reward] = gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, **kwargs)
+            closing.callback(envs[reward].close)
+        speed = time_episodes(envs, rounds=2, seed=seed)["steps_per_s"]
     return f"ok: {speed['terminal']:.0f} env steps/s without completion, {speed['delta']:.0f} with Result-to-Go"
 
 

@@ -54,6 +54,12 @@ class EnvBenchConfig:
     seed: int = field(default=0, metadata={"help": "random seed (actions)"})
 
 
+def batched_env(cfg: EnvBenchConfig | MemoryConfig, **kwargs) -> gymnasium.vector.VectorEnv:
+    """`gymnasium.make_vec("PranceViT-v1")` of a benchmark's sub-envs, supernet and data, with `kwargs`."""
+    supernet = dict(supernet=cfg.supernet, checkpoint=cfg.checkpoint, data=cfg.data, data_path=cfg.data_dir)
+    return gymnasium.make_vec("PranceViT-v1", num_envs=cfg.num_envs, **supernet, **kwargs)
+
+
 def benchmark_env(cfg: EnvBenchConfig) -> dict:
     """Time the env's episodes against a forward pass of the same subnets as `cfg` says; prints the medians.
 
@@ -64,38 +70,38 @@ def benchmark_env(cfg: EnvBenchConfig) -> dict:
     with contextlib.ExitStack() as closing:  # the envs are closed however the run ends
         envs = {}
         for reward in ("terminal", "delta"):
-            envs[reward] = gymnasium.make_vec(
-                "PranceViT-v1",
-                num_envs=cfg.num_envs,
-                supernet=cfg.supernet,
-                checkpoint=cfg.checkpoint,
-                data=cfg.data,
-                data_path=cfg.data_dir,
-                device=cfg.device,
-                reward=reward,
-                split="held-out",
-            )
+            envs[reward] = batched_env(cfg, device=cfg.device, reward=reward, split="held-out")
             closing.callback(envs[reward].close)
-        return _time_episodes(cfg, envs)
+        return time_episodes(envs, cfg.repeats, cfg.seed, cfg.policy)
 
 
-def _time_episodes(cfg: EnvBenchConfig, envs: dict) -> dict:
-    """The timings of `benchmark_env` on its two envs (keyed by reward mode)."""
+def time_episodes(envs: dict, rounds: int, seed: int = 0, policy: str = "random") -> dict:
+    """Whole episodes (reset and every step, the first `num_envs` images) of the `terminal` and `delta` vector envs
+    of `envs` against a per-sample forward pass of the subnets they chose, in `rounds` interleaved rounds; prints the
+    medians. Actions are seeded random ones (`policy="full"`: every field at its largest choice); a non-finite
+    reward raises `FloatingPointError`.
+
+    Returns `episode_seconds` and `steps_per_s` of each reward mode, `forward_seconds` and `ratio_to_forward` (per
+    reward mode, the median over rounds of an episode's time over the forward's).
+    """
     some = envs["terminal"].unwrapped
-    rng = np.random.default_rng(cfg.seed)
+    num_envs = some.num_envs
+    rng = np.random.default_rng(seed)
     nvec = np.array(some.codec.nvec)
-    plan = [rng.integers(0, nvec, (cfg.num_envs, len(nvec))) for _ in range(some.codec.num_steps)]
-    if cfg.policy == "full":
+    plan = [rng.integers(0, nvec, (num_envs, len(nvec))) for _ in range(some.codec.num_steps)]
+    if policy == "full":
         plan = [np.broadcast_to(nvec - 1, p.shape) for p in plan]
 
     def episode(env) -> dict:
-        env.reset(options={"indices": np.arange(cfg.num_envs)})
+        env.reset(options={"indices": np.arange(num_envs)})
         for actions in plan:
-            _, _, _, _, info = env.step(actions)
+            _, rewards, _, _, info = env.step(actions)
+            if not np.all(np.isfinite(rewards)):
+                raise FloatingPointError(f"non-finite rewards in {env.unwrapped.mdp.config.reward} mode")
         return info
 
     subnets = list(episode(some)["subnet"])
-    images = some.source.get(np.arange(cfg.num_envs))[0]
+    images = some.source.get(np.arange(num_envs))[0]
 
     @torch.inference_mode()
     def forward() -> torch.Tensor:
@@ -103,12 +109,12 @@ def _time_episodes(cfg: EnvBenchConfig, envs: dict) -> dict:
 
     calls = {"terminal": lambda: episode(envs["terminal"]), "delta": lambda: episode(envs["delta"]), "forward": forward}
     # interleaved rounds: a machine's speed drifts by tens of percent, so ratios are taken within a round
-    timer = interleaved_rounds(calls, cfg.repeats, images.device)
+    timer = interleaved_rounds(calls, rounds, images.device)
     wall = {k: timer.seconds[k]["wall"] for k in calls}
     median = {k: statistics.median(wall[k]) for k in calls}
-    steps = len(plan) * cfg.num_envs
+    steps = len(plan) * num_envs
     ratios = {k: round_ratios(wall[k], wall["forward"])[0] for k in ("terminal", "delta")}
-    print(f"{cfg.num_envs} sub-envs, {cfg.policy} actions, {cfg.repeats} interleaved rounds (medians)")
+    print(f"{num_envs} sub-envs, {policy} actions, {rounds} interleaved rounds (medians)")
     for k in ("terminal", "delta"):
         print(f"{k:>8}: {median[k] * 1e3:.0f} ms an episode, {steps / median[k]:.0f} env steps/s")
     print(f"{'forward':>8}: {median['forward'] * 1e3:.0f} ms for the same subnets (per-sample forward pass, packed)")
@@ -258,17 +264,7 @@ def benchmark_memory(cfg: MemoryConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    envs = gymnasium.make_vec(
-        "PranceViT-v1",
-        num_envs=cfg.num_envs,
-        supernet=cfg.supernet,
-        checkpoint=cfg.checkpoint,
-        data=cfg.data,
-        data_path=cfg.data_dir,
-        split=cfg.split,
-        device=device,
-        reward=cfg.reward,
-    )
+    envs = batched_env(cfg, device=device, reward=cfg.reward, split=cfg.split)
     nvec = envs.single_action_space.nvec
     rng = np.random.default_rng(cfg.seed)
     trim = heap_trimmer() if cfg.trim else None
@@ -322,4 +318,5 @@ __all__ = [
     "memory",
     "memory_report",
     "plot_memory",
+    "time_episodes",
 ]
