@@ -74,7 +74,8 @@ def full_actions(env) -> np.ndarray:
 
 
 def run_episode(env, actions, seed=None, options=None) -> tuple[list, list, list]:
-    """Observations (the first included), rewards and infos (the reset's first) of one episode of `actions`."""
+    """Observations (the first included), rewards and infos (the reset's first) of one episode of `actions`, of the
+    single env or of the vector env (its sub-envs' synchronised episodes)."""
     obs, info = env.reset(seed=seed, options=options)
     observations, rewards, infos = [obs], [], [info]
     for t, action in enumerate(actions):
@@ -82,7 +83,7 @@ def run_episode(env, actions, seed=None, options=None) -> tuple[list, list, list
         observations.append(obs)
         rewards.append(reward)
         infos.append(info)
-        assert terminated == (t == len(actions) - 1) and not truncated
+        assert np.all(terminated == (t == len(actions) - 1)) and not np.any(truncated)
     return observations, rewards, infos
 
 

@@ -36,19 +36,6 @@ def make_vec(data_path, num_envs: int = N, **kwargs) -> prance_env.PranceViTVect
     return envs
 
 
-def run_vector_episode(envs, actions, seed=None, options=None) -> tuple[list, list, list]:
-    """Observations (the first included), rewards and infos (the reset's first) of one synchronised episode."""
-    obs, info = envs.reset(seed=seed, options=options)
-    observations, rewards, infos = [obs], [], [info]
-    for t, action in enumerate(actions):
-        obs, reward, terminated, truncated, info = envs.step(action)
-        observations.append(obs)
-        rewards.append(reward)
-        infos.append(info)
-        assert np.all(terminated == (t == len(actions) - 1)) and not truncated.any()
-    return observations, rewards, infos
-
-
 def first_observation(obs: dict, i: int | slice = slice(None)) -> bool:
     """Whether `obs` (batched) is the first observation of an episode with the default stem: no step taken and every
     patch token alive."""
@@ -86,7 +73,7 @@ def test_make_vec_on_a_fashion_mnist_subset_holds_its_images_in_memory(fmnist_di
 def test_make_vec_defaults_run_an_episode():
     envs = gymnasium.make_vec("PranceViT-v1", num_envs=N)
     assert isinstance(envs, prance_env.PranceViTVectorEnv)
-    _, _, infos = run_vector_episode(envs, random_actions(envs.action_space, envs.codec.num_steps), seed=0)
+    _, _, infos = run_episode(envs, random_actions(envs.action_space, envs.codec.num_steps), seed=0)
     assert np.all(infos[-1]["flops_ratio"] <= 1.0)
 
 
@@ -116,7 +103,7 @@ def test_vector_env_matches_the_single_env_image_by_image(fmnist_dir, reward, ki
     env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, reward=reward, quality=kind))
     indices = [5, 17, 17, 60]  # one image twice, under different actions
     actions = random_actions(envs.action_space, envs.codec.num_steps, seed=2)
-    batch_obs, batch_rewards, batch_infos = run_vector_episode(
+    batch_obs, batch_rewards, batch_infos = run_episode(
         envs, actions, options={"indices": indices, "price": PRICE}
     )
     assert len({tuple(s) for s in batch_infos[-1]["subnet"]}) > 1  # sub-envs ran different subnets
@@ -167,13 +154,13 @@ def test_step_after_the_last_resets_with_next_step_semantics(fmnist_dir):
     envs = make_vec(fmnist_dir)
     steps = envs.codec.num_steps
     actions = random_actions(envs.action_space, steps, seed=0)
-    _, _, infos = run_vector_episode(envs, actions, seed=0)
+    _, _, infos = run_episode(envs, actions, seed=0)
     obs, reward, terminated, truncated, info = envs.step(actions[0])
     np.testing.assert_array_equal(reward, np.zeros(N))
     assert not terminated.any() and not truncated.any()
     assert first_observation(obs)
     assert not set(info["index"]) & set(infos[0]["index"])
-    _, _, more = run_vector_episode(envs, actions)  # the new batch runs a whole episode
+    _, _, more = run_episode(envs, actions)  # the new batch runs a whole episode
     assert len(more) == steps + 1
 
 
@@ -206,7 +193,7 @@ def assert_vector_info(info: dict) -> None:
 def test_infos_carry_key_masks(fmnist_dir):
     envs = make_vec(fmnist_dir)
     actions = random_actions(envs.action_space, envs.codec.num_steps, seed=0)
-    _, _, infos = run_vector_episode(envs, actions, seed=0)
+    _, _, infos = run_episode(envs, actions, seed=0)
     for info in infos[1:]:
         assert_vector_info(info)
     assert {"pred", "label", "correct", "flops_ratio", "subnet"} <= set(infos[-1])
@@ -221,8 +208,8 @@ def test_blocks_per_step_two_halves_the_steps(fmnist_dir, stem_blocks):
     assert one.codec.num_steps == DEPTH - stem_blocks == 2 * two.codec.num_steps
     actions = random_actions(two.action_space, two.codec.num_steps, seed=0)
     options = {"indices": [0, 1, 2, 3], "price": PRICE}
-    _, rewards_two, infos_two = run_vector_episode(two, actions, options=options)
-    _, rewards_one, infos_one = run_vector_episode(one, [a for a in actions for _ in range(2)], options=options)
+    _, rewards_two, infos_two = run_episode(two, actions, options=options)
+    _, rewards_one, infos_one = run_episode(one, [a for a in actions for _ in range(2)], options=options)
     for key in ("macs", "tokens", "pred", "flops_ratio", "subnet"):
         np.testing.assert_array_equal(infos_two[-1][key], infos_one[-1][key], err_msg=key)
     np.testing.assert_allclose(np.sum(rewards_two, axis=0), np.sum(rewards_one, axis=0), atol=1e-9)
@@ -231,7 +218,7 @@ def test_blocks_per_step_two_halves_the_steps(fmnist_dir, stem_blocks):
 def test_stem_blocks_zero_runs_every_block(fmnist_dir):
     envs = make_vec(fmnist_dir, stem_blocks=0, action_type="continuous")
     assert envs.codec.num_steps == DEPTH
-    _, _, infos = run_vector_episode(envs, random_actions(envs.action_space, DEPTH, seed=0), seed=0)
+    _, _, infos = run_episode(envs, random_actions(envs.action_space, DEPTH, seed=0), seed=0)
     assert all(len(s) == DEPTH for s in infos[-1]["subnet"])
 
 
@@ -425,7 +412,7 @@ def test_amp_runs_the_supernet_in_bf16_with_the_same_episode(fmnist_dir, layout)
     for amp in (False, True):
         envs = make_vec(fmnist_dir, token_mode="prune_merge", layout=layout, amp=amp)
         actions = random_actions(envs.action_space, DEPTH - 1, seed=3)
-        episodes[amp] = run_vector_episode(envs, actions, seed=0, options={"price": PRICE})
+        episodes[amp] = run_episode(envs, actions, seed=0, options={"price": PRICE})
     (fp32_obs, fp32_rewards, _), (bf16_obs, bf16_rewards, _) = episodes[False], episodes[True]
     assert bf16_obs[-1]["cls"].dtype == np.float32 and bf16_rewards[-1].dtype == fp32_rewards[-1].dtype
     cls = np.stack([o["cls"] for o in bf16_obs[1:]]), np.stack([o["cls"] for o in fp32_obs[1:]])
