@@ -103,9 +103,7 @@ def test_vector_env_matches_the_single_env_image_by_image(fmnist_dir, reward, ki
     env = gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, reward=reward, quality=kind))
     indices = [5, 17, 17, 60]  # one image twice, under different actions
     actions = random_actions(envs.action_space, envs.codec.num_steps, seed=2)
-    batch_obs, batch_rewards, batch_infos = run_episode(
-        envs, actions, options={"indices": indices, "price": PRICE}
-    )
+    batch_obs, batch_rewards, batch_infos = run_episode(envs, actions, options={"indices": indices, "price": PRICE})
     assert len({tuple(s) for s in batch_infos[-1]["subnet"]}) > 1  # sub-envs ran different subnets
     for i, index in enumerate(indices):
         observations, rewards, infos = run_episode(

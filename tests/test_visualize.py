@@ -93,7 +93,7 @@ def test_traced_sources_follow_the_tokens_block_by_block(token_mode, seed):
                 assert torch.all(alive)
             if size is not None:
                 torch.testing.assert_close(size[1:], rows, atol=0, rtol=0)
-        torch.testing.assert_close(model.forward_head(model.norm(tokens.cls())), model(x, subnet), atol=0, rtol=0)
+        torch.testing.assert_close(model.forward_tokens(tokens, model.depth), model(x, subnet), atol=0, rtol=0)
 
 
 def test_merged_tokens_keep_their_colour_as_they_grow():

@@ -119,6 +119,18 @@ class BucketedBatch:
         """The CLS token of every sample, in batch order: (B, C)."""
         return self.gather(lambda b: b.x[:, 0])
 
+    def patch_mean(self) -> Tensor:
+        """Per sample, the mean of its patch tokens weighted by their sizes, in batch order: (B, C)."""
+
+        def mean(bucket: Bucket) -> Tensor:
+            patches = bucket.x[:, 1:]
+            if bucket.size is None:
+                return patches.mean(dim=1)
+            weight = bucket.size[:, 1:, None].to(patches.dtype)
+            return (patches * weight).sum(dim=1) / weight.sum(dim=1)
+
+        return self.gather(mean)
+
     def num_patches(self) -> Tensor:
         """Patch tokens alive per sample, in batch order: (B,) int64 (computed once per batch)."""
         if self._num_patches is None:

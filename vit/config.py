@@ -10,6 +10,7 @@ input channels.
 from __future__ import annotations
 
 import itertools
+import re
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,21 @@ def _ascending(name: str, block: int, values: Sequence) -> tuple:
     if any(a >= b for a, b in zip(values, values[1:])):
         raise ValueError(f"block {block}: {name} choices must be strictly ascending, got {values}")
     return values
+
+
+_BLOCK_PATTERN = re.compile(r"h(\d+)-m(\d+)-r([0-9.]+)(?:/([0-9.]+))?")
+
+
+def _parse_block(block: int, spec: str) -> BlockConfig:
+    """A `BlockConfig` from its `str`: `h2-m128-r0.9` or `h2-m128-r0.9/0.8`."""
+    match = _BLOCK_PATTERN.fullmatch(spec)
+    if match is None:
+        raise InvalidSubnetError(f"block {block}: {spec!r} is not of the form h<heads>-m<mlp_hidden>-r<keep>[/<merge>]")
+    heads, hidden, keep, merge = match.groups()
+    try:
+        return BlockConfig(int(heads), int(hidden), float(keep), 1.0 if merge is None else float(merge))
+    except ValueError:
+        raise InvalidSubnetError(f"block {block}: {spec!r} has a ratio that is not a number") from None
 
 
 @dataclass(frozen=True)
@@ -246,6 +262,26 @@ class SearchSpace:
             idx = [w, w] + [r] * (len(counts) - 2)
             grid.append(self.static([i + o for i, o in zip(idx, offsets)]))
         return grid
+
+    def parse(self, text: str) -> Subnet:
+        """The subnet `text` writes as `Subnet` prints one: a block as `h{heads}-m{mlp_hidden}-r{keep_ratio}`
+        (`-r{keep}/{merge}` in `prune_merge`), one block for every block (`h2-m128-r1`) or one per block, separated
+        by spaces; checked against the choices (`InvalidSubnetError` naming the block)."""
+        specs = str(text).split()
+        if len(specs) == 1:
+            specs *= self.depth
+        if len(specs) != self.depth:
+            raise InvalidSubnetError(
+                f"{text!r} gives {len(specs)} blocks; give one for all or one per block ({self.depth})"
+            )
+        return self.validate(Subnet(tuple(_parse_block(i, spec) for i, spec in enumerate(specs))))
+
+    def prefix(self, depth: int) -> SearchSpace:
+        """The choices of the first `depth` blocks (a model whose later blocks were pruned)."""
+        if not 1 <= depth <= self.depth:
+            raise ValueError(f"depth must lie in [1, {self.depth}], got {depth}")
+        fields = ("heads", "mlp_hidden", "keep_ratio", "merge_ratio")
+        return SearchSpace(**{f: getattr(self, f)[:depth] for f in fields}, token_mode=self.token_mode)
 
     def consensus(self, subnets: Sequence[Subnet]) -> Subnet:
         """One subnet for a whole batch: per block and field, the (lower) median choice index of `subnets`."""

@@ -121,6 +121,19 @@ class PackedBatch:
         """Patch tokens alive per sample: (B,) int64."""
         return long_tensor(self.lengths, self.x.device) - 1
 
+    def patch_mean(self) -> Tensor:
+        """Per sample, the mean of its patch tokens weighted by their sizes (the patches each token stands for),
+        in batch order: (B, C)."""
+        order = np.asarray(self.order)
+        n = np.asarray([self.lengths[s] for s in self.order])
+        offset = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        sample = long_tensor(np.repeat(order, n), self.x.device)
+        weight = self.x.new_ones(self.x.shape[0]) if self.size is None else self.size.to(self.x.dtype)
+        weight = weight * torch.from_numpy(offset > 0).to(weight.device)  # CLS tokens left out
+        B, C = self.batch_size, self.x.shape[1]
+        total = self.x.new_zeros(B, C).index_add_(0, sample, self.x * weight[:, None])
+        return total / self.x.new_zeros(B).index_add_(0, sample, weight)[:, None]
+
     def rows(self, order: Sequence[int]) -> np.ndarray:
         """The rows of the samples' tokens listed in `order`, concatenated."""
         starts = self._start_list()

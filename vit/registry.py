@@ -1,22 +1,26 @@
 """Registered supernet presets: `create_supernet(name, ...)` builds one in a call, and so does timm's
-`timm.create_model(name, ...)`, as every preset is registered with timm's model registry too.
+`timm.create_model(name, ...)`, as every preset is registered with timm's model registry too, with its pretrained
+configs (`timm.get_pretrained_cfg`, tags, `timm.list_models(pretrained=True)` for those with weights) and timm's
+`features_only` wrapper (`FeatureGetterNet`, over `ElasticViT.forward_intermediates`).
 
 A preset is a function `preset(pretrained=False, **kwargs) -> ElasticViT` whose kwargs override its arguments of
-`ElasticViT`; `register_supernet` registers it under its function name.
+`ElasticViT`; `register_supernet` registers it under its function name, with the tags of its weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models import PretrainedCfg, adapt_input_conv, is_model, register_model
+from timm.models import DefaultCfg, PretrainedCfg, adapt_input_conv, is_model, register_model
+from timm.models._features import FeatureGetterNet  # timm's features_only wrapper of its ViTs (not re-exported)
 
 from .checkpoint import check_state_dict, load_checkpoint, read_state_dict
 from .rewire import rewire
@@ -26,25 +30,45 @@ CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 DEFAULT_KEEP_RATIOS = (0.6, 0.7, 0.8, 0.9, 1.0)
 
 _SUPERNETS: dict[str, Callable[..., ElasticViT]] = {}
+#: timm's pretrained configs of the presets, by name (timm's registry reads them from this module when a preset is
+#: registered, as it reads a model module's `default_cfgs`)
+default_cfgs: dict[str, DefaultCfg] = {}
+_CFG_FIELDS = {f.name for f in fields(PretrainedCfg)}
 
 
-def register_supernet(fn: Callable[..., ElasticViT]) -> Callable[..., ElasticViT]:
+def register_supernet(
+    fn: Callable[..., ElasticViT] | None = None, *, tags: dict[str, dict] | None = None
+) -> Callable[..., ElasticViT]:
     """Register a preset under its function name, for `create_supernet` and for `timm.create_model`.
 
+    timm also gets the preset's pretrained config, read off the preset built on the `meta` device (nothing is
+    allocated): input size, classes, data statistics; `tags` names its weights, each tag with the keys timm's
+    `PretrainedCfg` takes (`hf_hub_id`, `file`, `description`, ...), the first the default: `prance_fmnist.shipped`.
     Registering a name again replaces the preset. A name timm holds for a model of its own is refused, so that a
-    preset never shadows one of timm's models.
+    preset never shadows one of timm's models. Use it as `@register_supernet` or `@register_supernet(tags=...)`.
     """
+    if fn is None:
+        return lambda fn: register_supernet(fn, tags=tags)
     name = fn.__name__
     if name not in _SUPERNETS:  # timm's entry point looks the preset up by name: a replaced preset needs no new one
         if is_model(name):
             raise ValueError(f"{name!r} is one of timm's models; register the preset under another name")
+        with torch.device("meta"):
+            cfg = fn(pretrained=False).pretrained_cfg
+        base = {k: v for k, v in cfg.items() if k in _CFG_FIELDS}
+        named = tags or {"": {}}
+        default_cfgs[name] = DefaultCfg(
+            tags=deque(named), cfgs={tag: PretrainedCfg(**{**base, **weights}) for tag, weights in named.items()}
+        )
         register_model(_timm_entrypoint(name, fn))
     _SUPERNETS[name] = fn
     return fn
 
 
 def _timm_entrypoint(name: str, preset: Callable[..., ElasticViT]) -> Callable[..., ElasticViT]:
-    """The function timm's `create_model(name, ...)` calls: timm's keywords in, `create_supernet(name, ...)` out."""
+    """The function timm's `create_model(name, ...)` calls: timm's keywords in, `create_supernet(name, ...)` out,
+    wrapped in timm's `FeatureGetterNet` with `features_only=True` (`out_indices`: the blocks whose tokens it
+    gives, by default the last 3, as timm's ViTs)."""
 
     def entrypoint(
         pretrained: bool = False,
@@ -53,10 +77,19 @@ def _timm_entrypoint(name: str, preset: Callable[..., ElasticViT]) -> Callable[.
         cache_dir: str | os.PathLike | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        features_only: bool = False,
+        out_indices: int | list[int] = 3,
+        feature_cls: str = "getter",
+        feature_cfg: dict | None = None,
         **kwargs,
-    ) -> ElasticViT:
-        if isinstance(pretrained_cfg, str) and pretrained_cfg:  # a tag, as in "prance_deit_tiny.in1k"
-            raise ValueError(f"{name} has no pretrained tags (got {pretrained_cfg!r})")
+    ) -> ElasticViT | FeatureGetterNet:
+        kwargs.pop("pretrained_model_args", None)  # what a local-dir config says it was built with: kwargs hold it
+        if isinstance(pretrained_cfg, str):  # a tag, as in "prance_fmnist.shipped"
+            known = list(default_cfgs[name].tags)
+            if pretrained_cfg not in known:
+                shown = ", ".join(f"{name}.{t}" if t else name for t in known)
+                raise ValueError(f"{name} has no pretrained tag {pretrained_cfg!r}; registered: {shown}")
+            pretrained_cfg = None
         if isinstance(pretrained_cfg, PretrainedCfg):
             pretrained_cfg = pretrained_cfg.to_dict()
         cfg = {**(pretrained_cfg or {}), **(pretrained_cfg_overlay or {})}
@@ -69,14 +102,28 @@ def _timm_entrypoint(name: str, preset: Callable[..., ElasticViT]) -> Callable[.
                 raise ValueError(f"{name} takes square images; pretrained_cfg asks for {height}x{width}")
             kwargs.setdefault("in_chans", in_chans)
             kwargs.setdefault("img_size", width)
+        weights = cfg.get("file") if pretrained else None  # a file of the config's own (a local-dir model's)
         if cfg:
-            kwargs["pretrained_cfg"] = cfg
+            kwargs["pretrained_cfg"] = {k: v for k, v in cfg.items() if v is not None}
         if cache_dir is not None:
             kwargs["cache_dir"] = cache_dir
-        return create_supernet(name, pretrained=pretrained, **kwargs).to(device=device, dtype=dtype)
+        model = create_supernet(name, pretrained=pretrained and weights is None, **kwargs)
+        if weights is not None:
+            path = Path(weights) / "model.safetensors" if Path(weights).is_dir() else Path(weights)
+            _load_adapted(model, read_state_dict(path), str(path))
+        model = model.to(device=device, dtype=dtype)
+        if not features_only:
+            return model
+        if feature_cls != "getter":
+            raise ValueError(
+                f"{name} offers timm's feature_cls='getter' (over forward_intermediates), not {feature_cls!r}"
+            )
+        features = FeatureGetterNet(model, out_indices=out_indices, **(feature_cfg or {}))
+        features.pretrained_cfg = features.default_cfg = model.pretrained_cfg
+        return features
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = preset.__module__  # timm files the model under the preset's module
+    entrypoint.__module__ = __name__  # timm reads the pretrained configs from this module's `default_cfgs`
     entrypoint.__doc__ = preset.__doc__
     return entrypoint
 
@@ -191,7 +238,17 @@ def _deit(timm_name: str, defaults: dict, pretrained: bool, kwargs: dict) -> Ela
     return _build({**defaults, "num_classes": 1000}, kwargs, load)
 
 
-@register_supernet
+def _timm_weights(timm_name: str) -> dict[str, dict]:
+    """The tag of a DeiT preset's weights: timm's `timm_name` weights (Facebook's ImageNet-1k), rewired."""
+    return {
+        "fb_in1k": {
+            "hf_hub_id": f"timm/{timm_name}.fb_in1k",
+            "description": f"timm's {timm_name}.fb_in1k weights, heads and MLP neurons rewired by importance",
+        }
+    }
+
+
+@register_supernet(tags=_timm_weights("deit_tiny_patch16_224"))
 def prance_deit_tiny(pretrained: bool = False, **kwargs) -> ElasticViT:
     """DeiT-Tiny shapes (192 wide, 3 heads, 12 blocks, 224 px); `pretrained` loads timm's DeiT-T and rewires."""
     defaults = dict(
@@ -205,7 +262,7 @@ def prance_deit_tiny(pretrained: bool = False, **kwargs) -> ElasticViT:
     return _deit("deit_tiny_patch16_224", defaults, pretrained, kwargs)
 
 
-@register_supernet
+@register_supernet(tags=_timm_weights("deit_small_patch16_224"))
 def prance_deit_small(pretrained: bool = False, **kwargs) -> ElasticViT:
     """DeiT-Small shapes (384 wide, 6 heads, 12 blocks, 224 px); `pretrained` loads timm's DeiT-S and rewires."""
     defaults = dict(
@@ -219,7 +276,7 @@ def prance_deit_small(pretrained: bool = False, **kwargs) -> ElasticViT:
     return _deit("deit_small_patch16_224", defaults, pretrained, kwargs)
 
 
-@register_supernet
+@register_supernet(tags=_timm_weights("deit_base_patch16_224"))
 def prance_deit_base(pretrained: bool = False, **kwargs) -> ElasticViT:
     """DeiT-Base shapes (768 wide, 12 heads, 12 blocks, 224 px); `pretrained` loads timm's DeiT-B and rewires."""
     defaults = dict(
@@ -249,7 +306,12 @@ FMNIST_DEFAULTS = dict(
 )
 
 
-@register_supernet
+def _shipped_weights(name: str, description: str) -> dict[str, dict]:
+    """The tag of weights shipped in the package."""
+    return {"shipped": {"file": str(CHECKPOINT_DIR / f"{name}.safetensors"), "description": description}}
+
+
+@register_supernet(tags=_shipped_weights("prance_fmnist", "supernet and selector jointly fine-tuned on Fashion-MNIST"))
 def prance_fmnist(pretrained: bool = False, **kwargs) -> ElasticViT:
     """A small ViT for Fashion-MNIST (28 px grey, 4 px patches, 64 wide, 4 heads, 12 blocks); `pretrained`: shipped,
     the supernet jointly fine-tuned under its shipped selector (`scripts/finetune.py`)."""
@@ -257,7 +319,7 @@ def prance_fmnist(pretrained: bool = False, **kwargs) -> ElasticViT:
     return _build(FMNIST_DEFAULTS, kwargs, _shipped("prance_fmnist") if pretrained else None)
 
 
-@register_supernet
+@register_supernet(tags=_shipped_weights("prance_fmnist_stage1", "supernet training alone, on Fashion-MNIST"))
 def prance_fmnist_stage1(pretrained: bool = False, **kwargs) -> ElasticViT:
     """`prance_fmnist` as supernet training left it, before joint fine-tuning (`pretrained`: shipped), to compare."""
     kwargs.pop("cache_dir", None)
@@ -281,6 +343,7 @@ def _shipped(name: str) -> Callable[[ElasticViT], None]:
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "default_cfgs",
     "SupernetShape",
     "adapt_to_model",
     "create_supernet",

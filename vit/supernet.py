@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .bucketed import BucketedBatch
 from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet, channel_statistics, check_token_mode
 from .packed import BlockPlan, PackedBatch
+from .token_ops import token_schedule
 
 MERGE_VARIANTS = ("tome", "official")
 #: The batch layouts of per-sample execution: how `ElasticViT.forward` and `vit.inference.InferenceRunner` hold a
@@ -69,6 +71,13 @@ class ElasticAttention(nn.Module):
         """Weight and bias of `proj` at `heads` heads."""
         return self.proj.weight[:, : heads * self.head_dim], self.proj.bias
 
+    def forward(self, x: Tensor) -> Tensor:
+        """Every head on dense tokens (B, T, C), as timm's `Attention`: the default forward's."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, d)
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))
+
 
 class ElasticMlp(nn.Module):
     """Two-layer MLP whose first `hidden` neurons run (rows of `fc1`, columns of `fc2`). `ElasticBlock` runs it."""
@@ -87,15 +96,27 @@ class ElasticMlp(nn.Module):
         """Weight and bias of `fc2` at `hidden` neurons."""
         return self.fc2.weight[:, :hidden], self.fc2.bias
 
+    def forward(self, x: Tensor) -> Tensor:
+        """Every neuron, as timm's `Mlp`: the default forward's."""
+        return self.fc2(self.act(self.fc1(x)))
+
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (training only), on a packed batch's rows."""
+    """Stochastic depth per sample (training only), on dense tokens or on a packed batch's rows."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor, batch: PackedBatch) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, ...): one draw per sample."""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    @torch.jit.unused
+    def packed(self, x: Tensor, batch: PackedBatch) -> Tensor:
         """x (T, C): rows of `batch`'s samples, in its order."""
         if not self.training or self.p == 0.0:
             return x
@@ -108,9 +129,10 @@ class DropPath(nn.Module):
 class ElasticBlock(nn.Module):
     """Pre-norm transformer block: attention, then token reduction, then MLP.
 
-    One implementation for a dense batch and for a batch whose samples run different configurations and hold
-    different numbers of tokens (`vit.PackedBatch`; a dense batch is its case of one run, and runs as timm's
-    block does).
+    `run` is the elastic block: one implementation for a dense batch and for a batch whose samples run different
+    configurations and hold different numbers of tokens (`vit.PackedBatch`; a dense batch is its case of one run).
+    `forward` is the block at full width with no reduction on dense tokens, timm's `Block`: the default forward's,
+    which TorchScript, FX and `torch.export` (ONNX) can follow.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool = True, drop_path: float = 0.0):
@@ -122,7 +144,13 @@ class ElasticBlock(nn.Module):
         self.mlp = ElasticMlp(dim, mlp_hidden)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(
+    def forward(self, x: Tensor) -> Tensor:
+        """The full block on dense tokens (B, T, C)."""
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    @torch.jit.unused
+    def run(
         self,
         batch: PackedBatch,
         configs: BlockConfig | Sequence[BlockConfig],
@@ -137,9 +165,9 @@ class ElasticBlock(nn.Module):
         plan = BlockPlan(batch, configs, token_mode)
         batch = batch.reordered(plan.attention_order)  # (T, C), samples by number of heads
         attended, runs = batch.attention(self.norm1(batch.x), self.attn, plan)
-        x = batch.x + self.drop_path1(attended, batch)
+        x = batch.x + self.drop_path1.packed(attended, batch)
         batch = batch.reduced(x, runs, self.attn, plan, merge_variant)  # samples now by MLP width
-        x = batch.x + self.drop_path2(batch.mlp(self.norm2(batch.x), self.mlp, plan), batch)
+        x = batch.x + self.drop_path2.packed(batch.mlp(self.norm2(batch.x), self.mlp, plan), batch)
         return batch.with_tokens(x)
 
 
@@ -209,6 +237,8 @@ class ElasticViT(nn.Module):
     `set_grad_checkpointing`, `group_matcher`, and `pretrained_cfg` (alias `default_cfg`).
     """
 
+    __jit_unused_properties__ = ["default_cfg"]  # a dict of mixed values: not for TorchScript
+
     def __init__(
         self,
         img_size: int = 224,
@@ -227,12 +257,15 @@ class ElasticViT(nn.Module):
         keep_ratio_choices: Sequence[float] = (1.0,),
         merge_ratio_choices: Sequence[float] | None = None,
         search_space: SearchSpace | None = None,
+        global_pool: str = "token",
+        fc_norm: bool | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         pretrained_cfg: dict | None = None,
     ) -> None:
         super().__init__()
         check_token_mode(token_mode)
+        _check_global_pool(global_pool)
         if merge_variant not in MERGE_VARIANTS:
             raise ValueError(f"unknown merge_variant {merge_variant!r}; expected one of {', '.join(MERGE_VARIANTS)}")
         mlp_hidden = int(embed_dim * mlp_ratio)
@@ -254,18 +287,23 @@ class ElasticViT(nn.Module):
         self.token_mode = token_mode
         self.merge_variant = merge_variant
         self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.num_prefix_tokens = 1
+        self.global_pool = global_pool
         self.grad_checkpointing = False
         self.pretrained_cfg = _pretrained_cfg(pretrained_cfg, num_classes, in_chans, img_size)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(ElasticBlock(embed_dim, num_heads, mlp_hidden, qkv_bias, r) for r in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        # as timm's VisionTransformer: average pooling normalises the pooled features (`fc_norm`), not the tokens
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -299,9 +337,10 @@ class ElasticViT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head by a freshly initialised one for `num_classes` classes; 0 leaves none, so the model
-        returns the CLS features (timm's interface). `global_pool` can only be `token`, this model's pooling."""
-        if global_pool not in (None, "token"):
-            raise ValueError(f"ElasticViT pools by its CLS token only (global_pool='token'), got {global_pool!r}")
+        returns its pooled features (timm's interface). `global_pool` (`token`, `avg` or `''`, as timm's
+        `VisionTransformer`) replaces the pooling when given."""
+        if global_pool is not None:
+            self.global_pool = _check_global_pool(global_pool)
         like = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
         self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
@@ -325,6 +364,7 @@ class ElasticViT(nn.Module):
         (`torch.utils.checkpoint`): memory for compute, whatever the subnet or per-sample subnets."""
         self.grad_checkpointing = enable
 
+    @torch.jit.unused
     def check_input(self, x: Tensor) -> None:
         """Raise a `TypeError`/`ValueError` naming the problem when x is not a batch of finite images."""
         pe = self.patch_embed
@@ -344,12 +384,16 @@ class ElasticViT(nn.Module):
             raise ValueError("images contain NaN or Inf values")
 
     def embed(self, x: Tensor) -> Tensor:
-        """Images (B, C_in, H, W) to tokens (B, 1 + N, C): patch embedding, CLS token, position embedding."""
-        self.check_input(x)
+        """Images (B, C_in, H, W) to tokens (B, 1 + N, C): patch embedding, CLS token, position embedding; images
+        are checked (`check_input`) unless the model is scripted or traced."""
+        if not torch.jit.is_scripting():
+            if not _traced():
+                self.check_input(x)
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed
 
+    @torch.jit.unused
     def run_block(
         self,
         i: int,
@@ -359,9 +403,10 @@ class ElasticViT(nn.Module):
     ) -> PackedBatch | BucketedBatch:
         """Run block `i` on a batch layout, at one configuration or one per sample (batch order); the batch after it.
 
-        Every forward runs its blocks here, so `set_grad_checkpointing` covers one subnet and per-sample subnets
-        alike. A `BucketedBatch` runs the block once per group of samples sharing a configuration and a token count,
-        each a dense `PackedBatch`. `token_mode` (default: the model's) says how the block reduces tokens."""
+        Every elastic forward runs its blocks here (`ElasticBlock.run`), so `set_grad_checkpointing` covers one
+        subnet and per-sample subnets alike. A `BucketedBatch` runs the block once per group of samples sharing a
+        configuration and a token count, each a dense `PackedBatch`. `token_mode` (default: the model's) says how
+        the block reduces tokens."""
         if tokens.batch_size == 0:
             return tokens
         block, mode = self.blocks[i], token_mode or self.token_mode
@@ -369,13 +414,29 @@ class ElasticViT(nn.Module):
             groups = tokens.groups(configs)
             return tokens.regrouped([(index, self.run_block(i, part, config, mode)) for index, part, config in groups])
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, tokens, configs, mode, self.merge_variant, use_reentrant=False)
-        return block(tokens, configs, mode, self.merge_variant)
+            return checkpoint(block.run, tokens, configs, mode, self.merge_variant, use_reentrant=False)
+        return block.run(tokens, configs, mode, self.merge_variant)
 
-    def forward_features(self, x: Tensor, subnet: Subnet | None = None) -> Tensor:
-        """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch (largest when None); an empty batch's
-        embedding."""
-        subnet = self.search_space.largest() if subnet is None else self.search_space.validate(subnet)
+    def forward_features(self, x: Tensor, subnet: Any | None = None) -> Tensor:
+        """Normalised tokens (B, 1 + N', C) of one subnet for the whole batch; without one, the full model's, timm's
+        `VisionTransformer.forward_features` (scriptable and traceable)."""
+        if not torch.jit.is_scripting():
+            if subnet is not None:
+                return self._subnet_features(x, subnet)
+        x = self.embed(x)
+        if not torch.jit.is_scripting():
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                for block in self.blocks:
+                    x = checkpoint(block, x, use_reentrant=False)
+                return self.norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    @torch.jit.unused
+    def _subnet_features(self, x: Tensor, subnet: Subnet) -> Tensor:
+        """`forward_features` of one subnet: its blocks on a dense `PackedBatch`; an empty batch's embedding."""
+        subnet = self.search_space.validate(subnet)
         x = self.embed(x)
         if x.shape[0] == 0:
             return self.norm(x)
@@ -384,13 +445,98 @@ class ElasticViT(nn.Module):
             tokens = self.run_block(i, tokens, config)
         return self.norm(tokens.dense()[0])
 
+    def pool(self, x: Tensor) -> Tensor:
+        """Tokens (B, T, C) pooled as `global_pool` says: the CLS token (`token`), the mean of the patch tokens
+        (`avg`), or every token (`''`)."""
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Class logits from tokens (B, T, C) or CLS features (B, C)."""
-        if x.dim() == 3:
-            x = x[:, 0]
-        x = self.head_drop(x)
+        """Class logits (or, with `pre_logits`, the features the head reads) from tokens (B, T, C), pooled as
+        `global_pool` says."""
+        return self._classify(self.pool(x), pre_logits)
+
+    def _classify(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The head on pooled features (B, C): `fc_norm`, dropout, the classifier."""
+        x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
+    @torch.jit.unused
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        subnet: Subnet | None = None,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The tokens after the blocks `indices` (the last n blocks for an int n, all when None) and, unless
+        `intermediates_only`, the final normalised tokens, as timm's `VisionTransformer.forward_intermediates`:
+        patch tokens as (B, C, H, W) maps (`output_fmt="NCHW"`) or (B, N, C) (`"NLC"`), with their CLS tokens when
+        `return_prefix_tokens`, normalised with `norm`. `subnet`: one subnet for the batch instead of the full model,
+        one that reduces no tokens (a reduced map has no grid: a `ValueError`)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        taken, max_index = take_indices(len(self.blocks), indices)
+        if subnet is not None:
+            subnet = self.search_space.validate(subnet)
+            reducing = [
+                i
+                for i, c in enumerate(subnet)
+                if token_schedule(self.num_patches, c, self.token_mode)[1] < self.num_patches
+            ]
+            if reducing:
+                raise ValueError(
+                    f"forward_intermediates takes subnets that reduce no tokens; this one reduces at blocks {reducing} "
+                    "(per-token maps of reduced tokens have no grid)"
+                )
+        B, _, height, width = x.shape
+        x = self.embed(x)
+        tokens = PackedBatch(x) if subnet is not None else None
+        intermediates = []
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        for i, block in enumerate(blocks):
+            if subnet is None:
+                x = block(x)
+            else:
+                tokens = self.run_block(i, tokens, subnet[i])
+                x = tokens.dense()[0]
+            if i in taken:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            side = self.patch_embed.patch_size
+            grid = (height // side, width // side)
+            intermediates = [y.reshape(B, *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of `indices` (the norm with `prune_norm`, the head with `prune_head`) for
+        a model that only gives intermediates (timm's `features_only`); the indices taken, as timm returns them."""
+        taken, max_index = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.search_space = self.search_space.prefix(max_index + 1)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return taken
+
+    @torch.jit.unused
     def forward_tokens(
         self,
         tokens: PackedBatch | BucketedBatch,
@@ -401,30 +547,48 @@ class ElasticViT(nn.Module):
         """Logits (B, num_classes) of a batch layout run from block `start` to the end.
 
         `subnets` gives the configuration of the remaining blocks: one `Subnet` for all samples, one per sample,
-        or None for the full width with no token reduction. Only blocks `start:` of each subnet are used.
+        or None for the full width with no token reduction. Only blocks `start:` of each subnet are used. The
+        samples are pooled by their CLS token or, with `global_pool="avg"`, by the size-weighted mean of their patch
+        tokens (what each token stands for).
         """
         if subnets is None:
             subnets = self.search_space.largest()
         for i in range(start, self.depth):
             configs = subnets[i] if isinstance(subnets, Subnet) else [s[i] for s in subnets]
             tokens = self.run_block(i, tokens, configs, token_mode)
-        return self.forward_head(self.norm(tokens.cls()))
+        if self.global_pool == "token":
+            pooled = tokens.cls()
+        elif self.global_pool == "avg":
+            pooled = tokens.patch_mean()
+        else:
+            raise ValueError("global_pool='' returns every token: per-sample subnets hold different token counts")
+        return self._classify(self.norm(pooled))
 
     def forward(
-        self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, layout: str = "packed", **deprecated
+        self, x: Tensor, subnet: Any | None = None, layout: str = "packed", execution: str | None = None
     ) -> Tensor:
         """Logits (B, num_classes).
 
         Args:
             x: images (B, C_in, H, W).
-            subnet: None (largest subnet), a `Subnet` for the whole batch, or a sequence of B subnets.
+            subnet: None (the full model: timm's `VisionTransformer` forward, which TorchScript, FX and
+                `torch.export` follow), a `Subnet` for the whole batch, or a sequence of B subnets.
             layout: for per-sample subnets, `packed` or `bucketed` (each the exact per-sample result; `packed` runs
                 a block in a few dense operations whatever the mixture, `bucketed` one dense group per configuration
                 and token count; both record gradients when enabled). `consensus`, deprecated, runs one subnet for
                 the batch (per block and field the median choice of the samples: `SearchSpace.consensus`).
+            execution: the deprecated name of `layout`.
         """
-        if deprecated:
-            layout = _deprecated_execution(layout, deprecated)
+        if not torch.jit.is_scripting():
+            if isinstance(subnet, torch.fx.Proxy) or isinstance(execution, torch.fx.Proxy):
+                subnet, execution = None, None  # FX traces every argument: the default forward is the traced one
+            if subnet is not None or execution is not None:
+                return self._forward_elastic(x, subnet, _deprecated_execution(layout, execution))
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.unused
+    def _forward_elastic(self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None, layout: str) -> Tensor:
+        """`forward` of a subnet or of per-sample subnets."""
         if subnet is None or isinstance(subnet, Subnet):
             return self.forward_head(self.forward_features(x, subnet))
         if isinstance(subnet, str) or not isinstance(subnet, Iterable):
@@ -434,7 +598,7 @@ class ElasticViT(nn.Module):
             warnings.warn(
                 "layout='consensus' is deprecated: run model(x, model.search_space.consensus(subnets))",
                 DeprecationWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         elif layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -442,21 +606,54 @@ class ElasticViT(nn.Module):
             raise ValueError(f"got {len(subnets)} subnets for a batch of {x.shape[0]} images")
         self.search_space.validate_all(subnets)
         if not subnets:  # an empty batch
-            return self.forward_head(self.forward_features(x))
+            return self.forward_head(self.forward_features(x, self.search_space.largest()))
         if layout == "consensus":
             return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
         return self.forward_tokens(TOKEN_BATCHES[layout](self.embed(x)), 0, subnets)
 
 
-def _deprecated_execution(layout: str, deprecated: dict) -> str:
+GLOBAL_POOLS = ("token", "avg", "")
+
+
+def _check_global_pool(global_pool: str) -> str:
+    """`global_pool` if it is one of `GLOBAL_POOLS`, else a `ValueError` naming them."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"unknown global_pool {global_pool!r}; expected one of 'token', 'avg', ''")
+    return global_pool
+
+
+def take_indices(depth: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """The blocks `indices` names, as timm reads them (an int n: the last n blocks; None: all; negative indices
+    count from the end), and the last of them; a `ValueError` for an index outside the `depth` blocks."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices must take 1 to {depth} blocks, got {indices}")
+        taken = list(range(depth - indices, depth))
+    else:
+        taken = [depth + i if i < 0 else i for i in indices]
+        if not taken or any(not 0 <= i < depth for i in taken):
+            raise ValueError(f"block indices must lie in [-{depth}, {depth}), got {list(indices)}")
+    return taken, max(taken)
+
+
+def _traced() -> bool:
+    """Whether FX, `torch.compile` or `torch.export` (ONNX) traces the model: no data-dependent checks then."""
+    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+@torch.jit.unused
+def _deprecated_execution(layout: str, execution: str | None) -> str:
     """The layout of a call that still names it `execution` (deprecated)."""
-    if set(deprecated) != {"execution"}:
-        raise TypeError(f"forward() got unexpected keyword arguments {sorted(deprecated)}")
+    if execution is None:
+        return layout
     warnings.warn("forward(execution=...) is now forward(layout=...)", DeprecationWarning, stacklevel=3)
-    return deprecated["execution"]
+    return execution
 
 
 __all__ = [
+    "GLOBAL_POOLS",
     "LAYOUTS",
     "MERGE_VARIANTS",
     "IMAGENET_CFG",
