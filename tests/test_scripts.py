@@ -8,8 +8,9 @@ import runpy
 from pathlib import Path
 
 import pytest
+import timm
 import torch
-from conftest import run_script
+from conftest import images, run_script
 
 import agents
 import vit
@@ -17,7 +18,7 @@ from agents.ablation import AblationConfig, ablate_rtg
 from agents.report import EvaluateConfig, evaluate_selector
 from prance_env.bench import EnvBenchConfig, benchmark_env
 from vit.bench import SupernetBenchConfig, benchmark_supernet
-from vit.evaluation import GridConfig, evaluate_grid, grid_rows
+from vit.evaluation import GridConfig, eval_supernet, evaluate_grid, grid_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +136,26 @@ def test_eval_supernet_compares_the_merge_variants(fmnist_dir, fmnist_weights):
     # the official variant matches by hidden states (64 wide) rather than keys: merging subnets cost more MACs
     assert any(by_variant["official"][b] > by_variant["tome"][b] for b in by_variant["tome"])
     assert all(0 <= r["top1"] <= 1 and 0 < r["flops_ratio"] <= 1 for r in rows)
+
+
+def test_eval_supernet_extracts_a_subnet_and_checks_it(tmp_path, fmnist_dir, fmnist_weights):
+    """`--extract`: a timm model folder that timm loads, the same predictions as the supernet, both timed."""
+    args = grid_args(fmnist_dir, fmnist_weights) | dict(out=str(tmp_path / "subnet"), rounds=2)
+    report = eval_supernet(GridConfig(**args, extract="h4-m256-r0.8"))
+    assert report["architecture"] == "TokenReducingViT" and report["subnet"] == "h4-m256-r0.8"
+    assert report["top1_extracted"] == report["top1_supernet"] and report["max_logit_difference"] <= 1e-5
+    assert report["images"] == 20 and report["extracted_images_per_s"] > 0 and report["supernet_images_per_s"] > 0
+    model = vit.create_supernet("prance_fmnist", checkpoint=fmnist_weights)
+    subnet = model.search_space.parse("h4-m256-r0.8")
+    assert report["macs"] == vit.count_macs(model, subnet)
+    assert json.loads((tmp_path / "subnet" / "extraction.json").read_text()) == json.loads(json.dumps(report))
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'subnet'}", pretrained=True).eval()
+    x = images(model, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x, subnet), atol=1e-5, rtol=0)
+    with pytest.raises(vit.InvalidSubnetError, match="heads=8 is not one of the choices"):
+        eval_supernet(GridConfig(**args | dict(out=str(tmp_path / "bad")), extract="h8-m256-r1"))
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_eval_supernet_measures_a_class_stratified_subset(tmp_path, fmnist_dir, fmnist_weights, monkeypatch):

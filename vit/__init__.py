@@ -1,7 +1,8 @@
 """vit: the elastic ViT supernet of PRANCE — widths, token reduction, MACs, per-sample execution, the
 block-by-block inference runner, data.
 
-Importing vit registers its presets with timm, so `timm.create_model("prance_deit_small")` builds one too.
+Importing vit registers its presets with timm, so `timm.create_model("prance_deit_small")` builds one too, and the
+architecture of extracted subnets (`extract_subnet`), `prance_subnet`.
 """
 
 import os
@@ -16,6 +17,7 @@ from .bucketed import BucketedBatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, Subnet
 from .data import load_dataset
+from .extract import extract_subnet, save_subnet
 from .flops import block_macs, count_flops, count_macs, count_params
 from .inference import DecisionSchedule, InferenceRunner, InferenceState
 from .packed import PackedBatch
@@ -50,10 +52,12 @@ __all__ = [
     "count_macs",
     "count_params",
     "create_supernet",
+    "extract_subnet",
     "list_supernets",
     "load_checkpoint",
     "load_dataset",
     "register_supernet",
     "rewire",
     "save_checkpoint",
+    "save_subnet",
 ]

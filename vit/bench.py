@@ -10,11 +10,13 @@ per-sample execution cost on this machine with it.
 from __future__ import annotations
 
 import ctypes
+import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +24,22 @@ import torch
 from .flops import count_macs
 from .registry import SupernetShape, create_supernet
 from .utils import resolve_device
+
+
+def processor_name(device: torch.device | str = "cpu") -> str:
+    """The processor a speed figure was taken on: the CUDA device's name, or the CPU's model name and whether it has
+    native bf16 (AVX512-BF16 or AMX; without, bf16 matmuls are emulated), from /proc/cpuinfo where there is one."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "no native bf16"
+    return f"{name or platform.machine()}, {bf16}"
 
 
 def keep_freed_memory(keep_bytes: int = 1 << 30) -> bool:
@@ -235,6 +253,7 @@ __all__ = [
     "clocked",
     "interleaved_rounds",
     "keep_freed_memory",
+    "processor_name",
     "round_ratios",
     "setup_cpu",
     "timed",

@@ -9,7 +9,7 @@ Nothing is padded or masked: each sample costs exactly what its configuration co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,11 +119,12 @@ class BucketedBatch:
         """The CLS token of every sample, in batch order: (B, C)."""
         return self.gather(lambda b: b.x[:, 0])
 
-    def patch_mean(self) -> Tensor:
-        """Per sample, the mean of its patch tokens weighted by their sizes, in batch order: (B, C)."""
+    def patch_mean(self, norm: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Per sample, the mean of its patch tokens weighted by their sizes, each token passed through `norm` first
+        when given, in batch order: (B, C)."""
 
         def mean(bucket: Bucket) -> Tensor:
-            patches = bucket.x[:, 1:]
+            patches = bucket.x[:, 1:] if norm is None else norm(bucket.x[:, 1:])
             if bucket.size is None:
                 return patches.mean(dim=1)
             weight = bucket.size[:, 1:, None].to(patches.dtype)

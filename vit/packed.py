@@ -22,7 +22,7 @@ to floating-point summation order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -121,9 +121,9 @@ class PackedBatch:
         """Patch tokens alive per sample: (B,) int64."""
         return long_tensor(self.lengths, self.x.device) - 1
 
-    def patch_mean(self) -> Tensor:
+    def patch_mean(self, norm: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Per sample, the mean of its patch tokens weighted by their sizes (the patches each token stands for),
-        in batch order: (B, C)."""
+        each token passed through `norm` first when given, in batch order: (B, C)."""
         order = np.asarray(self.order)
         n = np.asarray([self.lengths[s] for s in self.order])
         offset = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
@@ -131,7 +131,8 @@ class PackedBatch:
         weight = self.x.new_ones(self.x.shape[0]) if self.size is None else self.size.to(self.x.dtype)
         weight = weight * torch.from_numpy(offset > 0).to(weight.device)  # CLS tokens left out
         B, C = self.batch_size, self.x.shape[1]
-        total = self.x.new_zeros(B, C).index_add_(0, sample, self.x * weight[:, None])
+        x = self.x if norm is None else norm(self.x)
+        total = x.new_zeros(B, C).index_add_(0, sample, x * weight[:, None])
         return total / self.x.new_zeros(B).index_add_(0, sample, weight)[:, None]
 
     def rows(self, order: Sequence[int]) -> np.ndarray:

@@ -206,6 +206,11 @@ def load_pretrained(
 def _load_adapted(model: ElasticViT, state: dict[str, torch.Tensor], source: str) -> None:
     """Load pretrained weights `state` into `model`, adapted to its shapes (`adapt_to_model`) and checked."""
     state = adapt_to_model(model, state)
+    if "norm.weight" in state and "fc_norm.weight" in model.state_dict() and "fc_norm.weight" not in state:
+        raise ValueError(
+            f"{source} normalises the tokens before pooling (global_pool='token'); to pool its weights by average "
+            "pass fc_norm=False too, which keeps that norm (timm's rule)"
+        )
     check_state_dict(model, state, source=source)
     model.load_state_dict(state)
 

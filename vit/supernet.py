@@ -9,6 +9,7 @@ what timm computes.
 from __future__ import annotations
 
 import math
+import typing
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -196,7 +197,7 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _pretrained_cfg(given: dict | None, num_classes: int, in_chans: int, img_size: int) -> dict:
+def model_pretrained_cfg(given: dict | None, num_classes: int, in_chans: int, img_size: int) -> dict:
     """timm's `pretrained_cfg` of a model of these shapes: `given` over `IMAGENET_CFG`, the shape keys the model's."""
     cfg = {**IMAGENET_CFG, **(given or {})}
     for key in ("mean", "std"):  # e.g. RGB statistics for a grey model: their average on every channel
@@ -291,7 +292,7 @@ class ElasticViT(nn.Module):
         self.num_prefix_tokens = 1
         self.global_pool = global_pool
         self.grad_checkpointing = False
-        self.pretrained_cfg = _pretrained_cfg(pretrained_cfg, num_classes, in_chans, img_size)
+        self.pretrained_cfg = model_pretrained_cfg(pretrained_cfg, num_classes, in_chans, img_size)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -456,7 +457,8 @@ class ElasticViT(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Class logits (or, with `pre_logits`, the features the head reads) from tokens (B, T, C), pooled as
-        `global_pool` says."""
+        `global_pool` says. Tokens alone carry no sizes: `avg` takes the plain mean here, where `model(x, subnet)`
+        weights merged tokens by the patches they stand for."""
         return self._classify(self.pool(x), pre_logits)
 
     def _classify(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -557,12 +559,12 @@ class ElasticViT(nn.Module):
             configs = subnets[i] if isinstance(subnets, Subnet) else [s[i] for s in subnets]
             tokens = self.run_block(i, tokens, configs, token_mode)
         if self.global_pool == "token":
-            pooled = tokens.cls()
+            pooled = self.norm(tokens.cls())
         elif self.global_pool == "avg":
-            pooled = tokens.patch_mean()
+            pooled = tokens.patch_mean(self.norm)
         else:
             raise ValueError("global_pool='' returns every token: per-sample subnets hold different token counts")
-        return self._classify(self.norm(pooled))
+        return self._classify(pooled)
 
     def forward(
         self, x: Tensor, subnet: Any | None = None, layout: str = "packed", execution: str | None = None
@@ -584,11 +586,18 @@ class ElasticViT(nn.Module):
                 subnet, execution = None, None  # FX traces every argument: the default forward is the traced one
             if subnet is not None or execution is not None:
                 return self._forward_elastic(x, subnet, _deprecated_execution(layout, execution))
+        elif subnet is not None:
+            raise RuntimeError(
+                "a scripted ElasticViT runs the full model; run subnets eagerly, or script one taken out "
+                "with vit.extract_subnet"
+            )
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.unused
     def _forward_elastic(self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None, layout: str) -> Tensor:
         """`forward` of a subnet or of per-sample subnets."""
+        if isinstance(subnet, Subnet) and self.global_pool == "avg":  # merged tokens pool by their sizes
+            return self.forward_tokens(PackedBatch(self.embed(x)), 0, self.search_space.validate(subnet))
         if subnet is None or isinstance(subnet, Subnet):
             return self.forward_head(self.forward_features(x, subnet))
         if isinstance(subnet, str) or not isinstance(subnet, Iterable):
@@ -611,6 +620,10 @@ class ElasticViT(nn.Module):
             return self.forward_head(self.forward_features(x, self.search_space.consensus(subnets)))
         return self.forward_tokens(TOKEN_BATCHES[layout](self.embed(x)), 0, subnets)
 
+
+# FX copies `forward`'s annotations into the code it generates, which TorchScript then reads: types, not the strings
+# of postponed evaluation
+ElasticViT.forward.__annotations__ = typing.get_type_hints(ElasticViT.forward)
 
 GLOBAL_POOLS = ("token", "avg", "")
 
