@@ -186,19 +186,20 @@ def subnet_args(model: ElasticViT, subnet: Subnet) -> dict:
     """The keyword arguments of `prance_subnet` that build `subnet` of `model` (plain values, for `config.json`)."""
     subnet = model.search_space.validate(subnet)
     pe = model.patch_embed
-    args = dict(
-        img_size=pe.img_size,
-        patch_size=pe.patch_size,
-        in_chans=pe.in_chans,
-        num_classes=model.num_classes,
-        embed_dim=model.embed_dim,
-        global_pool=model.global_pool,
-        fc_norm=isinstance(model.fc_norm, torch.nn.LayerNorm),
-        qkv_bias=model.blocks[0].attn.qkv.bias is not None,
-        head_dim=model.blocks[0].attn.head_dim,
-        heads=[c.heads for c in subnet],
-        mlp_hidden=[c.mlp_hidden for c in subnet],
-    )
+    attn = model.blocks[0].attn
+    args = {
+        "img_size": pe.img_size,
+        "patch_size": pe.patch_size,
+        "in_chans": pe.in_chans,
+        "num_classes": model.num_classes,
+        "embed_dim": model.embed_dim,
+        "global_pool": model.global_pool,
+        "fc_norm": isinstance(model.fc_norm, torch.nn.LayerNorm),
+        "qkv_bias": attn.qkv.bias is not None,
+        "head_dim": attn.head_dim,
+        "heads": [c.heads for c in subnet],
+        "mlp_hidden": [c.mlp_hidden for c in subnet],
+    }
     tokens, n = [], model.num_patches
     for config in subnet:
         pruned, final = token_schedule(n, config, model.token_mode)
