@@ -3,11 +3,19 @@ joint fine-tuning."""
 
 import vit  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 
-from .adaptive import AdaptiveViT, calibrate, measure
+from .adaptive import AdaptiveViT, Calibration, calibrate, calibration_curve, measure
 from .baselines import FullModelPolicy, RandomPolicy, StaticPolicy, UniformMergePolicy
 from .extractor import CLSFeaturesExtractor
 from .finetune import FinetuneConfig, joint_finetune
-from .selector import algorithm, check_supernet, load_adaptive, load_selector, resolve_selector, save_selector
+from .selector import (
+    algorithm,
+    calibrate_selector,
+    check_supernet,
+    load_adaptive,
+    load_selector,
+    resolve_selector,
+    save_selector,
+)
 from .training import SelectorConfig, train_selector
 
 __all__ = [
@@ -20,7 +28,10 @@ __all__ = [
     "StaticPolicy",
     "UniformMergePolicy",
     "algorithm",
+    "Calibration",
     "calibrate",
+    "calibrate_selector",
+    "calibration_curve",
     "check_supernet",
     "joint_finetune",
     "load_adaptive",

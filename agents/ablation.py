@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import vit
 from vit.bench import setup_cpu
+from vit.cli import device_field, threads_field
 from vit.train import held_out_batches, subset_batches
 from vit.utils import resolve_device
 
@@ -56,8 +57,8 @@ class AblationConfig:
     supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
     checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
     data_dir: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder (default: Debian's)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = device_field()
+    threads: int = threads_field()
     out: str = field(
         default="runs/ablate_rtg", metadata={"help": "output folder (ablation.md, .json, .png; one run folder each)"}
     )

@@ -10,7 +10,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prance_env.mdp import ActionCodec, MDPConfig
+from prance_env.mdp import ActionCodec, MDPConfig, check_price
 from vit import ElasticViT, Subnet
 from vit.inference import DecisionSchedule, InferenceRunner
 from vit.utils import single_threaded
@@ -102,6 +102,8 @@ class AdaptiveViT(nn.Module):
         prototypes: int = 1,
         amp: bool = False,
         *,
+        budget: float | None = None,
+        calibration: Calibration | dict | None = None,
         shape: DecisionSchedule | None = None,
         execution: str | None = None,
     ) -> None:
@@ -125,13 +127,22 @@ class AdaptiveViT(nn.Module):
             raise ValueError(f"price_range must be (low, high) with 0 < low <= high, got {tuple(price_range)}")
         self.supernet = supernet
         self.policy = policy
-        self._price = MDP.price if price is None else float(price)
         self.price_range = (float(price_range[0]), float(price_range[1]))
+        self.calibration = Calibration.from_dict(calibration) if isinstance(calibration, dict) else calibration
+        if budget is not None and price is not None:
+            raise ValueError("give the price or the budget to run at, not both")
+        self._warned = False
+        self._price = float(check_price(MDP.price if price is None else price))
+        if budget is not None:
+            self._price = self.price_for(budget)
+        elif price is not None:
+            self._prices(self._price, 1, torch.device("cpu"))  # warns when outside the trained prices
         self.schedule = DecisionSchedule() if schedule is None else schedule
         self.layout, self.snap, self.prototypes, self.amp = layout, snap, prototypes, amp
         self.runner = InferenceRunner(supernet, self.schedule, layout, amp)
-        continuous = isinstance(getattr(policy, "action_space", None), spaces.Box)
-        self.codec = ActionCodec(self.schedule, supernet.search_space, "continuous" if continuous else "discrete")
+        space = getattr(policy, "action_space", None)
+        action_type = {spaces.Box: "continuous", spaces.Discrete: "flat"}.get(type(space), "discrete")
+        self.codec = ActionCodec(self.schedule, supernet.search_space, action_type)
         self._check_policy(policy)
         self.decide_seconds = 0.0
         self.eval()  # a deployed model; `train()` switches it back like any module
@@ -149,7 +160,11 @@ class AdaptiveViT(nn.Module):
             snap=self.snap,
             prototypes=self.prototypes,
             amp=self.amp,
+            calibration=self.calibration,
         )
+        if "budget" in changes:  # a budget replaces the price
+            settings.pop("price")
+            settings["budget"] = None
         unknown = set(changes) - set(settings)
         if unknown:
             raise TypeError(f"AdaptiveViT has no argument {sorted(unknown)[0]!r}")
@@ -172,6 +187,11 @@ class AdaptiveViT(nn.Module):
                 f"the policy chooses among {tuple(int(n) for n in action_space.nvec)} choices per field, but the "
                 f"supernet has {nvec} (nvec): it was trained on another supernet"
             )
+        if isinstance(action_space, spaces.Discrete) and int(action_space.n) != math.prod(nvec):
+            raise ValueError(
+                f"the policy chooses among {int(action_space.n)} flat actions, but the supernet's decisions have "
+                f"{math.prod(nvec)} combinations (nvec {nvec}): it was trained on another supernet"
+            )
         if isinstance(action_space, spaces.Box) and action_space.shape != (len(nvec),):
             raise ValueError(
                 f"the policy's actions have shape {action_space.shape}, but the supernet has {len(nvec)} choice "
@@ -180,8 +200,20 @@ class AdaptiveViT(nn.Module):
 
     @property
     def price(self) -> float:
-        """The price `forward` uses when given none (fixed at construction: `replace(price=...)` for another)."""
+        """The price `forward` uses when given none (fixed at construction: `replace(price=...)` or
+        `replace(budget=...)` for another)."""
         return self._price
+
+    def price_for(self, budget: float) -> float:
+        """The price at which the selector spends `budget` of the full model's MACs on average, from its
+        `calibration` (a `ValueError` when it has none, or when the budget is out of its reach)."""
+        if self.calibration is None:
+            raise ValueError(
+                "this AdaptiveViT has no calibration to turn a budget into a price: load a selector file that "
+                "records one (agents.load_adaptive; agents.calibrate_selector adds it), pass calibration=, or "
+                "find the price with agents.calibrate"
+            )
+        return self.calibration.price_for(budget)
 
     @property
     def full_macs(self) -> int:
@@ -224,7 +256,19 @@ class AdaptiveViT(nn.Module):
         return indices
 
     def _prices(self, price: float | Tensor | None, B: int, device: torch.device) -> Tensor:
-        """The price (B,) float32 of each image: `price` per image, one price for all, or the default."""
+        """The price (B,) float32 of each image: `price` per image, one price for all, or the default; positive
+        and finite (the env's `ValueError` otherwise), with one warning the first time one lies outside the range
+        the selector was trained on."""
+        if price is not None:
+            values = check_price(price)
+            low, high = self.price_range[0] * (1 - 1e-6), self.price_range[1] * (1 + 1e-6)  # float32 prices
+            if not self._warned and (np.any(values < low) or np.any(values > high)):
+                self._warned = True
+                warnings.warn(
+                    f"price {values.min() if np.any(values < low) else values.max():g} lies outside the prices the "
+                    f"selector was trained on, {self.price_range}: what it decides there is untested",
+                    stacklevel=3,
+                )
         prices = torch.as_tensor(self.price if price is None else price, dtype=torch.float32, device=device)
         if prices.dim() == 0:
             return prices.expand(B)
@@ -233,18 +277,30 @@ class AdaptiveViT(nn.Module):
         return prices
 
     def forward(
-        self, images: Tensor, price: float | Tensor | None = None, return_decisions: bool = False
+        self,
+        images: Tensor,
+        price: float | Tensor | None = None,
+        return_decisions: bool = False,
+        *,
+        budget: float | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Decisions]:
-        """The adaptive inference of `images` (B, C, H, W) at compute price `price`.
+        """The adaptive inference of `images` (B, C, H, W) at compute price `price`, or at the price of a MACs
+        `budget`.
 
         Args:
             images: on the supernet's device.
             price: one price for every image, a (B,) tensor of one per image, or None for `self.price`.
             return_decisions: also return the `Decisions`.
+            budget: instead of a price, the mean fraction of the full model's MACs to spend, turned into a price by
+                the selector's calibration (`price_for`).
 
         Returns:
             Logits (B, num_classes) float32 and MACs (B,) float32 per image, then the `Decisions` if asked.
         """
+        if budget is not None:
+            if price is not None:
+                raise ValueError("give the price or the budget to run at, not both")
+            price = self.price_for(budget)
         with torch.inference_mode():
             B = images.shape[0]
             prices = self._prices(price, B, images.device)
@@ -266,6 +322,61 @@ class AdaptiveViT(nn.Module):
                 return logits, macs
             subnets = [Subnet(c) for c in state.subnets()]
             return logits, macs, Decisions(subnets, torch.stack(indices, 1), state.tokens.num_patches())
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a selector spends over its trained prices: the mean MACs ratio `ratios[i]` it reaches at `prices[i]`
+    (ascending), measured on `images` images of the `split` split; `price_for` turns a budget into a price."""
+
+    prices: tuple[float, ...]
+    ratios: tuple[float, ...]
+    images: int
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if len(self.prices) != len(self.ratios) or len(self.prices) < 2:
+            raise ValueError("a calibration needs two or more (price, ratio) points")
+
+    def price_for(self, budget: float) -> float:
+        """The price at which the mean MACs ratio is `budget`: log-price interpolated linearly between the measured
+        points around it (the first crossing from the lowest price up); a `ValueError` when no measured price
+        reaches the budget."""
+        budget = float(budget)
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must lie in (0, 1] (a fraction of the full model's MACs), got {budget:g}")
+        low, high = min(self.ratios), max(self.ratios)
+        if not low <= budget <= high:
+            raise ValueError(
+                f"budget {budget:g} is out of reach: at the prices it was trained on, the selector spends {low:.3f} "
+                f"to {high:.3f} of the full model's MACs ({self.images} {self.split} images)"
+            )
+        points = list(zip(self.prices, self.ratios))
+        for (p0, r0), (p1, r1) in zip(points, points[1:]):  # prices ascending, ratios (mostly) falling
+            if min(r0, r1) <= budget <= max(r0, r1):
+                t = 0.0 if r1 == r0 else (budget - r0) / (r1 - r0)
+                return math.exp(math.log(p0) + t * (math.log(p1) - math.log(p0)))
+        raise AssertionError("unreachable: the budget lies between the measured ratios")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Calibration:
+        prices, ratios = tuple(values["prices"]), tuple(values["ratios"])
+        return cls(prices, ratios, int(values["images"]), values.get("split", "train"))
+
+
+def calibration_curve(
+    adaptive: AdaptiveViT, loader: Iterable[tuple[Tensor, Tensor]], points: int = 25, split: str = "train"
+) -> Calibration:
+    """`adaptive`'s `Calibration`: its mean MACs ratio on `loader`'s images at `points` prices spaced evenly in
+    log-price over its trained range."""
+    batches = list(loader)
+    low, high = (math.log(p) for p in adaptive.price_range)
+    prices = [math.exp(low + (high - low) * i / (points - 1)) for i in range(points)]
+    ratios = [measure(adaptive, batches, price=p)["flops_ratio"] for p in tqdm(prices, desc="calibration", leave=False)]
+    return Calibration(tuple(prices), tuple(ratios), sum(len(y) for _, y in batches), split)
 
 
 @torch.inference_mode()
@@ -337,4 +448,4 @@ def calibrate(
     return done()
 
 
-__all__ = ["AdaptiveViT", "Decisions", "calibrate", "measure"]
+__all__ = ["AdaptiveViT", "Calibration", "Decisions", "calibrate", "calibration_curve", "measure"]

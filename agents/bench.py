@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 import vit
 from vit.bench import Rounds, setup_cpu
-from vit.data import default_workers
+from vit.cli import amp_field, device_field, threads_field, workers_field
 from vit.flops import sample_subnets
 from vit.utils import autocast, resolve_device, use_tf32, weights_dtype
 
@@ -69,17 +69,17 @@ class BenchmarkConfig:
         metadata={"help": "registered supernet name of part 2, random weights ('none' skips the part)"},
     )
     supernet_batch_size: int = field(default=32, metadata={"help": "images per forward of part 2"})
-    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
+    workers: int = workers_field()
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     rounds: int = field(default=9, metadata={"help": "interleaved timing rounds (medians are reported)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    threads: int = threads_field()
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
     )
     data: str | None = field(default=None, metadata={"help": "dataset name (default: the selector's)"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: the selector's)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    amp: bool = field(default=False, metadata={"help": "every model under bf16 autocast (CUDA or CPU)"})
+    device: str = device_field()
+    amp: bool = amp_field("every model under bf16 autocast (CUDA or CPU)")
     seed: int = field(default=0, metadata={"help": "seed of part 2's weights, images and subnets"})
     out: str = field(default="runs/benchmark", metadata={"help": "output folder (benchmark.md, benchmark.json)"})
 

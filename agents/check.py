@@ -36,6 +36,7 @@ import prance_env  # noqa: F401  (registers PranceViT-v1)
 import vit
 from prance_env.bench import time_episodes
 from vit.bench import setup_cpu
+from vit.cli import device_field, threads_field
 from vit.data import write_image_folder
 from vit.train import subset_batches
 from vit.utils import resolve_device, use_tf32
@@ -57,8 +58,8 @@ class GpuCheckConfig:
     data_dir: str | None = field(
         default=None, metadata={"help": "an ImageFolder with train/ and val/ (default: one generated in OUT/data)"}
     )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = device_field()
+    threads: int = threads_field()
     seed: int = field(default=0, metadata={"help": "random seed"})
     out: str = field(default="runs/gpu_check", metadata={"help": "output folder (gpu_check.md, logs, runs)"})
 
@@ -150,7 +151,7 @@ def env_speed(model: vit.ElasticViT, data: Path, num_envs: int, amp: bool, seed:
     with contextlib.ExitStack() as closing:
         envs = {}
         for reward in ("terminal", "delta"):
-            kwargs = dict(supernet=model, data="imagenet", data_path=str(data), reward=reward, amp=amp)
+            kwargs = dict(supernet=model, data="imagenet", data_dir=str(data), reward=reward, amp=amp)
             envs[reward] = gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, **kwargs)
             closing.callback(envs[reward].close)
         speed = time_episodes(envs, rounds=2, seed=seed)["steps_per_s"]

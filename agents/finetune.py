@@ -56,7 +56,8 @@ from tqdm.auto import tqdm
 import vit
 from prance_env.mdp import MDPConfig, Prices
 from vit.checkpoint import atomic_write, read_state_dict, read_train_state, save_checkpoint, save_train_state
-from vit.data import default_workers, is_image_folder
+from vit.cli import amp_field, device_field, threads_field, workers_field
+from vit.data import is_image_folder
 from vit.train import (
     Batches,
     evaluate,
@@ -70,7 +71,15 @@ from vit.train import (
 from vit.utils import autocast
 
 from .adaptive import AdaptiveViT, measure
-from .selector import SHAPE_KEYS, load_adaptive, read_settings, recorded_supernet, resolve_selector, save_selector
+from .selector import (
+    SHAPE_KEYS,
+    calibrate_selector,
+    load_adaptive,
+    read_settings,
+    recorded_supernet,
+    resolve_selector,
+    save_selector,
+)
 from .training import SelectorConfig, train_selector
 
 FINETUNE_FORMAT = "prance-vit-finetune"
@@ -136,21 +145,25 @@ class FinetuneConfig:
     )
     eval_prices: tuple[float, ...] = field(default=MDPConfig().eval_prices, metadata={"help": "prices evaluated"})
     images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
+    calib_images: int = field(
+        default=1000,
+        metadata={"help": "training images the saved selector's budget calibration is measured on (0: none)"},
+    )
     save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
     out: str = field(default="runs/finetune", metadata={"help": "output folder (weights, selector, TensorBoard)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/finetune_state.pt when it exists"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
-    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (the CPU trains in fp32)"})
+    device: str = device_field()
+    threads: int = threads_field()
+    workers: int = workers_field()
+    amp: bool = amp_field("bf16 autocast on CUDA (the CPU trains in fp32)")
 
     def data_source(self, settings: dict) -> tuple[str, str | None]:
         """The dataset and its folder: those given, else those the selector (its `settings`) was trained on."""
         if self.data is not None:
             return self.data, self.data_dir
         env = settings["env"]
-        return env.get("data") or "fashion-mnist", self.data_dir or env.get("data_path")
+        return env.get("data") or "fashion-mnist", self.data_dir or env.get("data_dir", env.get("data_path"))
 
 
 def distill_loss(
@@ -486,6 +499,8 @@ def joint_finetune(
             settings["env"]["checkpoint"] = str((run.out / "supernet.safetensors").resolve())
             settings["finetune"] = {**asdict(cfg), "minutes": (time.time() - started) / 60}
             save_selector(adaptive.policy, run.out / "selector", settings)
+            if cfg.calib_images:
+                calibrate_selector(run.out / "selector", cfg.calib_images, cfg.batch_size, adaptive=adaptive)
     finally:
         run.close()
     return adaptive, run.history

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 import vit
 from vit.bench import setup_cpu
-from vit.data import default_workers
+from vit.cli import amp_field, device_field, workers_field
 from vit.utils import resolve_device, use_tf32
 
 from .adaptive import AdaptiveViT, calibrate
@@ -75,8 +75,8 @@ class EvaluateConfig:
     calib_images: int = field(default=2048, metadata={"help": "training images used to calibrate the price"})
     tolerance: float = field(default=0.01, metadata={"help": "calibration stops this close to the budget"})
     batch_size: int = field(default=256, metadata={"help": "images per forward (every row)"})
-    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    workers: int = workers_field()
+    device: str = device_field()
     threads: int = field(
         default=0, metadata={"help": "torch CPU threads (0: the default; 1 suits per-sample execution on few cores)"}
     )
@@ -95,7 +95,7 @@ class EvaluateConfig:
         default=False, metadata={"help": "calibrate every execution mode on its own, not only the first"}
     )
     precision: str = field(default="fp32", metadata={"help": "weights of every row: fp32 | bf16"})
-    amp: bool = field(default=False, metadata={"help": "every row under bf16 autocast (CUDA or CPU)"})
+    amp: bool = amp_field("every row under bf16 autocast (CUDA or CPU)")
     heuristics: bool = field(default=True, metadata={"help": "rows of the PPT- and Prune-and-Merge-style heuristics"})
     protocol: str = field(
         default="ours",

@@ -22,7 +22,7 @@ from vit.checkpoint import atomic_write
 from vit.inference import DecisionSchedule
 from vit.train import held_out_batches, subset_batches
 
-from .adaptive import AdaptiveViT
+from .adaptive import AdaptiveViT, Calibration, calibration_curve
 
 SHIPPED = Path(__file__).resolve().parent / "checkpoints"
 SHAPE_KEYS = ("num_classes", "img_size", "in_chans")  # the preset arguments a signature records
@@ -102,8 +102,13 @@ def save_selector(model: BaseAlgorithm, path: str | os.PathLike, settings: dict)
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path.with_suffix(".zip"), model.save)  # a kill mid-write leaves the previous files whole
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+    write_settings(path, settings)
     return path.with_suffix(".zip")
+
+
+def write_settings(path: Path, settings: dict) -> None:
+    """Write a selector's `PATH.json` (atomically)."""
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
 
 
 def read_settings(path: Path, required: tuple[str, ...] = ("algo", "signature")) -> dict:
@@ -153,7 +158,7 @@ def selector_data(
 ) -> tuple[str, str | None]:
     """(dataset name, folder) of the dataset a saved selector was trained on; `data` and `data_dir` override them."""
     env = read_settings(resolve_selector(selector), required=("env",))["env"]
-    return data or env.get("data") or "fashion-mnist", data_dir or env.get("data_path")
+    return data or env.get("data") or "fashion-mnist", data_dir or env.get("data_dir", env.get("data_path"))
 
 
 def selector_batches(
@@ -209,12 +214,14 @@ def load_adaptive(
     amp: bool = False,
     checkpoint: str | os.PathLike | None = None,
     precision: str = "fp32",
+    budget: float | None = None,
     **kwargs,
 ) -> AdaptiveViT:
     """An `AdaptiveViT` from a saved selector, on `supernet` (default: the recorded supernet, rebuilt at its shape
     arguments with the weights of `checkpoint`, default its recorded or shipped weights; a preset of
     `vit.register_supernet` must be registered first), at the price range and decision schedule it was trained on.
-    `price` (default `MDPConfig.price`), `amp` and `kwargs` (`layout`, `snap`, `prototypes`) are `AdaptiveViT`'s;
+    `price` (default `MDPConfig.price`), `budget` (a MACs ratio, priced by the calibration the file records), `amp`
+    and `kwargs` (`layout`, `snap`, `prototypes`) are `AdaptiveViT`'s;
     `precision` (`fp32` or `bf16`) is the dtype the supernet's weights are cast to (`vit.utils.weights_dtype`), like
     `device` in place when `supernet` is given."""
     dtype = vit.utils.weights_dtype(precision)
@@ -231,16 +238,40 @@ def load_adaptive(
     return AdaptiveViT(
         supernet,
         model,
-        price=settings.get("price") if price is None else price,
+        price=settings.get("price") if price is None and budget is None else price,
         price_range=tuple(env["price_range"]),
         schedule=schedule,
         amp=amp,
+        budget=budget,
+        calibration=settings.get("calibration"),
         **kwargs,
     )
 
 
+def calibrate_selector(
+    path: str | os.PathLike,
+    images: int = 1000,
+    batch_size: int = 256,
+    device: str = "auto",
+    points: int = 25,
+    adaptive: AdaptiveViT | None = None,
+) -> Calibration:
+    """Measure what a saved selector spends over its trained prices (`agents.calibration_curve` at `points` prices)
+    on `images` class-stratified training images of its dataset, record it in its `.json`, and return it: what
+    `AdaptiveViT(..., budget=)` and `load_adaptive(..., budget=)` price budgets with. Training and fine-tuning call
+    it on the selectors they save. `adaptive`: the selector as loaded already (default: `load_adaptive(path)`), e.g.
+    on a supernet module that cannot be rebuilt by name."""
+    path = resolve_selector(path)
+    adaptive = load_adaptive(path, device=device) if adaptive is None else adaptive
+    batches = selector_batches(path, "train", adaptive.supernet, images, batch_size, adaptive.supernet.pos_embed.device)
+    calibration = calibration_curve(adaptive, batches, points)
+    write_settings(path, read_settings(path) | {"calibration": calibration.to_dict()})
+    return calibration
+
+
 __all__ = [
     "algorithm",
+    "calibrate_selector",
     "algorithms",
     "check_supernet",
     "load_adaptive",

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 import prance_env
 import vit
 from vit.checkpoint import atomic_write
+from vit.cli import amp_field, device_field, threads_field
 from vit.inference import DecisionSchedule
 from vit.registry import SupernetShape
 from vit.train import held_out_batches, subset_batches
@@ -40,6 +41,7 @@ from .adaptive import AdaptiveViT, measure
 from .extractor import CLSFeaturesExtractor
 from .selector import (
     algorithm,
+    calibrate_selector,
     check_supernet,
     read_settings,
     resolve_selector,
@@ -99,6 +101,10 @@ class SelectorConfig(SupernetShape):
     hidden: int = field(default=128, metadata={"help": "width of the CLS extractor's MLP"})
     eval_prices: tuple[float, ...] = field(default=MDP.eval_prices, metadata={"help": "prices evaluated"})
     images: int = field(default=2000, metadata={"help": "held-out images per evaluation"})
+    calib_images: int = field(
+        default=1000,
+        metadata={"help": "training images the saved selector's budget calibration is measured on (0: none)"},
+    )
     eval_every: int = field(default=100_000, metadata={"help": "environment steps between evaluations"})
     save_every: int = field(default=100_000, metadata={"help": "environment steps between checkpoints"})
     out: str = field(default="runs/selector", metadata={"help": "output folder"})
@@ -108,8 +114,9 @@ class SelectorConfig(SupernetShape):
         metadata={"help": "fine-tune a saved selector (PATH, or shipped:NAME) for TOTAL_STEPS instead of a new one"},
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    amp: bool = field(default=False, metadata={"help": "run the supernet under bf16 autocast (CUDA or CPU)"})
+    device: str = device_field()
+    threads: int = threads_field()
+    amp: bool = amp_field("run the supernet under bf16 autocast (CUDA or CPU)")
 
     def schedule(self) -> DecisionSchedule:
         """Where the decisions of this run fall and what each sets."""
@@ -134,7 +141,7 @@ class SelectorConfig(SupernetShape):
             checkpoint=checkpoint,
             token_mode=self.token_mode,
             data=self.data,
-            data_path=self.data_dir,
+            data_dir=self.data_dir,
             split="train",
             device=self.device,
             reward=self.reward,
@@ -301,6 +308,8 @@ def train_selector(cfg: SelectorConfig, callback: BaseCallback | None = None) ->
     evaluation, and TensorBoard logs in `tb/` (the algorithm's, the evaluations at the step they were measured, the
     config as text). `callback` is an SB3 callback run after the built-in ones (to stop early, log more, ...).
     """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # the env builds presets at their own shapes: this run's supernet goes in as a module, its weights loaded
@@ -403,6 +412,8 @@ def _train(
             "minutes": (time.time() - started) / 60,
         }
         save_selector(model, out / "selector", settings)
+        if cfg.calib_images:
+            calibrate_selector(out / "selector", cfg.calib_images, cfg.num_envs, cfg.device)
     finally:
         model.logger.close()
     return model, evaluation.history

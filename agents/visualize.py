@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 import vit
 from prance_env.mdp import MDPConfig
 from vit.bench import setup_cpu
+from vit.cli import device_field, threads_field
 from vit.registry import SupernetShape
 from vit.train import subset_batches
 from vit.utils import resolve_device
@@ -44,6 +45,10 @@ class VisualizeConfig(SupernetShape):
     price: float | None = field(
         default=None, metadata={"help": f"compute price (default: the selector's, else {DEFAULT_PRICE})"}
     )
+    budget: float | None = field(
+        default=None,
+        metadata={"help": "instead of --price, the mean MACs ratio to run at (priced by the selector's calibration)"},
+    )
     stats: bool = field(default=False, metadata={"help": "draw the decisions over --images images, not token maps"})
     images: int | None = field(
         default=None,
@@ -58,8 +63,8 @@ class VisualizeConfig(SupernetShape):
     keep_index: int = field(default=0, metadata={"help": "keep-ratio choice of --policy uniform (0: smallest)"})
     every: int = field(default=1, metadata={"help": "token maps: draw every k-th decided block (and the last)"})
     seed: int = field(default=0, metadata={"help": "seed of --policy random"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = device_field()
+    threads: int = threads_field()
     out: str = field(
         default="runs/visualize", metadata={"help": "output folder (tokens.png; decisions.png, .json with --stats)"}
     )
@@ -79,9 +84,16 @@ def load_policy(cfg: VisualizeConfig) -> tuple[AdaptiveViT, str]:
                 "(it writes runs/selector/selector.zip), pass --selector PATH, or draw a baseline with "
                 "--policy full|random|uniform."
             ) from None
+        if cfg.budget is not None:
+            if cfg.price is not None:
+                raise SystemExit("pass --price or --budget, not both")
+            adaptive = load_adaptive(path, budget=cfg.budget, device=cfg.device)
+            return adaptive, f"selector {path}, budget {cfg.budget:g} (price {adaptive.price:.3g})"
         settings = read_settings(path)
         price = cfg.price if cfg.price is not None else settings.get("price", DEFAULT_PRICE)
         return load_adaptive(path, price=price, device=cfg.device), f"selector {path}, price {price:g}"
+    if cfg.budget is not None:
+        raise SystemExit(f"--budget prices a calibrated selector; --policy {cfg.policy} takes --price")
     overrides = cfg.shape_kwargs() | ({} if cfg.token_mode is None else {"token_mode": cfg.token_mode})
     model = vit.create_supernet(
         cfg.supernet, pretrained=cfg.checkpoint is None, checkpoint=cfg.checkpoint, **overrides

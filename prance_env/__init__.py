@@ -18,6 +18,9 @@ from .vector import PranceViTVectorEnv, SB3VecEnv, to_sb3
 
 V0_PRICE_RANGE = (3e-4, 0.3)  # PranceViT-v0's default prices (v1: `MDPConfig.price_range`)
 
+#: the episode length of the registered MDP: the shipped supernet's decisions (`MDPConfig().schedule`)
+EPISODE_STEPS = MDPConfig().schedule.num_steps(vit.registry.FMNIST_DEFAULTS["depth"])
+
 for env_id, kwargs in (("PranceViT-v1", {}), ("PranceViT-v0", {"price_range": V0_PRICE_RANGE})):
     if env_id not in registry:
         register(
@@ -25,6 +28,7 @@ for env_id, kwargs in (("PranceViT-v1", {}), ("PranceViT-v0", {"price_range": V0
             entry_point="prance_env.env:PranceViTEnv",
             vector_entry_point="prance_env.vector:PranceViTVectorEnv",
             kwargs=kwargs,
+            max_episode_steps=EPISODE_STEPS,
         )
 
 __all__ = [
@@ -39,6 +43,7 @@ __all__ = [
     "PranceViTEnv",
     "PranceViTVectorEnv",
     "SB3VecEnv",
+    "EPISODE_STEPS",
     "V0_PRICE_RANGE",
     "to_sb3",
 ]

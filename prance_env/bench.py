@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vit.bench import interleaved_rounds, round_ratios, setup_cpu
+from vit.cli import device_field, threads_field
 from vit.utils import resolve_device
 
 MIB = 2**20
@@ -49,14 +50,14 @@ class EnvBenchConfig:
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     policy: str = field(default="random", metadata={"help": "random | full (every action at its maximum)"})
     repeats: int = field(default=5, metadata={"help": "timed episodes per measurement (median)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = device_field()
+    threads: int = threads_field()
     seed: int = field(default=0, metadata={"help": "random seed (actions)"})
 
 
 def batched_env(cfg: EnvBenchConfig | MemoryConfig, **kwargs) -> gymnasium.vector.VectorEnv:
     """`gymnasium.make_vec("PranceViT-v1")` of a benchmark's sub-envs, supernet and data, with `kwargs`."""
-    supernet = dict(supernet=cfg.supernet, checkpoint=cfg.checkpoint, data=cfg.data, data_path=cfg.data_dir)
+    supernet = dict(supernet=cfg.supernet, checkpoint=cfg.checkpoint, data=cfg.data, data_dir=cfg.data_dir)
     return gymnasium.make_vec("PranceViT-v1", num_envs=cfg.num_envs, **supernet, **kwargs)
 
 
@@ -140,8 +141,8 @@ class MemoryConfig:
     data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
     split: str = field(default="train", metadata={"help": "dataset split the episodes draw images from"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = device_field()
+    threads: int = threads_field()
     limit_gib: float = field(default=4.0, metadata={"help": "resident memory budget (GiB)"})
     trim: bool = field(default=False, metadata={"help": "also read RSS with the free heap returned to the OS (glibc)"})
     plot: bool = field(default=True, metadata={"help": "write a PNG of RSS against episodes"})

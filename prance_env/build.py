@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -36,7 +37,7 @@ class EnvConfig:
     supernet: str | vit.ElasticViT = "prance_fmnist"
     checkpoint: str | os.PathLike | None = None
     data: str | Dataset = "fashion-mnist"
-    data_path: str | os.PathLike | None = None
+    data_dir: str | os.PathLike | None = None
     split: str = "train"
     device: str | torch.device = "auto"
     token_mode: str | None = None
@@ -51,6 +52,16 @@ class EnvConfig:
     layout: str = "packed"
     amp: bool = False
     workers: int | None = None
+
+    @classmethod
+    def of(cls, **kwargs) -> EnvConfig:
+        """The config of the env's keyword arguments, the deprecated `data_path` read as `data_dir`."""
+        if "data_path" in kwargs:
+            warnings.warn("the env's data_path is now data_dir, as in the scripts", DeprecationWarning, stacklevel=3)
+            if kwargs.get("data_dir") is not None:
+                raise TypeError("pass data_dir or its old name data_path, not both")
+            kwargs["data_dir"] = kwargs.pop("data_path")
+        return cls(**kwargs)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -72,7 +83,7 @@ class EnvConfig:
         config = self.mdp_config()
         device = resolve_device(self.device)
         model = build_supernet(self.supernet, self.checkpoint, self.token_mode, self.choices, device, config.schedule)
-        source = build_source(self.data, self.data_path, self.split, model, device, self.workers)
+        source = build_source(self.data, self.data_dir, self.split, model, device, self.workers)
         return BatchedMDP(model, config, self.layout, self.amp), source
 
 

@@ -12,7 +12,7 @@ import vit
 
 from .build import EnvConfig
 from .core import Episodes
-from .mdp import ActionCodec, Prices, observation_space
+from .mdp import ActionCodec, Prices, observation_space, warn_if_truncating
 from .render import RENDER_FPS, RENDER_MODES, check_render_mode, render_episode
 
 
@@ -99,7 +99,7 @@ class PranceViTEnv(gym.Env):
 
     ```python
     gymnasium.make("PranceViT-v1", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
-                   data_path=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
+                   data_dir=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
                    quality="logprob", price=None, price_range=(3e-4, 2.0), token_penalty=0.0, decisions="per-block",
                    stem_blocks=None, blocks_per_step=None, action_type="discrete", render_mode=None,
                    layout="packed", amp=False, workers=0)
@@ -138,7 +138,7 @@ class PranceViTEnv(gym.Env):
         self, price: float | None = None, action_type: str = "discrete", render_mode: str | None = None, **kwargs
     ) -> None:
         self.render_mode = check_render_mode(render_mode)
-        self.mdp, self.source = EnvConfig(**{"workers": 0, **kwargs}).build()
+        self.mdp, self.source = EnvConfig.of(**{"workers": 0, **kwargs}).build()
         self.prices = Prices(price, self.mdp.config.price_range)
         self.codec = ActionCodec(self.mdp.config.schedule, self.model.search_space, action_type)
         self.observation_space = observation_space(self.model.embed_dim, self.prices)
@@ -155,6 +155,8 @@ class PranceViTEnv(gym.Env):
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Start the inference of one image; `options` may fix `index` (dataset index) and `price`."""
         super().reset(seed=seed)
+        if self.spec is not None and self.episodes is None:  # gymnasium.make's time limit, once
+            warn_if_truncating(self.spec.max_episode_steps, self.codec.num_steps)
         options = options or {}
         index = options.get("index")
         if index is None:

@@ -9,6 +9,7 @@ module imports the model package only (no env, no data), so that `agents.Adaptiv
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from vit.inference import DecisionSchedule, log_price, reduces_tokens
 
 REWARD_MODES = ("delta", "direct", "terminal")
 QUALITIES = ("correct", "logprob", "agree", "no_worse")
-ACTION_TYPES = ("discrete", "continuous")
+ACTION_TYPES = ("discrete", "continuous", "flat")
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,29 @@ class MDPConfig:
         Prices(None, self.price_range)  # a ValueError for a range that is not one
 
 
+def check_price(price) -> np.ndarray:
+    """`price` (a number or an array of them) as float64 if every value is a positive, finite number; else the
+    `ValueError` every entry point that takes a price raises (the env, the vector env, `agents.AdaptiveViT`, the
+    scripts)."""
+    values = np.asarray(torch.as_tensor(price).detach().cpu() if isinstance(price, torch.Tensor) else price)
+    if values.dtype.kind not in "iuf":
+        raise ValueError(f"price must be a positive, finite number, got {price!r}")
+    values = values.astype(np.float64)
+    bad = ~np.isfinite(values) | (values <= 0)
+    if bad.any():
+        shown = values if values.ndim == 0 else values[bad][0]
+        raise ValueError(f"price must be a positive, finite number, got {shown:g}")
+    return values
+
+
 class Prices:
     """The compute price of each episode: fixed, or drawn log-uniformly from `price_range`."""
 
     def __init__(self, price: float | None, price_range: Sequence[float]) -> None:
         if len(price_range) != 2:
             raise ValueError(f"price_range must be (low, high), got {tuple(price_range)}")
+        if price is not None:
+            check_price(price)
         low, high = (float(price), float(price)) if price is not None else map(float, price_range)
         if not 0 < low <= high or not 0 < float(price_range[0]) <= float(price_range[1]):
             raise ValueError(f"prices must satisfy 0 < low <= high, got {(low, high)} in range {tuple(price_range)}")
@@ -89,10 +107,19 @@ class Prices:
 
     def check(self, price: np.ndarray) -> np.ndarray:
         """Prices given in reset options, checked against the observation bounds."""
-        price = np.asarray(price, dtype=np.float64)
-        if not np.all(np.isfinite(price)) or np.any(price < self.low) or np.any(price > self.high):
+        price = check_price(price)
+        if np.any(price < self.low) or np.any(price > self.high):
             raise ValueError(f"price must lie in [{self.low}, {self.high}], got {price}")
         return price
+
+
+def warn_if_truncating(max_episode_steps: int | None, num_steps: int) -> None:
+    """A warning when a time limit (`max_episode_steps`) ends the episodes before their last decision."""
+    if max_episode_steps is not None and max_episode_steps < num_steps:
+        warnings.warn(
+            f"max_episode_steps={max_episode_steps} truncates this MDP's episodes of {num_steps} decisions",
+            stacklevel=3,
+        )
 
 
 def observation_space(embed_dim: int, prices: Prices) -> spaces.Dict:
@@ -121,7 +148,9 @@ class ActionCodec:
     Args:
         schedule: where the decisions fall and what each sets.
         search_space: the supernet's; it must hold every configuration the decisions choose.
-        action_type: `discrete` (`MultiDiscrete(nvec)`) or `continuous` (`Box(-1, 1, (fields,))`).
+        action_type: `discrete` (`MultiDiscrete(nvec)`), `continuous` (`Box(-1, 1, (fields,))`) or `flat` (one
+            `Discrete(prod(nvec))` over every combination of choices, in C order: for agents that take a `Discrete`
+            space only, as DQN).
     """
 
     def __init__(self, schedule: DecisionSchedule, search_space: SearchSpace, action_type: str = "discrete") -> None:
@@ -140,6 +169,8 @@ class ActionCodec:
         """The action space of one decision."""
         if self.action_type == "discrete":
             return spaces.MultiDiscrete(np.array(self.nvec, dtype=np.int64))
+        if self.action_type == "flat":
+            return spaces.Discrete(math.prod(self.nvec))
         return spaces.Box(-1.0, 1.0, (len(self.nvec),), np.float32)
 
     def indices(self, actions, batch: int | None = None) -> np.ndarray:
@@ -147,6 +178,8 @@ class ActionCodec:
         `(batch, fields)` (numpy, torch on any device, or nested lists); a `ValueError` quoting the first invalid
         value as given."""
         given = actions.detach().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
+        if self.action_type == "flat":
+            return self._flat_indices(given, batch)
         shape = (len(self.nvec),) if batch is None else (batch, len(self.nvec))
         if given.dtype.kind not in "iuf":
             raise ValueError(f"actions must be numbers (choice indices or values in [-1, 1]), got dtype {given.dtype}")
@@ -169,6 +202,24 @@ class ActionCodec:
             where, value, n = self._first_offender(given, (rows < 0) | (rows >= nvec))
             raise ValueError(f"{where} index {value} out of range [0, {n})")
         return rows.astype(np.int64)  # a copy: the caller's array may be read-only or reused
+
+    def _flat_indices(self, given: np.ndarray, batch: int | None) -> np.ndarray:
+        """Choice indices (B, fields) of `flat` actions: one whole number in [0, prod(nvec)) per decision, of shape
+        () (`batch` None; also (1,), as SB3 gives them) or (batch,)."""
+        n = math.prod(self.nvec)
+        shape = () if batch is None else (batch,)
+        if given.dtype.kind not in "iuf":
+            raise ValueError(f"flat actions must be whole numbers in [0, {n}), got dtype {given.dtype}")
+        if batch is None and given.shape == (1,):
+            given = given.reshape(())
+        if given.shape != shape:
+            raise ValueError(f"expected flat actions of shape {shape}, got {given.shape}")
+        flat = given.reshape(-1)
+        bad = ~np.isfinite(flat) | (flat != np.round(flat)) | (flat < 0) | (flat >= n)
+        if bad.any():
+            where = "action" if batch is None else f"actions[{int(np.argmax(bad))}] ="
+            raise ValueError(f"{where} {flat[bad][0]}: flat actions must be whole numbers in [0, {n})")
+        return np.stack(np.unravel_index(flat.astype(np.int64), self.nvec), axis=1)
 
     def _first_offender(self, given: np.ndarray, mask: np.ndarray) -> tuple[str, str, int]:
         """Where the first entry of `mask` (B, fields) lies (the action and its field), its value and its field's
@@ -193,9 +244,9 @@ class ActionCodec:
         return self.configs(step, self.indices(actions, batch))
 
     def masks(self, patches: np.ndarray) -> np.ndarray:
-        """The valid choices of each sample, fields concatenated (B, sum(nvec)), for sb3-contrib's MaskablePPO: every
-        choice, except that a sample down to one patch token (`patches`, (B,)) can reduce no further, so only the
-        keep (and merge) ratio 1.0 is left to it."""
+        """The valid choices of each sample, fields concatenated (B, sum(nvec)) (`flat`: the valid combinations,
+        (B, prod(nvec))), for sb3-contrib's MaskablePPO: every choice, except that a sample down to one patch token
+        (`patches`, (B,)) can reduce no further, so only the keep (and merge) ratio 1.0 is left to it."""
         masks = np.ones((len(patches), sum(self.nvec)), dtype=bool)
         spent = np.asarray(patches) <= 1
         offset = 0
@@ -203,7 +254,14 @@ class ActionCodec:
             if token:
                 masks[spent, offset : offset + n - 1] = False
             offset += n
-        return masks
+        if self.action_type != "flat":
+            return masks
+        # a combination is valid when each of its choices is: the fields' masks multiplied out, in C order
+        per_field = np.split(masks, np.cumsum(self.nvec)[:-1], axis=1)
+        flat = per_field[0]
+        for valid in per_field[1:]:
+            flat = (flat[:, :, None] & valid[:, None, :]).reshape(len(patches), -1)
+        return flat
 
 
 __all__ = [
@@ -213,5 +271,7 @@ __all__ = [
     "ActionCodec",
     "MDPConfig",
     "Prices",
+    "check_price",
     "observation_space",
+    "warn_if_truncating",
 ]

@@ -125,7 +125,7 @@ class ImageSource:
 
 def build_source(
     data: str | Dataset,
-    data_path: str | os.PathLike | None,
+    data_dir: str | os.PathLike | None,
     split: str,
     model: vit.ElasticViT,
     device: torch.device,
@@ -133,7 +133,7 @@ def build_source(
 ) -> ImageSource:
     """An `ImageSource` over a dataset given by name (`vit.load_dataset`, eval transforms even for the train split)
     or as a torch Dataset."""
-    dataset = vit.load_dataset(data, split=split, root=data_path, model=model) if isinstance(data, str) else data
+    dataset = vit.load_dataset(data, split=split, root=data_dir, model=model) if isinstance(data, str) else data
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
     return ImageSource(dataset, device, workers)

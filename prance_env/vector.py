@@ -24,7 +24,7 @@ from vit import Subnet
 from .build import EnvConfig
 from .core import Episodes
 from .env import to_numpy
-from .mdp import ActionCodec, Prices, observation_space
+from .mdp import ActionCodec, Prices, observation_space, warn_if_truncating
 from .render import RENDER_FPS, RENDER_MODES, check_render_mode, render_episode
 
 
@@ -60,17 +60,28 @@ class PranceViTVectorEnv(VectorEnv):
         price: float | None = None,
         action_type: str = "discrete",
         render_mode: str | None = None,
+        max_episode_steps: int | None = None,
         **kwargs,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        make_only = sorted(set(kwargs) & set(MAKE_ONLY))
+        if make_only:
+            raise TypeError(
+                f"{make_only[0]} is an argument of gymnasium.make's wrappers, which a native vector env has none "
+                "of; PranceViTVectorEnv takes max_episode_steps, price, action_type, render_mode and EnvConfig's"
+            )
+        if max_episode_steps is not None and max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        self.max_episode_steps = max_episode_steps
         self.num_envs = num_envs
         self.render_mode = check_render_mode(render_mode)
-        self.mdp, self.source = EnvConfig(**kwargs).build()
+        self.mdp, self.source = EnvConfig.of(**kwargs).build()
         self.prices = Prices(price, self.mdp.config.price_range)
         self.codec = ActionCodec(self.mdp.config.schedule, self.model.search_space, action_type)
         self.single_observation_space = observation_space(self.model.embed_dim, self.prices)
         self.single_action_space = self.codec.space
+        warn_if_truncating(max_episode_steps, self.codec.num_steps)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._order, self._cursor = np.zeros(0, dtype=np.int64), 0
@@ -136,14 +147,19 @@ class PranceViTVectorEnv(VectorEnv):
         if self.episodes is None:
             raise RuntimeError("call reset() before step()")
         false = np.zeros(self.num_envs, dtype=bool)
-        if self.episodes.done:
+        if self.episodes.done or self._truncated():
             obs, info = self.reset()
             return obs, np.zeros(self.num_envs), false, false, info
         configs = self.codec.decode(self.episodes.inference.step, actions, self.num_envs)
         self.episodes, reward, info = self.mdp.step(self.episodes, configs)
         done = self.episodes.done
         obs = to_numpy(self.mdp.observe(self.episodes))
-        return obs, reward.cpu().numpy(), np.full(self.num_envs, done), false, self._numpy_info(info, done)
+        truncated = np.full(self.num_envs, not done and self._truncated())
+        return obs, reward.cpu().numpy(), np.full(self.num_envs, done), truncated, self._numpy_info(info, done)
+
+    def _truncated(self) -> bool:
+        """Whether the episodes have run `max_episode_steps` steps (Gymnasium's time limit)."""
+        return self.max_episode_steps is not None and self.episodes.inference.step >= self.max_episode_steps
 
     def render(self) -> tuple[np.ndarray, ...] | None:
         """One token map per sub-env, (H, W, 3) uint8 each, in `rgb_array` mode; None without a render mode."""
@@ -175,6 +191,10 @@ class PranceViTVectorEnv(VectorEnv):
             out[key] = array
             out[f"_{key}"] = np.ones(self.num_envs, dtype=bool)
         return out
+
+
+#: keyword arguments of `gymnasium.make` (for its wrappers) that `make_vec` would pass on to the vector env
+MAKE_ONLY = ("disable_env_checker", "order_enforce", "autoreset", "apply_api_compatibility")
 
 
 BATCHED_METHODS = ("action_masks", "render")  # methods answering one row per sub-env
@@ -273,14 +293,15 @@ class SB3VecEnv(VecEnv):
         return [False for _ in self._get_indices(indices)]
 
     def _get_indices(self, indices: VecEnvIndices) -> list[int]:
-        """The sub-envs `indices` selects (None: all; an int: one; else an iterable), checked to exist."""
+        """The sub-envs `indices` selects (None: all; an int: one; else an iterable; negative ones from the end),
+        checked to exist."""
         if indices is None:
             return list(range(self.num_envs))
-        selected = [int(indices)] if isinstance(indices, (int, np.integer)) else [int(i) for i in indices]
-        outside = [i for i in selected if not 0 <= i < self.num_envs]
+        given = [int(indices)] if isinstance(indices, (int, np.integer)) else [int(i) for i in indices]
+        outside = [i for i in given if not -self.num_envs <= i < self.num_envs]
         if outside:
             raise IndexError(f"sub-env indices {outside} out of range for {self.num_envs} sub-envs")
-        return selected
+        return [i % self.num_envs for i in given]  # negative ones count from the end, as in DummyVecEnv
 
     def _whole_batch(self, indices: VecEnvIndices, what: str) -> None:
         """Raise `ValueError` unless `indices` selects every sub-env."""

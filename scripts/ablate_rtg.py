@@ -11,7 +11,7 @@ per seed, a selector that decides everything at once from the stem's features. I
 """
 
 from agents.ablation import AblationConfig, ablate_rtg
-from vit.cli import parse_dataclass
+from vit.cli import run
 
 if __name__ == "__main__":
-    ablate_rtg(parse_dataclass(AblationConfig))
+    run(ablate_rtg, AblationConfig)

@@ -10,7 +10,7 @@ Every model runs in interleaved rounds, in each precision of `--precisions` (`ag
 """
 
 from agents.bench import BenchmarkConfig, benchmark
-from vit.cli import parse_dataclass
+from vit.cli import run
 
 if __name__ == "__main__":
-    benchmark(parse_dataclass(BenchmarkConfig))
+    run(benchmark, BenchmarkConfig)

@@ -8,7 +8,7 @@ completion, against a packed forward pass of the subnets they chose, in interlea
 """
 
 from prance_env.bench import EnvBenchConfig, benchmark_env
-from vit.cli import parse_dataclass
+from vit.cli import run
 
 if __name__ == "__main__":
-    benchmark_env(parse_dataclass(EnvBenchConfig))
+    run(benchmark_env, EnvBenchConfig)

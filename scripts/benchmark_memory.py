@@ -11,7 +11,7 @@ after each one (`prance_env.bench`): the peak against a limit and the growth ove
 """
 
 from prance_env.bench import MemoryConfig, benchmark_memory
-from vit.cli import parse_dataclass
+from vit.cli import run
 
 if __name__ == "__main__":
-    benchmark_memory(parse_dataclass(MemoryConfig))
+    run(benchmark_memory, MemoryConfig)

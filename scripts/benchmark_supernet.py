@@ -9,7 +9,7 @@
 """
 
 from vit.bench import SupernetBenchConfig, benchmark_supernet
-from vit.cli import parse_dataclass
+from vit.cli import run
 
 if __name__ == "__main__":
-    benchmark_supernet(parse_dataclass(SupernetBenchConfig))
+    run(benchmark_supernet, SupernetBenchConfig)

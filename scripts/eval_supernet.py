@@ -12,8 +12,8 @@ supernet (Top-1, logits, images/s).
     python scripts/eval_supernet.py --extract h2-m128-r1 --out runs/subnet         # one subnet as a timm model
 """
 
-from vit.cli import parse_dataclass
+from vit.cli import run
 from vit.evaluation import GridConfig, eval_supernet
 
 if __name__ == "__main__":
-    eval_supernet(parse_dataclass(GridConfig))
+    run(eval_supernet, GridConfig)

@@ -13,7 +13,7 @@ images are the selector's dataset's (Fashion-MNIST's test split, an ImageFolder'
 """
 
 from agents.report import EvaluateConfig, evaluate_selector
-from vit.cli import parse_dataclass
+from vit.cli import run
 
 if __name__ == "__main__":
-    evaluate_selector(parse_dataclass(EvaluateConfig))
+    run(evaluate_selector, EvaluateConfig)

@@ -8,11 +8,12 @@ torchrun --nproc_per_node 2 scripts/finetune.py --out runs/finetune   # DDP (glo
 """
 
 from agents.finetune import FinetuneConfig, joint_finetune
-from vit.cli import parse_dataclass
+from vit.cli import one_line_errors, output_folder, parse_dataclass
 from vit.utils import resolve_device, use_tf32
 
 if __name__ == "__main__":
     cfg = parse_dataclass(FinetuneConfig)
     if resolve_device(cfg.device).type == "cuda":
         use_tf32()
-    joint_finetune(cfg)
+    with output_folder(cfg.out), one_line_errors():
+        joint_finetune(cfg)

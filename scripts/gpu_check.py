@@ -14,7 +14,7 @@ any stage failed. The table is printed last and written to `OUT/gpu_check.md`; t
 import sys
 
 from agents.check import GpuCheckConfig, gpu_check
-from vit.cli import parse_dataclass
+from vit.cli import run
 
 if __name__ == "__main__":
-    sys.exit(0 if gpu_check(parse_dataclass(GpuCheckConfig)) else 1)
+    sys.exit(0 if run(gpu_check, GpuCheckConfig) else 1)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import agents
 import prance_env  # noqa: F401  (registers PranceViT-v1)
 from vit.bench import setup_cpu
-from vit.cli import parse_dataclass
+from vit.cli import DEVICE_HELP, device_field, run, threads_field
 from vit.train import held_out_batches
 
 
@@ -66,8 +66,8 @@ class Args:
     data_dir: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder (default: Debian's)"})
     images: int = field(default=1000, metadata={"help": "held-out images measured at the end"})
     batch_size: int = field(default=256, metadata={"help": "images per forward of the final measurement"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (the supernet's; the policy's is cpu)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = device_field(f"{DEVICE_HELP}: the supernet's (the policy's is cpu)")
+    threads: int = threads_field()
     seed: int = field(default=0, metadata={"help": "random seed"})
 
 
@@ -80,7 +80,7 @@ def main(args: Args) -> dict:
         "PranceViT-v1",
         supernet=args.supernet,
         checkpoint=args.checkpoint,
-        data_path=args.data_dir,
+        data_dir=args.data_dir,
         quality="logprob",
         price=args.price,
         device=args.device,
@@ -123,4 +123,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_dataclass(Args))
+    run(main, Args)

@@ -7,11 +7,12 @@ python scripts/train_selector.py --clip-range 0.1 --target-kl 0.02 --minibatch-s
 """
 
 from agents.training import SelectorConfig, train_selector
-from vit.cli import parse_dataclass
+from vit.cli import one_line_errors, output_folder, parse_dataclass
 from vit.utils import resolve_device, use_tf32
 
 if __name__ == "__main__":
     cfg = parse_dataclass(SelectorConfig)
     if resolve_device(cfg.device).type == "cuda":
         use_tf32()
-    train_selector(cfg)
+    with output_folder(cfg.out), one_line_errors():
+        train_selector(cfg)

@@ -6,7 +6,7 @@
         --init timm:deit_small_patch16_224 --batch-size 256 --lr 5e-4 --epochs 30
 """
 
-from vit.cli import parse_dataclass
+from vit.cli import one_line_errors, output_folder, parse_dataclass
 from vit.train import TrainConfig, train_supernet
 from vit.utils import resolve_device, use_tf32
 
@@ -14,4 +14,5 @@ if __name__ == "__main__":
     cfg = parse_dataclass(TrainConfig)
     if resolve_device(cfg.device).type == "cuda":
         use_tf32()
-    train_supernet(cfg)
+    with output_folder(cfg.out), one_line_errors():
+        train_supernet(cfg)

@@ -43,24 +43,24 @@ N = 8  # sub-envs
 HIDDEN = 32  # the extractor's MLP width in the trained model
 
 
-def make_venv(data_path, model: vit.ElasticViT | None = None, num_envs: int = N, **kwargs) -> prance_env.SB3VecEnv:
+def make_venv(data_dir, model: vit.ElasticViT | None = None, num_envs: int = N, **kwargs) -> prance_env.SB3VecEnv:
     """The SB3 adapter over `gymnasium.make_vec("PranceViT-v1", ...)` on a tiny supernet and the generated data."""
     envs = gymnasium.make_vec(
         "PranceViT-v1",
         num_envs=num_envs,
         supernet=supernet() if model is None else model,
         data="fashion-mnist",
-        data_path=data_path,
+        data_dir=data_dir,
         device="cpu",
         **kwargs,
     )
     return prance_env.to_sb3(envs)
 
 
-def make_env(data_path, model: vit.ElasticViT, **kwargs) -> prance_env.PranceViTEnv:
+def make_env(data_dir, model: vit.ElasticViT, **kwargs) -> prance_env.PranceViTEnv:
     """The single env over `model` and the generated test split."""
     return prance_env.PranceViTEnv(
-        supernet=model, data="fashion-mnist", data_path=data_path, split="test", device="cpu", **kwargs
+        supernet=model, data="fashion-mnist", data_dir=data_dir, split="test", device="cpu", **kwargs
     )
 
 

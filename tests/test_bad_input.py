@@ -529,3 +529,41 @@ def test_adaptive_vit_rejects_a_selector_of_another_supernet(selector, other, di
     other = other().eval()
     with pytest.raises(ValueError, match=difference):
         AdaptiveViT(other, selector[1])(images(other, 2))
+
+
+def test_a_failed_run_removes_the_output_folder_it_created_and_nothing_else(tmp_path):
+    from vit.cli import output_folder
+
+    def fail(folder, write=False):
+        with pytest.raises(RuntimeError), output_folder(folder):
+            (folder / "tb").mkdir(parents=True, exist_ok=True)
+            if write:
+                (folder / "checkpoint.pt").write_text("resume from me")
+            raise RuntimeError("failed")
+
+    fail(tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # created, nothing written: gone
+    fail(tmp_path / "written", write=True)
+    assert (tmp_path / "written" / "checkpoint.pt").is_file()  # what a run wrote stays (resumable)
+    (tmp_path / "mine").mkdir()
+    fail(tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()  # a folder that existed stays
+
+
+def test_a_hub_download_without_network_fails_at_once_in_one_line(tmp_path, monkeypatch):
+    """No cached weights and HF_HUB_OFFLINE: one line naming the way out, within seconds, and no --out left."""
+    from conftest import run_script
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(ConnectionError, match="not in the hub cache and HF_HUB_OFFLINE is set: pass a local"):
+        vit.registry.hub_state_dict("deit_tiny_patch16_224", cache_dir=tmp_path / "empty_cache")
+    out = tmp_path / "run"
+    args = ("--supernet", "prance_deit_tiny", "--img-size", "32", "--init", "timm:deit_tiny_patch16_224")
+    result = run_script("train_supernet.py", *args, "--out", str(out), check=False, timeout=60)
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: timm's deit_tiny_patch16_224 weights are not in the hub cache and HF_HUB_OFFLINE is set: pass a "
+        "local weights file instead (--init FILE, a timm state dict or .safetensors), or download them once where "
+        "there is a network"
+    ]

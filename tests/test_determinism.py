@@ -106,9 +106,9 @@ def test_sb3_adapter_episodes_depend_only_on_the_seed(fmnist_dir):
 # --- PPO ------------------------------------------------------------------------------------------------------------
 
 
-def train_ppo(data_path, seed: int) -> dict[str, torch.Tensor]:
+def train_ppo(data_dir, seed: int) -> dict[str, torch.Tensor]:
     """The policy parameters after 192 steps of PPO (CLS extractor) on 8 sub-envs of the tiny supernet."""
-    envs = gymnasium.make_vec("PranceViT-v1", num_envs=8, **env_kwargs(data_path, quality="logprob"))
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=8, **env_kwargs(data_dir, quality="logprob"))
     scramble_global_random_state(seed + 31)  # PPO must seed everything it draws from itself
     model = PPO(
         "MultiInputPolicy",

@@ -49,9 +49,9 @@ def supernet(token_mode: str = "merge") -> vit.ElasticViT:
     return model
 
 
-def env_kwargs(data_path, token_mode: str = "merge", **overrides) -> dict:
+def env_kwargs(data_dir, token_mode: str = "merge", **overrides) -> dict:
     """Keyword arguments of PranceViT-v1 over a fresh tiny supernet and the generated Fashion-MNIST folder."""
-    kwargs = dict(supernet=supernet(token_mode), data="fashion-mnist", data_path=data_path, device="cpu")
+    kwargs = dict(supernet=supernet(token_mode), data="fashion-mnist", data_dir=data_dir, device="cpu")
     return {**kwargs, **overrides}
 
 
@@ -524,7 +524,7 @@ def test_registered_defaults_are_the_mdp_the_shipped_selector_was_trained_on():
     assert recorded == mdp.schedule == registered == training.schedule() == per_block
     price_range = tuple(settings["env"]["price_range"])
     assert price_range == mdp.price_range == defaults["price_range"] == (training.price_low, training.price_high)
-    for key in ("supernet", "checkpoint", "token_mode", "data", "data_path", "split"):
+    for key in ("supernet", "checkpoint", "token_mode", "data", "data_dir", "split"):
         assert settings["env"][key] == defaults[key], key
 
 
@@ -533,9 +533,9 @@ def test_v0_is_the_mdp_of_the_stage_one_pair_and_differs_from_v1_by_its_prices(f
     assert tuple(settings["env"]["price_range"]) == prance_env.V0_PRICE_RANGE != prance_env.MDPConfig().price_range
     assert settings["env"]["supernet"] == "prance_fmnist_stage1"
     with pytest.warns(DeprecationWarning, match="upgrading to version `v1`"):  # Gymnasium's note on an older version
-        old = gymnasium.make("PranceViT-v0", data_path=fmnist_dir, device="cpu")
-        envs = gymnasium.make_vec("PranceViT-v0", num_envs=2, data_path=fmnist_dir, device="cpu")
-    new = gymnasium.make("PranceViT-v1", data_path=fmnist_dir, device="cpu")
+        old = gymnasium.make("PranceViT-v0", data_dir=fmnist_dir, device="cpu")
+        envs = gymnasium.make_vec("PranceViT-v0", num_envs=2, data_dir=fmnist_dir, device="cpu")
+    new = gymnasium.make("PranceViT-v1", data_dir=fmnist_dir, device="cpu")
     assert np.exp(old.observation_space["price"].high[0]) == pytest.approx(prance_env.V0_PRICE_RANGE[1])
     assert old.observation_space["cls"] == new.observation_space["cls"] and old.action_space == new.action_space
     assert envs.single_observation_space == old.observation_space
@@ -544,7 +544,7 @@ def test_v0_is_the_mdp_of_the_stage_one_pair_and_differs_from_v1_by_its_prices(f
 
 @needs_checkpoint
 def test_shipped_selector_loads_on_the_registered_env_and_decides_as_load_adaptive(fmnist_dir):
-    env = gymnasium.make("PranceViT-v1", data_path=fmnist_dir, device="cpu")
+    env = gymnasium.make("PranceViT-v1", data_dir=fmnist_dir, device="cpu")
     ppo = PPO.load(SELECTOR.with_suffix(".zip"), env=env, device="cpu")
     adaptive = agents.load_adaptive("shipped:prance_fmnist", device="cpu")
     decisions = []
@@ -558,9 +558,9 @@ def test_shipped_selector_loads_on_the_registered_env_and_decides_as_load_adapti
             decisions.append(tuple(action))
             obs, _, done, _, _ = env.step(action)
     assert len(set(decisions)) > 1  # the selector's decisions vary with the observation
-    envs = prance_env.to_sb3(gymnasium.make_vec("PranceViT-v1", num_envs=2, data_path=fmnist_dir, device="cpu"))
+    envs = prance_env.to_sb3(gymnasium.make_vec("PranceViT-v1", num_envs=2, data_dir=fmnist_dir, device="cpu"))
     PPO.load(SELECTOR.with_suffix(".zip"), env=envs, device="cpu")  # the batched env has the same defaults
-    other = gymnasium.make("PranceViT-v1", data_path=fmnist_dir, device="cpu", price_range=(0.01, 1.0))
+    other = gymnasium.make("PranceViT-v1", data_dir=fmnist_dir, device="cpu", price_range=(0.01, 1.0))
     with pytest.raises(ValueError, match="Observation spaces do not match"):
         PPO.load(SELECTOR.with_suffix(".zip"), env=other, device="cpu")
 
@@ -597,3 +597,12 @@ def test_direct_reward_token_penalty_is_the_fraction_of_tokens_alive(fmnist_dir)
     np.testing.assert_allclose(np.array(penalised), np.array(plain) - 0.1 * alive, atol=1e-9)
     with pytest.raises(ValueError, match="token_penalty"):
         gymnasium.make("PranceViT-v1", **env_kwargs(fmnist_dir, token_penalty=0.1))
+
+
+def test_the_data_folder_is_data_dir_as_in_the_scripts_and_data_path_is_deprecated(fmnist_dir):
+    with pytest.warns(DeprecationWarning, match="data_path is now data_dir"):
+        old = gymnasium.make("PranceViT-v1", data_path=fmnist_dir, device="cpu")
+    new = gymnasium.make("PranceViT-v1", data_dir=fmnist_dir, device="cpu")
+    assert np.array_equal(old.reset(seed=3)[0]["cls"], new.reset(seed=3)[0]["cls"])
+    with pytest.raises(TypeError, match="pass data_dir or its old name data_path, not both"):
+        gymnasium.make("PranceViT-v1", data_path=fmnist_dir, data_dir=fmnist_dir, device="cpu")

@@ -33,7 +33,7 @@ def save_tiny_selector(path: Path, model: vit.ElasticViT, fmnist_dir: Path, smal
         num_envs=2,
         supernet=model,
         data="fashion-mnist",
-        data_path=str(fmnist_dir),
+        data_dir=str(fmnist_dir),
         device="cpu",
         price_range=PRICE_RANGE,
     )
@@ -44,7 +44,7 @@ def save_tiny_selector(path: Path, model: vit.ElasticViT, fmnist_dir: Path, smal
         if smallest:
             firsts = torch.cumsum(torch.tensor([0, *envs.single_action_space.nvec[:-1]]), 0)
             action.bias.zero_()[firsts] = 10.0
-    env = {"data": "fashion-mnist", "data_path": str(fmnist_dir), "price_range": list(PRICE_RANGE)}
+    env = {"data": "fashion-mnist", "data_dir": str(fmnist_dir), "price_range": list(PRICE_RANGE)}
     settings = {
         "algo": "ppo",
         "signature": supernet_signature(model),

@@ -42,8 +42,8 @@ def grouped_supernet(token_mode: str = "merge") -> vit.ElasticViT:
     return model.eval()
 
 
-def make_env(data_path, model: vit.ElasticViT, **kwargs) -> gymnasium.Env:
-    kwargs = dict(supernet=model, data="fashion-mnist", data_path=data_path, device="cpu", **kwargs)
+def make_env(data_dir, model: vit.ElasticViT, **kwargs) -> gymnasium.Env:
+    kwargs = dict(supernet=model, data="fashion-mnist", data_dir=data_dir, device="cpu", **kwargs)
     return gymnasium.make("PranceViT-v1", **{"decisions": "grouped", **kwargs})
 
 
@@ -278,7 +278,7 @@ def test_invalid_grouped_actions_raise_and_change_nothing(fmnist_dir):
 
 def test_grouped_vector_env_runs_each_image_as_the_single_env(fmnist_dir):
     model = grouped_supernet()
-    kwargs = dict(supernet=model, data_path=fmnist_dir, device="cpu", decisions="grouped")
+    kwargs = dict(supernet=model, data_dir=fmnist_dir, device="cpu", decisions="grouped")
     envs = gymnasium.make_vec("PranceViT-v1", num_envs=3, **kwargs)
     assert envs.single_action_space.shape == (7,) and envs.action_space.shape == (3, 7)
     single = gymnasium.make("PranceViT-v1", **kwargs)
@@ -363,7 +363,7 @@ def test_a_grouped_selector_saves_and_loads_back_with_its_shape(grouped_selector
         reachable(adaptive.supernet.search_space, s) for s in decisions.subnets
     )
     # the same spaces as the grouped env, so SB3 loads it there
-    kwargs = dict(checkpoint=str(weights), data_path=fmnist_dir, device="cpu")
+    kwargs = dict(checkpoint=str(weights), data_dir=fmnist_dir, device="cpu")
     PPO.load(path.with_suffix(".zip"), env=gymnasium.make("PranceViT-v1", decisions="grouped", **kwargs), device="cpu")
     with pytest.raises(ValueError, match="Action spaces do not match"):
         PPO.load(path.with_suffix(".zip"), env=gymnasium.make("PranceViT-v1", **kwargs), device="cpu")

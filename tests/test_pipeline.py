@@ -102,7 +102,7 @@ def test_two_envs_with_the_same_seed_give_identical_episodes(folder):
             num_envs=4,
             supernet=rgb_supernet(),
             data="imagefolder",
-            data_path=str(folder),
+            data_dir=str(folder),
             device="cpu",
             workers=workers,
         )

@@ -112,7 +112,7 @@ def make_env(fmnist_dir):
 
     @functools.cache
     def make(config: int, num_envs: int | None) -> gymnasium.Env:
-        kwargs = dict(supernet=supernet(ENV_CONFIGS[config]["token_mode"]), data_path=fmnist_dir, device="cpu")
+        kwargs = dict(supernet=supernet(ENV_CONFIGS[config]["token_mode"]), data_dir=fmnist_dir, device="cpu")
         kwargs |= {k: v for k, v in ENV_CONFIGS[config].items() if k != "token_mode"}
         if num_envs is None:
             return gymnasium.make("PranceViT-v1", quality="logprob", **kwargs)

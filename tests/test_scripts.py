@@ -36,8 +36,6 @@ def fmnist_weights(tmp_path_factory) -> Path:
 
 
 SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))
-NO_MODEL = {"train_supernet.py"}  # every other script runs a model on a device: it has --device and --threads
-NO_THREADS = {"train_selector.py", "train_supernet.py"}  # their configs are library dataclasses without threads
 COUNTS_OF_IMAGES = {"--images", "--calib-images"}  # the only spellings of a number of images
 
 
@@ -63,10 +61,13 @@ def test_every_script_speaks_the_shared_vocabulary(script):
         assert len(re.findall(r"default", text, re.I)) <= 1, f"{flag}: {text}"
     if "--out" in flags:
         assert "folder" in flags["--out"]
-    if script not in NO_MODEL:
-        assert "(default: auto)" in flags["--device"]
-    if script not in NO_THREADS:
-        assert "--threads" in flags
+    assert "--threads" in flags and "torch CPU threads" in flags["--threads"]
+    assert flags["--device"].split(None, 2)[2].startswith("auto | cpu | cuda | cuda:N")
+    assert "(default: auto)" in flags["--device"]
+    if "--workers" in flags:
+        assert "default: min(4, CPU cores)" in flags["--workers"]
+    if "--amp" in flags:
+        assert "(default: False)" in flags["--amp"]
     if "--batch-size" in flags:
         assert "images per" in flags["--batch-size"]
     if "--supernet" in flags:

@@ -802,12 +802,13 @@ def test_pretrained_weights_adapt_to_the_image_size_channels_and_classes_as_timm
     safetensors.torch.save_file(timm.create_model(name).state_dict(), path)
     shapes = dict(num_classes=10, img_size=32, in_chans=1)
     reference = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **shapes).eval()
-    if source == "timm":  # the hub's weights are this file
-        create_model = timm.create_model
-        monkeypatch.setattr(
-            timm, "create_model", lambda *a, **k: create_model(*a, **k, pretrained_cfg_overlay={"file": str(path)})
-        )
-        model = vit.create_supernet("prance_deit_tiny", pretrained=True, **shapes)
+    if source == "timm":  # the hub's weights are this file, in a hub cache as the hub client lays it out
+        snapshot = tmp_path / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+        (snapshot / "refs").mkdir(parents=True)
+        (snapshot / "refs" / "main").write_text("0" * 40)
+        (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (snapshot / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(path.read_bytes())
+        model = vit.create_supernet("prance_deit_tiny", pretrained=True, cache_dir=tmp_path / "hub", **shapes)
     else:
         model = vit.registry.load_pretrained(vit.create_supernet("prance_deit_tiny", **shapes), path)
     model.eval()

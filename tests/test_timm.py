@@ -2,6 +2,10 @@
 TorchScript, FX), and a static subnet leaves the package as a timm ViT (`vit.extract_subnet`) that reloads from its
 folder and exports to ONNX. At small shapes: DeiT presets at 32 px, random weights."""
 
+import ast
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import timm
@@ -280,3 +284,18 @@ def test_a_token_reducing_subnet_exports_with_torch_export():
     other = images(model, 5, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(other), model(other, model.search_space.parse("h4-m256-r0.9")))
+
+
+@pytest.mark.parametrize("first", ["vit", "timm"])
+def test_import_vit_leaves_timm_out_until_it_is_imported_and_registers_with_it_either_way(first):
+    """`import vit` imports neither timm nor torchvision (seconds of start-up); timm, imported before or after,
+    knows every preset and `prance_subnet`."""
+    second = "timm" if first == "vit" else "vit"
+    program = (
+        f"import sys; import {first}; light = 'timm' not in sys.modules and 'torchvision' not in sys.modules; "
+        f"import {second}; import timm; print(light, sorted(timm.list_models('prance*')))"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    out = result.stdout.split(" ", 1)
+    assert out[0] == ("True" if first == "vit" else "False")
+    assert ast.literal_eval(out[1]) == sorted([*PRESETS, "prance_subnet"])

@@ -30,8 +30,8 @@ import vit
 N = 4
 
 
-def make_vec(data_path, num_envs: int = N, **kwargs) -> prance_env.PranceViTVectorEnv:
-    envs = gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, **env_kwargs(data_path, **kwargs))
+def make_vec(data_dir, num_envs: int = N, **kwargs) -> prance_env.PranceViTVectorEnv:
+    envs = gymnasium.make_vec("PranceViT-v1", num_envs=num_envs, **env_kwargs(data_dir, **kwargs))
     assert isinstance(envs, prance_env.PranceViTVectorEnv)
     return envs
 

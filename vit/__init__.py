@@ -17,7 +17,6 @@ from .bucketed import BucketedBatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, Subnet
 from .data import load_dataset
-from .extract import extract_subnet, save_subnet
 from .flops import block_macs, count_flops, count_macs, count_params
 from .inference import DecisionSchedule, InferenceRunner, InferenceState
 from .packed import PackedBatch
@@ -27,6 +26,10 @@ from .supernet import LAYOUTS, ElasticViT
 
 
 def __getattr__(name: str):
+    if name in ("extract_subnet", "save_subnet"):  # timm's models: imported when asked for
+        from . import extract
+
+        return getattr(extract, name)
     if name == "LoopShape":  # deprecated: the name of a schedule of decisions
         from . import inference
 

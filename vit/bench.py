@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import device_field, threads_field
 from .flops import count_macs
 from .registry import SupernetShape, create_supernet
 from .utils import resolve_device
@@ -165,11 +166,11 @@ class SupernetBenchConfig(SupernetShape):
     batch_size: int = field(default=256, metadata={"help": "images per forward"})
     target: float = field(default=0.5, metadata={"help": "MACs ratio of the static subnet"})
     repeats: int = field(default=7, metadata={"help": "timed calls per measurement (median)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    threads: int = threads_field()
     keep_freed_memory: bool = field(
         default=True, metadata={"help": "glibc: keep freed memory in the process, so timed forwards do not page-fault"}
     )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    device: str = device_field()
     seed: int = field(default=0, metadata={"help": "random seed (images and sampled subnets)"})
 
 

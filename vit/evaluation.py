@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import interleaved_rounds, processor_name, setup_cpu
+from .cli import device_field, threads_field, workers_field
 from .config import TOKEN_MODES
-from .data import default_workers, load_dataset, stratified_subset
+from .data import load_dataset, stratified_subset
 from .extract import SUBNET_ARCHITECTURE, extract_subnet, save_subnet
 from .flops import count_macs
 from .registry import SupernetShape, create_supernet
@@ -42,9 +43,9 @@ class GridConfig(SupernetShape):
         default=None, metadata={"help": "held-out images, a class-stratified subset (default: the whole split)"}
     )
     batch_size: int = field(default=500, metadata={"help": "images per forward"})
-    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    workers: int = workers_field()
+    device: str = device_field()
+    threads: int = threads_field()
     out: str = field(
         default="runs/eval_supernet",
         metadata={"help": "output folder (static_grid.md; the model folder with --extract)"},

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import timm
+import huggingface_hub
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.models import DefaultCfg, PretrainedCfg, adapt_input_conv, is_model, register_model
-from timm.models._features import FeatureGetterNet  # timm's features_only wrapper of its ViTs (not re-exported)
 
 from .checkpoint import check_state_dict, load_checkpoint, read_state_dict
+from .imports import after_import
 from .rewire import rewire
 from .supernet import ElasticViT
 
@@ -30,10 +30,11 @@ CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 DEFAULT_KEEP_RATIOS = (0.6, 0.7, 0.8, 0.9, 1.0)
 
 _SUPERNETS: dict[str, Callable[..., ElasticViT]] = {}
+_TAGS: dict[str, dict[str, dict] | None] = {}
+_TIMM_KNOWS: list[bool] = []  # non-empty once the presets are registered with timm
 #: timm's pretrained configs of the presets, by name (timm's registry reads them from this module when a preset is
 #: registered, as it reads a model module's `default_cfgs`)
-default_cfgs: dict[str, DefaultCfg] = {}
-_CFG_FIELDS = {f.name for f in fields(PretrainedCfg)}
+default_cfgs: dict = {}
 
 
 def register_supernet(
@@ -44,25 +45,46 @@ def register_supernet(
     timm also gets the preset's pretrained config, read off the preset built on the `meta` device (nothing is
     allocated): input size, classes, data statistics; `tags` names its weights, each tag with the keys timm's
     `PretrainedCfg` takes (`hf_hub_id`, `file`, `description`, ...), the first the default: `prance_fmnist.shipped`.
-    Registering a name again replaces the preset. A name timm holds for a model of its own is refused, so that a
-    preset never shadows one of timm's models. Use it as `@register_supernet` or `@register_supernet(tags=...)`.
+    timm hears of the preset as soon as timm is imported (now, if it is already), so that importing `vit` does not
+    import timm. Registering a name again replaces the preset. A name timm holds for a model of its own is refused,
+    so that a preset never shadows one of timm's models. Use it as `@register_supernet` or
+    `@register_supernet(tags=...)`.
     """
     if fn is None:
         return lambda fn: register_supernet(fn, tags=tags)
     name = fn.__name__
-    if name not in _SUPERNETS:  # timm's entry point looks the preset up by name: a replaced preset needs no new one
-        if is_model(name):
-            raise ValueError(f"{name!r} is one of timm's models; register the preset under another name")
-        with torch.device("meta"):
-            cfg = fn(pretrained=False).pretrained_cfg
-        base = {k: v for k, v in cfg.items() if k in _CFG_FIELDS}
-        named = tags or {"": {}}
-        default_cfgs[name] = DefaultCfg(
-            tags=deque(named), cfgs={tag: PretrainedCfg(**{**base, **weights}) for tag, weights in named.items()}
-        )
-        register_model(_timm_entrypoint(name, fn))
-    _SUPERNETS[name] = fn
+    new = name not in _SUPERNETS  # timm's entry point looks the preset up by name: a replaced one needs no new one
+    if new and _TIMM_KNOWS:
+        _register_with_timm(name, fn, tags)
+    _SUPERNETS[name], _TAGS[name] = fn, tags
     return fn
+
+
+def _register_with_timm(name: str, fn: Callable[..., ElasticViT], tags: dict[str, dict] | None) -> None:
+    """Register preset `name` with timm's model registry, with its pretrained configs."""
+    from timm.models import DefaultCfg, PretrainedCfg, is_model, register_model
+
+    if is_model(name):
+        raise ValueError(f"{name!r} is one of timm's models; register the preset under another name")
+    with torch.device("meta"):
+        cfg = fn(pretrained=False).pretrained_cfg
+    known = {f.name for f in fields(PretrainedCfg)}
+    base = {k: v for k, v in cfg.items() if k in known}
+    named = tags or {"": {}}
+    default_cfgs[name] = DefaultCfg(
+        tags=deque(named), cfgs={tag: PretrainedCfg(**{**base, **weights}) for tag, weights in named.items()}
+    )
+    register_model(_timm_entrypoint(name, fn))
+
+
+def register_all_with_timm() -> None:
+    """Tell timm of every preset and of extracted subnets' architecture (`vit.extract`): run once, when timm is
+    imported."""
+    from . import extract  # noqa: F401  (registers prance_subnet)
+
+    for name, fn in _SUPERNETS.items():
+        _register_with_timm(name, fn, _TAGS[name])
+    _TIMM_KNOWS.append(True)
 
 
 def _timm_entrypoint(name: str, preset: Callable[..., ElasticViT]) -> Callable[..., ElasticViT]:
@@ -72,7 +94,7 @@ def _timm_entrypoint(name: str, preset: Callable[..., ElasticViT]) -> Callable[.
 
     def entrypoint(
         pretrained: bool = False,
-        pretrained_cfg: str | dict | PretrainedCfg | None = None,
+        pretrained_cfg: str | dict | None = None,
         pretrained_cfg_overlay: dict | None = None,
         cache_dir: str | os.PathLike | None = None,
         device: torch.device | str | None = None,
@@ -82,7 +104,10 @@ def _timm_entrypoint(name: str, preset: Callable[..., ElasticViT]) -> Callable[.
         feature_cls: str = "getter",
         feature_cfg: dict | None = None,
         **kwargs,
-    ) -> ElasticViT | FeatureGetterNet:
+    ):
+        from timm.models import PretrainedCfg
+        from timm.models._features import FeatureGetterNet  # timm's features_only wrapper of ViTs (not re-exported)
+
         kwargs.pop("pretrained_model_args", None)  # what a local-dir config says it was built with: kwargs hold it
         if isinstance(pretrained_cfg, str):  # a tag, as in "prance_fmnist.shipped"
             known = list(default_cfgs[name].tags)
@@ -196,11 +221,47 @@ def load_pretrained(
     """
     source = str(source)
     if source.startswith("timm:"):
-        state = timm.create_model(source[len("timm:") :], pretrained=True, cache_dir=cache_dir).state_dict()
+        state = hub_state_dict(source[len("timm:") :], cache_dir)
     else:
         state = read_state_dict(source)
     _load_adapted(model, state, source)
     return rewire(model)
+
+
+def hub_state_dict(timm_name: str, cache_dir: str | os.PathLike | None = None, timeout: float = 3.0) -> dict:
+    """The weights of timm's pretrained `timm_name`, from the Hugging Face hub cache or the hub. When they are not
+    cached and the hub does not answer within `timeout` seconds (or `HF_HUB_OFFLINE` is set), a one-line
+    `ConnectionError` saying how to go on without it, instead of the hub client's retries and traceback."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    found = [
+        huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+        for name in ("model.safetensors", "pytorch_model.bin")
+        if repo is not None
+    ]
+    cached = next((path for path in found if isinstance(path, str)), None)
+    if cached is not None:  # no request to the hub at all
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached}).state_dict()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_reachable(timeout):
+        why = "HF_HUB_OFFLINE is set" if offline else f"{huggingface_hub.constants.ENDPOINT} did not answer"
+        raise ConnectionError(
+            f"timm's {timm_name} weights are not in the hub cache and {why}: pass a local weights file instead "
+            "(--init FILE, a timm state dict or .safetensors), or download them once where there is a network"
+        )
+    return timm.create_model(timm_name, pretrained=True, cache_dir=cache_dir).state_dict()
+
+
+def _hub_reachable(timeout: float) -> bool:
+    """Whether the Hugging Face hub's host accepts a connection within `timeout` seconds."""
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _load_adapted(model: ElasticViT, state: dict[str, torch.Tensor], source: str) -> None:
@@ -220,6 +281,9 @@ def adapt_to_model(model: ElasticViT, state: dict[str, torch.Tensor]) -> dict[st
     embedding of the patches resampled (bicubic) to the model's grid, the patch projection's input channels summed or
     repeated (`timm.models.adapt_input_conv`), and for another number of classes the model's own (fresh) head. Other
     keys are left as they are."""
+    from timm.layers import resample_abs_pos_embed
+    from timm.models import adapt_input_conv
+
     state = dict(state)
     pos, own = state.get("pos_embed"), model.pos_embed
     if pos is not None and pos.ndim == 3 and pos.shape[1] != own.shape[1] and pos.shape[2] == own.shape[2]:
@@ -356,3 +420,6 @@ __all__ = [
     "load_pretrained",
     "register_supernet",
 ]
+
+
+after_import("timm", register_all_with_timm)  # now, if timm is imported already

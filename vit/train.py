@@ -38,11 +38,11 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .checkpoint import read_train_state, save_checkpoint, save_train_state
+from .cli import amp_field, device_field, threads_field, workers_field
 from .config import Subnet
 from .data import (
     SeededItems,
     batch_loader,
-    default_workers,
     is_image_folder,
     load_dataset,
     memory_tensors,
@@ -105,9 +105,10 @@ class TrainConfig(SupernetShape):
     out: str = field(default="runs/supernet", metadata={"help": "output folder (checkpoints, TensorBoard)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt when it exists"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    workers: int = field(default_factory=default_workers, metadata={"help": "data loader workers (ImageFolder)"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (the CPU trains in fp32)"})
+    device: str = device_field()
+    threads: int = threads_field()
+    workers: int = workers_field()
+    amp: bool = amp_field("bf16 autocast on CUDA (the CPU trains in fp32)")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -312,6 +313,8 @@ def train_supernet(
         model: a supernet to train instead of building `cfg.supernet` (e.g. a custom size).
         on_epoch_end: called with (epoch, metrics) after each epoch's checkpoint is written.
     """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     rank, world, device = setup_distributed(cfg.device)
     imagefolder = is_image_folder(cfg.data)
     if not imagefolder and (cfg.auto_augment or cfg.reprob):
