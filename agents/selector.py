@@ -25,7 +25,7 @@ from vit.train import held_out_batches, subset_batches
 from .adaptive import AdaptiveViT, Calibration, calibration_curve
 
 SHIPPED = Path(__file__).resolve().parent / "checkpoints"
-SHAPE_KEYS = ("num_classes", "img_size", "in_chans")  # the preset arguments a signature records
+SHAPE_KEYS = vit.registry.SHAPE_KEYS  # the preset arguments a signature records
 
 
 def resolve_selector(path: str | os.PathLike) -> Path:

@@ -56,7 +56,9 @@ MDP = prance_env.MDPConfig()  # PranceViT-v1's defaults: a new selector trains o
 class SelectorConfig(SupernetShape):
     """Train a PRANCE selector on PranceViT-v1."""
 
-    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
+    supernet: str | None = field(
+        default=None, metadata={"help": "registered supernet name (default: the checkpoint's, else prance_fmnist)"}
+    )
     checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
     token_mode: str | None = field(default=None, metadata={"help": "prune | merge | prune_merge (default: preset)"})
     data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
@@ -122,13 +124,18 @@ class SelectorConfig(SupernetShape):
         """Where the decisions of this run fall and what each sets."""
         return DecisionSchedule.named(self.decisions, self.stem_blocks, self.blocks_per_step)
 
+    @property
+    def preset(self) -> str:
+        """The preset this run builds: `supernet`, else the one `checkpoint` records, else `prance_fmnist`."""
+        return vit.registry.preset_name(self.supernet, self.checkpoint)
+
     def build_supernet(self) -> vit.ElasticViT:
         """The supernet of this run: the preset `supernet` at the shapes given, with the weights of `checkpoint`
         (default: the preset's reference weights), offering the ratios the decisions choose."""
         kwargs = self.shape_kwargs() | self.schedule().supernet_kwargs()
         kwargs |= {} if self.token_mode is None else {"token_mode": self.token_mode}
         return vit.create_supernet(
-            self.supernet, pretrained=self.checkpoint is None, checkpoint=self.checkpoint, **kwargs
+            self.preset, pretrained=self.checkpoint is None, checkpoint=self.checkpoint, **kwargs
         )
 
     def env_kwargs(self) -> dict:
@@ -137,7 +144,7 @@ class SelectorConfig(SupernetShape):
         checkpoint = None if self.checkpoint is None else str(Path(self.checkpoint).resolve())
         schedule = self.schedule()
         return dict(
-            supernet=self.supernet,
+            supernet=self.preset,
             checkpoint=checkpoint,
             token_mode=self.token_mode,
             data=self.data,

@@ -34,7 +34,7 @@ class EnvConfig:
     The MDP's defaults are `MDPConfig`'s: the MDP the shipped selector was trained on.
     """
 
-    supernet: str | vit.ElasticViT = "prance_fmnist"
+    supernet: str | vit.ElasticViT | None = None
     checkpoint: str | os.PathLike | None = None
     data: str | Dataset = "fashion-mnist"
     data_dir: str | os.PathLike | None = None
@@ -47,6 +47,9 @@ class EnvConfig:
     price_range: Sequence[float] = MDP.price_range
     token_penalty: float = MDP.token_penalty
     decisions: str | DecisionSchedule = "per-block"
+    num_classes: int | None = None
+    img_size: int | None = None
+    in_chans: int | None = None
     stem_blocks: int | None = None
     blocks_per_step: int | None = None
     layout: str = "packed"
@@ -82,7 +85,11 @@ class EnvConfig:
         """The MDP over the supernet, and its image source."""
         config = self.mdp_config()
         device = resolve_device(self.device)
-        model = build_supernet(self.supernet, self.checkpoint, self.token_mode, self.choices, device, config.schedule)
+        shape = {k: getattr(self, k) for k in vit.registry.SHAPE_KEYS if getattr(self, k) is not None}
+        supernet = self.supernet
+        if not isinstance(supernet, vit.ElasticViT):
+            supernet = vit.registry.preset_name(supernet, self.checkpoint)
+        model = build_supernet(supernet, self.checkpoint, self.token_mode, self.choices, device, config.schedule, shape)
         source = build_source(self.data, self.data_dir, self.split, model, device, self.workers)
         return BatchedMDP(model, config, self.layout, self.amp), source
 
@@ -94,11 +101,17 @@ def build_supernet(
     choices: Mapping[str, Sequence] | None,
     device: torch.device,
     schedule: DecisionSchedule = DecisionSchedule(),
+    shape: Mapping[str, int] | None = None,
 ) -> vit.ElasticViT:
     """A supernet module as given, or the registered preset `supernet` with its shipped or given weights, offering
     the ratios the decisions of `schedule` choose (`DecisionSchedule.supernet_kwargs`) unless `choices` says
-    otherwise."""
+    otherwise, at the `shape` given (`num_classes`, `img_size`, `in_chans`; by default the checkpoint's or the
+    preset's)."""
     if isinstance(supernet, vit.ElasticViT):
+        if shape:
+            raise ValueError(
+                "num_classes, img_size and in_chans apply to a supernet built by name; your module has its own"
+            )
         if token_mode not in (None, supernet.token_mode) or choices:
             raise ValueError("token_mode and choices apply to a supernet built by name; configure your module instead")
         if checkpoint is not None:
@@ -112,6 +125,7 @@ def build_supernet(
     kwargs = schedule.supernet_kwargs() | {CHOICE_KEYS[k]: tuple(v) for k, v in (choices or {}).items()}
     if token_mode is not None:
         kwargs["token_mode"] = token_mode
+    kwargs |= dict(shape or {})
     model = vit.create_supernet(supernet, pretrained=checkpoint is None, checkpoint=checkpoint, **kwargs)
     return model.to(device)
 

@@ -98,11 +98,11 @@ class PranceViTEnv(gym.Env):
     ## Arguments
 
     ```python
-    gymnasium.make("PranceViT-v1", supernet="prance_fmnist", checkpoint=None, data="fashion-mnist",
+    gymnasium.make("PranceViT-v1", supernet=None, checkpoint=None, data="fashion-mnist",
                    data_dir=None, split="train", device="auto", token_mode=None, choices=None, reward="delta",
                    quality="logprob", price=None, price_range=(3e-4, 2.0), token_penalty=0.0, decisions="per-block",
-                   stem_blocks=None, blocks_per_step=None, action_type="discrete", render_mode=None,
-                   layout="packed", amp=False, workers=0)
+                   num_classes=None, img_size=None, in_chans=None, stem_blocks=None, blocks_per_step=None,
+                   action_type="discrete", render_mode=None, layout="packed", amp=False, workers=0)
     ```
 
     `price`, `action_type` and `render_mode` are the env's own; the others are `prance_env.EnvConfig`'s, which the
@@ -116,7 +116,9 @@ class PranceViTEnv(gym.Env):
     selector was trained on, so
     `PPO.load("agents/checkpoints/prance_fmnist.zip", env=gymnasium.make("PranceViT-v1"))` runs it.
 
-    `supernet` is a registered name (its shipped weights, or `checkpoint`) or a `vit.ElasticViT`; `data` a
+    `supernet` is a registered name (its shipped weights, or `checkpoint`; default: the preset the checkpoint file
+    records, else `prance_fmnist`) or a `vit.ElasticViT`; `num_classes`, `img_size`, `in_chans` set a named preset's
+    shape, as in the scripts (default: the checkpoint's, else the preset's); `data` a
     dataset name for `vit.load_dataset` or a torch Dataset of (image, label); `choices` overrides the per-block
     choices of a named supernet, e.g. `{"keep_ratio": (0.5, 0.75, 1.0)}`. `layout` is how the batch of per-sample
     configurations is held (`packed` or `bucketed`: the same episodes). `amp=True` runs the supernet under bf16

@@ -524,8 +524,11 @@ def test_registered_defaults_are_the_mdp_the_shipped_selector_was_trained_on():
     assert recorded == mdp.schedule == registered == training.schedule() == per_block
     price_range = tuple(settings["env"]["price_range"])
     assert price_range == mdp.price_range == defaults["price_range"] == (training.price_low, training.price_high)
-    for key in ("supernet", "checkpoint", "token_mode", "data", "data_dir", "split"):
+    for key in ("checkpoint", "token_mode", "data", "data_dir", "split"):
         assert settings["env"][key] == defaults[key], key
+    # no supernet named: the checkpoint's preset, else prance_fmnist, the shipped selector's
+    assert settings["env"]["supernet"] == vit.registry.preset_name(defaults["supernet"], defaults["checkpoint"])
+    assert settings["env"]["supernet"] == training.preset
 
 
 def test_v0_is_the_mdp_of_the_stage_one_pair_and_differs_from_v1_by_its_prices(fmnist_dir):

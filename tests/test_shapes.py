@@ -4,6 +4,7 @@ follows the model, selectors that record the supernet they were trained on, and 
 import json
 from pathlib import Path
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
@@ -161,3 +162,43 @@ def test_an_imagefolder_goes_through_every_script(tmp_path, name, classes, in_ch
     assert 0.0 <= full["top1"] <= 1.0
     assert sum(line.startswith("image ") for line in shown.splitlines()) == 2
     assert (tmp_path / "visualize" / "tokens.png").stat().st_size > 0
+
+
+@pytest.mark.long
+def test_a_newcomer_s_imagefolder_needs_no_shape_flag(tmp_path):
+    """A 5-class RGB 64-px ImageFolder: the head follows the folder, the selector and the env follow the supernet
+    file, and a preset for grey images is refused with the flags to pass."""
+    root = write_image_folder(tmp_path / "shapes", 5, per_class={"train": 2, "val": 1}, size=64)
+    data = ["--data", "imagefolder", "--data-dir", str(root), "--device", "cpu"]
+    run("train_supernet.py", "--supernet", "prance_deit_tiny", *data, "--epochs", "1", "--steps-per-epoch", "1",
+        "--batch-size", "4", "--eval-batches", "1", "--out", str(tmp_path / "supernet"))  # fmt: skip
+    weights = tmp_path / "supernet" / "supernet.safetensors"
+    assert vit.checkpoint.recorded_model(weights) == {
+        "architecture": "prance_deit_tiny", "num_classes": 5, "img_size": 224, "in_chans": 3
+    }  # fmt: skip
+    run("train_selector.py", "--checkpoint", str(weights), *data, "--eval-split", "val", "--num-envs", "4",
+        "--n-steps", "11", "--minibatch-size", "22", "--images", "4", "--total-steps", "44",
+        "--out", str(tmp_path / "selector"))  # fmt: skip
+    selector = tmp_path / "selector" / "selector"
+    settings = json.loads(selector.with_suffix(".json").read_text())
+    assert settings["signature"]["supernet"] == "prance_deit_tiny" and settings["signature"]["num_classes"] == 5
+    ratios = settings["calibration"]["ratios"]
+    budget = f"{(min(ratios) + max(ratios)) / 2:.3f}"  # a budget inside what this barely trained selector reaches
+    run("evaluate.py", "--selector", str(selector), "--budgets", budget, "--images", "5", "--calib-images", "5",
+        "--batch-size", "5", "--device", "cpu", "--out", str(tmp_path / "evaluate"))  # fmt: skip
+    run("visualize.py", "--selector", str(selector), "--budget", budget, "--images", "2", "--device", "cpu",
+        "--out", str(tmp_path / "visualize"))  # fmt: skip
+    assert (tmp_path / "visualize" / "tokens.png").is_file()
+    adaptive = agents.load_adaptive(selector, device="cpu", budget=float(budget))
+    assert adaptive.supernet.num_classes == 5
+
+    env = gymnasium.make("PranceViT-v1", checkpoint=str(weights), data="imagefolder", data_dir=str(root), device="cpu")
+    obs, _ = env.reset(seed=0)
+    assert env.unwrapped.model.num_classes == 5 and obs["cls"].shape == (192,)
+
+    refused = run_script(
+        "train_supernet.py", *data, "--epochs", "1", "--out", str(tmp_path / "grey"), check=False, timeout=120
+    )
+    assert refused.returncode != 0 and not (tmp_path / "grey").exists()
+    for flag in ("--in-chans 3", "--num-classes 5", "--supernet"):
+        assert flag in refused.stderr

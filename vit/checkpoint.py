@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,11 +57,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     return path
 
 
+#: what a supernet file records of its model, beside the weights: the preset and its shape arguments
+RECORDED = ("architecture", "num_classes", "img_size", "in_chans")
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write the weights of `model` to a safetensors file (atomically), with JSON-able `metadata`."""
+    """Write the weights of `model` to a safetensors file (atomically), with JSON-able `metadata`; a model with a
+    `pretrained_cfg` (a supernet) also records its preset and shape (`RECORDED`, read by `recorded_model`)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "metadata": json.dumps(metadata or {})}
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        in_chans, img_size, _ = cfg["input_size"]
+        shape = {"architecture": cfg.get("architecture"), "num_classes": cfg["num_classes"]}
+        meta["model"] = json.dumps(shape | {"img_size": img_size, "in_chans": in_chans})
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def recorded_model(path: str | os.PathLike) -> dict:
+    """The preset (`architecture`) and shape a supernet file records (`save_checkpoint`); {} for a file that records
+    none (older files, `.pt` state dicts, timm's weights)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        recorded = json.loads(meta.get("model", "{}"))
+    except Exception:  # not a readable safetensors file: loading it says so
+        return {}
+    return {k: v for k, v in recorded.items() if k in RECORDED and v is not None}
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -134,6 +160,7 @@ __all__ = [
     "check_state_dict",
     "load_checkpoint",
     "read_state_dict",
+    "recorded_model",
     "read_train_state",
     "save_checkpoint",
     "save_train_state",

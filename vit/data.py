@@ -162,6 +162,26 @@ def _open_image(path: str, mode: str) -> object:
         return Image.open(f).convert(mode)
 
 
+def image_folder_shape(root: str | os.PathLike, split: str = "train") -> dict[str, int]:
+    """`num_classes` (the class folders of `root/split`) and `in_chans` (1 when every image of the first class
+    folder's first few is grey, else 3) of an ImageFolder, without decoding it all."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ImageFolder split not found: {folder} (expected root/{split}/<class>/*.jpg)")
+    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{folder} holds no class folders (expected {folder}/<class>/*.jpg)")
+    from PIL import Image
+
+    files = sorted(f for f in classes[0].iterdir() if f.is_file())[:8]
+    modes = set()
+    for file in files:
+        with contextlib.suppress(OSError), Image.open(file) as image:
+            modes.add(image.mode)
+    grey = bool(modes) and modes <= {"1", "L", "I", "I;16", "F"}
+    return {"num_classes": len(classes), "in_chans": 1 if grey else 3}
+
+
 def _image_folder(
     split: str, root: str | os.PathLike | None, model: torch.nn.Module | None, augment: bool, **overrides: object
 ) -> Dataset:

@@ -22,7 +22,7 @@ from .config import TOKEN_MODES
 from .data import load_dataset, stratified_subset
 from .extract import SUBNET_ARCHITECTURE, extract_subnet, save_subnet
 from .flops import count_macs
-from .registry import SupernetShape, create_supernet
+from .registry import SupernetShape, create_supernet, preset_name
 from .train import Batches, evaluate
 from .utils import resolve_device
 
@@ -31,7 +31,9 @@ from .utils import resolve_device
 class GridConfig(SupernetShape):
     """Evaluate a grid of static subnets."""
 
-    supernet: str = field(default="prance_fmnist", metadata={"help": "registered supernet name"})
+    supernet: str | None = field(
+        default=None, metadata={"help": "registered supernet name (default: the checkpoint's, else prance_fmnist)"}
+    )
     checkpoint: str | None = field(default=None, metadata={"help": "supernet weights file (default: shipped)"})
     data: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist | imagefolder | imagenet"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset folder (default: Debian's Fashion-MNIST)"})
@@ -69,7 +71,7 @@ def grid_rows(cfg: GridConfig) -> list[dict]:
     runs = [(m, v) for m in cfg.modes for v in (cfg.merge_variants if m != "prune" else cfg.merge_variants[:1])]
     for mode, variant in runs:
         model = create_supernet(
-            cfg.supernet,
+            preset_name(cfg.supernet, cfg.checkpoint),
             pretrained=cfg.checkpoint is None,
             checkpoint=cfg.checkpoint,
             token_mode=mode,
@@ -116,7 +118,7 @@ def extract_and_check(cfg: GridConfig) -> dict:
     variant = {"merge_variant": cfg.merge_variants[0]} if len(cfg.merge_variants) == 1 else {}
     model = (
         create_supernet(
-            cfg.supernet,
+            preset_name(cfg.supernet, cfg.checkpoint),
             pretrained=cfg.checkpoint is None,
             checkpoint=cfg.checkpoint,
             **mode,

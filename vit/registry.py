@@ -21,7 +21,7 @@ from pathlib import Path
 import huggingface_hub
 import torch
 
-from .checkpoint import check_state_dict, load_checkpoint, read_state_dict
+from .checkpoint import check_state_dict, load_checkpoint, read_state_dict, recorded_model
 from .imports import after_import
 from .rewire import rewire
 from .supernet import ElasticViT
@@ -153,6 +153,17 @@ def _timm_entrypoint(name: str, preset: Callable[..., ElasticViT]) -> Callable[.
     return entrypoint
 
 
+#: the shape arguments of a preset that a supernet file records and that follow the data
+SHAPE_KEYS = ("num_classes", "img_size", "in_chans")
+
+
+def preset_name(name: str | None, checkpoint: str | os.PathLike | None = None) -> str:
+    """The preset to build: `name`, else the one the `checkpoint` file records, else `prance_fmnist`."""
+    if name is not None:
+        return name
+    return (recorded_model(checkpoint) if checkpoint is not None else {}).get("architecture") or "prance_fmnist"
+
+
 def list_supernets() -> list[str]:
     """The registered preset names."""
     return sorted(_SUPERNETS)
@@ -167,6 +178,17 @@ def create_supernet(
     """
     if name not in _SUPERNETS:
         raise ValueError(f"unknown supernet {name!r}; registered: {', '.join(list_supernets())}")
+    if checkpoint is not None:  # the shape the file records, where none is asked
+        recorded = recorded_model(checkpoint)
+        asked = {k: kwargs[k] for k in SHAPE_KEYS if k in kwargs and k in recorded and kwargs[k] != recorded[k]}
+        if asked:
+            flags = ", ".join(f"--{k.replace('_', '-')} {recorded[k]}" for k in asked)
+            raise ValueError(
+                f"{checkpoint} holds a {recorded.get('architecture', 'supernet')} of "
+                f"{', '.join(f'{k}={recorded[k]}' for k in SHAPE_KEYS if k in recorded)}, not "
+                f"{', '.join(f'{k}={v}' for k, v in asked.items())}: leave the shape to the file or pass {flags}"
+            )
+        kwargs = {k: recorded[k] for k in SHAPE_KEYS if k in recorded} | kwargs
     model = _SUPERNETS[name](pretrained=pretrained and checkpoint is None, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
@@ -418,6 +440,7 @@ __all__ = [
     "create_supernet",
     "list_supernets",
     "load_pretrained",
+    "preset_name",
     "register_supernet",
 ]
 

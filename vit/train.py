@@ -43,6 +43,7 @@ from .config import Subnet
 from .data import (
     SeededItems,
     batch_loader,
+    image_folder_shape,
     is_image_folder,
     load_dataset,
     memory_tensors,
@@ -301,6 +302,26 @@ def param_groups(model: ElasticViT, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def shape_for_data(name: str, data: str, data_dir: str | os.PathLike | None, given: dict) -> dict:
+    """The shape arguments to build preset `name` with for `data`: `given` (the flags passed), and for an
+    ImageFolder the classes of its folder; its images' channels must be the preset's unless `in_chans` is given, a
+    `ValueError` naming the flags otherwise. Fashion-MNIST and other data leave `given` as it is."""
+    if not is_image_folder(data) or data_dir is None:
+        return dict(given)
+    found = image_folder_shape(data_dir)
+    with torch.device("meta"):
+        in_chans = create_supernet(name).patch_embed.in_chans
+    if "in_chans" not in given and found["in_chans"] != in_chans:
+        colour = {1: "grey (1 channel)", 3: "RGB (3 channels)"}
+        raise ValueError(
+            f"{name} reads {colour[in_chans]} images but the ImageFolder {data_dir} holds {colour[found['in_chans']]} "
+            f"images in {found['num_classes']} classes: pass --in-chans {found['in_chans']} "
+            f"--num-classes {found['num_classes']} to train {name} on them, or a preset for such images "
+            "(--supernet prance_deit_tiny, ...)"
+        )
+    return {"num_classes": found["num_classes"], **given}
+
+
 def train_supernet(
     cfg: TrainConfig,
     model: ElasticViT | None = None,
@@ -325,7 +346,7 @@ def train_supernet(
     torch.manual_seed(cfg.seed)
     schedule = DecisionSchedule.named(cfg.decisions)
     if model is None:
-        kwargs = cfg.shape_kwargs() | schedule.supernet_kwargs()
+        kwargs = shape_for_data(cfg.supernet, cfg.data, cfg.data_dir, cfg.shape_kwargs()) | schedule.supernet_kwargs()
         model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path, **kwargs)
     if schedule.grouped:  # the sampled subnets must be the model's (per-block sampling draws from its own space)
         schedule.check(model.search_space)
