@@ -30,6 +30,7 @@ order rotating from batch to batch, so each batch is one round of interleaved ti
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -112,23 +113,35 @@ def matched(rows: list[dict], ratio: float) -> dict:
     return min(rows, key=lambda r: abs(r["flops_ratio"] - ratio))
 
 
-def markdown(rows: list[dict], batch_size: int, images: int, precision: str) -> str:
-    """The table of `rows`; params are those each image's subnet reads, averaged over the images."""
+def markdown(rows: list[dict], batch_size: int, images: int, precision: str, top5: bool = True) -> str:
+    """The table of `rows`; params are those each image's subnet reads, averaged over the images. `top5`: a Top-5
+    column (meaningless at 5 classes or fewer, where it is always 100)."""
+    five = ("Top-5 (%) | ", "---|") if top5 else ("", "")
     lines = [
         f"Held-out split, {images} images, batch {batch_size}, {precision}; images/s measured in the same run, every "
         "batch running every row in turn; speed-up: the median over batches of the full model's time over the row's.",
         "",
-        "| method | setting | Top-1 (%) | Top-5 (%) | GMACs | MACs ratio | params (M) | tokens kept | images/s "
+        f"| method | setting | Top-1 (%) | {five[0]}GMACs | MACs ratio | params (M) | tokens kept | images/s "
         "| speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"|---|---|---|{five[1]}---|---|---|---|---|---|",
     ]
     for r in rows:
+        top5_cell = f"{r['top5'] * 100:.2f} | " if top5 else ""
         lines.append(
-            f"| {r['method']} | {r['setting']} | {r['top1'] * 100:.2f} | {r['top5'] * 100:.2f} | {r['gmacs']:.4f} "
+            f"| {r['method']} | {r['setting']} | {r['top1'] * 100:.2f} | {top5_cell}{r['gmacs']:.4f} "
             f"| {r['flops_ratio']:.3f} | {r['params'] / 1e6:.3f} | {r['tokens_kept']:.3f} | {r['images_per_s']:.0f} "
             f"| {r['speedup']:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def budget_setting(budget: float, price: float, reached: float, price_range: tuple[float, float]) -> str:
+    """A selector row's setting: the budget asked and the price it was given, or, when calibration stopped at an
+    end of the trained prices short of the budget, the budget marked out of reach with the ratio reached."""
+    at_end = any(math.isclose(price, end, rel_tol=1e-9) for end in price_range)
+    if at_end and abs(reached - budget) > 0.02:
+        return f"budget {budget:g} out of reach (reached {reached:.3f}), price {price:.3g}"
+    return f"budget {budget:g}, price {price:.3g}"
 
 
 def heuristic_methods(model: vit.ElasticViT, calibration: list) -> dict[str, tuple[str, Method]]:
@@ -168,6 +181,7 @@ def report_rows(
     subnets: list[vit.Subnet],
     prices: dict[tuple[float, tuple[str, int]], float],
     heuristics: dict[str, tuple[str, Method]],
+    price_range: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, list[dict] | dict[str, list[dict]]]:
     """The report's rows from the measured methods (keyed as `evaluate_selector` names them): `table` (the printed
     table, in order), `grid` (every static subnet, the full model first), `uniform` (the grid's full-width rows),
@@ -191,10 +205,10 @@ def report_rows(
     selector_rows, table = [], [full]
     for budget in budgets:
         for mode in modes:
-            price = prices[budget, mode]
+            price, result = prices[budget, mode], measured[f"selector {budget} {mode}"]
             row = {
                 "method": f"PRANCE selector, {mode_name(*mode)}",
-                "setting": f"budget {budget:g}, price {price:.3g}",
+                "setting": budget_setting(budget, price, result["flops_ratio"], price_range),
                 "mode": mode_name(*mode),
                 "execution": mode[0],
                 "prototypes": mode[1] if mode[0] == "prototypes" else None,
@@ -251,16 +265,18 @@ def evaluate_selector(cfg: EvaluateConfig) -> list[dict]:
     heuristics = heuristic_methods(model, calibration) if cfg.heuristics else {}
     methods |= {key: method for key, (_, method) in heuristics.items()}
     measured = evaluate_methods(methods, test, model, desc="evaluating every row, batch by batch")
-    rows = report_rows(measured, model, subnets, prices, heuristics)
+    rows = report_rows(measured, model, subnets, prices, heuristics, adaptive.price_range)
     table = rows["table"]
 
     precision = f"{cfg.precision} weights" + (", bf16 autocast" if cfg.amp else "")
-    text = markdown(table, cfg.batch_size, images, precision)
+    text = markdown(table, cfg.batch_size, images, precision, top5=model.num_classes > 5)
     (out / "results.md").write_text(text + "\n")
     saved = {"table": table, "grid": rows["grid"], "heuristics": rows["heuristics"]}
     (out / "results.json").write_text(json.dumps(saved, indent=2))
+    name, folder = selector_data(cfg.selector, cfg.data, cfg.data_dir)
+    dataset = f"ImageFolder {Path(folder).name}" if vit.data.is_image_folder(name) and folder else name
     title = (
-        f"{selector_data(cfg.selector, cfg.data)[0]} held-out split, {images} images: "
+        f"{dataset} held-out split, {images} images: "
         f"{model.pretrained_cfg['architecture']} ({model.token_mode}), {precision}"
     )
     others = [table[0], table[-1]]  # the full model and random decisions
@@ -276,6 +292,7 @@ __all__ = [
     "calibrated_prices",
     "evaluate_selector",
     "heuristic_methods",
+    "budget_setting",
     "markdown",
     "matched",
     "report_rows",

@@ -101,3 +101,22 @@ def test_calibrate_selector_records_a_curve_that_load_adaptive_reads(tmp_path, f
     smallest = vit.count_macs(adaptive.supernet, adaptive.supernet.search_space.smallest()) / adaptive.full_macs
     assert all(smallest - 1e-9 <= r <= 1 for r in calibration.ratios)
     assert calibration.ratios[0] > calibration.ratios[-1]  # dearer compute, fewer MACs
+
+
+def test_a_budget_out_of_reach_is_labelled_with_what_was_reached():
+    from agents.report import budget_setting
+
+    assert budget_setting(0.5, 2.0, 0.305, (3e-4, 2.0)) == "budget 0.5 out of reach (reached 0.305), price 2"
+    assert budget_setting(0.3, 2.0, 0.31, (3e-4, 2.0)) == "budget 0.3, price 2"  # reached at the range's end
+    assert budget_setting(0.5, 0.02, 0.46, (3e-4, 2.0)) == "budget 0.5, price 0.02"  # calibrated inside the range
+
+
+def test_the_results_table_has_a_top5_column_only_beyond_five_classes():
+    from agents.report import markdown
+
+    row = dict(method="m", setting="s", top1=0.5, top5=1.0, gmacs=0.1, flops_ratio=0.5, params=1e6, tokens_kept=1.0)
+    row |= dict(images_per_s=10.0, speedup=1.0)
+    assert "Top-5" in markdown([row], 8, 8, "fp32") and "| 100.00 |" in markdown([row], 8, 8, "fp32")
+    five = markdown([row], 8, 8, "fp32", top5=False)
+    assert "Top-5" not in five and "| 100.00 |" not in five
+    assert all(line.count("|") == 10 for line in five.splitlines()[2:])

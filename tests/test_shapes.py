@@ -189,6 +189,8 @@ def test_a_newcomer_s_imagefolder_needs_no_shape_flag(tmp_path):
     run("visualize.py", "--selector", str(selector), "--budget", budget, "--images", "2", "--device", "cpu",
         "--out", str(tmp_path / "visualize"))  # fmt: skip
     assert (tmp_path / "visualize" / "tokens.png").is_file()
+    table = (tmp_path / "evaluate" / "results.md").read_text()
+    assert "Top-5" not in table and "| Top-1 (%) | GMACs |" in table  # 5 classes: no Top-5 column
     adaptive = agents.load_adaptive(selector, device="cpu", budget=float(budget))
     assert adaptive.supernet.num_classes == 5
 
