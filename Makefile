@@ -3,7 +3,7 @@ VENV := .venv
 LOCK := requirements.lock
 FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv install lock data demo gpu-check test lint clean
+.PHONY: venv install lock data demo gpu-check test lint docs clean
 
 venv install: $(VENV)/.installed
 
@@ -65,6 +65,10 @@ lint: venv
 test: lint data
 	$(VENV)/bin/python -m pytest -n auto --dist worksteal
 
+# The docs (docs/*.md) as a static site in site/, warnings as errors
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,6 +1,6 @@
 """Bad input at every entry point: `ElasticViT.forward`, `agents.AdaptiveViT.forward`, the single and the vector env,
 checkpoints and selector files. Every case gives an error whose type and message name the problem, or a documented
-behaviour (a batch of one, an empty batch); an invalid action loses nothing. The README's "Bad input" table lists
+behaviour (a batch of one, an empty batch); an invalid action loses nothing. The docs' "Bad input" page lists
 each case with its test here or elsewhere."""
 
 import io

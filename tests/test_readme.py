@@ -1,10 +1,12 @@
-"""Every code block of the README runs, at tiny sizes, so that the README cannot drift from the code.
+"""Every code block of the README and of the docs pages runs, at tiny sizes, so that neither can drift from the code.
 
-The Python blocks run in order as one program (later blocks use what earlier ones made), on generated Fashion-MNIST
-files. Each command of the shell blocks runs as written, in one scratch folder (so later commands find what earlier
-ones wrote), with the options of `TINY` appended (argparse keeps the last value of an option, so they only shrink the
-work), DeiT shapes at 32 px, a generated ImageFolder for ImageNet, and the CPU for CUDA. `make` targets are checked
-with a dry run: `make test` is this suite, and `make demo` is the measured job.
+Each Python block of the README runs alone, as a reader copies it; the Python blocks of a docs page run in order as
+one program (later blocks use what earlier ones made); all on generated Fashion-MNIST files. The docs build as a
+site with warnings as errors. Each command of the shell blocks (the README's, then the pages') runs as written, in
+one scratch folder (so later commands find what earlier ones wrote), with the options of `TINY` appended (argparse
+keeps the last value of an option, so they only shrink the work), DeiT shapes at 32 px, a generated ImageFolder for
+ImageNet, and the CPU for CUDA. `make` targets are checked with a dry run: `make test` is this suite, and
+`make demo` is the measured job.
 """
 
 import os
@@ -19,6 +21,9 @@ from conftest import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# the docs pages in the site's order (mkdocs.yml's nav), each a file of docs/
+NAV = re.findall(r"^\s+- [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
+PAGES = {name: (ROOT / "docs" / name).read_text() for name in NAV}
 
 # options appended to each script's command line: small data, few steps, one thread
 PPO = ["--num-envs", "8", "--n-steps", "11", "--minibatch-size", "44", "--images", "8"]
@@ -39,9 +44,9 @@ IMAGENET = "/data/imagenet"  # the README's ImageFolder, replaced by a generated
 SMALL_IMAGES = ["--img-size", "32"]  # DeiT shapes at 32 px: 4 patch tokens
 
 
-def blocks(language: str) -> list[str]:
-    """The README's fenced code blocks of `language`, in order."""
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+def blocks(language: str, text: str = README) -> list[str]:
+    """The fenced code blocks of `language` of a Markdown text (the README's by default), in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def commands(block: str) -> list[list[str]]:
@@ -66,21 +71,37 @@ def env(fmnist_dir) -> dict:
     return {**os.environ, "FASHION_MNIST_DIR": str(fmnist_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def test_the_readme_has_python_and_shell_blocks():
-    assert len(blocks("python")) >= 4 and len(blocks("bash")) >= 3
+def test_the_readme_is_short_and_has_python_and_shell_blocks():
+    assert len(README.splitlines()) <= 300
+    assert len(blocks("python")) >= 3 and len(blocks("bash")) >= 2
+    assert set(NAV) == {p.name for p in (ROOT / "docs").glob("*.md")}  # every page is in the site
 
 
 @pytest.mark.long
-def test_python_blocks_run(tmp_path, env):
-    program = "\n\n".join(blocks("python"))
-    (tmp_path / "readme.py").write_text(program)
-    run([sys.executable, "readme.py"], tmp_path, env)
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_each_readme_python_block_runs_alone(tmp_path, env, index):
+    (tmp_path / "block.py").write_text(blocks("python")[index])
+    run([sys.executable, "block.py"], tmp_path, env)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("page", [name for name in NAV if blocks("python", PAGES[name])])
+def test_each_docs_page_s_python_blocks_run(tmp_path, env, page):
+    (tmp_path / "page.py").write_text("\n\n".join(blocks("python", PAGES[page])))
+    run([sys.executable, "page.py"], tmp_path, env)
+
+
+def test_the_docs_build_with_no_warning(tmp_path):
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    args = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(tmp_path / "site")]
+    run(args, ROOT, env, timeout=120)
+    assert (tmp_path / "site" / "index.html").is_file() and (tmp_path / "site" / "supernet" / "index.html").is_file()
 
 
 @pytest.mark.long
 def test_shell_blocks_run(tmp_path, env, image_folder):
     seen = set()
-    for block in blocks("bash"):
+    for block in blocks("bash") + [b for name in NAV for b in blocks("bash", PAGES[name])]:
         for args in commands(block):
             if args[0] == "make":
                 run(["make", "-n", *args[1:]], ROOT, env)
