@@ -22,6 +22,7 @@ import vit
 from prance_env.mdp import MDPConfig
 from vit.bench import setup_cpu
 from vit.cli import device_field, threads_field
+from vit.data import stratified_subset
 from vit.registry import SupernetShape
 from vit.train import subset_batches
 from vit.utils import resolve_device
@@ -139,7 +140,9 @@ def visualize(cfg: VisualizeConfig) -> Path:
         print(f"wrote {out / 'decisions.png'} and {out / 'decisions.json'}")
         return out / "decisions.png"
 
-    items = [data[i] for i in range(min(cfg.images or TOKEN_MAP_ROWS, len(data)))]
+    # one image of each class in turn (a class-stratified subset), not the split's first images
+    picked = stratified_subset(data, min(cfg.images or TOKEN_MAP_ROWS, len(data))).indices
+    items = sorted((data[int(i)] for i in picked), key=lambda item: int(item[1]))
     images = torch.stack([image for image, _ in items]).to(device)
     labels = [label for _, label in items]
     logits, macs, decisions = adaptive(images, return_decisions=True)

@@ -236,3 +236,19 @@ def test_pareto_figure_draws_every_execution_mode_against_gmacs_and_measured_spe
         assert sorted(t.get_text() for t in ax.texts) == ["budget 0.3", "budget 0.7"]  # the first mode's budgets
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert [f"PRANCE selector, {mode}" for mode in speeds] == [t for t in legend if t.startswith("PRANCE")]
+
+
+def test_token_maps_show_one_image_of_each_class(weights, fmnist_dir, tmp_path, monkeypatch):
+    """The rows are a class-stratified subset of the held-out split in class order, not its first images."""
+    drawn = {}
+    draw = agents.visualize.token_map_figure
+
+    def spy(model, images, subnets, titles, *args, **kwargs):
+        drawn["titles"] = titles
+        return draw(model, images, subnets, titles, *args, **kwargs)
+
+    monkeypatch.setattr(agents.visualize, "token_map_figure", spy)
+    argv = ["--policy", "full", "--checkpoint", str(weights), "--images", "6", "--data-dir", str(fmnist_dir)]
+    visualize([*argv, "--device", "cpu", "--out", str(tmp_path)])
+    classes = [title.split("\n")[0] for title in drawn["titles"]]
+    assert len(classes) == 6 and len(set(classes)) == 6  # six classes, one image each

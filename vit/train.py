@@ -237,7 +237,7 @@ def subset_batches(
     """A seeded, class-stratified subset of `count` images of `dataset` (all when None; `vit.data.stratified_subset`),
     as batches of `batch_size` on `device`, decoded by `workers` loader processes (None: the default number)."""
     if count is not None and count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
+        raise ValueError(f"a count of images (--images, --calib-images) must be at least 1, got {count}")
     subset = dataset if count is None else stratified_subset(dataset, count, seed)
     return list(Batches(subset, batch_size, device, 0, 1, workers, seed).epoch(0, shuffle=False))
 
