@@ -45,22 +45,32 @@ def pareto_front(rows: Sequence[dict], x: str, higher_x_is_better: bool = False)
     return sorted(front, key=lambda r: r[x])
 
 
+#: the least height between two budget labels, in points (their font is 7 pt)
+LABEL_GAP_POINTS = 9.0
+
+
 def _annotate_budgets(ax, selector: Sequence[dict], x: str) -> None:
     """One label per distinct selector point; budgets landing on the same point share it ("budget 0.3 = 0.5").
     Labels sit level with their point, right of it on the GMACs axis and left of it on the images/s axis (where the
-    selector's points are the slowest and the faster rows lie to their right). Level labels do not collide as long
-    as budgets differ in Top-1 by more than a label's height."""
+    selector's points are the slowest and the faster rows lie to their right); a label that would overprint the one
+    below it is raised to `LABEL_GAP_POINTS` above it. Call it once the axis' limits are set."""
     points: dict[tuple[float, float], list[dict]] = {}
     for row in selector:
         key = (round(row[x], 4 if x == "gmacs" else 0), round(row["top1"] * 100, 2))
         points.setdefault(key, []).append(row)
     side = 1 if x == "gmacs" else -1
-    for rows in points.values():
+    low, high = ax.get_ylim()
+    points_per_unit = ax.bbox.height * 72 / ax.figure.dpi / max(high - low, 1e-9)  # the axis' final limits
+    placed: list[float] = []
+    for rows in sorted(points.values(), key=lambda rows: rows[0]["top1"]):
+        level = rows[0]["top1"] * 100 * points_per_unit  # the point's height, in points
+        label_at = level if not placed else max(level, placed[-1] + LABEL_GAP_POINTS)  # stacked, never overprinted
+        placed.append(label_at)
         ax.annotate(
             "budget " + " = ".join(f"{r['budget']:g}" for r in rows),
             (rows[0][x], rows[0]["top1"] * 100),
             textcoords="offset points",
-            xytext=(6 * side, 0),
+            xytext=(6 * side, label_at - level),
             ha="left" if side > 0 else "right",
             va="center",
             fontsize=7,
@@ -110,7 +120,6 @@ def _pareto_panel(
             ms=4,
             label=label,
         )
-    _annotate_budgets(ax, next(iter(modes.values()), []), x)
     for row in others:
         marker, line_colour = OTHER_MARKERS.get(row["method"], ("d", "tab:green"))
         ax.scatter([row[x]], [row["top1"] * 100], marker=marker, c=line_colour, s=70, label=row["method"], zorder=3)
@@ -118,6 +127,7 @@ def _pareto_panel(
     margin = max(0.5, 0.04 * (max(top1) - min(top1)))
     # every point visible, the static grid's included; a heuristic's fronts may fall below it
     ax.set_ylim(min(top1) - margin, max(top1) + margin)
+    _annotate_budgets(ax, next(iter(modes.values()), []), x)
     ax.set_ylabel("Top-1 (%)")
     ax.grid(alpha=0.3)
 

@@ -252,3 +252,15 @@ def test_token_maps_show_one_image_of_each_class(weights, fmnist_dir, tmp_path, 
     visualize([*argv, "--device", "cpu", "--out", str(tmp_path)])
     classes = [title.split("\n")[0] for title in drawn["titles"]]
     assert len(classes) == 6 and len(set(classes)) == 6  # six classes, one image each
+
+
+def test_budget_labels_of_close_points_do_not_overprint():
+    """Three budgets within 0.05 points of Top-1: each label at least a label's height above the one below."""
+    grid = [row(0.2 + 0.03 * k, 0.1 * (k + 1), 1000 / (k + 1)) for k in range(20)]
+    selector = [row(0.88 + 0.0002 * k, 1.0 + 0.2 * k, 500 - 10 * k, budget=b) for k, b in enumerate((0.3, 0.5, 0.7))]
+    fig = pareto_figure(grid, grid[5:], selector, [], "close budgets")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        boxes = sorted((t.get_window_extent() for t in ax.texts), key=lambda b: b.y0)
+        assert len(boxes) == 3
+        assert all(upper.y0 >= lower.y1 - 1 for lower, upper in zip(boxes, boxes[1:]))  # no overlap (1 px slack)
