@@ -407,26 +407,31 @@ def calibrate(
     price_range: tuple[float, float] | None = None,
     tolerance: float = 0.005,
     max_iter: int = 14,
+    measured: dict[float, float] | None = None,
 ) -> float:
     """The price at which `adaptive` spends `target_flops_ratio` of the full model's MACs on `loader`, on average.
 
     Bisection on log(price) inside `price_range` (default: `adaptive.price_range`, the range the selector was
     trained on); the mean MACs ratio falls as the price rises. Returns the price, for `adaptive(images, price=...)`;
     `adaptive` is left as it was. When the target is out of reach inside the range, it returns the endpoint nearest
-    the target and warns.
+    the target and warns. `measured` (price: mean MACs ratio on these images), when given, is read and filled: the
+    calibrations of several budgets on the same images share their measurements, each starting from the tightest
+    bracket measured.
     """
     if not 0.0 < target_flops_ratio <= 1.0:
         raise ValueError(f"target_flops_ratio must lie in (0, 1], got {target_flops_ratio}")
     batches = list(loader)
     price_range = adaptive.price_range if price_range is None else price_range
-    seen: dict[float, float] = {}
+    seen: dict[float, float] = {} if measured is None else measured
 
     def ratio_at(price: float) -> float:
-        seen[price] = measure(adaptive, batches, price=price)["flops_ratio"]
+        if price not in seen:
+            seen[price] = measure(adaptive, batches, price=price)["flops_ratio"]
         return seen[price]
 
     def done() -> float:
-        return min(seen, key=lambda p: abs(seen[p] - target_flops_ratio))
+        inside = [p for p in seen if price_range[0] <= p <= price_range[1]]
+        return min(inside, key=lambda p: abs(seen[p] - target_flops_ratio))
 
     cheapest, dearest = ratio_at(price_range[1]), ratio_at(price_range[0])
     if not cheapest - tolerance <= target_flops_ratio <= dearest + tolerance:
@@ -436,12 +441,14 @@ def calibrate(
             stacklevel=2,
         )
         return done()
-    low, high = math.log(price_range[0]), math.log(price_range[1])
+    inside = [p for p in seen if price_range[0] <= p <= price_range[1]]
+    low = max([p for p in inside if seen[p] > target_flops_ratio], default=price_range[0])
+    high = min([p for p in inside if seen[p] <= target_flops_ratio], default=price_range[1])
     for _ in tqdm(range(max_iter), desc=f"calibrating to {target_flops_ratio:.2f}", leave=False):
-        if min(abs(r - target_flops_ratio) for r in seen.values()) <= tolerance:
+        if min(abs(ratio_at(p) - target_flops_ratio) for p in (low, high)) <= tolerance:
             break
-        mid = 0.5 * (low + high)
-        if ratio_at(math.exp(mid)) > target_flops_ratio:
+        mid = math.sqrt(low * high)
+        if ratio_at(mid) > target_flops_ratio:
             low = mid
         else:
             high = mid

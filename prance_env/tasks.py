@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 import vit
 from vit.data import held_out_split, stratified_subset
+from vit.inference import DecisionSchedule
 
 BUDGETS = (0.3, 0.5, 0.7)
 DECISIONS = ("per-block", "grouped")
@@ -73,6 +74,22 @@ class Task:
     def make_env(self, **kwargs) -> gymnasium.Env:
         """The task's env (`kwargs` add to or override the task's, e.g. `device`)."""
         return gymnasium.make("PranceViT-v1", **(self.env_kwargs() | kwargs))
+
+    def schedule(self) -> DecisionSchedule:
+        """Where the task's decisions fall and what each sets."""
+        return DecisionSchedule.named(self.decisions)
+
+    def build_supernet(self, device: str = "auto") -> vit.ElasticViT:
+        """The task's supernet, as its env builds it: the preset with the task's weights, offering the ratios its
+        decisions choose, in eval mode on `device`."""
+        model = vit.create_supernet(
+            self.supernet,
+            pretrained=self.checkpoint is None,
+            checkpoint=self.checkpoint,
+            **self.schedule().supernet_kwargs(),
+            **{k: v for k, v in self.env_overrides.items() if k == "token_mode"},
+        )
+        return model.to(vit.utils.resolve_device(device)).eval()
 
     def datasets(self, model: vit.ElasticViT) -> tuple[Dataset, Dataset]:
         """(calibration images, held-out images), read at `model`'s input size: the seeded class-stratified subset
