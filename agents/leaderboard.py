@@ -120,6 +120,7 @@ def run_config(run: AgentRun, settings: TrainSettings, out: Path, resume: bool =
         eval_every=100 * settings.steps,
         save_every=50_000,
         images=256,
+        calib_images=0,  # the leaderboard calibrates on its tasks' images
         out=str(out / "agents" / run.label),
         resume=resume,
         seed=run.seed,
@@ -190,6 +191,7 @@ class Entry:
 
 
 SWEEPS = ("full model", "best static subnet", "uniform merging", "PPT-style", "Prune-and-Merge-style")
+STATIC_SWEEPS, STATIC = SWEEPS[:3], "static subnet"
 
 
 def task_names(decisions: str, budgets: tuple[float, ...]) -> list[str]:
@@ -266,7 +268,8 @@ def entry_outcomes(scorer: Scorer, entry: Entry, budgets: tuple[float, ...]) -> 
         return {budget: [scorer.random] for budget in budgets}
     if entry.kind == "sweep":
         methods = sweep_methods(scorer, entry.name)
-        return {budget: [scorer.sweep_outcomes(entry.name, methods, budget)] for budget in budgets}
+        family = STATIC if entry.name in STATIC_SWEEPS else entry.name  # subsets of the static grid
+        return {budget: [scorer.sweep_outcomes(family, methods, budget)] for budget in budgets}
     runs: dict[float, list[Outcomes]] = {budget: [] for budget in budgets}
     for path in tqdm(entry.paths, desc=entry.name, leave=False):
         for budget, outcome in scorer.policy_outcomes(path, budgets).items():
@@ -274,36 +277,58 @@ def entry_outcomes(scorer: Scorer, entry: Entry, budgets: tuple[float, ...]) -> 
     return runs
 
 
-def score_entries(cfg: LeaderboardConfig, chosen: list[Entry]) -> dict:
+def score_entries(cfg: LeaderboardConfig, chosen: list[Entry], cache: Path | None = None) -> dict:
     """Every entry of `chosen` scored on its MDP's tasks: `scores` (one `Score` dict per entry and task) and `auc`
     (per entry, the area under its Top-1-MACs curve over the budgets, None where a budget is out of reach), and the
-    Result-to-Go comparison (`rtg`: delta minus each other reward and one-shot, per budget)."""
-    scores, aucs, rtg = [], [], []
+    Result-to-Go comparison (`rtg`: delta minus each other reward and one-shot, per budget). With `cache`, a
+    folder, each MDP's results are written there (`<mdp>.json`) and reused while the entries and settings that
+    made them are the same: scoring resumes MDP by MDP."""
+    results: dict[str, list] = {"scores": [], "auc": [], "rtg": []}
     for mdp in dict.fromkeys(e.decisions for e in chosen):
-        task = get_task(task_names(mdp, cfg.budgets[:1])[0])
-        task = type(task)(**(asdict(task) | {"data_dir": cfg.data_dir}))
-        scorer = Scorer(task, cfg.device, cfg.batch_size, cfg.held_out_images)
-        outcomes_of = {}
-        for entry in tqdm([e for e in chosen if e.decisions == mdp], desc=f"scoring the {mdp} entries"):
-            runs = entry_outcomes(scorer, entry, cfg.budgets)
-            outcomes_of[entry.name] = runs
-            for budget, name in zip(cfg.budgets, task_names(mdp, cfg.budgets)):
-                score = scorer.score(entry.name, runs[budget], budget)
-                scores.append(Score(**(asdict(score) | {"task": name})).to_dict() | {"decisions": mdp})
-            auc = scorer.auc(runs) if len(cfg.budgets) > 1 else None
-            aucs.append({"entry": entry.name, "decisions": mdp, "auc": None if auc is None else asdict(auc)})
-        delta = outcomes_of.get(AgentRun("ppo", "delta", mdp, 0).entry)
-        others = [AgentRun("ppo", r, mdp, 0).entry for r in REWARDS[1:]] + [AgentRun("ppo", "delta", ONE_SHOT, 0).entry]
-        for other in others:
-            if delta is None or other not in outcomes_of or mdp != "grouped":
+        mine = [e for e in chosen if e.decisions == mdp]
+        key = {"entries": [asdict(e) for e in mine], "budgets": list(cfg.budgets), "data_dir": cfg.data_dir,
+               "held_out_images": cfg.held_out_images}  # fmt: skip
+        path = None if cache is None else cache / f"{mdp}.json"
+        if path is not None and path.is_file() and json.loads(path.read_text())["key"] == json.loads(json.dumps(key)):
+            part = json.loads(path.read_text())["results"]
+            tqdm.write(f"reusing the scores of the {mdp} entries in {path}")
+        else:
+            part = score_mdp(cfg, mdp, mine)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"key": key, "results": part}, indent=2))
+        for name in results:
+            results[name] += part[name]
+    return results
+
+
+def score_mdp(cfg: LeaderboardConfig, mdp: str, chosen: list[Entry]) -> dict:
+    """`score_entries` for the entries of one MDP."""
+    scores, aucs, rtg = [], [], []
+    task = get_task(task_names(mdp, cfg.budgets[:1])[0])
+    task = type(task)(**(asdict(task) | {"data_dir": cfg.data_dir}))
+    scorer = Scorer(task, cfg.device, cfg.batch_size, cfg.held_out_images)
+    outcomes_of = {}
+    for entry in tqdm(chosen, desc=f"scoring the {mdp} entries"):
+        runs = entry_outcomes(scorer, entry, cfg.budgets)
+        outcomes_of[entry.name] = runs
+        for budget, name in zip(cfg.budgets, task_names(mdp, cfg.budgets)):
+            score = scorer.score(entry.name, runs[budget], budget)
+            scores.append(Score(**(asdict(score) | {"task": name})).to_dict() | {"decisions": mdp})
+        auc = scorer.auc(runs) if len(cfg.budgets) > 1 else None
+        aucs.append({"entry": entry.name, "decisions": mdp, "auc": None if auc is None else asdict(auc)})
+    delta = outcomes_of.get(AgentRun("ppo", "delta", mdp, 0).entry)
+    others = [AgentRun("ppo", r, mdp, 0).entry for r in REWARDS[1:]] + [AgentRun("ppo", "delta", ONE_SHOT, 0).entry]
+    for other in others:
+        if delta is None or other not in outcomes_of:
+            continue
+        for budget in cfg.budgets:
+            a = np.stack([o.correct for o in outcomes_of[other][budget]])
+            b = np.stack([o.correct for o in delta[budget]])
+            if a.shape != b.shape:
                 continue
-            for budget in cfg.budgets:
-                a = np.stack([o.correct for o in outcomes_of[other][budget]])
-                b = np.stack([o.correct for o in delta[budget]])
-                if a.shape != b.shape:
-                    continue
-                diff = paired_difference(a, b, scorer.resamples, scorer.level, scorer.random_seed)
-                rtg.append({"decisions": mdp, "budget": budget, "versus": other, "delta_minus": asdict(diff)})
+            diff = paired_difference(a, b, scorer.resamples, scorer.level, scorer.random_seed)
+            rtg.append({"decisions": mdp, "budget": budget, "versus": other, "delta_minus": asdict(diff)})
     return {"scores": scores, "auc": aucs, "rtg": rtg}
 
 
@@ -332,7 +357,7 @@ def leaderboard(cfg: LeaderboardConfig) -> dict:
         return {}
     chosen = entries(cfg)
     results = {"config": asdict(cfg), "machine": machine(), "entries": [asdict(e) for e in chosen]}
-    results |= score_entries(cfg, chosen)
+    results |= score_entries(cfg, chosen, cache=out / "scores")
     results["scoring_s"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = markdown(results)

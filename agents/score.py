@@ -224,11 +224,13 @@ class Scorer:
         return {name: static_method(self.model, s) for name, s in zip(self.static_names, self.static_subnets)}
 
     def sweep(self, name: str, methods: dict[str, Method]) -> dict[str, tuple[Outcomes, Method]]:
-        """The sweep `name`: each setting's outcomes on the calibration images, and its method (measured once)."""
-        if name not in self._sweeps:
-            items = tqdm(methods.items(), desc=f"{name} on the calibration images", leave=False)
-            self._sweeps[name] = {s: (outcomes(m, self.calibration, self.full_macs, s), m) for s, m in items}
-        return self._sweeps[name]
+        """The settings `methods` of the sweep family `name`: each one's outcomes on the calibration images (each
+        setting measured once per family), and its method."""
+        known = self._sweeps.setdefault(name, {})
+        missing = {s: m for s, m in methods.items() if s not in known}
+        for setting, method in tqdm(missing.items(), desc=f"{name} on the calibration images", leave=False):
+            known[setting] = (outcomes(method, self.calibration, self.full_macs, setting), method)
+        return {setting: known[setting] for setting in methods}
 
     def held_out_outcomes(self, name: str, setting: str, method: Method) -> Outcomes:
         """A sweep setting's outcomes on the held-out images (measured once)."""
@@ -284,8 +286,8 @@ class Scorer:
         return runs
 
     def sweep_outcomes(self, name: str, methods: dict[str, Method], budget: float | None = None) -> Outcomes:
-        """The held-out outcomes of the sweep's best setting on the calibration images among those within `budget`
-        (+ `TOLERANCE`); the cheapest when none is."""
+        """The held-out outcomes of the best setting of `methods` (of sweep family `name`) on the calibration images
+        among those within `budget` (+ `TOLERANCE`); the cheapest when none is."""
         budget = self.task.budget if budget is None else budget
         sweep = self.sweep(name, methods)
         within = [s for s, (o, _) in sweep.items() if o.mean_ratio <= budget + TOLERANCE]
