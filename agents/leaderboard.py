@@ -369,8 +369,8 @@ def leaderboard(cfg: LeaderboardConfig) -> dict:
 
 
 def validate(cfg: LeaderboardConfig) -> list[dict]:
-    """Re-run the entries of the results file `cfg.validate` (those naming one of `cfg.only`, all by default) on the
-    settings it records, and check every score: `inside` when the Top-1 and MACs ratio it claims lie inside the
+    """Re-run the entries of the results file `cfg.validate` (those naming one of `cfg.only`, all by default, of the
+    MDPs of `cfg.decisions`) on the settings it records, and check every score: `inside` when the Top-1 and MACs ratio it claims lie inside the
     re-run's intervals. Prints the table; returns its rows."""
     recorded = json.loads(Path(cfg.validate).read_text())
     settings = LeaderboardConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded["config"].items()})
@@ -378,6 +378,7 @@ def validate(cfg: LeaderboardConfig) -> list[dict]:
     setup_cpu(settings.threads, keep_memory=False)
     chosen = [Entry(**(e | {"paths": tuple(e["paths"])})) for e in recorded["entries"]]
     chosen = [e for e in chosen if not cfg.only or any(o in e.name for o in cfg.only)]
+    chosen = [e for e in chosen if e.decisions in cfg.decisions]
     if not chosen:
         raise ValueError(f"no entry of {cfg.validate} names one of {', '.join(cfg.only)}")
     rerun = {(s["entry"], s["task"]): Score.from_dict(_plain(s)) for s in score_entries(settings, chosen)["scores"]}

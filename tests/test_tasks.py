@@ -140,6 +140,9 @@ def test_the_leaderboard_trains_every_algorithm_and_reward_for_three_seeds():
         1000,
         True,
     )
+    mine = leaderboard.LeaderboardConfig(agent=("shipped:prance_fmnist",), algos=(), rewards=(), one_shot=False)
+    yours = [e for e in leaderboard.entries(mine) if e.name.endswith("(yours)")]
+    assert [(e.decisions, e.paths) for e in yours] == [("per-block", ("shipped:prance_fmnist",))]
     with pytest.raises(ValueError, match="shard must be k/n"):
         leaderboard.train_runs(runs, leaderboard.TrainSettings(), Path("out"), shard=(2, 2))
 
