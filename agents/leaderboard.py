@@ -370,8 +370,8 @@ def leaderboard(cfg: LeaderboardConfig) -> dict:
 
 def validate(cfg: LeaderboardConfig) -> list[dict]:
     """Re-run the entries of the results file `cfg.validate` (those naming one of `cfg.only`, all by default, of the
-    MDPs of `cfg.decisions`) on the settings it records, and check every score: `inside` when the Top-1 and MACs ratio it claims lie inside the
-    re-run's intervals. Prints the table; returns its rows."""
+    MDPs of `cfg.decisions`) on the settings it records, and check every score: `inside` when the Top-1 and MACs
+    ratio it claims lie inside the re-run's intervals. Prints the table; returns its rows."""
     recorded = json.loads(Path(cfg.validate).read_text())
     settings = LeaderboardConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded["config"].items()})
     settings.device, settings.threads = cfg.device, cfg.threads
