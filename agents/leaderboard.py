@@ -166,7 +166,7 @@ class LeaderboardConfig:
     agent: tuple[str, ...] = field(default=(), metadata={"help": "saved selectors of yours to add (PATH ...)"})
     shipped: bool = field(default=True, metadata={"help": "the shipped PPO selector (per-block)"})
     heuristics: bool = field(default=True, metadata={"help": "the PPT- and Prune-and-Merge-style baselines"})
-    held_out_images: int | None = field(
+    images: int | None = field(
         default=None, metadata={"help": "held-out images (default: the whole split; fewer for a quick look)"}
     )
     data_dir: str | None = field(default=None, metadata={"help": "Fashion-MNIST folder (default: Debian's)"})
@@ -287,7 +287,7 @@ def score_entries(cfg: LeaderboardConfig, chosen: list[Entry], cache: Path | Non
     for mdp in dict.fromkeys(e.decisions for e in chosen):
         mine = [e for e in chosen if e.decisions == mdp]
         key = {"entries": [asdict(e) for e in mine], "budgets": list(cfg.budgets), "data_dir": cfg.data_dir,
-               "held_out_images": cfg.held_out_images}  # fmt: skip
+               "held_out_images": cfg.images}  # fmt: skip
         path = None if cache is None else cache / f"{mdp}.json"
         if path is not None and path.is_file() and json.loads(path.read_text())["key"] == json.loads(json.dumps(key)):
             part = json.loads(path.read_text())["results"]
@@ -307,7 +307,7 @@ def score_mdp(cfg: LeaderboardConfig, mdp: str, chosen: list[Entry]) -> dict:
     scores, aucs, rtg = [], [], []
     task = get_task(task_names(mdp, cfg.budgets[:1])[0])
     task = type(task)(**(asdict(task) | {"data_dir": cfg.data_dir}))
-    scorer = Scorer(task, cfg.device, cfg.batch_size, cfg.held_out_images)
+    scorer = Scorer(task, cfg.device, cfg.batch_size, cfg.images)
     outcomes_of = {}
     for entry in tqdm(chosen, desc=f"scoring the {mdp} entries"):
         runs = entry_outcomes(scorer, entry, cfg.budgets)
@@ -423,7 +423,7 @@ def _ci(interval: dict | None, scale: float = 100, digits: int = 2, sign: bool =
 def markdown(results: dict) -> str:
     """The leaderboard's tables: one per task, the area under the curve per entry, and the Result-to-Go question."""
     cfg = results["config"]
-    count = cfg["held_out_images"]
+    count = cfg["images"]
     images = "the whole held-out split" if count is None else f"{count} held-out images"
     lines = [
         f"Scored on {images}; prices and best settings found on the tasks' calibration images (train split); "
