@@ -53,7 +53,7 @@ TINY = {
         "--budgets",
         "0.3",
         "0.5",
-        "--held-out-images",
+        "--images",
         "16",
         "--no-heuristics",
         "--no-shipped",
