@@ -48,16 +48,20 @@ class BlockConfig:
         keep_ratio: fraction of patch tokens kept after attention (`prune` or `merge`; in `prune_merge`, the
             pruning ratio). 1.0 keeps all tokens.
         merge_ratio: `prune_merge` only: fraction of the surviving patch tokens kept after merging.
+        embed_dim: the block's embedding width (a prefix of the residual stream's channels), for supernets with an
+            elastic embedding width (`vit.official`); None: the model's one width.
     """
 
     heads: int
     mlp_hidden: int
     keep_ratio: float = 1.0
     merge_ratio: float = 1.0
+    embed_dim: int | None = None
 
     def __str__(self) -> str:
         ratios = f"{self.keep_ratio:g}" if self.merge_ratio == 1.0 else f"{self.keep_ratio:g}/{self.merge_ratio:g}"
-        return f"h{self.heads}-m{self.mlp_hidden}-r{ratios}"
+        embed = "" if self.embed_dim is None else f"e{self.embed_dim}-"
+        return f"{embed}h{self.heads}-m{self.mlp_hidden}-r{ratios}"
 
 
 @dataclass(frozen=True)
@@ -91,17 +95,20 @@ def _ascending(name: str, block: int, values: Sequence) -> tuple:
     return values
 
 
-_BLOCK_PATTERN = re.compile(r"h(\d+)-m(\d+)-r([0-9.]+)(?:/([0-9.]+))?")
+_BLOCK_PATTERN = re.compile(r"(?:e(\d+)-)?h(\d+)-m(\d+)-r([0-9.]+)(?:/([0-9.]+))?")
 
 
 def _parse_block(block: int, spec: str) -> BlockConfig:
-    """A `BlockConfig` from its `str`: `h2-m128-r0.9` or `h2-m128-r0.9/0.8`."""
+    """A `BlockConfig` from its `str`: `h2-m128-r0.9`, `h2-m128-r0.9/0.8`, or with an embed width `e240-h3-m960-r1`."""
     match = _BLOCK_PATTERN.fullmatch(spec)
     if match is None:
-        raise InvalidSubnetError(f"block {block}: {spec!r} is not of the form h<heads>-m<mlp_hidden>-r<keep>[/<merge>]")
-    heads, hidden, keep, merge = match.groups()
+        raise InvalidSubnetError(
+            f"block {block}: {spec!r} is not of the form [e<embed>-]h<heads>-m<mlp_hidden>-r<keep>[/<merge>]"
+        )
+    embed, heads, hidden, keep, merge = match.groups()
     try:
-        return BlockConfig(int(heads), int(hidden), float(keep), 1.0 if merge is None else float(merge))
+        merge = 1.0 if merge is None else float(merge)
+        return BlockConfig(int(heads), int(hidden), float(keep), merge, None if embed is None else int(embed))
     except ValueError:
         raise InvalidSubnetError(f"block {block}: {spec!r} has a ratio that is not a number") from None
 
@@ -196,6 +203,8 @@ class SearchSpace:
             out.append(c.index(value))
         if self.token_mode != "prune_merge" and config.merge_ratio != 1.0:
             raise InvalidSubnetError(f"block {block}: merge_ratio={config.merge_ratio} needs token_mode='prune_merge'")
+        if config.embed_dim is not None:
+            raise InvalidSubnetError(f"block {block}: embed_dim={config.embed_dim}, but this supernet has one embed width")
         return tuple(out)
 
     def validate(self, subnet: Subnet) -> Subnet:
