@@ -80,9 +80,13 @@ def test_pretrained_config_is_registered_with_timm(name):
 def test_list_models_pretrained_lists_the_presets_with_weights():
     assert set(PRESETS) <= set(vit.list_supernets())
     listed = set(timm.list_models("prance*", pretrained=True))
-    assert listed == {f"{n}.fb_in1k" for n in WEIGHTS if "deit" in n} | {
-        f"{n}.shipped" for n in WEIGHTS if "fmnist" in n
-    }
+    official = {f"prance_official_{size}.meta" for size in ("tiny", "small", "base")}  # the release's, on its hub
+    assert (
+        listed
+        == {f"{n}.fb_in1k" for n in WEIGHTS if "deit" in n}
+        | {f"{n}.shipped" for n in WEIGHTS if "fmnist" in n}
+        | official
+    )
     assert "prance_subnet" in timm.list_models("prance*") and not any(n.startswith("prance_subnet") for n in listed)
     assert timm.get_pretrained_cfg("prance_fmnist").file.endswith("prance_fmnist.safetensors")
 

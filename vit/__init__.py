@@ -12,7 +12,7 @@ import os
 # torch; set OMP_WAIT_POLICY yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import bench, cli  # noqa: F401  (vit.bench and vit.cli as attributes)
+from . import bench, cli, official  # noqa: F401  (vit.bench, vit.cli, vit.official; the official presets registered)
 from .bucketed import BucketedBatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, SearchSpace, Subnet

@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
 import re
 import tempfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,6 +91,38 @@ def recorded_model(path: str | os.PathLike) -> dict:
     return {k: v for k, v in recorded.items() if k in RECORDED and v is not None}
 
 
+class _Foreign:
+    """What an object of a class outside torch and numpy in a checkpoint (a training script's `args`, ...) loads
+    as: nothing of it runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Unpickles tensors, arrays and plain containers; every other class becomes `_Foreign`."""
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] in ("torch", "collections", "numpy", "_codecs"):
+            return super().find_class(module, name)
+        if module == "builtins" and name in ("set", "frozenset", "slice", "complex"):
+            return super().find_class(module, name)
+        return _Foreign
+
+
+def _load_weights(path: Path) -> object:
+    """A torch file's contents: `weights_only`, or, for training checkpoints that also pickle objects of their
+    scripts (DeiT-style `{"model": ..., "args": Namespace}`), with those objects loaded as nothing."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        module = types.SimpleNamespace(__name__="pickle", Unpickler=_WeightsUnpickler, load=pickle.load)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file (safetensors, or a torch `.pt`/`.pth` state dict), on the CPU."""
     path = Path(path)
@@ -97,7 +131,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_weights(path)
     except Exception as e:  # unpickling a foreign file fails in many ways (KeyError, UnpicklingError, ...)
         raise ValueError(f"{path} is not a readable checkpoint (truncated or not a weights file): {e}") from e
     for key in ("model", "state_dict"):

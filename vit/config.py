@@ -204,7 +204,9 @@ class SearchSpace:
         if self.token_mode != "prune_merge" and config.merge_ratio != 1.0:
             raise InvalidSubnetError(f"block {block}: merge_ratio={config.merge_ratio} needs token_mode='prune_merge'")
         if config.embed_dim is not None:
-            raise InvalidSubnetError(f"block {block}: embed_dim={config.embed_dim}, but this supernet has one embed width")
+            raise InvalidSubnetError(
+                f"block {block}: embed_dim={config.embed_dim}, but this supernet has one embed width"
+            )
         return tuple(out)
 
     def validate(self, subnet: Subnet) -> Subnet:

@@ -49,7 +49,12 @@ def block_macs(
 
 
 def count_macs(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
-    """Per-sample MACs of `subnet` (largest when None); a list of counts for a sequence of subnets."""
+    """Per-sample MACs of `subnet` (largest when None); a list of counts for a sequence of subnets. An official
+    meta-network (`vit.official.OfficialViT`) is counted by `vit.official.count_macs`."""
+    if _official(model):
+        from .official import count_macs as official_macs
+
+        return official_macs(model, subnet)
     if subnet is not None and not isinstance(subnet, Subnet):
         return [count_macs(model, s) for s in subnet]
     subnet = model.search_space.largest() if subnet is None else model.search_space.validate(subnet)
@@ -60,6 +65,11 @@ def count_macs(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = Non
     return macs + head_macs(model)
 
 
+def _official(model) -> bool:
+    """Whether `model` is an official meta-network (`vit.official.OfficialViT`)."""
+    return type(model).__name__ == "OfficialViT" and hasattr(model, "shape")
+
+
 def count_flops(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
     """Deprecated name of `count_macs`, which it returns: the field calls multiply-accumulates "FLOPs"."""
     warnings.warn("vit.count_flops is now vit.count_macs (it counts multiply-accumulates)", DeprecationWarning, 2)
@@ -68,7 +78,12 @@ def count_flops(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = No
 
 def count_params(model: ElasticViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
     """Parameters `subnet` (largest when None) reads: the whole model less the weight rows and columns of the
-    heads and MLP neurons it leaves out (token reduction reads none); a list of counts for a sequence of subnets."""
+    heads and MLP neurons it leaves out (token reduction reads none); a list of counts for a sequence of subnets.
+    An official meta-network is counted by `vit.official.count_params`."""
+    if _official(model):
+        from .official import count_params as official_params
+
+        return official_params(model, subnet)
     total = sum(p.numel() for p in model.parameters())  # once for a whole sequence of subnets
     if subnet is not None and not isinstance(subnet, Subnet):
         return [_params(model, total, s) for s in subnet]

@@ -17,10 +17,7 @@ official FLOPs count, `count_macs` ours (what runs, exact against `torch.utils.f
 
 from __future__ import annotations
 
-import argparse
 import math
-import pickle
-import types
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoint import check_state_dict, read_state_dict
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, Subnet, check_token_mode
+from .registry import register_supernet
 from .supernet import model_pretrained_cfg
 
 HEAD_DIM = 64  # the official attention's head width, whatever the embedding width
@@ -66,6 +65,10 @@ OFFICIAL_SHAPES = {
 }
 
 
+#: keep ratios `OfficialSpace.sample` draws from (the official selector's are continuous: any in (0, 1] runs)
+SAMPLED_KEEP_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
 class OfficialSpace:
     """The configurations an official meta-network runs: per block an embedding width and an MLP ratio from the
     shape's choices, the fixed heads, and keep ratios in (0, 1] at the decision blocks (1.0 elsewhere)."""
@@ -73,6 +76,7 @@ class OfficialSpace:
     def __init__(self, shape: OfficialShape, depth: int, token_mode: str) -> None:
         self.shape, self.depth, self.token_mode = shape, depth, check_token_mode(token_mode)
         self.heads = shape.num_heads
+        self.keep_ratio = SAMPLED_KEEP_RATIOS
 
     def block(self, embed_dim: int, ratio: int, keep: float = 1.0, merge: float = 1.0) -> BlockConfig:
         """The `BlockConfig` of an embedding width, an (integer) MLP ratio and keep ratios."""
@@ -135,10 +139,11 @@ class OfficialSpace:
         """The narrowest widths, with no token reduction."""
         return self.static(self.shape.embed_choices[0], self.shape.ratios[0])
 
-    def sample(self, rng: np.random.Generator | int | None = None, keep: Sequence[float] = (1.0,)) -> Subnet:
+    def sample(self, rng: np.random.Generator | int | None = None, keep: Sequence[float] | None = None) -> Subnet:
         """Widths drawn uniformly per block (embedding widths per group of three blocks, as the official
-        supernet training draws them), keep ratios from `keep` at the decision blocks."""
+        supernet training draws them), keep ratios from `keep` (default `keep_ratio`) at the decision blocks."""
         rng = np.random.default_rng(rng)
+        keep = self.keep_ratio if keep is None else keep
         shape, blocks = self.shape, []
         for i in range(self.depth):
             if i % GROUP == 0:
@@ -194,7 +199,7 @@ class OfficialAttention(nn.Module):
         self.num_heads, self.inner = num_heads, num_heads * HEAD_DIM
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        rows = torch.arange(3 * self.inner, device="cpu").view(self.inner, 3).t().reshape(-1)
+        rows = torch.arange(3 * self.inner).view(self.inner, 3).t().reshape(-1)
         self.register_buffer("qkv_rows", rows, persistent=False)  # their rows 0::3, 1::3, 2::3 of the first 3*inner
 
     def forward(self, x: Tensor, size: Tensor, embed_dim: int, probs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -442,8 +447,13 @@ class OfficialViT(nn.Module):
             logits[bucket.rows] = out
         return logits
 
-    def forward(self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None) -> Tensor:
-        """Logits (B, num_classes) of the largest configuration, of one `Subnet` for the batch, or of one per image."""
+    def forward(self, x: Tensor, subnet: Subnet | Sequence[Subnet] | None = None, layout: str = "bucketed") -> Tensor:
+        """Logits (B, num_classes) of the largest configuration, of one `Subnet` for the batch, or of one per image.
+
+        Per-image subnets run in buckets of images that share a block's configuration, output width and token
+        count (`layout` `bucketed`; `packed`, the `ElasticViT` layout, runs the same buckets here)."""
+        if layout not in ("packed", "bucketed"):
+            raise ValueError(f"unknown layout {layout!r}; expected 'packed' or 'bucketed'")
         if subnet is None:
             subnet = self.search_space.largest()
         if isinstance(subnet, Subnet):
@@ -602,77 +612,52 @@ def get_complexity(model: OfficialViT, subnet: Subnet) -> float:
     return float(total + last * subnet[-1].embed_dim * model.num_classes)
 
 
-def count_macs(model: OfficialViT, subnet: Subnet) -> int:
-    """The multiply-accumulates `OfficialViT` runs for one image at `subnet`: patch embedding at the first width,
-    qkv on the input's width, attention, proj, the MLP, `lln`, the head on the CLS token (norms and element-wise
-    work are not counted, as `torch.utils.flop_counter` counts none)."""
+def count_macs(model: OfficialViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
+    """The multiply-accumulates `OfficialViT` runs for one image at `subnet` (largest when None; a list for a
+    sequence): patch embedding at the first width, qkv on the input's width, attention, proj, the merge
+    similarity, the MLP, `lln`, the head on the CLS token. Norms and element-wise work are not counted, as
+    `torch.utils.flop_counter` counts none; it counts exactly this."""
+    if subnet is not None and not isinstance(subnet, Subnet):
+        return [count_macs(model, s) for s in subnet]
     space = model.search_space
-    space.validate(subnet)
+    subnet = space.largest() if subnet is None else space.validate(subnet)
     embed = model.patch_embed_super
     inner = space.heads * HEAD_DIM
     width = subnet[0].embed_dim
     total = embed.num_patches * embed.in_chans * embed.patch_size**2 * width
     outs = output_widths(subnet, model.shape.embed_choices[-1])
     counts = token_counts(subnet, model.num_tokens, model.token_mode)
-    for i, (config, out, (before, _, after)) in enumerate(zip(subnet, outs, counts)):
+    for i, (config, out, (before, pruned, after)) in enumerate(zip(subnet, outs, counts)):
         E, Fh = config.embed_dim, config.mlp_hidden
         total += before * width * 3 * inner + 2 * before * before * inner + before * inner * E
+        total += (pruned - after) * after * E  # cosine similarity of the merged tokens to the kept ones
         total += after * (E * Fh + Fh * out + (E * out if i in LLN_BLOCKS else 0))
         width = out
     return total + subnet[-1].embed_dim * model.num_classes
 
 
-class _Foreign:
-    """What an object of a foreign class in a checkpoint (their training `args`, ...) loads as: nothing."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __setstate__(self, state) -> None:
-        pass
-
-
-class _WeightsUnpickler(pickle.Unpickler):
-    """Unpickles torch tensors and plain containers; any other class becomes `_Foreign`, so that nothing of a
-    checkpoint's foreign objects runs."""
-
-    SAFE = ("torch", "collections", "numpy", "_codecs")
-
-    def find_class(self, module: str, name: str):
-        if module.split(".")[0] in self.SAFE or (module == "builtins" and name in ("set", "frozenset", "slice")):
-            return super().find_class(module, name)
-        if module == "argparse" and name == "Namespace":
-            return argparse.Namespace
-        return _Foreign
-
-
-def read_official_state(path: str | Path) -> dict[str, Tensor]:
-    """The state dict of an official `checkpoint.pth` (under `model`, or bare), on the CPU; the training state
-    beside it (their `args`, optimizer, ...) is skipped without running any of it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        module = types.SimpleNamespace(Unpickler=_WeightsUnpickler, load=pickle.load, __name__="pickle")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable checkpoint (truncated or not a weights file): {e}") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (bare or under 'model')")
-    return state
+def count_params(model: OfficialViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
+    """The parameters `subnet` (largest when None; a list for a sequence) reads: the slices of every weight its
+    widths take."""
+    if subnet is not None and not isinstance(subnet, Subnet):
+        return [count_params(model, s) for s in subnet]
+    space = model.search_space
+    subnet = space.largest() if subnet is None else space.validate(subnet)
+    embed, inner = model.patch_embed_super, space.heads * HEAD_DIM
+    width = subnet[0].embed_dim
+    total = width * (embed.in_chans * embed.patch_size**2 + 1) + width * (1 + model.num_tokens)
+    for i, (config, out) in enumerate(zip(subnet, output_widths(subnet, model.shape.embed_choices[-1]))):
+        E, Fh = config.embed_dim, config.mlp_hidden
+        total += 2 * width + 3 * inner * (width + 1) + E * (inner + 1)  # norm, qkv, proj
+        total += 2 * E + Fh * (E + 1) + out * (Fh + 1) + (out * (E + 1) if i in LLN_BLOCKS else 0)
+        width = out
+    return total + 2 * width + model.num_classes * (width + 1)
 
 
 def load_official(model: OfficialViT, path: str | Path) -> OfficialViT:
     """Load an official `checkpoint.pth` into `model` after checking every key and shape; returns `model`."""
-    from .checkpoint import check_state_dict
-
-    state = read_official_state(path)
-    check_state_dict(model, state, source=f"{path} (an official PRANCE checkpoint?)")
+    state = read_state_dict(path)
+    check_state_dict(model, state, source=f"{path} (an official PRANCE meta-network?)")
     model.load_state_dict(state)
     return model
 
@@ -698,6 +683,44 @@ def create_official(
     return model
 
 
+#: where the release publishes its checkpoints (`checkpoints/meta-network/<size>/checkpoint.pth`, ...)
+OFFICIAL_HUB = "childtang/PRANCE"
+
+
+def _preset(size: str, pretrained: bool, kwargs: dict) -> OfficialViT:
+    """The official meta-network `size`; `pretrained` downloads the release's meta-network from its hub."""
+    cache_dir = kwargs.pop("cache_dir", None)
+    model = create_official(size, **kwargs)
+    if pretrained:
+        import huggingface_hub
+
+        file = f"checkpoints/meta-network/{size}/checkpoint.pth"
+        load_official(model, huggingface_hub.hf_hub_download(OFFICIAL_HUB, file, cache_dir=cache_dir))
+    return model
+
+
+def _hub_tag(size: str) -> dict[str, dict]:
+    return {"meta": {"hf_hub_id": OFFICIAL_HUB, "description": f"the release's {size} meta-network (downloads)"}}
+
+
+@register_supernet(tags=_hub_tag("tiny"))
+def prance_official_tiny(pretrained: bool = False, **kwargs) -> OfficialViT:
+    """The official PRANCE T meta-network (256 wide, 3 heads, embed widths 176-240, MLP ratios 2/4/6)."""
+    return _preset("tiny", pretrained, kwargs)
+
+
+@register_supernet(tags=_hub_tag("small"))
+def prance_official_small(pretrained: bool = False, **kwargs) -> OfficialViT:
+    """The official PRANCE S meta-network (448 wide, 7 heads, embed widths 320-416, MLP ratios 2/3/5)."""
+    return _preset("small", pretrained, kwargs)
+
+
+@register_supernet(tags=_hub_tag("base"))
+def prance_official_base(pretrained: bool = False, **kwargs) -> OfficialViT:
+    """The official PRANCE B meta-network (768 wide, 12 heads, embed widths 672-768, MLP ratios 2/3/5)."""
+    return _preset("base", pretrained, kwargs)
+
+
 __all__ = [
     "DECISION_BLOCKS",
     "LLN_BLOCKS",
@@ -709,12 +732,15 @@ __all__ = [
     "OfficialViT",
     "config_from_subnets",
     "count_macs",
+    "count_params",
     "create_official",
     "get_complexity",
     "load_official",
+    "prance_official_base",
+    "prance_official_small",
+    "prance_official_tiny",
     "output_width",
     "output_widths",
-    "read_official_state",
     "subnets_from_config",
     "token_counts",
 ]
