@@ -217,3 +217,84 @@ def test_the_model_moves_to_a_device_without_allocating():
     with torch.device("meta"):
         model = official.create_official("base", token_mode="merge")
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
+def test_selector_decodes_actions_as_the_release_rounds_them(tiny):
+    from agents.official import OfficialSelector
+
+    selector = OfficialSelector(tiny["prune"])
+    # MLP ratios 2/4/6 (3 choices): 0.25 and 0.75 fall on halves, which round to even; embed widths 176-240 (4)
+    actions = np.array(
+        [
+            [0.0, 0.25, 0.75, 0.0, 0.5, 1.0, 0.3],  # indices (0, 0, 2), (0, 2, 3)
+            [1.0, 1.5, -0.5, 1 / 3, 0.49, 0.51, 1.0],  # clipped to [0, 1]: (2, 2, 0); 1/3 * 3 = 1, 1.47 -> 1, 1.53 -> 2
+        ]
+    )
+    first, second = selector.configs(actions, 3)
+    assert [(c.embed_dim, c.mlp_hidden // c.embed_dim) for c in first] == [(176, 2), (216, 2), (240, 6)]
+    assert [(c.embed_dim, c.mlp_hidden // c.embed_dim) for c in second] == [(192, 6), (192, 6), (216, 2)]
+    assert [c.keep_ratio for c in first] == [0.3, 1.0, 1.0] and second[0].keep_ratio == 1.0  # raw, at block 3 only
+    with pytest.raises(ValueError, match="decides at blocks"):
+        selector.configs(actions, 4)
+    with pytest.raises(ValueError, match=r"expected actions \(B, 7\)"):
+        selector.configs(actions[:, :6], 3)
+    merge_then = OfficialSelector(tiny["prune_merge"])
+    (config, *_), *_ = merge_then.configs(np.array([[0.5] * 6 + [0.4, 0.9]]), 6)
+    assert (config.keep_ratio, config.merge_ratio) == (0.4, 0.9)
+
+
+def test_selector_batch_mean_averages_and_snaps_as_the_release_does():
+    from agents.official import OfficialSelector
+
+    with torch.device("meta"):
+        model = official.create_official("small", token_mode="prune")
+    selector = OfficialSelector(model)
+    # embed indices 0 and 1 (320, 352): mean 336 is as near to both, the first wins; MLP 2 and 5: mean 3.5 -> 4 -> 3.5
+    actions = np.array([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.6], [1.0, 1.0, 1.0, 0.2, 0.2, 0.2, 0.7]])
+    group = selector.batch_mean(actions, 3)
+    assert [(c.embed_dim, c.mlp_hidden) for c in group] == [(320, 960)] * 3  # 3.5 runs as 3
+    assert group[0].keep_ratio == pytest.approx(0.65)
+
+
+def test_the_official_pair_runs_each_image_on_its_own_decisions(tiny):
+    from agents.official import OfficialSelector, run_official
+
+    model = tiny["merge"]
+    selector = OfficialSelector(model)
+    with torch.no_grad():  # spread the randomly initialised actor's means (0.5 everywhere at the release's init)
+        selector.actor.fc_mu.weight.mul_(15)
+        selector.actor.fc_mu.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    x = images(model, 5)
+    logits, subnets = run_official(model, selector, x)
+    assert len(set(subnets)) > 1 and all(s[:3] == model.search_space.largest()[:3] for s in subnets)
+    for b in range(5):
+        alone, (subnet,) = run_official(model, selector, x[b : b + 1])
+        assert subnet == subnets[b]
+        torch.testing.assert_close(logits[b : b + 1], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(alone, model(x[b : b + 1], subnet), atol=1e-5, rtol=0)
+    batch_logits, batch_subnets = run_official(model, selector, x, protocol="batch-mean")
+    assert len(set(batch_subnets)) == 1 and batch_logits.shape == logits.shape
+    with pytest.raises(ValueError, match="unknown protocol"):
+        run_official(model, selector, x, protocol="mean")
+
+
+def test_actor_pth_loads_and_a_foreign_one_says_what_it_is(tiny, tmp_path):
+    from agents.official import OfficialSelector, PolicyNet
+
+    model = tiny["prune"]
+    actor = PolicyNet()
+    torch.save(actor.state_dict(), tmp_path / "actor.pth")
+    selector = OfficialSelector.load(tmp_path / "actor.pth", model)
+    state = torch.randn(3, 197)
+    np.testing.assert_array_equal(selector.act(state), actor(state).detach().double().numpy())
+    with pytest.raises(ValueError, match="takes 8"):
+        OfficialSelector.load(tmp_path / "actor.pth", tiny["prune_merge"])
+    torch.save({"fc1.weight": torch.zeros(2, 2)}, tmp_path / "critic.pth")
+    with pytest.raises(ValueError, match="not an official actor.pth"):
+        OfficialSelector.load(tmp_path / "critic.pth", model)
+    with pytest.raises(ValueError, match=r"expected states \(B, 197\)"):
+        selector.act(torch.zeros(3, 196))
+    with pytest.raises(ValueError, match="NaN"):
+        selector.act(torch.full((1, 197), float("nan")))
+    with pytest.raises(TypeError, match="official meta-network"):
+        OfficialSelector(vit.create_supernet("prance_fmnist"))

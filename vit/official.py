@@ -71,7 +71,8 @@ SAMPLED_KEEP_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 class OfficialSpace:
     """The configurations an official meta-network runs: per block an embedding width and an MLP ratio from the
-    shape's choices, the fixed heads, and keep ratios in (0, 1] at the decision blocks (1.0 elsewhere)."""
+    shape's choices, the fixed heads, and keep ratios in [0, 1] at the decision blocks (1.0 elsewhere; a block keeps
+    at least the CLS token)."""
 
     def __init__(self, shape: OfficialShape, depth: int, token_mode: str) -> None:
         self.shape, self.depth, self.token_mode = shape, depth, check_token_mode(token_mode)
@@ -99,8 +100,8 @@ class OfficialSpace:
         if config.mlp_hidden not in widths:
             raise InvalidSubnetError(f"block {i}: mlp_hidden={config.mlp_hidden} is not one of {widths}")
         ratios = (config.keep_ratio, config.merge_ratio)
-        if any(not 0.0 < r <= 1.0 for r in ratios):
-            raise InvalidSubnetError(f"block {i}: keep ratios must lie in (0, 1], got {ratios}")
+        if any(not 0.0 <= r <= 1.0 for r in ratios):
+            raise InvalidSubnetError(f"block {i}: keep ratios must lie in [0, 1], got {ratios}")
         if i not in DECISION_BLOCKS and ratios != (1.0, 1.0):
             raise InvalidSubnetError(f"block {i}: tokens are reduced at blocks {DECISION_BLOCKS} only")
         if self.token_mode != "prune_merge" and config.merge_ratio != 1.0:
@@ -179,8 +180,9 @@ def output_widths(subnet: Subnet, widest: int) -> list[int]:
 def token_counts(subnet: Subnet, tokens: int, token_mode: str) -> list[tuple[int, int, int]]:
     """Per block: the tokens (CLS included) it attends over, after its pruning, and after its merging.
 
-    As the official code counts: prune keeps int(p * N) tokens, merge int(m * N') of the N' it sees (at least one:
-    the CLS token)."""
+    As the official code counts: prune keeps int(p * N) tokens (at least one: the CLS token), merge int(m * N') of
+    the N' it sees (none: no merge, as the release's merge does; the release then carries a token count of 0 into
+    its later decisions and FLOPs, which are not reproduced: later blocks see the tokens they hold)."""
     counts = []
     for i, config in enumerate(subnet):
         pruned = merged = tokens
@@ -301,7 +303,8 @@ def _counts(config: BlockConfig, tokens: int, token_mode: str) -> tuple[int, int
     if token_mode in ("prune", "prune_merge"):
         pruned = merged = max(1, int(config.keep_ratio * tokens))
     if token_mode != "prune":
-        merged = max(1, int((config.keep_ratio if token_mode == "merge" else config.merge_ratio) * pruned))
+        merged = int((config.keep_ratio if token_mode == "merge" else config.merge_ratio) * pruned)
+        merged = merged or pruned  # merging into no token leaves them all, as the release's merge does
     return tokens, pruned, merged
 
 
@@ -506,11 +509,10 @@ class Bucket:
 
     @staticmethod
     def cat(parts: Sequence[Bucket]) -> Bucket:
-        """Buckets of equal shapes, as one."""
+        """Buckets of equal token shapes, as one, to run a block (which gives it its own key profile)."""
         if len(parts) == 1:
             return parts[0]
-        profile = None if parts[0].profile is None else torch.cat([p.profile for p in parts])
-        return Bucket(*(torch.cat([getattr(p, f) for p in parts]) for f in ("rows", "x", "size")), profile)
+        return Bucket(*(torch.cat([getattr(p, f) for p in parts]) for f in ("rows", "x", "size")), None)
 
 
 @dataclass

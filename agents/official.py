@@ -1,0 +1,183 @@
+"""The official PRANCE selector as an agent: their `PolicyNet` weights (`actor.pth`), their state, their decoding.
+
+At each decision block (3, 6, 9) the selector reads the key profile of the block before (the mean of the keys over
+heads and channels, one value per token, zero-padded to 197), outputs `(tanh(mu) + 1) / 2` (the mean: evaluation),
+and the release's `action_to_config` turns the 7 numbers (8 in `prune_merge`) into the MLP ratios and embedding
+widths of the group's three blocks (each index `round(clip(a, 0, 1) * (n - 1))`, halves to even) and the keep
+ratio(s) of the decision block, used raw. `run_official` drives an `vit.official.OfficialViT` with it: each image
+on its own decisions (`protocol="per-image"`), or, as the release evaluates, every image of a batch on the
+decisions averaged over the batch (`protocol="batch-mean"`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from vit.checkpoint import read_state_dict
+from vit.config import BlockConfig, Subnet
+from vit.official import DECISION_BLOCKS, GROUP, STATE_DIM, OfficialViT
+
+PROTOCOLS = ("per-image", "batch-mean")
+
+
+class PolicyNet(nn.Module):
+    """The release's actor: two ReLU layers and a tanh mean mapped to (0, 1) (`model/ppo_sbs.py`'s `PolicyNet`,
+    the same parameter names)."""
+
+    def __init__(self, state_dim: int = STATE_DIM, hidden_dim: int = 256, action_dim: int = 7) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(state_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, hidden_dim)
+        self.fc_mu = nn.Linear(hidden_dim, action_dim)
+
+    def forward(self, state: Tensor) -> Tensor:
+        """The action means (B, action_dim) in (0, 1) of states (B, state_dim)."""
+        return (torch.tanh(self.fc_mu(F.relu(self.fc2(F.relu(self.fc1(state)))))) + 1) / 2
+
+
+def action_dim(token_mode: str) -> int:
+    """The official action's size: 3 MLP ratios, 3 embedding widths, one keep ratio (two in `prune_merge`)."""
+    return 8 if token_mode == "prune_merge" else 7
+
+
+class OfficialSelector:
+    """The official PPO selector of a meta-network: decides a group's widths and keep ratio(s) per image.
+
+    Build it with `OfficialSelector.load("…/actor.pth", model)`, or `OfficialSelector(model)` for a randomly
+    initialised actor (as the release initialises it). `decide(state, block)` gives each image's three
+    `BlockConfig`s; `run_official(model, selector, images)` runs the pair.
+    """
+
+    def __init__(self, model: OfficialViT, actor: PolicyNet | None = None, device: str | torch.device = "cpu") -> None:
+        if not isinstance(model, OfficialViT):
+            raise TypeError(f"the official selector decides for an official meta-network, not {type(model).__name__}")
+        self.space = model.search_space
+        self.actor = (actor or PolicyNet(action_dim=action_dim(model.token_mode))).to(device).eval()
+        expected = action_dim(model.token_mode)
+        if self.actor.fc_mu.out_features != expected:
+            given = self.actor.fc_mu.out_features
+            raise ValueError(f"the actor gives {given} numbers; token_mode={model.token_mode!r} takes {expected}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: OfficialViT, device: str | torch.device = "cpu") -> OfficialSelector:
+        """The selector whose actor the release saved (`actor.pth`: `PolicyNet`'s state dict), for `model`."""
+        state = read_state_dict(path)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if set(shapes) != {f"{n}.{p}" for n in ("fc1", "fc2", "fc_mu") for p in ("weight", "bias")}:
+            raise ValueError(
+                f"{path} is not an official actor.pth: expected the keys fc1, fc2, fc_mu (weight, bias), got "
+                f"{', '.join(sorted(shapes)[:6])}"
+            )
+        hidden, state_dim = shapes["fc1.weight"]
+        actor = PolicyNet(state_dim, hidden, shapes["fc_mu.weight"][0])
+        try:
+            actor.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{path} does not fit an official actor: {e}") from None
+        if state_dim != STATE_DIM:
+            raise ValueError(f"{path} reads states of {state_dim} tokens; the official state has {STATE_DIM}")
+        return cls(model, actor, device)
+
+    @torch.no_grad()
+    def act(self, state: Tensor) -> np.ndarray:
+        """The actions (B, 7 or 8), float64 as the release holds them, for states (B, 197)."""
+        if state.dim() != 2 or state.shape[1] != self.actor.fc1.in_features:
+            raise ValueError(f"expected states (B, {self.actor.fc1.in_features}), got {tuple(state.shape)}")
+        if not torch.isfinite(state).all():
+            raise ValueError("the states contain NaN or Inf values")
+        device = self.actor.fc1.weight.device
+        return self.actor(state.to(device, torch.float32)).double().cpu().numpy()
+
+    def configs(self, actions: np.ndarray, block: int) -> list[tuple[BlockConfig, ...]]:
+        """Each image's configurations of blocks `block` to `block + 2` from its action, as `action_to_config` reads
+        it: MLP-ratio and embedding-width indices rounded (halves to even), the keep ratio(s) raw."""
+        if block not in DECISION_BLOCKS:
+            raise ValueError(f"the official selector decides at blocks {DECISION_BLOCKS}, not {block}")
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.ndim != 2 or actions.shape[1] != self.actor.fc_mu.out_features:
+            raise ValueError(f"expected actions (B, {self.actor.fc_mu.out_features}), got {actions.shape}")
+        shape = self.space.shape
+        ratios = np.asarray(shape.ratios)[_index(actions[:, 0:3], len(shape.ratios))]
+        embeds = np.asarray(shape.embed_choices)[_index(actions[:, 3:6], len(shape.embed_choices))]
+        keep = actions[:, -2] if self.space.token_mode == "prune_merge" else actions[:, -1]
+        merge = actions[:, -1] if self.space.token_mode == "prune_merge" else np.ones(len(actions))
+        return [
+            tuple(
+                self.space.block(int(e), int(r), *((k, m) if j == 0 else (1.0, 1.0)))
+                for j, (e, r) in enumerate(zip(embeds[b], ratios[b]))
+            )
+            for b, (k, m) in enumerate(zip(np.clip(keep, 0.0, 1.0), np.clip(merge, 0.0, 1.0)))
+        ]
+
+    def decide(self, state: Tensor, block: int) -> list[tuple[BlockConfig, ...]]:
+        """Each image's configurations of blocks `block` to `block + 2`, from its state."""
+        return self.configs(self.act(state), block)
+
+    def batch_mean(self, actions: np.ndarray, block: int) -> tuple[BlockConfig, ...]:
+        """The configurations the release's batch inference runs for a whole batch (`set_sample_config_batch`):
+        per block the decoded embedding widths and MLP ratios averaged over the batch, rounded and snapped to the
+        nearest choice (the first of two as near), the pruning ratio averaged, the merging ratio the first
+        image's."""
+        per_image = self.configs(actions, block)
+        shape, space = self.space.shape, self.space
+        out = []
+        for j in range(GROUP):
+            configs = [c[j] for c in per_image]
+            embed = _snap(np.mean([c.embed_dim for c in configs]), shape.embed_choices)
+            ratio = int(_snap(np.mean([space.ratio(c) for c in configs]), shape.mlp_ratio_choices))
+            keep, merge = np.mean([c.keep_ratio for c in configs]), configs[0].merge_ratio
+            if space.token_mode == "merge":
+                keep = configs[0].keep_ratio
+            out.append(space.block(int(embed), ratio, float(keep), float(merge)))
+        return tuple(out)
+
+
+def _index(values: np.ndarray, n: int) -> np.ndarray:
+    """`round(clip(a, 0, 1) * (n - 1))` per value, numpy's rounding (halves to even)."""
+    return np.round(np.clip(values, 0.0, 1.0) * (n - 1)).astype(int)
+
+
+def _snap(value: float, choices: Sequence[float]) -> float:
+    """The choice nearest to `value` rounded (halves to even), the first of two as near."""
+    choices = np.asarray(choices, dtype=np.float64)
+    return float(choices[np.argmin(np.abs(choices - np.round(value)))])
+
+
+@torch.no_grad()
+def run_official(
+    model: OfficialViT, selector: OfficialSelector, images: Tensor, protocol: str = "per-image"
+) -> tuple[Tensor, list[Subnet]]:
+    """Logits (B, classes) of `images` under the selector's decisions, and the configuration each image ran.
+
+    The first group runs the largest configuration (the release evaluates with `max_flag`); at blocks 3, 6, 9 the
+    selector decides the next group from the state of the block before. `per-image`: each image its own decisions
+    (images sharing a configuration run together); `batch-mean`: the whole batch on `OfficialSelector.batch_mean`
+    of the decisions, the release's evaluation."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    B = images.shape[0]
+    largest = list(model.search_space.largest())
+    blocks = [list(largest) for _ in range(B)]
+    tokens = model.embed(images, largest[0].embed_dim)
+    for block in DECISION_BLOCKS:
+        tokens = model.run_blocks(tokens, [Subnet(tuple(b)) for b in blocks], stop=block)
+        actions = selector.act(tokens.state())
+        if protocol == "batch-mean":
+            decided = [selector.batch_mean(actions, block)] * B
+        else:
+            decided = selector.configs(actions, block)
+        for b in range(B):
+            blocks[b][block : block + GROUP] = decided[b]
+    subnets = [Subnet(tuple(b)) for b in blocks]
+    model.search_space.validate_all(subnets)
+    return model.classify(model.run_blocks(tokens, subnets)), subnets
+
+
+__all__ = ["PROTOCOLS", "OfficialSelector", "PolicyNet", "action_dim", "run_official"]
