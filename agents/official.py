@@ -180,4 +180,105 @@ def run_official(
     return model.classify(model.run_blocks(tokens, subnets)), subnets
 
 
-__all__ = ["PROTOCOLS", "OfficialSelector", "PolicyNet", "action_dim", "run_official"]
+def official_method(model: OfficialViT, selector: OfficialSelector | None, protocol: str = "per-image"):
+    """The pair (or, without a selector, the largest configuration) as an `agents.evaluation` method; its outcomes
+    carry each image's configuration, so `official_flops` can count their FLOPs afterwards."""
+    from vit.official import count_macs, token_counts
+
+    from .metrics import Outcome
+
+    largest = model.search_space.largest()
+
+    @torch.inference_mode()
+    def run(images: Tensor) -> Outcome:
+        if selector is None:
+            logits, subnets = model(images), [largest] * images.shape[0]
+        else:
+            logits, subnets = run_official(model, selector, images, protocol)
+        macs = torch.tensor(count_macs(model, subnets), dtype=torch.float64)
+        kept = [token_counts(s, model.num_tokens, model.token_mode)[-1][2] - 1 for s in subnets]
+        return Outcome(logits, macs, subnets, torch.tensor(kept, dtype=torch.float64))
+
+    return run
+
+
+def evaluate_official(cfg) -> list[dict]:
+    """`scripts/evaluate.py --actor actor.pth --checkpoint checkpoint.pth`: an official pair on an ImageFolder's
+    held-out images against the meta-network's largest configuration, timed in the same pass. `--protocol ours`
+    (the default) runs each image's own decisions; `official` the release's batch-64 batch-mean decisions. Every
+    row gives Top-1, Top-5, the release's FLOPs (`get_complexity`) and our MACs, the parameters read and images/s.
+    Writes `OUT/results.md` and `OUT/results.json`; returns the rows."""
+    import json
+    from pathlib import Path
+
+    import vit
+    from vit.bench import setup_cpu
+    from vit.official import get_complexity
+    from vit.train import held_out_batches
+    from vit.utils import resolve_device
+
+    from .evaluation import evaluate_methods
+
+    if cfg.data_dir is None:
+        raise ValueError("an official pair is evaluated on an ImageFolder: pass --data-dir (train/ and val/ inside)")
+    setup_cpu(cfg.threads, cfg.keep_freed_memory)
+    device = resolve_device(cfg.device)
+    name = cfg.model or "prance_official_small"
+    if not name.startswith("prance_official"):
+        raise ValueError(f"--actor is an official selector: --model must be an official preset, not {name!r}")
+    model = vit.create_supernet(name, token_mode=cfg.token_mode, checkpoint=cfg.checkpoint).to(device).eval()
+    selector = OfficialSelector.load(cfg.actor, model, device)
+    protocol = "batch-mean" if cfg.protocol == "official" else "per-image"
+    batch_size = 64 if cfg.protocol == "official" else cfg.batch_size
+    batches = held_out_batches(cfg.data or "imagefolder", cfg.data_dir, model, cfg.images, batch_size, device)
+    runs: dict[str, list] = {"largest configuration": [], f"official pair, {protocol}": []}
+    methods = {}
+    for key, pair in zip(runs, (None, selector)):
+        method = official_method(model, pair, protocol)
+        methods[key] = lambda x, method=method, seen=runs[key]: _recording(method, x, seen)
+    measured = evaluate_methods(methods, batches, model, desc="evaluating the official pair, batch by batch")
+    rows = []
+    for key, row in measured.items():
+        flops = [get_complexity(model, s) for s in dict.fromkeys(runs[key])]
+        by_subnet = dict(zip(dict.fromkeys(runs[key]), flops))
+        official_g = sum(by_subnet[s] for s in runs[key]) / len(runs[key]) / 1e9
+        rows.append({"method": key, "official_gflops": official_g, **row})
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = sum(len(y) for _, y in batches)
+    lines = [
+        f"{name} ({model.token_mode}), {images} held-out images, batch {batch_size}, protocol {cfg.protocol}; "
+        "GFLOPs: the release's count (`get_complexity`), GMACs: ours (what runs).",
+        "",
+        "| method | Top-1 (%) | Top-5 (%) | GFLOPs (theirs) | GMACs (ours) | params (M) | images/s | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['top1'] * 100:.2f} | {r['top5'] * 100:.2f} | {r['official_gflops']:.3f} "
+            f"| {r['gmacs']:.3f} | {r['params'] / 1e6:.2f} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x |"
+        )
+    text = "\n".join(lines)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"table": rows}, indent=2, default=str))
+    print(text)
+    print(f"\nwrote {out / 'results.md'} and {out / 'results.json'}")
+    return rows
+
+
+def _recording(method, images: Tensor, seen: list):
+    """`method(images)`, its outcome's configurations appended to `seen`."""
+    outcome = method(images)
+    seen.extend(outcome.subnets)
+    return outcome
+
+
+__all__ = [
+    "PROTOCOLS",
+    "OfficialSelector",
+    "PolicyNet",
+    "action_dim",
+    "evaluate_official",
+    "official_method",
+    "run_official",
+]

@@ -103,6 +103,12 @@ class EvaluateConfig:
         metadata={"help": "ours | official: batch 64 and batch-mean decisions (overrides --batch-size, --executions)"},
     )
     out: str = field(default="runs/evaluate", metadata={"help": "output folder (results.md, results.json, pareto.png)"})
+    actor: str | None = field(
+        default=None, metadata={"help": "an official PRANCE actor.pth: evaluate it with --checkpoint on --data-dir"}
+    )
+    checkpoint: str | None = field(default=None, metadata={"help": "with --actor: the official checkpoint.pth"})
+    model: str | None = field(default=None, metadata={"help": "with --actor: the preset (prance_official_small)"})
+    token_mode: str = field(default="prune", metadata={"help": "with --actor: prune | merge | prune_merge"})
 
 
 def matched(rows: list[dict], ratio: float) -> dict:
@@ -235,6 +241,10 @@ def evaluate_selector(cfg: EvaluateConfig) -> list[dict]:
     table's rows."""
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if cfg.actor is not None:
+        from .official import evaluate_official
+
+        return evaluate_official(cfg)
     cfg = replace(cfg, **PROTOCOLS[cfg.protocol])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ images are the selector's dataset's (Fashion-MNIST's test split, an ImageFolder'
     python scripts/evaluate.py --selector runs/demo/selector/selector --budgets 0.4 0.5 0.6 --out runs/demo
     python scripts/evaluate.py --executions packed bucketed prototypes --prototypes 1 4 --threads 1
     python scripts/evaluate.py --protocol official --out runs/evaluate_official
+    python scripts/evaluate.py --actor ppo/prune/small/N/actor.pth --checkpoint ckpt.pth --data-dir /data/imagenet
 """
 
 from agents.report import EvaluateConfig, evaluate_selector

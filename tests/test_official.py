@@ -298,3 +298,27 @@ def test_actor_pth_loads_and_a_foreign_one_says_what_it_is(tiny, tmp_path):
         selector.act(torch.full((1, 197), float("nan")))
     with pytest.raises(TypeError, match="official meta-network"):
         OfficialSelector(vit.create_supernet("prance_fmnist"))
+
+
+@pytest.mark.parametrize("protocol", ["ours", "official"])
+def test_evaluate_runs_an_official_pair_on_an_image_folder(tmp_path, protocol):
+    from agents.official import PolicyNet
+    from agents.report import EvaluateConfig, evaluate_selector
+    from vit.data import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", 3, {"train": 1, "val": 2}, 224)
+    model = vit.create_supernet("prance_official_tiny")
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-3)}, tmp_path / "checkpoint.pth")
+    actor = PolicyNet()
+    torch.nn.init.normal_(actor.fc_mu.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    torch.save(actor.state_dict(), tmp_path / "actor.pth")
+    args = dict(actor=str(tmp_path / "actor.pth"), checkpoint=str(tmp_path / "checkpoint.pth"), device="cpu")
+    args |= dict(model="prance_official_tiny", data_dir=str(data), batch_size=3, out=str(tmp_path / "out"))
+    full, pair = evaluate_selector(EvaluateConfig(**args, protocol=protocol))
+    assert pair["method"] == f"official pair, {'batch-mean' if protocol == 'official' else 'per-image'}"
+    assert pair["gmacs"] < full["gmacs"] and pair["official_gflops"] < full["official_gflops"]
+    assert full["official_gflops"] == pytest.approx(official.get_complexity(model, model.search_space.largest()) / 1e9)
+    assert pair["params"] < full["params"] and pair["images_per_s"] > 0 and pair["top5"] >= pair["top1"]
+    assert "GFLOPs (theirs)" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="ImageFolder"):
+        evaluate_selector(EvaluateConfig(**{**args, "data_dir": None}))

@@ -363,7 +363,8 @@ class OfficialViT(nn.Module):
         self.depth, self.embed_dim, self.num_classes = depth, embed_dim, num_classes
         self.pretrained_cfg = model_pretrained_cfg(pretrained_cfg, num_classes, in_chans, img_size)
         self.patch_embed_super = OfficialPatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.num_tokens = self.patch_embed_super.num_patches + 1
+        self.num_patches = self.patch_embed_super.num_patches
+        self.num_tokens = self.num_patches + 1
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.blocks = nn.ModuleList(
