@@ -42,6 +42,7 @@ import vit
 from vit.bench import Rounds, setup_cpu
 from vit.cli import amp_field, device_field, threads_field, workers_field
 from vit.flops import sample_subnets
+from vit.official import OfficialViT
 from vit.utils import autocast, resolve_device, use_tf32, weights_dtype
 
 from .adaptive import AdaptiveViT, calibrate
@@ -53,7 +54,9 @@ from .selector import load_adaptive, selector_batches
 class BenchmarkConfig:
     """Speed-ups of AdaptiveViT's execution modes and of per-sample subnets over the full model, fp32 and bf16."""
 
-    selector: str = field(default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + .json)"})
+    selector: str = field(
+        default="runs/selector/selector", metadata={"help": "saved selector (PATH.zip + .json); 'none' skips part 1"}
+    )
     budget: float = field(default=0.5, metadata={"help": "mean MACs ratio of the selector and the random subnets"})
     batch_size: int = field(default=256, metadata={"help": "images per forward of the selector's supernet"})
     executions: tuple[str, ...] = field(
@@ -66,7 +69,10 @@ class BenchmarkConfig:
     precisions: tuple[str, ...] = field(default=("fp32", "bf16"), metadata={"help": "weights: fp32 | bf16"})
     supernet: str = field(
         default="prance_deit_small",
-        metadata={"help": "registered supernet name of part 2, random weights ('none' skips the part)"},
+        metadata={
+            "help": "registered supernet of part 2, random weights ('none' skips the part; prance_official_small: the "
+            "official S meta-network, per-image configurations in buckets)"
+        },
     )
     supernet_batch_size: int = field(default=32, metadata={"help": "images per forward of part 2"})
     workers: int = workers_field()
@@ -227,6 +233,7 @@ def supernet_part(cfg: BenchmarkConfig, device: torch.device) -> tuple[list[dict
     full_macs = vit.count_macs(model)
     mean = sum(vit.count_macs(model, subnets)) / len(subnets) / full_macs
     grid = model.search_space.static_grid(tied=True)
+    layout = "bucketed" if isinstance(model, OfficialViT) else "packed"
     static = min(grid, key=lambda s: abs(vit.count_macs(model, s) / full_macs - mean))
     runs, ratios = {}, {}
     for precision in cfg.precisions:
@@ -242,7 +249,7 @@ def supernet_part(cfg: BenchmarkConfig, device: torch.device) -> tuple[list[dict
     names = {
         "full": "full model",
         "static": f"static `{static.blocks[-1]}` every block (nearest grid subnet in MACs)",
-        "packed": f"random per-sample subnets ({len(set(subnets))} distinct), packed",
+        "packed": f"random per-sample subnets ({len(set(subnets))} distinct), {layout}",
     }
     rows = speed_rows("supernet", list(runs), ratios, timer, cfg.supernet_batch_size, names)
     title = f"**{cfg.supernet}** (random weights), batch {cfg.supernet_batch_size}, per-sample subnets drawn to a "
@@ -261,7 +268,7 @@ def benchmark(cfg: BenchmarkConfig) -> dict:
         use_tf32()
     for precision in cfg.precisions:
         weights_dtype(precision)  # an unknown precision fails before any work
-    rows, lines = selector_part(cfg, device)
+    rows, lines = selector_part(cfg, device) if cfg.selector != "none" else ([], [])
     if cfg.supernet != "none":
         more, more_lines = supernet_part(cfg, device)
         rows, lines = rows + more, lines + more_lines

@@ -153,7 +153,7 @@ def test_small_runs_mlp_ratio_3_5_as_3_as_the_integer_config_arrays_do():
     with torch.device("meta"):
         model = official.create_official("small")
     assert model.shape.ratios == (2, 3, 5)
-    config = official.config_from_subnets(model, [model.search_space.static(384, 3)])
+    config = official.config_from_subnets(model, [model.search_space.uniform(384, 3)])
     config["mlp_ratio"] = config["mlp_ratio"].astype(float) + 0.5  # a 3.5 read from their float choices
     assert official.subnets_from_config(model, config)[0][0].mlp_hidden == 384 * 3
 

@@ -123,7 +123,7 @@ class OfficialSpace:
         for subnet in set(subnets) if all(isinstance(s, Subnet) for s in subnets) else subnets:
             self.validate(subnet)
 
-    def static(self, embed_dim: int, ratio: int, keep: float = 1.0, merge: float = 1.0) -> Subnet:
+    def uniform(self, embed_dim: int, ratio: int, keep: float = 1.0, merge: float = 1.0) -> Subnet:
         """One embedding width and MLP ratio at every block, the keep ratios at the decision blocks."""
         return Subnet(
             tuple(
@@ -132,13 +132,68 @@ class OfficialSpace:
             )
         )
 
+    # the index API of `vit.SearchSpace`, over the keep ratios of `keep_ratio` at the decision blocks
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The per-block decisions, in action order."""
+        return ("embed_dim", "mlp_ratio", "keep_ratio") + (("merge_ratio",) if self.token_mode == "prune_merge" else ())
+
+    def choices(self, block: int) -> tuple[tuple, ...]:
+        """The choice lists of `block`, one per field (keep ratios: `keep_ratio` at decision blocks, else 1.0)."""
+        keep = tuple(self.keep_ratio) if block in DECISION_BLOCKS else (1.0,)
+        return (self.shape.embed_choices, self.shape.ratios, keep, keep)[: len(self.fields)]
+
+    def num_choices(self, block: int) -> tuple[int, ...]:
+        """The number of choices of `block`, one per field."""
+        return tuple(len(c) for c in self.choices(block))
+
+    def config(self, block: int, indices) -> BlockConfig:
+        """The `BlockConfig` of `block` at the given choice indices (one per field)."""
+        choices = self.choices(block)
+        if len(indices) != len(choices) or any(not 0 <= int(i) < len(c) for i, c in zip(indices, choices)):
+            raise InvalidSubnetError(f"block {block}: indices {tuple(indices)} outside the choices {choices}")
+        values = [c[int(i)] for c, i in zip(choices, indices)]
+        return self.check(block, self.block(*values))
+
+    def indices(self, block: int, config: BlockConfig) -> tuple[int, ...]:
+        """The choice indices of `config` at `block`; an `InvalidSubnetError` for a value that is not a choice."""
+        self.check(block, config)
+        values = (config.embed_dim, self.ratio(config), config.keep_ratio, config.merge_ratio)
+        out = []
+        for field, value, choices in zip(self.fields, values, self.choices(block)):
+            if value not in choices:
+                raise InvalidSubnetError(f"block {block}: {field}={value} is not one of the choices {choices}")
+            out.append(choices.index(value))
+        return tuple(out)
+
+    def from_indices(self, indices) -> Subnet:
+        """The subnet whose block `i` takes the choice indices `indices[i]`."""
+        if len(indices) != self.depth:
+            raise InvalidSubnetError(f"expected indices for {self.depth} blocks, got {len(indices)}")
+        return Subnet(tuple(self.config(i, idx) for i, idx in enumerate(indices)))
+
     def largest(self) -> Subnet:
         """The widest configuration with no token reduction."""
-        return self.static(self.shape.embed_choices[-1], self.shape.ratios[-1])
+        return self.uniform(self.shape.embed_choices[-1], self.shape.ratios[-1])
 
     def smallest(self) -> Subnet:
-        """The narrowest widths, with no token reduction."""
-        return self.static(self.shape.embed_choices[0], self.shape.ratios[0])
+        """The first choice of every field: the narrowest widths, the lowest keep ratios."""
+        return self.from_indices([[0] * len(self.fields)] * self.depth)
+
+    def static_grid(self, tied: bool = False) -> list[Subnet]:
+        """Uniform subnets: every embedding width x MLP ratio x keep ratio, or with `tied` the two widths at the same
+        level (aligned on the largest), times the keep ratios."""
+        embeds, ratios = self.shape.embed_choices, self.shape.ratios
+        if tied:
+            levels = min(len(embeds), len(ratios))
+            widths = list(zip(embeds[-levels:], ratios[-levels:]))
+        else:
+            widths = [(e, r) for e in embeds for r in ratios]
+        return [
+            self.uniform(e, r, k, k if self.token_mode == "prune_merge" else 1.0)
+            for e, r in widths
+            for k in self.keep_ratio
+        ]
 
     def sample(self, rng: np.random.Generator | int | None = None, keep: Sequence[float] | None = None) -> Subnet:
         """Widths drawn uniformly per block (embedding widths per group of three blocks, as the official
