@@ -269,7 +269,9 @@ def test_the_official_pair_runs_each_image_on_its_own_decisions(tiny):
     assert len(set(subnets)) > 1 and all(s[:3] == model.search_space.largest()[:3] for s in subnets)
     for b in range(5):
         alone, (subnet,) = run_official(model, selector, x[b : b + 1])
-        assert subnet == subnets[b]
+        # the actor's float32 means of one image alone may differ from the batch's in the last bit: the keep ratios
+        assert [(c.embed_dim, c.mlp_hidden) for c in subnet] == [(c.embed_dim, c.mlp_hidden) for c in subnets[b]]
+        np.testing.assert_allclose([c.keep_ratio for c in subnet], [c.keep_ratio for c in subnets[b]], atol=1e-6)
         torch.testing.assert_close(logits[b : b + 1], alone, atol=1e-5, rtol=0)
         torch.testing.assert_close(alone, model(x[b : b + 1], subnet), atol=1e-5, rtol=0)
     batch_logits, batch_subnets = run_official(model, selector, x, protocol="batch-mean")

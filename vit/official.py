@@ -17,6 +17,7 @@ official FLOPs count, `count_macs` ours (what runs, exact against `torch.utils.f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from torch import Tensor
 from .checkpoint import check_state_dict, read_state_dict
 from .config import TOKEN_MODES, BlockConfig, InvalidSubnetError, Subnet, check_token_mode
 from .registry import register_supernet
-from .supernet import model_pretrained_cfg
+from .supernet import PatchEmbed, model_pretrained_cfg
 
 HEAD_DIM = 64  # the official attention's head width, whatever the embedding width
 DECISION_BLOCKS = (3, 6, 9)  # blocks before which the selector decides, and that reduce tokens
@@ -363,16 +364,9 @@ def _counts(config: BlockConfig, tokens: int, token_mode: str) -> tuple[int, int
     return tokens, pruned, merged
 
 
-class OfficialPatchEmbed(nn.Module):
-    """The official patch embedding (`patch_embed_super.proj`): a strided convolution at the super width."""
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.num_patches = (img_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+class OfficialPatchEmbed(PatchEmbed):
+    """The official patch embedding (`patch_embed_super.proj`): a strided convolution at the super width, run for
+    the first channels only."""
 
     def forward(self, x: Tensor, width: int) -> Tensor:
         """Images (B, C_in, H, W) to (B, N, width): the first `width` output channels only, computed alone."""
@@ -727,15 +721,7 @@ def create_official(
     if given."""
     if size not in OFFICIAL_SHAPES:
         raise ValueError(f"unknown official size {size!r}; expected one of {', '.join(OFFICIAL_SHAPES)}")
-    s = OFFICIAL_SHAPES[size]
-    shape = dict(
-        embed_dim=s.embed_dim,
-        num_heads=s.num_heads,
-        mlp_ratio=s.mlp_ratio,
-        embed_choices=s.embed_choices,
-        mlp_ratio_choices=s.mlp_ratio_choices,
-    )
-    model = OfficialViT(**shape, token_mode=token_mode, **kwargs)
+    model = OfficialViT(**dataclasses.asdict(OFFICIAL_SHAPES[size]), token_mode=token_mode, **kwargs)
     if checkpoint is not None:
         load_official(model, checkpoint)
     return model
