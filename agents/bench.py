@@ -70,8 +70,8 @@ class BenchmarkConfig:
     supernet: str = field(
         default="prance_deit_small",
         metadata={
-            "help": "registered supernet of part 2, random weights ('none' skips the part; prance_official_small: the "
-            "official S meta-network, per-image configurations in buckets)"
+            "help": "registered supernet name of part 2, random weights ('none' skips the part; "
+            "prance_official_small: the official S meta-network, per-image configurations in buckets)"
         },
     )
     supernet_batch_size: int = field(default=32, metadata={"help": "images per forward of part 2"})

@@ -223,9 +223,9 @@ def evaluate_official(cfg) -> list[dict]:
         raise ValueError("an official pair is evaluated on an ImageFolder: pass --data-dir (train/ and val/ inside)")
     setup_cpu(cfg.threads, cfg.keep_freed_memory)
     device = resolve_device(cfg.device)
-    name = cfg.model or "prance_official_small"
+    name = cfg.supernet or "prance_official_small"
     if not name.startswith("prance_official"):
-        raise ValueError(f"--actor is an official selector: --model must be an official preset, not {name!r}")
+        raise ValueError(f"--actor is an official selector: --supernet must be an official preset, not {name!r}")
     model = vit.create_supernet(name, token_mode=cfg.token_mode, checkpoint=cfg.checkpoint).to(device).eval()
     selector = OfficialSelector.load(cfg.actor, model, device)
     protocol = "batch-mean" if cfg.protocol == "official" else "per-image"

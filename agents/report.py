@@ -107,7 +107,9 @@ class EvaluateConfig:
         default=None, metadata={"help": "an official PRANCE actor.pth: evaluate it with --checkpoint on --data-dir"}
     )
     checkpoint: str | None = field(default=None, metadata={"help": "with --actor: the official checkpoint.pth"})
-    model: str | None = field(default=None, metadata={"help": "with --actor: the preset (prance_official_small)"})
+    supernet: str | None = field(
+        default=None, metadata={"help": "registered supernet name, with --actor (default: prance_official_small)"}
+    )
     token_mode: str = field(default="prune", metadata={"help": "with --actor: prune | merge | prune_merge"})
 
 

@@ -315,7 +315,7 @@ def test_evaluate_runs_an_official_pair_on_an_image_folder(tmp_path, protocol):
     torch.nn.init.normal_(actor.fc_mu.weight, std=0.5, generator=torch.Generator().manual_seed(0))
     torch.save(actor.state_dict(), tmp_path / "actor.pth")
     args = dict(actor=str(tmp_path / "actor.pth"), checkpoint=str(tmp_path / "checkpoint.pth"), device="cpu")
-    args |= dict(model="prance_official_tiny", data_dir=str(data), batch_size=3, out=str(tmp_path / "out"))
+    args |= dict(supernet="prance_official_tiny", data_dir=str(data), batch_size=3, out=str(tmp_path / "out"))
     full, pair = evaluate_selector(EvaluateConfig(**args, protocol=protocol))
     assert pair["method"] == f"official pair, {'batch-mean' if protocol == 'official' else 'per-image'}"
     assert pair["gmacs"] < full["gmacs"] and pair["official_gflops"] < full["official_gflops"]

@@ -247,7 +247,7 @@ def test_extract_takes_subnet_text_and_keeps_device_dtype_and_mode():
     assert vit.extract_subnet(meta, "h1-m64-r1").cls_token.is_meta
     with pytest.raises(vit.InvalidSubnetError, match=r"heads=5 is not one of the choices \(1, 2, 3, 4\)"):
         vit.extract_subnet(model, "h5-m128-r1")
-    with pytest.raises(vit.InvalidSubnetError, match="is not of the form h<heads>-m<mlp_hidden>-r<keep>"):
+    with pytest.raises(vit.InvalidSubnetError, match=r"is not of the form \[e<embed>-\]h<heads>-m<mlp_hidden>-r<keep>"):
         vit.extract_subnet(model, "half")
     with pytest.raises(ValueError, match="expected a model of vit.extract_subnet"):
         vit.save_subnet(timm.create_model("deit_tiny_patch16_224", device="meta"), "unused")
@@ -302,4 +302,5 @@ def test_import_vit_leaves_timm_out_until_it_is_imported_and_registers_with_it_e
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     out = result.stdout.split(" ", 1)
     assert out[0] == ("True" if first == "vit" else "False")
-    assert ast.literal_eval(out[1]) == sorted([*PRESETS, "prance_subnet"])
+    official = [f"prance_official_{size}" for size in ("tiny", "small", "base")]
+    assert ast.literal_eval(out[1]) == sorted([*PRESETS, *official, "prance_subnet"])
