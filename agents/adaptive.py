@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from prance_env.mdp import ActionCodec, MDPConfig, check_price
 from vit import ElasticViT, Subnet
-from vit.inference import DecisionSchedule, InferenceRunner
+from vit.inference import DecisionSchedule, make_runner
+from vit.official import batch_mean_configs
 from vit.utils import single_threaded
 
 from .metrics import Outcome, Tally
@@ -45,7 +46,8 @@ class Decisions:
 
     Attributes:
         subnets: the subnet each image ran, stem blocks included (B subnets of `depth` block configurations).
-        indices: (B, steps, fields) int64, the choice indices of every decision.
+        indices: (B, steps, fields) int64, the choice indices of every decision (float64, the actions themselves,
+            for the release's `official` actions).
         tokens: (B,) int64, the patch tokens alive at the end.
     """
 
@@ -73,7 +75,7 @@ class AdaptiveViT(nn.Module):
     weights, float32 images cast on entry, and logits, MACs and the policy's observations float32.
 
     Args:
-        supernet: the elastic ViT.
+        supernet: the elastic ViT, or an official meta-network (`vit.official`: its grouped decisions by default).
         policy: anything with stable-baselines3's `predict(obs, state, episode_start, deterministic)`; an SB3
             actor-critic model is called on tensors, on the supernet's device.
         price: the compute price λ the policy sees when `forward` is given none (`calibrate` finds one for a MACs
@@ -137,12 +139,14 @@ class AdaptiveViT(nn.Module):
             self._price = self.price_for(budget)
         elif price is not None:
             self._prices(self._price, 1, torch.device("cpu"))  # warns when outside the trained prices
-        self.schedule = DecisionSchedule() if schedule is None else schedule
         self.layout, self.snap, self.prototypes, self.amp = layout, snap, prototypes, amp
-        self.runner = InferenceRunner(supernet, self.schedule, layout, amp)
+        self.runner = make_runner(supernet, schedule, layout, amp)
+        self.schedule = self.runner.schedule
         space = getattr(policy, "action_space", None)
         action_type = {spaces.Box: "continuous", spaces.Discrete: "flat"}.get(type(space), "discrete")
-        self.codec = ActionCodec(self.schedule, supernet.search_space, action_type)
+        self.codec = ActionCodec(self.schedule, supernet.search_space, getattr(policy, "action_type", action_type))
+        if self.codec.action_type == "official" and snap == "prototypes":
+            raise ValueError("official actions are continuous: snap='batch-mean' or None")
         self._check_policy(policy)
         self.decide_seconds = 0.0
         self.eval()  # a deployed model; `train()` switches it back like any module
@@ -246,9 +250,19 @@ class AdaptiveViT(nn.Module):
         actions, state = policy.predict(numpy_obs, state, episode_start, deterministic=True)
         return np.asarray(actions), state
 
+    def _configs(self, step: int, chosen: Tensor) -> list:
+        """Per image, the configurations of step `step`'s blocks from its (snapped) choices; official actions
+        with `snap="batch-mean"` run the release's batch inference (`vit.official.batch_mean_configs`)."""
+        if self.codec.action_type == "official" and self.snap == "batch-mean":
+            block = self.schedule.blocks(step).start
+            return [batch_mean_configs(self.supernet.search_space, chosen.numpy(), block)] * chosen.shape[0]
+        return self.codec.configs(step, chosen)
+
     def snapped(self, indices: Tensor) -> Tensor:
         """The choice indices (B, fields) a step runs: `indices` as decided, or snapped to the batch's prototypes or
-        its mean choice."""
+        its mean choice (official actions are snapped by `_configs`)."""
+        if self.codec.action_type == "official":
+            return indices
         if self.snap == "batch-mean":
             return snap_to_mean(indices)
         if self.snap == "prototypes":
@@ -316,7 +330,7 @@ class AdaptiveViT(nn.Module):
                 self.decide_seconds += time.perf_counter() - started
                 start = np.zeros(B, dtype=bool)
                 indices.append(chosen)
-                state = runner.advance(state, self.codec.configs(state.step, chosen))
+                state = runner.advance(state, self._configs(state.step, chosen))
             logits, macs = runner.complete(state), state.macs.float()
             if not return_decisions:
                 return logits, macs

@@ -12,17 +12,24 @@ decisions averaged over the batch (`protocol="batch-mean"`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from gymnasium import spaces
 from torch import Tensor
 
 from vit.checkpoint import read_state_dict
 from vit.config import BlockConfig, Subnet
-from vit.official import DECISION_BLOCKS, GROUP, STATE_DIM, OfficialViT
+from vit.inference import OfficialRunner
+from vit.official import (
+    STATE_DIM,
+    OfficialViT,
+    action_dim,
+    batch_mean_configs,
+    decode_actions,
+)
 
 PROTOCOLS = ("per-image", "batch-mean")
 
@@ -42,18 +49,20 @@ class PolicyNet(nn.Module):
         return (torch.tanh(self.fc_mu(F.relu(self.fc2(F.relu(self.fc1(state)))))) + 1) / 2
 
 
-def action_dim(token_mode: str) -> int:
-    """The official action's size: 3 MLP ratios, 3 embedding widths, one keep ratio (two in `prune_merge`)."""
-    return 8 if token_mode == "prune_merge" else 7
-
-
 class OfficialSelector:
     """The official PPO selector of a meta-network: decides a group's widths and keep ratio(s) per image.
 
     Build it with `OfficialSelector.load("…/actor.pth", model)`, or `OfficialSelector(model)` for a randomly
     initialised actor (as the release initialises it). `decide(state, block)` gives each image's three
     `BlockConfig`s; `run_official(model, selector, images)` runs the pair.
+
+    It is also a policy with stable-baselines3's `predict`: it reads the observation's `official_state` (the env's
+    `official_state=True`) and gives the release's actions, which the env and `agents.AdaptiveViT` decode as the
+    release does with `action_type="official"` (`action_type` says so to `AdaptiveViT`).
     """
+
+    #: how the env and `agents.AdaptiveViT` decode this policy's actions (`prance_env.mdp.ActionCodec`)
+    action_type = "official"
 
     def __init__(self, model: OfficialViT, actor: PolicyNet | None = None, device: str | torch.device = "cpu") -> None:
         if not isinstance(model, OfficialViT):
@@ -64,6 +73,26 @@ class OfficialSelector:
         if self.actor.fc_mu.out_features != expected:
             given = self.actor.fc_mu.out_features
             raise ValueError(f"the actor gives {given} numbers; token_mode={model.token_mode!r} takes {expected}")
+
+    @property
+    def action_space(self) -> spaces.Box:
+        """The release's actions: `Box(0, 1, (7,))` (8 in `prune_merge`)."""
+        return spaces.Box(0.0, 1.0, (self.actor.fc_mu.out_features,), np.float32)
+
+    def predict(self, observation: dict, state=None, episode_start=None, deterministic: bool = True):
+        """SB3's `predict`: the release's deterministic actions (the actor's mean) for an observation with
+        `official_state` ((197,) or (B, 197)), and `state` as given. The release samples around the mean only in
+        training, so `deterministic=False` is refused."""
+        if not deterministic:
+            raise ValueError("the official selector acts on its mean only: predict(..., deterministic=True)")
+        if not isinstance(observation, dict) or "official_state" not in observation:
+            raise ValueError(
+                "the official selector reads the observation's 'official_state': make the env with "
+                "official_state=True over an official meta-network"
+            )
+        given = torch.as_tensor(np.asarray(observation["official_state"]), dtype=torch.float32)
+        actions = self.act(given.view(1, -1) if given.dim() == 1 else given).astype(np.float32)
+        return (actions[0] if given.dim() == 1 else actions), state
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: OfficialViT, device: str | torch.device = "cpu") -> OfficialSelector:
@@ -97,87 +126,41 @@ class OfficialSelector:
 
     def configs(self, actions: np.ndarray, block: int) -> list[tuple[BlockConfig, ...]]:
         """Each image's configurations of blocks `block` to `block + 2` from its action, as `action_to_config` reads
-        it: MLP-ratio and embedding-width indices rounded (halves to even), the keep ratio(s) raw."""
-        if block not in DECISION_BLOCKS:
-            raise ValueError(f"the official selector decides at blocks {DECISION_BLOCKS}, not {block}")
-        actions = np.asarray(actions, dtype=np.float64)
-        if actions.ndim != 2 or actions.shape[1] != self.actor.fc_mu.out_features:
-            raise ValueError(f"expected actions (B, {self.actor.fc_mu.out_features}), got {actions.shape}")
-        shape = self.space.shape
-        ratios = np.asarray(shape.ratios)[_index(actions[:, 0:3], len(shape.ratios))]
-        embeds = np.asarray(shape.embed_choices)[_index(actions[:, 3:6], len(shape.embed_choices))]
-        keep = actions[:, -2] if self.space.token_mode == "prune_merge" else actions[:, -1]
-        merge = actions[:, -1] if self.space.token_mode == "prune_merge" else np.ones(len(actions))
-        return [
-            tuple(
-                self.space.block(int(e), int(r), *((k, m) if j == 0 else (1.0, 1.0)))
-                for j, (e, r) in enumerate(zip(embeds[b], ratios[b]))
-            )
-            for b, (k, m) in enumerate(zip(np.clip(keep, 0.0, 1.0), np.clip(merge, 0.0, 1.0)))
-        ]
+        it (`vit.official.decode_actions`)."""
+        return decode_actions(self.space, actions, block)
 
     def decide(self, state: Tensor, block: int) -> list[tuple[BlockConfig, ...]]:
         """Each image's configurations of blocks `block` to `block + 2`, from its state."""
         return self.configs(self.act(state), block)
 
     def batch_mean(self, actions: np.ndarray, block: int) -> tuple[BlockConfig, ...]:
-        """The configurations the release's batch inference runs for a whole batch (`set_sample_config_batch`):
-        per block the decoded embedding widths and MLP ratios averaged over the batch, rounded and snapped to the
-        nearest choice (the first of two as near), the pruning ratio averaged, the merging ratio the first
-        image's."""
-        per_image = self.configs(actions, block)
-        shape, space = self.space.shape, self.space
-        out = []
-        for j in range(GROUP):
-            configs = [c[j] for c in per_image]
-            embed = _snap(np.mean([c.embed_dim for c in configs]), shape.embed_choices)
-            ratio = int(_snap(np.mean([space.ratio(c) for c in configs]), shape.mlp_ratio_choices))
-            keep, merge = np.mean([c.keep_ratio for c in configs]), configs[0].merge_ratio
-            if space.token_mode == "merge":
-                keep = configs[0].keep_ratio
-            out.append(space.block(int(embed), ratio, float(keep), float(merge)))
-        return tuple(out)
+        """The configurations the release's batch inference runs for a whole batch
+        (`vit.official.batch_mean_configs`)."""
+        return batch_mean_configs(self.space, actions, block)
 
 
-def _index(values: np.ndarray, n: int) -> np.ndarray:
-    """`round(clip(a, 0, 1) * (n - 1))` per value, numpy's rounding (halves to even)."""
-    return np.round(np.clip(values, 0.0, 1.0) * (n - 1)).astype(int)
-
-
-def _snap(value: float, choices: Sequence[float]) -> float:
-    """The choice nearest to `value` rounded (halves to even), the first of two as near."""
-    choices = np.asarray(choices, dtype=np.float64)
-    return float(choices[np.argmin(np.abs(choices - np.round(value)))])
-
-
-@torch.no_grad()
 def run_official(
     model: OfficialViT, selector: OfficialSelector, images: Tensor, protocol: str = "per-image"
 ) -> tuple[Tensor, list[Subnet]]:
     """Logits (B, classes) of `images` under the selector's decisions, and the configuration each image ran.
 
     The first group runs the largest configuration (the release evaluates with `max_flag`); at blocks 3, 6, 9 the
-    selector decides the next group from the state of the block before. `per-image`: each image its own decisions
-    (images sharing a configuration run together); `batch-mean`: the whole batch on `OfficialSelector.batch_mean`
-    of the decisions, the release's evaluation."""
+    selector decides the next group from the state of the block before (`vit.inference.OfficialRunner`).
+    `per-image`: each image its own decisions (images sharing a configuration run together); `batch-mean`: the whole
+    batch on `OfficialSelector.batch_mean` of the decisions, the release's evaluation."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-    B = images.shape[0]
-    largest = list(model.search_space.largest())
-    blocks = [list(largest) for _ in range(B)]
-    tokens = model.embed(images, largest[0].embed_dim)
-    for block in DECISION_BLOCKS:
-        tokens = model.run_blocks(tokens, [Subnet(tuple(b)) for b in blocks], stop=block)
-        actions = selector.act(tokens.state())
+    runner = OfficialRunner(model)
+    state = runner.start(images)
+    while not state.done:
+        block = runner.schedule.blocks(state.step).start
+        actions = selector.act(state.tokens.state())
         if protocol == "batch-mean":
-            decided = [selector.batch_mean(actions, block)] * B
+            decided = [selector.batch_mean(actions, block)] * images.shape[0]
         else:
             decided = selector.configs(actions, block)
-        for b in range(B):
-            blocks[b][block : block + GROUP] = decided[b]
-    subnets = [Subnet(tuple(b)) for b in blocks]
-    model.search_space.validate_all(subnets)
-    return model.classify(model.run_blocks(tokens, subnets)), subnets
+        state = runner.advance(state, decided)
+    return runner.complete(state), [Subnet(c) for c in state.subnets()]
 
 
 def official_method(model: OfficialViT, selector: OfficialSelector | None, protocol: str = "per-image"):

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 import vit
 from vit.inference import DecisionSchedule
+from vit.official import OFFICIAL_PRESETS, OfficialViT
 from vit.utils import resolve_device
 
 from .core import BatchedMDP
@@ -19,6 +20,8 @@ from .mdp import MDPConfig
 from .source import ImageSource, build_source
 
 MDP = MDPConfig()
+#: the supernet modules the env runs: the elastic ViT and the official meta-networks
+SUPERNETS = (vit.ElasticViT, OfficialViT)
 CHOICE_KEYS = {
     "heads": "head_choices",
     "mlp_hidden": "mlp_hidden_choices",
@@ -46,6 +49,7 @@ class EnvConfig:
     quality: str = MDP.quality
     price_range: Sequence[float] = MDP.price_range
     token_penalty: float = MDP.token_penalty
+    official_state: bool = MDP.official_state
     decisions: str | DecisionSchedule = "per-block"
     num_classes: int | None = None
     img_size: int | None = None
@@ -79,6 +83,7 @@ class EnvConfig:
             quality=self.quality,
             price_range=tuple(self.price_range),
             token_penalty=self.token_penalty,
+            official_state=self.official_state,
         )
 
     def build(self) -> tuple[BatchedMDP, ImageSource]:
@@ -87,7 +92,7 @@ class EnvConfig:
         device = resolve_device(self.device)
         shape = {k: getattr(self, k) for k in vit.registry.SHAPE_KEYS if getattr(self, k) is not None}
         supernet = self.supernet
-        if not isinstance(supernet, vit.ElasticViT):
+        if not isinstance(supernet, SUPERNETS):
             supernet = vit.registry.preset_name(supernet, self.checkpoint)
         model = build_supernet(supernet, self.checkpoint, self.token_mode, self.choices, device, config.schedule, shape)
         source = build_source(self.data, self.data_dir, self.split, model, device, self.workers)
@@ -107,7 +112,7 @@ def build_supernet(
     the ratios the decisions of `schedule` choose (`DecisionSchedule.supernet_kwargs`) unless `choices` says
     otherwise, at the `shape` given (`num_classes`, `img_size`, `in_chans`; by default the checkpoint's or the
     preset's)."""
-    if isinstance(supernet, vit.ElasticViT):
+    if isinstance(supernet, SUPERNETS):
         if shape:
             raise ValueError(
                 "num_classes, img_size and in_chans apply to a supernet built by name; your module has its own"
@@ -118,7 +123,20 @@ def build_supernet(
             raise ValueError("checkpoint applies to a supernet built by name; load weights into your module instead")
         return supernet.to(device)
     if not isinstance(supernet, str):
-        raise TypeError(f"supernet must be a registered name or a vit.ElasticViT, got {type(supernet).__name__}")
+        raise TypeError(
+            f"supernet must be a registered name, a vit.ElasticViT or an official meta-network, got "
+            f"{type(supernet).__name__}"
+        )
+    if supernet in OFFICIAL_PRESETS:
+        if choices:
+            raise ValueError(f"{supernet} has the release's search space: choices do not apply")
+        if checkpoint is None:
+            raise ValueError(
+                f"{supernet} has no weights shipped here: pass checkpoint= the release's checkpoint.pth (or a "
+                f"module: vit.create_supernet({supernet!r}, pretrained=True) downloads the release's)"
+            )
+        kwargs = ({} if token_mode is None else {"token_mode": token_mode}) | dict(shape or {})
+        return vit.create_supernet(supernet, checkpoint=checkpoint, **kwargs).to(device)
     unknown = set(choices or {}) - set(CHOICE_KEYS)
     if unknown:
         raise ValueError(f"unknown choices {sorted(unknown)}; expected keys among {sorted(CHOICE_KEYS)}")

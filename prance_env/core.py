@@ -13,6 +13,11 @@ reference subnet (full width, no token reduction), and scored,
 F_t being the MACs spent so far plus the reference cost of the rest. The reward is `R_t - R_{t-1}` (`delta`, with
 R_{-1} the full model's result), `R_t` (`direct`), or zero but at the last step, where it is `R_T` (`terminal`:
 the final result alone, no intermediate credit and no completion, so an episode costs one forward pass).
+
+`official` is the release's reward (`model/ppo_sbs.py`), paid at every step on the same completion:
+`no_worse(prediction_t) - 0.008 * FLOPs_t / 1e8 - 0.1 * ratio_t`, FLOPs_t the absolute FLOPs of the completed
+subnet (the release's count, `vit.official.get_complexity`, on an official meta-network; our MACs otherwise) and
+ratio_t the keep ratio(s) the step chose (summed over its token reductions). The price plays no part in it.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import torch
 from torch import Tensor
 
 from vit import BlockConfig, ElasticViT
-from vit.inference import InferenceRunner, InferenceState
+from vit.inference import InferenceState, make_runner
 
-from .mdp import MDPConfig
+from .mdp import OFFICIAL_FLOPS_WEIGHT, OFFICIAL_RATIO_WEIGHT, MDPConfig
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,10 @@ class BatchedMDP:
     def __init__(
         self, model: ElasticViT, config: MDPConfig = MDPConfig(), layout: str = "packed", amp: bool = False
     ) -> None:
-        self.runner = InferenceRunner(model.eval().requires_grad_(False), config.schedule, layout, amp)
+        self.runner = make_runner(model.eval().requires_grad_(False), config.schedule, layout, amp)
         self.config = config
+        if config.official_state and not hasattr(self.runner, "official_flops"):
+            raise ValueError("official_state is the official selector's state: it needs an official meta-network")
 
     @property
     def model(self) -> ElasticViT:
@@ -93,10 +100,7 @@ class BatchedMDP:
             price = torch.zeros(B, device=images.device) if price is None else price.to(images.device, torch.float32)
             inference = self.runner.start(images)
             full_pred = result = None
-            if self.config.reward == "delta" or self.config.quality in (
-                "agree",
-                "no_worse",
-            ):  # the full model's is needed
+            if self.config.needs_full_model:
                 full_logits = self.runner.complete(inference)
                 full_pred = full_logits.argmax(-1)
                 ones = torch.ones(B, dtype=torch.float64, device=images.device)
@@ -106,7 +110,10 @@ class BatchedMDP:
     def observe(self, episodes: Episodes) -> dict[str, Tensor]:
         """`cls` (B, C): CLS entering the next block; `progress` (B, 3): step fraction, MACs spent / full MACs,
         patch tokens alive / initial; `price` (B, 1): log of the episode's price (`InferenceRunner.observe`)."""
-        return self.runner.observe(episodes.inference, episodes.price)
+        obs = self.runner.observe(episodes.inference, episodes.price)
+        if not self.config.official_state:
+            obs.pop("official_state", None)
+        return obs
 
     def step(
         self, episodes: Episodes, configs: Sequence[BlockConfig | Sequence[BlockConfig]]
@@ -131,7 +138,9 @@ class BatchedMDP:
                 pred = logits.argmax(-1)
                 cost = inference.macs + self.runner.completion_macs(inference)  # spent plus the reference rest
                 result = self._result(logits, cost / self.runner.full_macs, price, labels, full_pred)
-                if cfg.reward == "delta":
+                if cfg.reward == "official":
+                    reward = self._official_reward(inference, logits, cost, labels, full_pred)
+                elif cfg.reward == "delta":
                     reward = result - episodes.result
                 elif cfg.token_penalty:
                     alive = inference.tokens.num_patches().to(result) / self.model.num_patches
@@ -151,6 +160,23 @@ class BatchedMDP:
         if not episodes.done:
             raise RuntimeError("logits() needs finished episodes")
         return self.runner.complete(episodes.inference)
+
+    def _official_reward(
+        self, inference: InferenceState, logits: Tensor, cost: Tensor, labels: Tensor | None, full_pred: Tensor
+    ) -> Tensor:
+        """The release's reward of the step just run (B,) float64: no_worse - 0.008 FLOPs / 1e8 - 0.1 ratio."""
+        if labels is None:
+            raise ValueError("reward='official' scores accuracy: it needs labels")
+        quality = ((logits.argmax(-1) == labels) | (full_pred != labels)).double()
+        flops = getattr(self.runner, "official_flops", None)
+        flops = cost if flops is None else flops(inference)
+        schedule = self.runner.schedule
+        step_blocks = len(schedule.blocks(inference.step - 1))
+        reductions = inference.blocks[-step_blocks:][:: schedule.group_blocks or 1]  # per reduction, per image
+        two = self.model.token_mode == "prune_merge"
+        ratios = [[c.keep_ratio + (c.merge_ratio if two else 0.0) for c in column] for column in reductions]
+        ratio = torch.tensor(ratios, dtype=torch.float64, device=quality.device).sum(0)
+        return quality - OFFICIAL_FLOPS_WEIGHT * flops.to(quality) / 1e8 - OFFICIAL_RATIO_WEIGHT * ratio
 
     def _result(
         self, logits: Tensor, flops_ratio: Tensor, price: Tensor, labels: Tensor | None, full_pred: Tensor | None

@@ -143,7 +143,7 @@ class PranceViTEnv(gym.Env):
         self.mdp, self.source = EnvConfig.of(**{"workers": 0, **kwargs}).build()
         self.prices = Prices(price, self.mdp.config.price_range)
         self.codec = ActionCodec(self.mdp.config.schedule, self.model.search_space, action_type)
-        self.observation_space = observation_space(self.model.embed_dim, self.prices)
+        self.observation_space = observation_space(self.model.embed_dim, self.prices, self.mdp.config.official_state)
         self.action_space = self.codec.space
         self.episodes: Episodes | None = None
 

@@ -19,10 +19,14 @@ from gymnasium import spaces
 
 from vit import BlockConfig, InvalidSubnetError, SearchSpace
 from vit.inference import DecisionSchedule, log_price, reduces_tokens
+from vit.official import STATE_DIM, OfficialSpace, action_dim, decode_actions
 
-REWARD_MODES = ("delta", "direct", "terminal")
+REWARD_MODES = ("delta", "direct", "terminal", "official")
+#: the release's reward (`model/ppo_sbs.py`'s `reward_process`): accuracy - 0.008 * FLOPs / 1e8 - 0.1 * ratio
+OFFICIAL_FLOPS_WEIGHT = 0.008
+OFFICIAL_RATIO_WEIGHT = 0.1
 QUALITIES = ("correct", "logprob", "agree", "no_worse")
-ACTION_TYPES = ("discrete", "continuous", "flat")
+ACTION_TYPES = ("discrete", "continuous", "flat", "official")
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,8 @@ class MDPConfig:
     Attributes:
         schedule: where the decisions fall and what each sets (`vit.inference.DecisionSchedule`: stem blocks,
             blocks per step, per-block or grouped decisions).
-        reward: `delta`, `direct` or `terminal` (see `prance_env.core`). The full model runs at reset only for
-            `delta` (its result is R_{-1}) and for qualities `agree` and `no_worse`.
+        reward: `delta`, `direct`, `terminal` or `official` (see `prance_env.core`). The full model runs at reset
+            only for `delta` (its result is R_{-1}), `official` and qualities `agree` and `no_worse`.
         quality: q of the result: `correct` (1 if right), `logprob` (log-prob of the true class, clipped at
             `logprob_floor`), `agree` (1 if the prediction is the full model's; needs no labels) or `no_worse` (the
             official code's: 1 unless the full model is right and this prediction wrong).
@@ -48,6 +52,8 @@ class MDPConfig:
             `token_penalty` times the fraction of patch tokens alive after it (the release uses 0.1).
         price: the price a deployed selector runs at when given none (`agents.AdaptiveViT`, `visualize.py`).
         eval_prices: the prices selector training and fine-tuning evaluate at.
+        official_state: observe also `official_state` (197,), the official selector's state (the key profile of
+            the block before the decision, zero-padded): an official meta-network's MDP only.
     """
 
     schedule: DecisionSchedule = field(default_factory=DecisionSchedule)
@@ -58,6 +64,7 @@ class MDPConfig:
     token_penalty: float = 0.0
     price: float = 0.01
     eval_prices: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)
+    official_state: bool = False
 
     def __post_init__(self) -> None:
         if self.token_penalty < 0 or (self.token_penalty and self.reward != "direct"):
@@ -67,6 +74,11 @@ class MDPConfig:
         if self.quality not in QUALITIES:
             raise ValueError(f"unknown quality {self.quality!r}; expected one of {', '.join(QUALITIES)}")
         Prices(None, self.price_range)  # a ValueError for a range that is not one
+
+    @property
+    def needs_full_model(self) -> bool:
+        """Whether an episode's reset scores the full model (its result, or its prediction for the quality)."""
+        return self.reward in ("delta", "official") or self.quality in ("agree", "no_worse")
 
 
 def check_price(price) -> np.ndarray:
@@ -122,16 +134,18 @@ def warn_if_truncating(max_episode_steps: int | None, num_steps: int) -> None:
         )
 
 
-def observation_space(embed_dim: int, prices: Prices) -> spaces.Dict:
-    """The observation space of one episode: `cls` (embed_dim,), `progress` (3,), `price` (1,), float32."""
+def observation_space(embed_dim: int, prices: Prices, official_state: bool = False) -> spaces.Dict:
+    """The observation space of one episode: `cls` (embed_dim,), `progress` (3,), `price` (1,), and with
+    `official_state` the official selector's state (197,), float32."""
     big = np.finfo(np.float32).max
-    return spaces.Dict(
-        {
-            "cls": spaces.Box(-big, big, (embed_dim,), np.float32),
-            "progress": spaces.Box(0.0, 1.0, (3,), np.float32),
-            "price": spaces.Box(*log_price(torch.tensor(prices.bounds)).numpy(), (1,), np.float32),
-        }
-    )
+    keys = {
+        "cls": spaces.Box(-big, big, (embed_dim,), np.float32),
+        "progress": spaces.Box(0.0, 1.0, (3,), np.float32),
+        "price": spaces.Box(*log_price(torch.tensor(prices.bounds)).numpy(), (1,), np.float32),
+    }
+    if official_state:
+        keys["official_state"] = spaces.Box(-big, big, (STATE_DIM,), np.float32)
+    return spaces.Dict(keys)
 
 
 class ActionCodec:
@@ -148,17 +162,28 @@ class ActionCodec:
     Args:
         schedule: where the decisions fall and what each sets.
         search_space: the supernet's; it must hold every configuration the decisions choose.
-        action_type: `discrete` (`MultiDiscrete(nvec)`), `continuous` (`Box(-1, 1, (fields,))`) or `flat` (one
+        action_type: `discrete` (`MultiDiscrete(nvec)`), `continuous` (`Box(-1, 1, (fields,))`), `flat` (one
             `Discrete(prod(nvec))` over every combination of choices, in C order: for agents that take a `Discrete`
-            space only, as DQN).
+            space only, as DQN) or `official` (an official meta-network's grouped decisions only: the release's
+            `Box(0, 1, (7,))` actions, 8 in `prune_merge`, decoded as its `action_to_config` does,
+            `vit.official.decode_actions`: widths rounded to their choices, keep ratios raw).
     """
 
     def __init__(self, schedule: DecisionSchedule, search_space: SearchSpace, action_type: str = "discrete") -> None:
         if action_type not in ACTION_TYPES:
             raise ValueError(f"unknown action_type {action_type!r}; expected one of {', '.join(ACTION_TYPES)}")
         schedule.check(search_space)
+        if action_type == "official" and (
+            not isinstance(search_space, OfficialSpace) or schedule.blocks_per_step != schedule.group_blocks
+        ):
+            raise ValueError(
+                "action_type='official' is the release's action: an official meta-network's decisions='grouped'"
+            )
         self.schedule, self.search_space, self.action_type = schedule, search_space, action_type
         self.fields: tuple[str, ...] = schedule.fields(search_space)
+        if action_type == "official":  # the release's order: MLP ratios, embedding widths, then the keep ratio(s)
+            widths = [f"{f}[{j}]" for f in ("mlp_ratio", "embed_dim") for j in range(schedule.group_blocks)]
+            self.fields = (*widths, *(f"{f}[0]" for f in search_space.fields[2:]))
         self.nvec: tuple[int, ...] = schedule.nvec(search_space)
         self.num_steps = schedule.num_steps(search_space.depth)
         #: which fields set a token reduction (keep and merge ratios)
@@ -171,25 +196,34 @@ class ActionCodec:
             return spaces.MultiDiscrete(np.array(self.nvec, dtype=np.int64))
         if self.action_type == "flat":
             return spaces.Discrete(math.prod(self.nvec))
+        if self.action_type == "official":
+            return spaces.Box(0.0, 1.0, (action_dim(self.search_space.token_mode),), np.float32)
         return spaces.Box(-1.0, 1.0, (len(self.nvec),), np.float32)
 
     def indices(self, actions, batch: int | None = None) -> np.ndarray:
         """Choice indices (B, fields) int64 of actions of exactly shape `(fields,)` (`batch` None: one decision) or
         `(batch, fields)` (numpy, torch on any device, or nested lists); a `ValueError` quoting the first invalid
-        value as given."""
+        value as given. `official` actions are not indices: they come back checked, float64 (B, 7 or 8), for
+        `configs`."""
         given = actions.detach().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
         if self.action_type == "flat":
             return self._flat_indices(given, batch)
-        shape = (len(self.nvec),) if batch is None else (batch, len(self.nvec))
+        width = self.space.shape[0] if self.action_type == "official" else len(self.nvec)
+        shape = (width,) if batch is None else (batch, width)
         if given.dtype.kind not in "iuf":
             raise ValueError(f"actions must be numbers (choice indices or values in [-1, 1]), got dtype {given.dtype}")
         if given.shape != shape:
             raise ValueError(f"expected actions of shape {shape} for fields {self.fields}, got {given.shape}")
-        rows = given.reshape(-1, len(self.nvec))
+        rows = given.reshape(-1, width)
         nvec = np.array(self.nvec)
         if given.dtype.kind == "f" and not np.all(np.isfinite(rows)):
             where, value, _ = self._first_offender(given, ~np.isfinite(rows))
             raise ValueError(f"{where} value {value}: actions contain NaN or Inf")
+        if self.action_type == "official":
+            if np.any((rows < 0) | (rows > 1)):
+                where, value, _ = self._first_offender(given, (rows < 0) | (rows > 1))
+                raise ValueError(f"{where} value {value}: official actions must lie in [0, 1]")
+            return rows.astype(np.float64)
         if self.action_type == "continuous":
             if np.any(np.abs(rows) > 1):
                 where, value, _ = self._first_offender(given, np.abs(rows) > 1)
@@ -235,6 +269,8 @@ class ActionCodec:
         (each distinct row decoded once)."""
         if not 0 <= step < self.num_steps:
             raise InvalidSubnetError(f"step {step} out of range: the decisions are steps 0 to {self.num_steps - 1}")
+        if self.action_type == "official":
+            return decode_actions(self.search_space, np.asarray(indices), self.schedule.blocks(step).start)
         rows = list(map(tuple, np.asarray(indices).tolist()))
         decoded = {row: self.schedule.decode(self.search_space, step, row) for row in dict.fromkeys(rows)}
         return [decoded[row] for row in rows]
@@ -247,6 +283,8 @@ class ActionCodec:
         """The valid choices of each sample, fields concatenated (B, sum(nvec)) (`flat`: the valid combinations,
         (B, prod(nvec))), for sb3-contrib's MaskablePPO: every choice, except that a sample down to one patch token
         (`patches`, (B,)) can reduce no further, so only the keep (and merge) ratio 1.0 is left to it."""
+        if self.action_type == "official":
+            raise ValueError("official actions are continuous: they have no action masks")
         masks = np.ones((len(patches), sum(self.nvec)), dtype=bool)
         spent = np.asarray(patches) <= 1
         offset = 0
@@ -270,6 +308,8 @@ __all__ = [
     "REWARD_MODES",
     "ActionCodec",
     "MDPConfig",
+    "OFFICIAL_FLOPS_WEIGHT",
+    "OFFICIAL_RATIO_WEIGHT",
     "Prices",
     "check_price",
     "observation_space",

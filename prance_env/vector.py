@@ -79,7 +79,9 @@ class PranceViTVectorEnv(VectorEnv):
         self.mdp, self.source = EnvConfig.of(**kwargs).build()
         self.prices = Prices(price, self.mdp.config.price_range)
         self.codec = ActionCodec(self.mdp.config.schedule, self.model.search_space, action_type)
-        self.single_observation_space = observation_space(self.model.embed_dim, self.prices)
+        self.single_observation_space = observation_space(
+            self.model.embed_dim, self.prices, self.mdp.config.official_state
+        )
         self.single_action_space = self.codec.space
         warn_if_truncating(max_episode_steps, self.codec.num_steps)
         self.observation_space = batch_space(self.single_observation_space, num_envs)

@@ -234,9 +234,9 @@ def test_selector_decodes_actions_as_the_release_rounds_them(tiny):
     assert [(c.embed_dim, c.mlp_hidden // c.embed_dim) for c in first] == [(176, 2), (216, 2), (240, 6)]
     assert [(c.embed_dim, c.mlp_hidden // c.embed_dim) for c in second] == [(192, 6), (192, 6), (216, 2)]
     assert [c.keep_ratio for c in first] == [0.3, 1.0, 1.0] and second[0].keep_ratio == 1.0  # raw, at block 3 only
-    with pytest.raises(ValueError, match="decides at blocks"):
+    with pytest.raises(ValueError, match="decide at blocks"):
         selector.configs(actions, 4)
-    with pytest.raises(ValueError, match=r"expected actions \(B, 7\)"):
+    with pytest.raises(ValueError, match=r"expected official actions \(B, 7\)"):
         selector.configs(actions[:, :6], 3)
     merge_then = OfficialSelector(tiny["prune_merge"])
     (config, *_), *_ = merge_then.configs(np.array([[0.5] * 6 + [0.4, 0.9]]), 6)

@@ -181,6 +181,14 @@ class SearchSpace:
         """The number of choices of `block`, one per field."""
         return tuple(len(c) for c in self.choices(block))
 
+    def offers(self, field: str, block: int, value) -> bool:
+        """Whether `block` offers `value` for `field` (one of `fields`)."""
+        return value in getattr(self, field)[block]
+
+    def from_values(self, values: dict) -> BlockConfig:
+        """The `BlockConfig` of field values, by `fields`' names (a token ratio not given is 1.0)."""
+        return BlockConfig(**values)
+
     def config(self, block: int, indices: Sequence[int]) -> BlockConfig:
         """The `BlockConfig` of `block` at the given choice indices (one per field)."""
         choices = self.choices(block)

@@ -24,6 +24,11 @@ from torch import Tensor
 from .bucketed import BucketedBatch
 from .config import BlockConfig, InvalidSubnetError, SearchSpace, Subnet
 from .flops import block_macs, count_macs, embed_macs, head_macs
+from .official import block_macs as official_block_macs
+from .official import count_macs as official_count_macs
+from .official import embed_macs as official_embed_macs
+from .official import head_macs as official_head_macs
+from .official import output_width
 from .packed import PackedBatch
 from .supernet import LAYOUTS, ElasticViT
 from .utils import autocast, long_tensor, single_threaded
@@ -48,9 +53,10 @@ class DecisionSchedule:
     - Per-block decisions (`group_blocks=0`): a decision is one configuration (the search space's fields: heads, MLP
       width, keep ratio[, merge ratio]) that every block of its step runs.
     - Grouped decisions (`group_blocks=k`, PRANCE's): the blocks of a step fall in groups of k; a decision sets the
-      heads and MLP width of every block (fields `heads[j]`, `mlp_hidden[j]`, j the block's place in the step) and
-      one token reduction per group, at its first block (`keep_ratio[j]`, and `merge_ratio[j]` in `prune_merge`
-      mode, from `keep_ratios`); the other blocks of the group keep every token.
+      widths of every block (fields `heads[j]`, `mlp_hidden[j]`, j the block's place in the step; `embed_dim[j]`,
+      `mlp_ratio[j]` on an official meta-network, `vit.official`) and one token reduction per group, at its first
+      block (`keep_ratio[j]`, and `merge_ratio[j]` in `prune_merge` mode, from `keep_ratios`); the other blocks of
+      the group keep every token.
 
     `DecisionSchedule.named` gives the schedules by name: `per-block` (the default: a 1-block stem, a decision before
     every block), `grouped` (the paper's: a 3-block stem, decisions at blocks 3, 6 and 9, each for a group of 3
@@ -149,7 +155,7 @@ class DecisionSchedule:
             return
         for step in range(self.num_steps(space.depth)):
             for f in _layout(self, space, step):
-                missing = [c for c in f.choices if c not in getattr(space, f.field)[f.block]]
+                missing = [c for c in f.choices if not space.offers(f.field, f.block, c)]
                 if missing:
                     raise ValueError(
                         f"the supernet offers no {f.field} {missing} at block {f.block}, which these decisions "
@@ -157,7 +163,7 @@ class DecisionSchedule:
                     )
         for block in range(self.stem_blocks, space.depth):
             for field in space.fields[2:]:
-                if 1.0 not in getattr(space, field)[block]:
+                if not space.offers(field, block, 1.0):
                     raise ValueError(f"block {block} offers no {field} 1.0 (no reduction) for grouped decisions")
 
     def decode(self, space: SearchSpace, step: int, indices: Sequence[int]) -> tuple[BlockConfig, ...]:
@@ -169,7 +175,7 @@ class DecisionSchedule:
         values = {b: {} for b in blocks}
         for f, i in zip(_layout(self, space, step), indices):
             values[f.block][f.field] = f.choices[int(i)]
-        return tuple(BlockConfig(**values[b]) for b in blocks)
+        return tuple(space.from_values(values[b]) for b in blocks)
 
     def subnet(self, space: SearchSpace, indices: Sequence[Sequence[int]]) -> Subnet:
         """The subnet of a whole inference: the stem at full width, then decision `t` at `indices[t]`."""
@@ -211,7 +217,7 @@ def _layout(schedule: DecisionSchedule, space: SearchSpace, step: int) -> tuple[
     for first in blocks[:: schedule.group_blocks]:
         for block in range(first, first + schedule.group_blocks):
             j = block - blocks.start
-            out += [_Field(f"{f}[{j}]", f, block, getattr(space, f)[block]) for f in ("heads", "mlp_hidden")]
+            out += [_Field(f"{f}[{j}]", f, block, getattr(space, f)[block]) for f in space.fields[:2]]
         for f in space.fields[2:]:  # keep_ratio[, merge_ratio]: the group's reduction, at its first block
             choices = getattr(space, f)[first] if schedule.keep_ratios is None else schedule.keep_ratios
             out.append(_Field(f"{f}[{first - blocks.start}]", f, first, choices))
@@ -429,6 +435,184 @@ class InferenceRunner:
             return {"cls": state.tokens.cls().float(), "progress": progress, "price": log_price(price).view(B, 1)}
 
 
+class OfficialRunner:
+    """`InferenceRunner`'s interface over an official PRANCE meta-network (`vit.official.OfficialViT`): the same
+    states, ledger and observations, so the env, `agents.AdaptiveViT` and the heuristics run it unchanged.
+
+    The decisions fall where the release's do, at blocks 3, 6 and 9 in groups of three (`grouped`; `one-shot` takes
+    the three groups at once). The tokens are an `OfficialTokens`, images sharing a block's configuration and token
+    count run together; an image's output width at a group's last block is the widest choice, as the release knows
+    no more when it runs it. `observe` adds `official_state` (B, 197), the release's selector state: the key profile
+    of the block before the decision. The MACs are `vit.official.count_macs`'s, block by block.
+    """
+
+    def __init__(
+        self,
+        model,
+        schedule: DecisionSchedule | None = None,
+        layout: str = "bucketed",
+        amp: bool = False,
+        token_mode: str | None = None,
+    ) -> None:
+        from .official import DECISION_BLOCKS, GROUP
+
+        schedule = DECISIONS["grouped"] if schedule is None else schedule
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+        if token_mode not in (None, model.token_mode):
+            raise ValueError(f"an official meta-network runs its own token mode, {model.token_mode!r}")
+        starts = [schedule.stem_blocks + k * GROUP for k in range(len(DECISION_BLOCKS))]
+        if schedule.group_blocks != GROUP or tuple(starts) != DECISION_BLOCKS or schedule.blocks_per_step % GROUP:
+            raise ValueError(
+                f"an official meta-network decides at blocks {DECISION_BLOCKS} in groups of {GROUP}: decisions "
+                "'grouped' or 'one-shot'"
+            )
+        self.model, self.schedule, self.layout, self.amp = model, schedule, layout, amp
+        self.token_mode = model.token_mode
+        self.num_steps = schedule.num_steps(model.depth)
+        self.reference = model.search_space.largest()
+        self.full_macs = official_count_macs(model)
+        self._widest = model.shape.embed_choices[-1]
+        self._block_cache: dict[tuple, tuple[int, int]] = {}
+        self._rest_cache: dict[tuple[int, int], int] = {}
+
+    def _block(self, i: int, config: BlockConfig, width: int, out: int, tokens: int) -> tuple[int, int]:
+        key = (i, config, width, out, tokens)
+        if key not in self._block_cache:
+            self._block_cache[key] = official_block_macs(self.model, i, config, width, out, tokens)
+        return self._block_cache[key]
+
+    def _rest(self, start: int, tokens: int) -> int:
+        """MACs of blocks `start:` at the reference subnet from `tokens` tokens (CLS included), and the head."""
+        if (start, tokens) not in self._rest_cache:
+            ref, total, width, n = self.reference, 0, self._width_into(self.reference, start), tokens
+            for i in range(start, self.model.depth):
+                out = output_width(ref, i, self._widest)
+                macs, n = self._block(i, ref[i], width, out, n)
+                total, width = total + macs, out
+            self._rest_cache[start, tokens] = total + official_head_macs(self.model, ref[-1].embed_dim)
+        return self._rest_cache[start, tokens]
+
+    def _width_into(self, subnet, i: int) -> int:
+        """The width of the tokens entering block `i`: the previous block's output width (the first's embedding
+        width for block 0)."""
+        return subnet[0].embed_dim if i == 0 else output_width(subnet, i - 1, self._widest)
+
+    def completion_macs(self, state: InferenceState) -> Tensor:
+        """MACs (B,) float64 of `complete` per sample (zero once done)."""
+        if state.done:
+            return torch.zeros_like(state.macs)
+        tokens = (state.tokens.num_patches() + 1).tolist()
+        rest = [self._rest(state.next_block, n) for n in tokens]
+        return torch.tensor(rest, dtype=torch.float64, device=state.macs.device)
+
+    def official_flops(self, state: InferenceState) -> Tensor:
+        """(B,) float64: the release's FLOPs count (`vit.official.get_complexity`) of each image's configurations
+        so far completed at the reference subnet (what `complete` runs)."""
+        from .official import get_complexity
+
+        subnets = [self._padded(r) for r in state.subnets()]
+        counts = {s: get_complexity(self.model, s) for s in dict.fromkeys(subnets)}
+        return torch.tensor([counts[s] for s in subnets], dtype=torch.float64, device=state.macs.device)
+
+    def _padded(self, blocks: Sequence[BlockConfig]) -> Subnet:
+        """An image's configurations so far, the reference's after them (read for output widths only)."""
+        return Subnet((*blocks, *self.reference[len(blocks) :]))
+
+    def start(self, images: Tensor, trace_sources: bool = False) -> InferenceState:
+        """Embed `images` at the reference's first width and run the stem at the reference subnet."""
+        if trace_sources:
+            raise ValueError("an official meta-network traces no token sources")
+        with torch.inference_mode():
+            B = images.shape[0]
+            if B == 0:
+                raise ValueError("no images: a batch needs at least one image")
+            stem, ref = self.schedule.stem_blocks, self.reference
+            with autocast(images.device, self.amp):
+                tokens = self.model.embed(images, ref[0].embed_dim)
+                tokens = self.model.run_blocks(tokens, [ref] * B, stop=stem)
+            spent, n = official_embed_macs(self.model, ref[0].embed_dim), self.model.num_tokens
+            for i in range(stem):
+                macs, n = self._block(i, ref[i], self._width_into(ref, i), output_width(ref, i, self._widest), n)
+                spent += macs
+            macs = torch.full((B,), float(spent), dtype=torch.float64, device=images.device)
+            return InferenceState(tokens, macs, 0, self.num_steps, tuple((ref[i],) * B for i in range(stem)))
+
+    def advance(self, state: InferenceState, configs: Sequence[BlockConfig | Sequence[BlockConfig]]) -> InferenceState:
+        """The state after the blocks of the next decision, image b at `configs[b]` (one per block of the step, or
+        one for all of them); checked against the meta-network's search space."""
+        if state.done:
+            raise RuntimeError("the inference is done: start a new one")
+        blocks = self.schedule.blocks(state.step)
+        per_sample = [(c,) * len(blocks) if isinstance(c, BlockConfig) else tuple(c) for c in configs]
+        if len(per_sample) != state.batch_size:
+            raise ValueError(f"expected {state.batch_size} configurations, got {len(per_sample)}")
+        if any(len(c) != len(blocks) for c in per_sample):
+            raise ValueError(f"expected one configuration per image, or one per block ({len(blocks)}) of the step")
+        space = self.model.search_space
+        for column in dict.fromkeys(per_sample):
+            for i, config in zip(blocks, column):
+                space.check(i, config)
+        with torch.inference_mode():
+            run = [(*row, *step) for row, step in zip(state.subnets(), per_sample)]
+            subnets = [self._padded(r) for r in run]
+            tokens = (state.tokens.num_patches() + 1).tolist()
+            spent = []
+            for subnet, n in zip(subnets, tokens):
+                macs = 0
+                for i in blocks:
+                    out = output_width(subnet, i, self._widest)
+                    m, n = self._block(i, subnet[i], self._width_into(subnet, i), out, n)
+                    macs += m
+                spent.append(macs)
+            macs = state.macs + torch.tensor(spent, dtype=torch.float64, device=state.macs.device)
+            with autocast(state.macs.device, self.amp):
+                out_tokens = self.model.run_blocks(state.tokens, subnets, stop=blocks.stop)
+            step = state.step + 1
+            if step == self.num_steps:
+                macs = macs + torch.tensor(
+                    [official_head_macs(self.model, s[-1].embed_dim) for s in subnets], dtype=torch.float64
+                ).to(macs.device)
+            columns = tuple(zip(*per_sample))
+            return InferenceState(out_tokens, macs, step, self.num_steps, (*state.blocks, *columns))
+
+    def complete(self, state: InferenceState) -> Tensor:
+        """Class logits (B, num_classes), float32: the rest of the blocks at the reference subnet."""
+        with torch.inference_mode():
+            tokens = state.tokens
+            with autocast(state.macs.device, self.amp):
+                if not state.done:
+                    tokens = self.model.run_blocks(tokens, [self.reference] * state.batch_size)
+                return self.model.classify(tokens).float()
+
+    def observe(self, state: InferenceState, price: Tensor) -> dict[str, Tensor]:
+        """`InferenceRunner.observe`'s `cls` (zero-padded to the super width), `progress` and `price`, and
+        `official_state` (B, 197)."""
+        with single_threaded(state.macs.device):
+            tokens = state.tokens.num_patches().float() / self.model.num_patches
+            B = tokens.shape[0]
+            progress = torch.stack(
+                [torch.full_like(tokens, state.step / self.num_steps), (state.macs / self.full_macs).float(), tokens],
+                dim=1,
+            )
+            return {
+                "cls": state.tokens.cls(self.model.embed_dim).float(),
+                "progress": progress,
+                "price": log_price(price).view(B, 1),
+                "official_state": state.tokens.state().float(),
+            }
+
+
+def make_runner(model, schedule: DecisionSchedule | None = None, layout: str = "packed", amp: bool = False, **kwargs):
+    """The runner of `model`: an `OfficialRunner` for an official meta-network, else an `InferenceRunner`;
+    `schedule` None is the model's default (per block; the release's grouped decisions for an official one)."""
+    from .official import OfficialViT
+
+    if isinstance(model, OfficialViT):
+        return OfficialRunner(model, schedule, layout, amp, **kwargs)
+    return InferenceRunner(model, DecisionSchedule() if schedule is None else schedule, layout, amp, **kwargs)
+
+
 def __getattr__(name: str):
     if name == "LoopShape":
         warnings.warn("vit.inference.LoopShape is now DecisionSchedule", DeprecationWarning, stacklevel=2)
@@ -442,6 +626,8 @@ __all__ = [
     "DecisionSchedule",
     "InferenceRunner",
     "InferenceState",
+    "OfficialRunner",
+    "make_runner",
     "log_price",
     "reduces_tokens",
 ]

@@ -78,7 +78,11 @@ class OfficialSpace:
     def __init__(self, shape: OfficialShape, depth: int, token_mode: str) -> None:
         self.shape, self.depth, self.token_mode = shape, depth, check_token_mode(token_mode)
         self.heads = shape.num_heads
-        self.keep_ratio = SAMPLED_KEEP_RATIOS
+        #: per block, the choices of each field (`vit.SearchSpace`'s layout; keep ratios: the sampled ones)
+        self.embed_dim = (shape.embed_choices,) * depth
+        self.mlp_ratio = (shape.ratios,) * depth
+        self.keep_ratio = tuple(SAMPLED_KEEP_RATIOS if i in DECISION_BLOCKS else (1.0,) for i in range(depth))
+        self.merge_ratio = self.keep_ratio if self.token_mode == "prune_merge" else ((1.0,),) * depth
 
     def block(self, embed_dim: int, ratio: int, keep: float = 1.0, merge: float = 1.0) -> BlockConfig:
         """The `BlockConfig` of an embedding width, an (integer) MLP ratio and keep ratios."""
@@ -87,6 +91,21 @@ class OfficialSpace:
     def ratio(self, config: BlockConfig) -> int:
         """The MLP ratio of a block's configuration."""
         return config.mlp_hidden // config.embed_dim
+
+    def offers(self, field: str, block: int, value) -> bool:
+        """Whether `block` runs `value` for `field` (one of `fields`): a width among the choices, any keep ratio in
+        [0, 1] at a decision block (1.0 elsewhere)."""
+        if field in ("keep_ratio", "merge_ratio"):
+            if field == "merge_ratio" and self.token_mode != "prune_merge":
+                return value == 1.0
+            return 0.0 <= value <= 1.0 if block in DECISION_BLOCKS else value == 1.0
+        return value in getattr(self, field)[block]
+
+    def from_values(self, values: dict) -> BlockConfig:
+        """The `BlockConfig` of field values, by `fields`' names (a keep ratio not given is 1.0)."""
+        return self.block(
+            values["embed_dim"], values["mlp_ratio"], values.get("keep_ratio", 1.0), values.get("merge_ratio", 1.0)
+        )
 
     def check(self, i: int, config: BlockConfig) -> BlockConfig:
         """`config` if block `i` can run it, else an `InvalidSubnetError` saying what does not fit."""
@@ -140,9 +159,8 @@ class OfficialSpace:
         return ("embed_dim", "mlp_ratio", "keep_ratio") + (("merge_ratio",) if self.token_mode == "prune_merge" else ())
 
     def choices(self, block: int) -> tuple[tuple, ...]:
-        """The choice lists of `block`, one per field (keep ratios: `keep_ratio` at decision blocks, else 1.0)."""
-        keep = tuple(self.keep_ratio) if block in DECISION_BLOCKS else (1.0,)
-        return (self.shape.embed_choices, self.shape.ratios, keep, keep)[: len(self.fields)]
+        """The choice lists of `block`, one per field (keep ratios: the sampled ones at decision blocks, else 1.0)."""
+        return tuple(getattr(self, f)[block] for f in self.fields)
 
     def num_choices(self, block: int) -> tuple[int, ...]:
         """The number of choices of `block`, one per field."""
@@ -193,14 +211,14 @@ class OfficialSpace:
         return [
             self.uniform(e, r, k, k if self.token_mode == "prune_merge" else 1.0)
             for e, r in widths
-            for k in self.keep_ratio
+            for k in SAMPLED_KEEP_RATIOS
         ]
 
     def sample(self, rng: np.random.Generator | int | None = None, keep: Sequence[float] | None = None) -> Subnet:
         """Widths drawn uniformly per block (embedding widths per group of three blocks, as the official
         supernet training draws them), keep ratios from `keep` (default `keep_ratio`) at the decision blocks."""
         rng = np.random.default_rng(rng)
-        keep = self.keep_ratio if keep is None else keep
+        keep = SAMPLED_KEEP_RATIOS if keep is None else keep
         shape, blocks = self.shape, []
         for i in range(self.depth):
             if i % GROUP == 0:
@@ -573,6 +591,23 @@ class OfficialTokens:
     buckets: list[Bucket]
     block: int
 
+    def num_patches(self) -> Tensor:
+        """(B,) int64: the patch tokens (CLS not counted) each image holds."""
+        first = self.buckets[0].x
+        counts = torch.empty(self.batch_size, dtype=torch.long, device=first.device)
+        for b in self.buckets:
+            counts[b.rows] = b.x.shape[1] - 1
+        return counts
+
+    def cls(self, width: int | None = None) -> Tensor:
+        """(B, width) the CLS token of each image, zero-padded to `width` (default: the widest bucket's)."""
+        width = max(b.x.shape[-1] for b in self.buckets) if width is None else width
+        first = self.buckets[0].x
+        out = first.new_zeros(self.batch_size, width)
+        for b in self.buckets:
+            out[b.rows] = fit_width(b.x[:, 0], width)
+        return out
+
     def state(self, dim: int = STATE_DIM) -> Tensor:
         """The official selector's state (B, dim): each image's key profile of the last block run, zero-padded."""
         if any(b.profile is None for b in self.buckets):
@@ -584,7 +619,65 @@ class OfficialTokens:
         return state
 
 
-# ------------------------------------------------------------------ their configurations, their FLOPs, their files
+# ------------------------------------------------------------------ their actions, their configurations, FLOPs, files
+
+
+def action_dim(token_mode: str) -> int:
+    """The official action's size: 3 MLP ratios, 3 embedding widths, one keep ratio (two in `prune_merge`)."""
+    return 8 if token_mode == "prune_merge" else 7
+
+
+def decode_actions(space: OfficialSpace, actions: np.ndarray, block: int) -> list[tuple[BlockConfig, ...]]:
+    """Each image's configurations of blocks `block` to `block + 2` from its official action (B, 7 or 8), as the
+    release's `action_to_config` reads it: a[0:3] the MLP-ratio and a[3:6] the embedding-width indices of the three
+    blocks, `round(clip(a, 0, 1) * (n - 1))` (halves to even), then the keep ratio (prune, merge; in `prune_merge`
+    the two) of the decision block, clipped to [0, 1] and used raw."""
+    if block not in DECISION_BLOCKS:
+        raise ValueError(f"the official actions decide at blocks {DECISION_BLOCKS}, not {block}")
+    actions = np.asarray(actions, dtype=np.float64)
+    dim = action_dim(space.token_mode)
+    if actions.ndim != 2 or actions.shape[1] != dim:
+        raise ValueError(f"expected official actions (B, {dim}), got {actions.shape}")
+    shape = space.shape
+    ratios = np.asarray(shape.ratios)[_index(actions[:, 0:3], len(shape.ratios))]
+    embeds = np.asarray(shape.embed_choices)[_index(actions[:, 3:6], len(shape.embed_choices))]
+    keep = actions[:, -2] if space.token_mode == "prune_merge" else actions[:, -1]
+    merge = actions[:, -1] if space.token_mode == "prune_merge" else np.ones(len(actions))
+    return [
+        tuple(
+            space.block(int(e), int(r), *((k, m) if j == 0 else (1.0, 1.0)))
+            for j, (e, r) in enumerate(zip(embeds[b], ratios[b]))
+        )
+        for b, (k, m) in enumerate(zip(np.clip(keep, 0.0, 1.0), np.clip(merge, 0.0, 1.0)))
+    ]
+
+
+def batch_mean_configs(space: OfficialSpace, actions: np.ndarray, block: int) -> tuple[BlockConfig, ...]:
+    """The configurations the release's batch inference runs for a whole batch (`set_sample_config_batch`): per
+    block the decoded embedding widths and MLP ratios averaged over the batch, rounded and snapped to the nearest
+    choice (the first of two as near), the pruning ratio averaged, the merging ratio the first image's."""
+    per_image = decode_actions(space, actions, block)
+    shape, out = space.shape, []
+    for j in range(GROUP):
+        configs = [c[j] for c in per_image]
+        embed = _snap(np.mean([c.embed_dim for c in configs]), shape.embed_choices)
+        ratio = int(_snap(np.mean([space.ratio(c) for c in configs]), shape.mlp_ratio_choices))
+        keep, merge = np.mean([c.keep_ratio for c in configs]), configs[0].merge_ratio
+        if space.token_mode == "merge":
+            keep = configs[0].keep_ratio
+        out.append(space.block(int(embed), ratio, float(keep), float(merge)))
+    return tuple(out)
+
+
+def _index(values: np.ndarray, n: int) -> np.ndarray:
+    """`round(clip(a, 0, 1) * (n - 1))` per value, numpy's rounding (halves to even)."""
+    return np.round(np.clip(values, 0.0, 1.0) * (n - 1)).astype(int)
+
+
+def _snap(value: float, choices: Sequence[float]) -> float:
+    """The choice nearest to `value` rounded (halves to even), the first of two as near."""
+    choices = np.asarray(choices, dtype=np.float64)
+    return float(choices[np.argmin(np.abs(choices - np.round(value)))])
 
 
 def subnets_from_config(model: OfficialViT, config: dict) -> list[Subnet]:
@@ -673,19 +766,39 @@ def count_macs(model: OfficialViT, subnet: Subnet | Sequence[Subnet] | None = No
         return [count_macs(model, s) for s in subnet]
     space = model.search_space
     subnet = space.largest() if subnet is None else space.validate(subnet)
-    embed = model.patch_embed_super
-    inner = space.heads * HEAD_DIM
-    width = subnet[0].embed_dim
-    total = embed.num_patches * embed.in_chans * embed.patch_size**2 * width
-    outs = output_widths(subnet, model.shape.embed_choices[-1])
-    counts = token_counts(subnet, model.num_tokens, model.token_mode)
-    for i, (config, out, (before, pruned, after)) in enumerate(zip(subnet, outs, counts)):
-        E, Fh = config.embed_dim, config.mlp_hidden
-        total += before * width * 3 * inner + 2 * before * before * inner + before * inner * E
-        total += (pruned - after) * after * E  # cosine similarity of the merged tokens to the kept ones
-        total += after * (E * Fh + Fh * out + (E * out if i in LLN_BLOCKS else 0))
+    width, tokens = subnet[0].embed_dim, model.num_tokens
+    total = embed_macs(model, width)
+    for i, (config, out) in enumerate(zip(subnet, output_widths(subnet, model.shape.embed_choices[-1]))):
+        macs, tokens = block_macs(model, i, config, width, out, tokens)
+        total += macs
         width = out
-    return total + subnet[-1].embed_dim * model.num_classes
+    return total + head_macs(model, subnet[-1].embed_dim)
+
+
+def embed_macs(model: OfficialViT, width: int) -> int:
+    """MACs of the patch embedding of one image at the first block's embedding width."""
+    embed = model.patch_embed_super
+    return embed.num_patches * embed.in_chans * embed.patch_size**2 * width
+
+
+def head_macs(model: OfficialViT, width: int) -> int:
+    """MACs of the head on the CLS token of the last block's width."""
+    return width * model.num_classes
+
+
+def block_macs(model: OfficialViT, i: int, config: BlockConfig, width: int, out: int, tokens: int) -> tuple[int, int]:
+    """MACs of block `i` for one image entering it with `tokens` tokens (CLS included) `width` wide, running
+    `config` to an output `out` wide, and the tokens it leaves: qkv on the input's width, attention, proj, the merge
+    similarity, the MLP and `lln`."""
+    inner = model.search_space.heads * HEAD_DIM
+    before = pruned = after = tokens
+    if i in DECISION_BLOCKS:
+        before, pruned, after = _counts(config, tokens, model.token_mode)
+    E, Fh = config.embed_dim, config.mlp_hidden
+    macs = before * width * 3 * inner + 2 * before * before * inner + before * inner * E
+    macs += (pruned - after) * after * E  # cosine similarity of the merged tokens to the kept ones
+    macs += after * (E * Fh + Fh * out + (E * out if i in LLN_BLOCKS else 0))
+    return macs, after
 
 
 def count_params(model: OfficialViT, subnet: Subnet | Sequence[Subnet] | None = None) -> int | list[int]:
@@ -727,6 +840,9 @@ def create_official(
     return model
 
 
+#: the registered names of the official meta-networks
+OFFICIAL_PRESETS = ("prance_official_tiny", "prance_official_small", "prance_official_base")
+
 #: where the release publishes its checkpoints (`checkpoints/meta-network/<size>/checkpoint.pth`, ...)
 OFFICIAL_HUB = "childtang/PRANCE"
 
@@ -767,6 +883,12 @@ def prance_official_base(pretrained: bool = False, **kwargs) -> OfficialViT:
 
 __all__ = [
     "DECISION_BLOCKS",
+    "OFFICIAL_PRESETS",
+    "STATE_DIM",
+    "action_dim",
+    "batch_mean_configs",
+    "block_macs",
+    "decode_actions",
     "LLN_BLOCKS",
     "OFFICIAL_SHAPES",
     "TOKEN_MODES",
