@@ -172,13 +172,13 @@ class ActionCodec:
     def __init__(self, schedule: DecisionSchedule, search_space: SearchSpace, action_type: str = "discrete") -> None:
         if action_type not in ACTION_TYPES:
             raise ValueError(f"unknown action_type {action_type!r}; expected one of {', '.join(ACTION_TYPES)}")
-        schedule.check(search_space)
         if action_type == "official" and (
             not isinstance(search_space, OfficialSpace) or schedule.blocks_per_step != schedule.group_blocks
         ):
             raise ValueError(
                 "action_type='official' is the release's action: an official meta-network's decisions='grouped'"
             )
+        schedule.check(search_space)
         self.schedule, self.search_space, self.action_type = schedule, search_space, action_type
         self.fields: tuple[str, ...] = schedule.fields(search_space)
         if action_type == "official":  # the release's order: MLP ratios, embedding widths, then the keep ratio(s)
