@@ -237,6 +237,9 @@ class AdaptiveViT(nn.Module):
         `get_distribution`; anything else through `predict` on numpy arrays. Box actions are clipped to the space as
         SB3's `predict` does."""
         policy = self.policy
+        keys = getattr(getattr(policy, "observation_space", None), "spaces", None)
+        if keys is not None:  # what the policy reads (an official meta-network's runner also gives its state)
+            obs = {k: v for k, v in obs.items() if k in keys}
         net = getattr(policy, "policy", None)
         if isinstance(policy, BaseAlgorithm) and isinstance(net, ActorCriticPolicy) and not hasattr(net, "lstm_actor"):
             with torch.no_grad(), single_threaded(net.device):  # a small network: one thread is faster

@@ -20,6 +20,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 import vit
 from vit.checkpoint import atomic_write
 from vit.inference import DecisionSchedule
+from vit.official import OFFICIAL_PRESETS
 from vit.train import held_out_batches, subset_batches
 
 from .adaptive import AdaptiveViT, Calibration, calibration_curve
@@ -196,6 +197,10 @@ def recorded_supernet(
         )
     checkpoint = settings["env"].get("checkpoint") if checkpoint is None else checkpoint
     shape = {key: signature[key] for key in SHAPE_KEYS if key in signature}  # older files record none
+    if name in OFFICIAL_PRESETS:  # the release's search space: nothing to rebuild but the token mode
+        if checkpoint is None:
+            raise ValueError(f"{name} has no weights shipped here: pass checkpoint= the meta-network's weights")
+        return vit.create_supernet(name, checkpoint=checkpoint, token_mode=signature["token_mode"], **shape)
     return vit.create_supernet(
         name,
         pretrained=checkpoint is None,

@@ -132,10 +132,16 @@ class SelectorConfig(SupernetShape):
     def build_supernet(self) -> vit.ElasticViT:
         """The supernet of this run: the preset `supernet` at the shapes given, with the weights of `checkpoint`
         (default: the preset's reference weights), offering the ratios the decisions choose."""
-        kwargs = self.shape_kwargs() | self.schedule().supernet_kwargs()
-        kwargs |= {} if self.token_mode is None else {"token_mode": self.token_mode}
-        return vit.create_supernet(
-            self.preset, pretrained=self.checkpoint is None, checkpoint=self.checkpoint, **kwargs
+        from prance_env.build import build_supernet
+
+        return build_supernet(
+            self.preset,
+            self.checkpoint,
+            self.token_mode,
+            None,
+            torch.device("cpu"),
+            self.schedule(),
+            self.shape_kwargs(),
         )
 
     def env_kwargs(self) -> dict:

@@ -190,3 +190,34 @@ def test_the_env_says_what_an_official_run_needs(official_files):
         make_env(official_files, decisions="per-block")
     with pytest.raises(ValueError, match="needs an official meta-network"):
         gym.make("PranceViT-v1", official_state=True, device="cpu")
+
+
+def test_supernet_training_trains_an_official_meta_network_on_its_subnets(official_files, tmp_path):
+    from vit.train import TrainConfig, train_supernet
+
+    data, _ = official_files
+    cfg = TrainConfig(
+        supernet="prance_official_tiny",
+        token_mode="prune_merge",
+        data="imagefolder",
+        data_dir=str(data),
+        out=str(tmp_path),
+        epochs=1,
+        batch_size=2,
+        steps_per_epoch=2,
+        eval_batches=1,
+        num_random=1,
+        largest_only_epochs=0,
+        decisions="grouped",
+        device="cpu",
+        workers=0,
+    )
+    given = official.create_official("tiny", token_mode="prune_merge", num_classes=3)
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    model = train_supernet(cfg, model=given)
+    assert isinstance(model, official.OfficialViT) and model.num_classes == 3
+    loaded = vit.create_supernet("prance_official_tiny", checkpoint=tmp_path / "supernet.safetensors")
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    assert not torch.equal(model.blocks[4].fc1.weight, before["blocks.4.fc1.weight"])  # a decided block trained
+    with pytest.raises(ValueError, match="no stochastic depth"):
+        train_supernet(TrainConfig(**{**cfg.__dict__, "drop_path": 0.1}))

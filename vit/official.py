@@ -451,6 +451,15 @@ class OfficialViT(nn.Module):
         """timm's older name of `pretrained_cfg`."""
         return self.pretrained_cfg
 
+    @property
+    def patch_embed(self) -> OfficialPatchEmbed:
+        """The patch embedding under `vit.ElasticViT`'s name (its weights stay `patch_embed_super`'s)."""
+        return self.patch_embed_super
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that take no weight decay: the embeddings (timm's interface; norms and biases go by shape)."""
+        return {"cls_token", "pos_embed"}
+
     def check_input(self, x: Tensor) -> None:
         """A `ValueError` unless x is a batch of finite images of the model's input shape."""
         expected = tuple(self.pretrained_cfg["input_size"])

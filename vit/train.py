@@ -51,6 +51,7 @@ from .data import (
     to_device,
 )
 from .inference import DecisionSchedule
+from .official import OFFICIAL_PRESETS
 from .registry import SupernetShape, create_supernet, load_pretrained
 from .supernet import ElasticViT
 from .utils import autocast, resolve_device
@@ -346,8 +347,13 @@ def train_supernet(
     torch.manual_seed(cfg.seed)
     schedule = DecisionSchedule.named(cfg.decisions)
     if model is None:
-        kwargs = shape_for_data(cfg.supernet, cfg.data, cfg.data_dir, cfg.shape_kwargs()) | schedule.supernet_kwargs()
-        model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, drop_path_rate=cfg.drop_path, **kwargs)
+        kwargs = shape_for_data(cfg.supernet, cfg.data, cfg.data_dir, cfg.shape_kwargs())
+        if cfg.supernet in OFFICIAL_PRESETS:  # the release's search space, no stochastic depth
+            if cfg.drop_path:
+                raise ValueError(f"{cfg.supernet} has no stochastic depth: --drop-path 0")
+        else:
+            kwargs |= schedule.supernet_kwargs() | {"drop_path_rate": cfg.drop_path}
+        model = create_supernet(cfg.supernet, token_mode=cfg.token_mode, **kwargs)
     if schedule.grouped:  # the sampled subnets must be the model's (per-block sampling draws from its own space)
         schedule.check(model.search_space)
     if cfg.init is not None:
