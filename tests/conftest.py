@@ -186,3 +186,16 @@ def dense_reduce(x, size, scores, keys, schedule, source=None):
     if source is None:
         return x, size
     return x, size, reduction.sum(source.reshape(B * L, -1)).view(B, 1 + final, -1)
+
+
+def official_on_random_weights(token_mode: str, **kwargs):
+    """The official T meta-network in `token_mode`, eval mode, on seeded random weights with non-zero biases and
+    non-unit LayerNorms."""
+    from vit import official
+
+    model = official.create_official("tiny", token_mode=token_mode, **kwargs).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.2 if "norm" in name else 0.05))
+    return model

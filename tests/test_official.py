@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import flop_counter, images
+from conftest import flop_counter, images, official_on_random_weights
 
 import vit
 from vit import official
@@ -63,15 +63,7 @@ def test_presets_are_timm_models_with_their_hub_tag():
 @pytest.fixture(scope="module")
 def tiny():
     """The T meta-network in each token mode, on random weights with non-zero biases and non-unit norms."""
-    models = {}
-    for mode in vit.TOKEN_MODES:
-        model = official.create_official("tiny", token_mode=mode).eval()
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (0.2 if "norm" in name else 0.05))
-        models[mode] = model
-    return models
+    return {mode: official_on_random_weights(mode) for mode in vit.TOKEN_MODES}
 
 
 def mixed_subnets(space: official.OfficialSpace, count: int) -> list[vit.Subnet]:

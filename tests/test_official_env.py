@@ -7,7 +7,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import images, write_image_folder
+from conftest import images, official_on_random_weights, write_image_folder
 
 import prance_env  # noqa: F401  (registers PranceViT-v1)
 import vit
@@ -29,15 +29,7 @@ def spread(selector: OfficialSelector, seed: int = 0) -> OfficialSelector:
 @pytest.fixture(scope="module")
 def tiny():
     """The T meta-network in each token mode, 10 classes, random weights with non-zero biases."""
-    models = {}
-    for mode in vit.TOKEN_MODES:
-        model = official.create_official("tiny", token_mode=mode, num_classes=10).eval()
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (0.2 if "norm" in name else 0.05))
-        models[mode] = model
-    return models
+    return {mode: official_on_random_weights(mode, num_classes=10) for mode in vit.TOKEN_MODES}
 
 
 @pytest.mark.parametrize("token_mode", vit.TOKEN_MODES)

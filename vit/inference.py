@@ -278,6 +278,20 @@ class InferenceState:
         return list(zip(*self.blocks)) if self.blocks else [()] * self.batch_size
 
 
+def _step_configs(schedule: DecisionSchedule, state: InferenceState, configs) -> tuple[range, list[tuple]]:
+    """The blocks of the state's next decision and each image's configuration of each of them, from one
+    `BlockConfig` or one per block per image; a `ValueError` (or `RuntimeError` once done) otherwise."""
+    if state.done:
+        raise RuntimeError("the inference is done: start a new one")
+    blocks = schedule.blocks(state.step)
+    per_sample = [(c,) * len(blocks) if isinstance(c, BlockConfig) else tuple(c) for c in configs]
+    if len(per_sample) != state.batch_size:
+        raise ValueError(f"expected {state.batch_size} configurations, got {len(per_sample)}")
+    if any(len(c) != len(blocks) for c in per_sample):
+        raise ValueError(f"expected one configuration per image, or one per block ({len(blocks)}) of the step")
+    return blocks, per_sample
+
+
 class InferenceRunner:
     """Runs the inference of a batch one decision at a time, with per-sample MACs, on explicit states.
 
@@ -386,14 +400,7 @@ class InferenceRunner:
 
         Once done, the state's `macs` include the head: each image's whole cost.
         """
-        if state.done:
-            raise RuntimeError("the inference is done: start a new one")
-        blocks = self.schedule.blocks(state.step)
-        per_sample = [(c,) * len(blocks) if isinstance(c, BlockConfig) else tuple(c) for c in configs]
-        if len(per_sample) != state.batch_size:
-            raise ValueError(f"expected {state.batch_size} configurations, got {len(per_sample)}")
-        if any(len(c) != len(blocks) for c in per_sample):
-            raise ValueError(f"expected one configuration per image, or one per block ({len(blocks)}) of the step")
+        blocks, per_sample = _step_configs(self.schedule, state, configs)
         with torch.inference_mode():
             tokens, macs, run = state.tokens, state.macs, list(state.blocks)
             for k, i in enumerate(blocks):
@@ -541,14 +548,7 @@ class OfficialRunner:
     def advance(self, state: InferenceState, configs: Sequence[BlockConfig | Sequence[BlockConfig]]) -> InferenceState:
         """The state after the blocks of the next decision, image b at `configs[b]` (one per block of the step, or
         one for all of them); checked against the meta-network's search space."""
-        if state.done:
-            raise RuntimeError("the inference is done: start a new one")
-        blocks = self.schedule.blocks(state.step)
-        per_sample = [(c,) * len(blocks) if isinstance(c, BlockConfig) else tuple(c) for c in configs]
-        if len(per_sample) != state.batch_size:
-            raise ValueError(f"expected {state.batch_size} configurations, got {len(per_sample)}")
-        if any(len(c) != len(blocks) for c in per_sample):
-            raise ValueError(f"expected one configuration per image, or one per block ({len(blocks)}) of the step")
+        blocks, per_sample = _step_configs(self.schedule, state, configs)
         space = self.model.search_space
         for column in dict.fromkeys(per_sample):
             for i, config in zip(blocks, column):
